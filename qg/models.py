@@ -1,0 +1,130 @@
+"""Target models: timm ViT and MLP-Mixer built from a JSON-able description, plus train/evaluate helpers.
+
+A `ModelSpec` is stored in the metadata of every checkpoint and quantized file, so a file alone says how
+to rebuild its model and which data evaluates it. The CPU profile uses timm's `VisionTransformer` and
+`MlpMixer` classes at small widths (`arch` names the class); the paper profile uses timm's registered
+names (`vit_tiny_patch16_224`, ...; `arch` names the model and `kwargs` go to `timm.create_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.vision_transformer import VisionTransformer
+from tqdm.auto import tqdm
+
+TIMM_CLASSES = {"VisionTransformer": VisionTransformer, "MlpMixer": MlpMixer}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build and feed a target model: a timm class or registered name, its kwargs, and its data."""
+
+    arch: str
+    kwargs: dict = field(default_factory=dict)
+    dataset: str = "fashion_mnist"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        missing = {"arch"} - d.keys()
+        if missing:
+            raise ValueError(f"model description {d!r} lacks {sorted(missing)}; expected keys arch, kwargs, dataset")
+        return cls(d["arch"], dict(d.get("kwargs", {})), d.get("dataset", "fashion_mnist"))
+
+
+def build_model(spec: ModelSpec | dict) -> nn.Module:
+    """Instantiate the timm model a spec describes (random init unless kwargs ask timm for pretrained)."""
+    spec = ModelSpec.from_dict(spec) if isinstance(spec, dict) else spec
+    if spec.arch in TIMM_CLASSES:
+        return TIMM_CLASSES[spec.arch](**spec.kwargs)
+    if spec.arch not in timm.list_models():
+        raise ValueError(f"unknown architecture {spec.arch!r}: use one of {sorted(TIMM_CLASSES)} or a timm model name")
+    return timm.create_model(spec.arch, **spec.kwargs)
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
+    """Load a state_dict strictly, explaining any mismatch with the architecture before touching the model."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not match the {type(model).__name__} architecture:"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+        lines.append("  Check that the file was written for this model description (ModelSpec) and profile.")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached float32 CPU copy of a model's weights, safe to keep while training continues."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+
+
+def _progress(iterable, **kw):
+    """tqdm progress bar; `TQDM_DISABLE=1` (set by the tests) turns it off."""
+    return tqdm(iterable, disable=bool(os.environ.get("TQDM_DISABLE")), **kw)
+
+
+def fit(model: nn.Module, loader: Iterable, epochs: float, lr: float, weight_decay: float = 0.05,
+        params: Iterable[nn.Parameter] | None = None, on_step: Callable[[int, nn.Module], None] | None = None,
+        device: str = "cpu", desc: str = "train") -> list[float]:
+    """Train with AdamW and a cosine schedule for `epochs` (fractions allowed) over `loader`.
+
+    `params` restricts training to those parameters (the head-only transfer task freezes the rest);
+    `on_step(step, model)` runs after every optimizer step, which is how checkpoints are collected.
+    Returns the per-step training losses.
+    """
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    total = max(1, round(epochs * len(loader)))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    model.to(device).train()
+    losses, step = [], 0
+    with _progress(total=total, desc=desc) as bar:
+        while step < total:
+            for x, y in loader:
+                loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if on_step is not None:
+                    on_step(step, model)
+                if step >= total:
+                    break
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
+    """Top-1 accuracy in percent."""
+    model.to(device).eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x.to(device)).argmax(-1).cpu() == y).sum().item()
+        total += len(y)
+    if total == 0:
+        raise ValueError("evaluate got an empty loader")
+    return 100.0 * correct / total

@@ -1,0 +1,281 @@
+"""Checkpoints <-> fixed-width token sequences, the way QuantGen (Sec. 3.1) and RPG describe.
+
+For each quantized layer (in state_dict order) the sequence holds:
+
+    [weight tokens ...] [scale (S) tokens ...] [zero point (Z) tokens ...]
+
+Weights (full-precision values on the input side, integer codes on the target side) are flattened and
+normalised per layer with statistics averaged over the training checkpoints, then cut into tokens of
+`token_size`. On the target side the S and Z tokens hold the layer's (normalised) scales and zero points;
+on the input side they are placeholders ("fictitious S and Z"). Every position that holds no real value -
+the tail of a layer's last token, the input side's placeholders - is filled by the padding mode:
+`gaussian` (seeded N(0, 1), the paper's default), `zero` or `one`.
+
+A layout serves one or several quantization specs (a conditional generator covers several): S/Z segments
+are sized for the spec with the most groups, and each spec has its own statistics. The position of a
+token is (layer index, token index within its layer), embedded by `sinusoidal_2d`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io import read_json, read_safetensors, save_safetensors, write_json
+from .quant import MIN_SCALE, QTensor, QuantSpec, is_quantized_weight
+
+PADDING_MODES = ("gaussian", "zero", "one")
+KINDS = ("weight", "scale", "zero")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of tokens holding one kind of value of one layer."""
+
+    layer: str
+    layer_index: int
+    kind: str  # "weight", "scale" or "zero"
+    start: int  # index of the first token in the sequence
+    n_tokens: int
+    offset: int  # index of the first token within its layer (position embedding)
+
+
+class Layout:
+    """Which token holds what, for a list of quantized weight shapes, token size and specs."""
+
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], specs: list[QuantSpec], token_size: int):
+        if token_size < 1:
+            raise ValueError(f"token_size must be positive, got {token_size}")
+        if not shapes:
+            raise ValueError("no quantizable weights: the checkpoint has no `*.weight` tensor with 2+ dims")
+        if not specs:
+            raise ValueError("a layout needs at least one QuantSpec")
+        self.shapes = [(name, tuple(int(s) for s in shape)) for name, shape in shapes]
+        self.specs = list(specs)
+        self.token_size = token_size
+        self.segments: list[Segment] = []
+        start = 0
+        for li, (name, shape) in enumerate(self.shapes):
+            offset = 0
+            n_params = max(math.prod(spec.param_shape(shape)) for spec in self.specs)
+            for kind, numel in (("weight", math.prod(shape)), ("scale", n_params), ("zero", n_params)):
+                n = math.ceil(numel / token_size)
+                self.segments.append(Segment(name, li, kind, start, n, offset))
+                start += n
+                offset += n
+        self.n_tokens = start
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], specs: list[QuantSpec], token_size: int) -> "Layout":
+        shapes = [(k, tuple(v.shape)) for k, v in sd.items() if is_quantized_weight(k, v)]
+        return cls(shapes, specs, token_size)
+
+    def numel(self, seg: Segment, spec: QuantSpec) -> int:
+        """How many real values `seg` holds under `spec` (the rest of its tokens is padding)."""
+        shape = self.shapes[seg.layer_index][1]
+        return math.prod(shape) if seg.kind == "weight" else math.prod(spec.param_shape(shape))
+
+    def positions(self) -> torch.Tensor:
+        """(n_tokens, 2) long tensor of (layer index, token index within layer)."""
+        pos = torch.empty(self.n_tokens, 2, dtype=torch.long)
+        for seg in self.segments:
+            pos[seg.start: seg.start + seg.n_tokens, 0] = seg.layer_index
+            pos[seg.start: seg.start + seg.n_tokens, 1] = torch.arange(seg.offset, seg.offset + seg.n_tokens)
+        return pos
+
+    def value_mask(self, spec: QuantSpec, side: str = "quantized") -> torch.Tensor:
+        """(n_tokens, token_size) bool: True where a real value sits (False = padding).
+
+        On the `"fp"` side only weights are real; on the `"quantized"` side S and Z are real too.
+        """
+        mask = torch.zeros(self.n_tokens * self.token_size, dtype=torch.bool)
+        for seg in self.segments:
+            if side == "fp" and seg.kind != "weight":
+                continue
+            begin = seg.start * self.token_size
+            mask[begin: begin + self.numel(seg, spec)] = True
+        return mask.view(self.n_tokens, self.token_size)
+
+    def check(self, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+        """Raise a clear error if `sd`'s quantizable weights are not the ones this layout was built for."""
+        got = [(k, tuple(v.shape)) for k, v in sd.items()
+               if isinstance(v, QTensor) or is_quantized_weight(k, v)]
+        if got != self.shapes:
+            want, have = dict(self.shapes), dict(got)
+            diff = [f"{k}: {have.get(k)} vs expected {want.get(k)}" for k in {**want, **have} if want.get(k) != have.get(k)]
+            raise ValueError(f"{what} does not match the tokenizer layout ({len(diff)} layers differ, e.g. "
+                             f"{'; '.join(diff[:3])}). It was built for another architecture: train a generator "
+                             "on checkpoints of this model, or pass a checkpoint of the model the generator was trained on.")
+
+    def to_dict(self) -> dict:
+        return {"shapes": [[n, list(s)] for n, s in self.shapes], "specs": [s.to_dict() for s in self.specs],
+                "token_size": self.token_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layout":
+        return cls([(n, tuple(s)) for n, s in d["shapes"]], [QuantSpec.from_dict(s) for s in d["specs"]], d["token_size"])
+
+
+def sinusoidal_2d(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Transformer sin/cos embedding of (layer index, token index): each index takes half of `dim`."""
+    half = dim // 2
+    out = torch.zeros(positions.shape[0], dim)
+    for axis, begin in ((0, 0), (1, half)):
+        n_freq = half // 2
+        freqs = base ** (-torch.arange(n_freq, dtype=torch.float32) / max(n_freq, 1))
+        angles = positions[:, axis, None].float() * freqs
+        out[:, begin: begin + n_freq] = torch.sin(angles)
+        out[:, begin + n_freq: begin + 2 * n_freq] = torch.cos(angles)
+    return out
+
+
+def _mean_std(values: list[torch.Tensor]) -> tuple[float, float]:
+    """Per-checkpoint mean and std averaged over checkpoints; a constant feature keeps std 1."""
+    means = torch.stack([v.double().mean() for v in values]).mean()
+    stds = torch.stack([v.double().std(unbiased=False) for v in values]).mean()
+    return float(means), float(stds) if stds > 1e-8 else 1.0
+
+
+class Tokenizer:
+    """Encodes fp checkpoints and quantized checkpoints into token sequences and decodes generated tokens."""
+
+    def __init__(self, layout: Layout, fp_stats: torch.Tensor, q_stats: dict[str, torch.Tensor],
+                 padding: str = "gaussian", seed: int = 0):
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        self.layout, self.fp_stats, self.q_stats = layout, fp_stats, q_stats
+        self.padding, self.seed = padding, seed
+        self._canvas = {side: self._fill(self.seed + i) for i, side in enumerate(("fp", "quantized"))}
+
+    @classmethod
+    def fit(cls, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]], token_size: int,
+            padding: str = "gaussian", seed: int = 0) -> "Tokenizer":
+        """Build the layout and fit normalisation statistics on training checkpoints only.
+
+        `quantized` maps each spec the tokenizer serves to quantized state_dicts (`quantize_state_dict`).
+        """
+        if not fp_checkpoints:
+            raise ValueError("Tokenizer.fit needs at least one full-precision checkpoint")
+        layout = Layout.from_state_dict(fp_checkpoints[0], list(quantized), token_size)
+        for sd in fp_checkpoints:
+            layout.check(sd, "a training checkpoint")
+        names = [n for n, _ in layout.shapes]
+        fp_stats = torch.tensor([_mean_std([sd[n] for sd in fp_checkpoints]) for n in names])
+        q_stats = {}
+        for spec, qsds in quantized.items():
+            if not qsds:
+                raise ValueError(f"no quantized checkpoints for {spec.name}")
+            rows = []
+            for n in names:
+                qts = [q[n] for q in qsds]
+                rows.append([_mean_std([getattr(qt, attr).float() for qt in qts]) for attr in ("codes", "scale", "zero")])
+            q_stats[spec.name] = torch.tensor(rows)  # (layers, 3 kinds, [mean, std])
+        return cls(layout, fp_stats, q_stats, padding, seed)
+
+    @property
+    def specs(self) -> list[QuantSpec]:
+        return self.layout.specs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_tokens, token_size) of every sequence this tokenizer makes."""
+        return self.layout.n_tokens, self.layout.token_size
+
+    def _fill(self, seed: int) -> torch.Tensor:
+        shape = (self.layout.n_tokens, self.layout.token_size)
+        if self.padding == "gaussian":
+            return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        return torch.full(shape, 0.0 if self.padding == "zero" else 1.0)
+
+    def _spec(self, spec: QuantSpec) -> QuantSpec:
+        if spec.name not in self.q_stats:
+            raise ValueError(f"this tokenizer serves {[s.name for s in self.specs]}, not {spec.name}")
+        return spec
+
+    def _write(self, side: str, values: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
+        """Place flat value vectors at their segments on top of the side's padding canvas."""
+        flat = self._canvas[side].clone().view(-1)
+        ts = self.layout.token_size
+        for seg in self.layout.segments:
+            v = values.get((seg.layer_index, seg.kind))
+            if v is not None:
+                flat[seg.start * ts: seg.start * ts + v.numel()] = v
+        return flat.view(self.shape)
+
+    def _read(self, tokens: torch.Tensor, seg: Segment, numel: int) -> torch.Tensor:
+        ts = self.layout.token_size
+        return tokens.reshape(-1)[seg.start * ts: seg.start * ts + numel]
+
+    def encode_fp(self, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokens of a full-precision checkpoint: normalised weights, padding elsewhere."""
+        self.layout.check(sd)
+        values = {}
+        for li, (name, _) in enumerate(self.layout.shapes):
+            mean, std = self.fp_stats[li].tolist()
+            values[(li, "weight")] = (sd[name].float().reshape(-1) - mean) / std
+        return self._write("fp", values)
+
+    def encode_quantized(self, qsd: dict, spec: QuantSpec) -> torch.Tensor:
+        """Tokens of a quantized checkpoint: normalised codes, then S and Z of each layer."""
+        stats = self.q_stats[self._spec(spec).name]
+        self.layout.check(qsd, "quantized checkpoint")
+        values = {}
+        for li, (name, _) in enumerate(self.layout.shapes):
+            qt = qsd[name]
+            if qt.spec != spec:
+                raise ValueError(f"{name} is quantized as {qt.spec.name}, expected {spec.name}")
+            for k, (kind, t) in enumerate(zip(KINDS, (qt.codes, qt.scale, qt.zero))):
+                mean, std = stats[li, k].tolist()
+                values[(li, kind)] = (t.float().reshape(-1) - mean) / std
+        return self._write("quantized", values)
+
+    def decode_quantized(self, tokens: torch.Tensor, spec: QuantSpec) -> dict[str, QTensor]:
+        """Generated tokens -> QTensors: codes rounded and clamped to the bit range, S kept positive, Z rounded."""
+        stats = self.q_stats[self._spec(spec).name]
+        if tuple(tokens.shape) != self.shape:
+            raise ValueError(f"expected tokens of shape {self.shape}, got {tuple(tokens.shape)}")
+        tokens = tokens.detach().float().cpu()
+        parts: dict[tuple[int, str], torch.Tensor] = {}
+        for seg in self.layout.segments:
+            mean, std = stats[seg.layer_index, KINDS.index(seg.kind)].tolist()
+            parts[(seg.layer_index, seg.kind)] = self._read(tokens, seg, self.layout.numel(seg, spec)) * std + mean
+        out = {}
+        for li, (name, shape) in enumerate(self.layout.shapes):
+            pshape = spec.param_shape(shape)
+            codes = torch.round(parts[(li, "weight")]).clamp(spec.qmin, spec.qmax).to(torch.int8).reshape(shape)
+            scale = parts[(li, "scale")].clamp_min(MIN_SCALE).reshape(pshape)
+            zero = torch.round(parts[(li, "zero")]).clamp(spec.qmin, spec.qmax).reshape(pshape)
+            out[name] = QTensor(codes, scale, zero, spec)
+        return out
+
+    def decode_fp(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full-precision tokens -> the quantizable weights they hold (inverse of `encode_fp`)."""
+        out = {}
+        for seg in self.layout.segments:
+            if seg.kind == "weight":
+                name, shape = self.layout.shapes[seg.layer_index]
+                mean, std = self.fp_stats[seg.layer_index].tolist()
+                out[name] = (self._read(tokens, seg, math.prod(shape)) * std + mean).reshape(shape)
+        return out
+
+    def loss_mask(self, spec: QuantSpec) -> torch.Tensor:
+        """Target positions that hold real values under `spec` (padding excluded from the loss)."""
+        return self.layout.value_mask(self._spec(spec), "quantized")
+
+    def save(self, directory) -> None:
+        """Write `tokenizer.json` (layout, padding, seed) and `tokenizer.safetensors` (statistics)."""
+        directory = Path(directory)
+        tensors = {"fp_stats": self.fp_stats, **{f"q_stats/{k}": v for k, v in self.q_stats.items()}}
+        save_safetensors(tensors, directory / "tokenizer.safetensors")
+        write_json(directory / "tokenizer.json", {"layout": self.layout.to_dict(), "padding": self.padding, "seed": self.seed})
+
+    @classmethod
+    def load(cls, directory) -> "Tokenizer":
+        directory = Path(directory)
+        config = read_json(directory / "tokenizer.json")
+        tensors, _ = read_safetensors(directory / "tokenizer.safetensors")
+        q_stats = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("q_stats/")}
+        return cls(Layout.from_dict(config["layout"]), tensors["fp_stats"], q_stats, config["padding"], config["seed"])

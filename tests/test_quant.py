@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+
+from qg.io import CorruptFileError
+from qg.models import build_model, load_weights
+from qg.quant import (QuantSpec, dequantize, fake_quantize, is_quantized_weight, load_quantized, quantize,
+                      quantize_state_dict, read_quantized, save_quantized)
+
+from conftest import TINY_VIT, checkpoints
+
+ALL_SPECS = [QuantSpec(b, g, 64, s) for b in range(2, 9) for g in ("channel", "group") for s in ("symmetric", "asymmetric")]
+
+
+def weight(rows=12, cols=100, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.name)
+def test_codes_in_range_and_error_bounded(spec):
+    w = weight()
+    q = quantize(w, spec)
+    assert q.codes.dtype == torch.int8 and q.codes.shape == w.shape
+    assert q.codes.min() >= spec.qmin and q.codes.max() <= spec.qmax
+    assert q.scale.shape == q.zero.shape == spec.param_shape(w.shape)
+    # Inside the clamp range every value is within half a step of its reconstruction.
+    err = (w - dequantize(q)).abs()
+    step = q.scale.repeat_interleave(spec.group_size if spec.granularity == "group" else w.shape[1], 1)[:, : w.shape[1]]
+    assert (err <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_symmetric_matches_eq1_per_channel(bits):
+    w = weight(seed=bits)
+    q = quantize(w, QuantSpec(bits, "channel"))
+    s = w.abs().max(dim=1, keepdim=True).values / (2 ** (bits - 1) - 1)  # Eq. 1, written independently
+    codes = torch.clamp(torch.round(w / s), -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+    torch.testing.assert_close(q.scale, s)
+    assert torch.equal(q.codes.float(), codes) and torch.all(q.zero == 0)
+    torch.testing.assert_close(dequantize(q), s * codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_asymmetric_matches_min_max(bits):
+    w = weight(seed=bits) + 0.05
+    q = quantize(w, QuantSpec(bits, "channel", scheme="asymmetric"))
+    lo = w.min(1, keepdim=True).values.clamp(max=0)
+    hi = w.max(1, keepdim=True).values.clamp(min=0)
+    s = (hi - lo) / (2**bits - 1)
+    z_unsigned = torch.round(-lo / s)  # the textbook zero point on [0, 2^N - 1]
+    q_unsigned = torch.clamp(torch.round(w / s) + z_unsigned, 0, 2**bits - 1)
+    torch.testing.assert_close(q.scale, s)
+    # Stored signed: shifted by 2^(N-1) on both codes and zero, so S * (q - Z) is unchanged.
+    assert torch.equal(q.codes.float() + 2 ** (bits - 1), q_unsigned)
+    assert torch.equal(q.zero + 2 ** (bits - 1), z_unsigned)
+    torch.testing.assert_close(dequantize(q), s * (q_unsigned - z_unsigned))
+
+
+@pytest.mark.parametrize("cols,group,groups", [(128, 64, 2), (100, 64, 2), (16, 64, 1), (49, 7, 7)])
+def test_group_shapes_and_policy(cols, group, groups):
+    w = weight(cols=cols)
+    spec = QuantSpec(4, "group", group)
+    q = quantize(w, spec)
+    assert q.scale.shape == (12, groups)
+    # The last group holds the remainder of its row only: its scale is that slice's max|r|.
+    tail = w[:, (groups - 1) * group:]
+    torch.testing.assert_close(q.scale[:, -1], tail.abs().amax(1) / spec.qmax)
+
+
+def test_conv_weight_rows_are_output_channels():
+    w = torch.randn(8, 3, 5, 5)
+    q = quantize(w, QuantSpec(8, "channel"))
+    assert q.codes.shape == w.shape and q.scale.shape == (8, 1)
+    torch.testing.assert_close(q.scale[:, 0], w.reshape(8, -1).abs().amax(1) / 127)
+
+
+def test_fake_quantize_is_straight_through():
+    w = weight().requires_grad_()
+    spec = QuantSpec(4, "group")
+    out = fake_quantize(w, spec)
+    torch.testing.assert_close(out, dequantize(quantize(w.detach(), spec)))
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=1, granularity="group"), "bits"), (dict(bits=9, granularity="group"), "bits"),
+    (dict(bits=4.0, granularity="group"), "bits"), (dict(bits=4, granularity="tensor"), "granularity"),
+    (dict(bits=4, granularity="group", scheme="nf4"), "scheme"), (dict(bits=4, granularity="group", group_size=0), "group_size"),
+])
+def test_bad_spec(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantSpec(**kwargs)
+
+
+def test_nan_and_inf_weights_are_refused():
+    sd = checkpoints(TINY_VIT, 1)[0]
+    sd["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight.*NaN/inf"):
+        quantize_state_dict(sd, QuantSpec(8, "group"))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        quantize(torch.tensor([[1.0, float("inf")]]), QuantSpec(8, "channel"))
+
+
+def test_quantization_rule_selects_linear_and_conv_kernels():
+    model = build_model(TINY_VIT)
+    kernels = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    selected = {k for k, v in model.state_dict().items() if is_quantized_weight(k, v)}
+    assert selected == kernels
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, "group"), QuantSpec(8, "channel", scheme="asymmetric")], ids=lambda s: s.name)
+def test_file_round_trip_rebuilds_model(tmp_path, spec):
+    sd = checkpoints(TINY_VIT, 1)[0]
+    qsd = quantize_state_dict(sd, spec)
+    path = tmp_path / "m.safetensors"
+    save_quantized(path, qsd, spec, {"model": TINY_VIT.to_dict()})
+    loaded, spec2, meta = load_quantized(path)
+    assert spec2 == spec
+    assert loaded.keys() == sd.keys()
+    for k, v in qsd.items():
+        expected = dequantize(v) if hasattr(v, "codes") else v
+        assert torch.equal(loaded[k], expected), k
+    model = load_weights(build_model(meta["model"]), loaded)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    raw, _, _ = read_quantized(path)
+    assert raw["head.weight"].codes.dtype == torch.int8
+
+
+def test_corrupt_truncated_and_foreign_files(tmp_path):
+    spec = QuantSpec(8, "group")
+    path = tmp_path / "m.safetensors"
+    save_quantized(path, quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec), spec)
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError, match="trunc.safetensors.*truncated"):
+        load_quantized(tmp_path / "trunc.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CorruptFileError, match="garbage.safetensors"):
+        load_quantized(tmp_path / "garbage.safetensors")
+    from qg.io import save_safetensors
+    save_safetensors({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(CorruptFileError, match="not a qg-quantized file"):
+        load_quantized(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_quantized(tmp_path / "missing.safetensors")
+
+
+def test_checkpoint_for_another_architecture_is_refused():
+    from conftest import TINY_MIXER
+    with pytest.raises(ValueError, match="(?s)does not match the VisionTransformer architecture.*missing"):
+        load_weights(build_model(TINY_VIT), checkpoints(TINY_MIXER, 1)[0])
+
+
+def test_param_shape_counts():
+    spec = QuantSpec(4, "group", 64)
+    assert spec.param_shape((192, 64)) == (192, 1)
+    assert spec.param_shape((64, 1, 7, 7)) == (64, 1)
+    assert spec.param_shape((10, 200)) == (10, math.ceil(200 / 64))
