@@ -1,0 +1,225 @@
+"""The QuantGen generator: full-precision tokens in, quantized tokens out, in one forward pass.
+
+    input  = fp tokens + 2D sinusoidal position embedding + Linear(one-hot condition)   (zero if unconditional)
+    body   = n_layers pre-norm residual blocks around a sequence mixer: Mamba-2 (the paper's), LSTM or
+             causal self-attention (the Table 10 ablation), as in mamba_ssm's MixerModel
+    head   = final norm + Linear back to the token width, trained with MSE on the target tokens (the
+             paper's), or RPG's diffusion head conditioned on the body's output (the Table 5 ablation)
+
+d_model defaults to the token size as in RPG; a narrower width adds input/output projections.
+A trained generator lives in a directory: `generator.safetensors` (weights), `generator.json` (config,
+conditions, training record) and the tokenizer's files, so the directory alone quantizes new checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .diffusion import DiffusionHead
+from .io import read_json, read_safetensors, save_safetensors, write_json
+from .mamba2 import Mamba2
+from .quant import QTensor, QuantSpec, check_finite
+from .tokenizer import Tokenizer, sinusoidal_2d
+
+BACKBONES = ("mamba2", "lstm", "transformer")
+HEADS = ("mse", "diffusion")
+
+
+@dataclass
+class GeneratorConfig:
+    """Architecture of a generator. `conditions` names the one-hot classes (empty = unconditional)."""
+
+    token_size: int
+    n_tokens: int
+    d_model: int | None = None
+    n_layers: int = 2
+    backbone: str = "mamba2"
+    conditions: list[str] = field(default_factory=list)
+    # Mamba-2 (RPG's values; headdim must divide expand * d_model)
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    chunk_size: int = 64
+    # Transformer
+    n_heads: int = 4
+    # Head
+    head: str = "mse"
+    diffusion: dict = field(default_factory=dict)  # DiffusionHead kwargs, e.g. {"n_steps": 1000}
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.d_model is None:
+            self.d_model = self.token_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one sequence mixer: x + mixer(norm(x))."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm = nn.LayerNorm(d)
+        self.kind = cfg.backbone
+        if cfg.backbone == "mamba2":
+            self.mixer = Mamba2(d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                                headdim=cfg.headdim, chunk_size=cfg.chunk_size)
+        elif cfg.backbone == "lstm":
+            self.mixer = nn.LSTM(d, d, batch_first=True)
+        else:
+            self.mixer = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        if self.kind == "mamba2":
+            h = self.mixer(h)
+        elif self.kind == "lstm":
+            h = self.mixer(h)[0]
+        else:
+            causal = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device, dtype=h.dtype)
+            h = self.mixer(h, h, h, attn_mask=causal, need_weights=False, is_causal=True)[0]
+        return x + h
+
+
+class Generator(nn.Module):
+    """Maps (batch, n_tokens, token_size) fp tokens to predicted quantized tokens of the same shape."""
+
+    def __init__(self, cfg: GeneratorConfig, positions: torch.Tensor):
+        super().__init__()
+        if positions.shape != (cfg.n_tokens, 2):
+            raise ValueError(f"positions must be ({cfg.n_tokens}, 2) for this config, got {tuple(positions.shape)}")
+        self.cfg = cfg
+        self.register_buffer("pos_emb", sinusoidal_2d(positions, cfg.token_size), persistent=False)
+        self.cond_proj = nn.Linear(len(cfg.conditions), cfg.token_size, bias=False) if cfg.conditions else None
+        narrow = cfg.d_model != cfg.token_size
+        self.proj_in = nn.Linear(cfg.token_size, cfg.d_model) if narrow else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_out = nn.LayerNorm(cfg.d_model)
+        if cfg.head == "mse":
+            self.proj_out = nn.Linear(cfg.d_model, cfg.token_size)
+        else:
+            self.diffusion = DiffusionHead(cfg.token_size, cfg.d_model, **cfg.diffusion)
+
+    def condition_vector(self, condition: str | None, batch: int = 1) -> torch.Tensor | None:
+        """One-hot row for a condition name (None for an unconditional generator)."""
+        if not self.cfg.conditions:
+            if condition is not None:
+                raise ValueError(f"this generator is unconditional; got condition {condition!r}")
+            return None
+        if condition not in self.cfg.conditions:
+            raise ValueError(f"condition must be one of {self.cfg.conditions}, got {condition!r}")
+        onehot = torch.zeros(batch, len(self.cfg.conditions), device=self.pos_emb.device)
+        onehot[:, self.cfg.conditions.index(condition)] = 1
+        return onehot
+
+    def features(self, tokens: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """The body's output (batch, n_tokens, d_model) for fp tokens and an optional one-hot condition."""
+        if tokens.shape[1:] != (self.cfg.n_tokens, self.cfg.token_size):
+            raise ValueError(f"expected tokens of shape (batch, {self.cfg.n_tokens}, {self.cfg.token_size}), "
+                             f"got {tuple(tokens.shape)}: the checkpoint's tokenizer layout differs from the generator's")
+        x = tokens + self.pos_emb
+        if self.cond_proj is not None:
+            if onehot is None:
+                raise ValueError(f"this generator is conditional on {self.cfg.conditions}; pass a condition")
+            x = x + self.cond_proj(onehot)[:, None, :]
+        x = self.proj_in(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm_out(x)
+
+    def forward(self, tokens, target, onehot=None, mask=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training loss: MSE to the target tokens (padding excluded where `mask` is False), or the
+        diffusion loss. (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
+        feats = self.features(tokens, onehot)
+        if self.cfg.head == "diffusion":
+            return self.diffusion.loss(target, feats, mask=mask, generator=generator)
+        err = (self.proj_out(feats) - target) ** 2
+        if mask is None:
+            return err.mean()
+        mask = mask.to(err.dtype).expand_as(err)
+        return (err * mask).sum() / mask.sum().clamp_min(1)
+
+    @torch.no_grad()
+    def generate(self, tokens, onehot=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Predicted quantized tokens: one forward pass (MSE head) or the diffusion head's sampler."""
+        feats = self.features(tokens, onehot)
+        if self.cfg.head == "diffusion":
+            return self.diffusion.sample(feats, generator=generator)
+        return self.proj_out(feats)
+
+
+class QuantGen:
+    """A trained generator with its tokenizer: quantizes full-precision checkpoints of one architecture."""
+
+    def __init__(self, model: Generator, tokenizer: Tokenizer, record: dict | None = None):
+        self.model, self.tokenizer, self.record = model, tokenizer, record or {}
+
+    @property
+    def specs(self) -> list[QuantSpec]:
+        return self.tokenizer.specs
+
+    def spec_condition(self, spec: QuantSpec) -> str | None:
+        """The condition name that asks for `spec` (None for an unconditional generator)."""
+        if spec.name not in self.tokenizer.q_stats:
+            raise ValueError(f"this generator was trained for {[s.name for s in self.specs]}, not {spec.name}; "
+                             "train one for that setting or pick a supported one")
+        return spec.name if self.model.cfg.conditions else None
+
+    @torch.no_grad()
+    def quantize(self, fp_sd: dict[str, torch.Tensor], spec: QuantSpec, seed: int = 0) -> tuple[dict, float]:
+        """Generate the quantized model for a full-precision state_dict; returns (qsd, seconds).
+
+        Quantized weights come back as QTensors (codes rounded and clamped, S positive, Z rounded); every
+        other tensor is copied from the input, since the generator only produces quantized layers.
+        """
+        for name, t in fp_sd.items():
+            check_finite(name, t)
+        start = time.perf_counter()
+        self.model.eval()
+        device = self.model.pos_emb.device
+        tokens = self.tokenizer.encode_fp(fp_sd).unsqueeze(0).to(device)
+        onehot = self.model.condition_vector(self.spec_condition(spec))
+        out = self.model.generate(tokens, onehot, generator=torch.Generator(device).manual_seed(seed))
+        generated = self.tokenizer.decode_quantized(out[0], spec)
+        qsd: dict[str, QTensor | torch.Tensor] = {k: generated.get(k, v) for k, v in fp_sd.items()}
+        return qsd, time.perf_counter() - start
+
+    def save(self, directory) -> None:
+        directory = Path(directory)
+        self.tokenizer.save(directory)
+        save_safetensors(self.model.state_dict(), directory / "generator.safetensors")
+        write_json(directory / "generator.json", {"config": self.model.cfg.to_dict(), "record": self.record})
+
+    @classmethod
+    def load(cls, directory, device: str = "cpu") -> "QuantGen":
+        """Load a generator directory, checking that weights, config and tokenizer agree."""
+        directory = Path(directory)
+        if not (directory / "generator.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a generator directory (no generator.json); "
+                                    "train one with notebooks/02_train.ipynb or qg.train")
+        info = read_json(directory / "generator.json")
+        tokenizer = Tokenizer.load(directory)
+        cfg = GeneratorConfig(**info["config"])
+        if (cfg.n_tokens, cfg.token_size) != tokenizer.shape:
+            raise ValueError(f"{directory}: generator expects {cfg.n_tokens} tokens of {cfg.token_size}, "
+                             f"its tokenizer makes {tokenizer.shape}; the directory mixes files of two runs")
+        model = Generator(cfg, tokenizer.layout.positions())
+        weights, _ = read_safetensors(directory / "generator.safetensors")
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{directory}/generator.safetensors does not match generator.json's architecture "
+                             f"({cfg.backbone}, {cfg.n_layers} layers, d_model {cfg.d_model}):\n{e}") from e
+        return cls(model.to(device), tokenizer, info.get("record", {}))

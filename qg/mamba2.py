@@ -1,0 +1,229 @@
+"""Mamba-2 mixer in pure PyTorch, state_dict-compatible with `mamba_ssm.modules.mamba2.Mamba2`.
+
+Same constructor signature and defaults, parameter names, shapes, initialisation and registration order
+as mamba_ssm 2.x, so a state_dict trained with the CUDA kernels loads strictly here and the reverse.
+
+    in_proj(u) -> [z0, x0 | z | xBC | dt]          (z0, x0 only when d_ssm < d_inner: a gated MLP part)
+    xBC = silu(causal depthwise conv1d(xBC));  x, B, C = split(xBC)
+    dt  = clamp(softplus(dt + dt_bias), dt_limit);  A = -exp(A_log)
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T;  y_t = C_t h_t + D x_t          (per head; B, C per group)
+    y   = RMSNorm_grouped(y * silu(z))  (norm after gate by default);  out_proj([silu(z0) * x0, y])
+
+On CPU (and whenever mamba-ssm's kernels are missing or `QG_FORCE_TORCH_MAMBA=1`) the scan is the chunked
+SSD algorithm of `ssd_minimal.py` (Dao & Gu, 2024): quadratic attention-like work inside chunks, a linear
+recurrence between them. On CUDA with mamba-ssm installed the same weights run through its fused kernels.
+Only full-sequence forward is implemented (no inference cache / step): the generator reads whole sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # mamba-ssm's import fails on machines without CUDA (unguarded selective_scan_cuda), hence Exception
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as _kernel_rmsnorm
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _kernel_scan
+except Exception:  # noqa: BLE001
+    _kernel_scan = _kernel_rmsnorm = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _kernel_conv
+except Exception:  # noqa: BLE001
+    _kernel_conv = None
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """(..., T) -> (..., T, T) with out[i, j] = sum(x[j+1..i]) for j <= i and -inf above the diagonal."""
+    T = x.size(-1)
+    x = x[..., None].expand(*x.shape, T)
+    x = x.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), -1), 0)
+    x = torch.cumsum(x, dim=-2)
+    return x.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), 0), -torch.inf)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_states=None):
+    """Chunked SSD scan. x (b, l, h, p), dt (b, l, h) after softplus, A (h,), B/C (b, l, g, n), D (h,) or (h, p).
+
+    Returns y (b, l, h, p). Sequences are zero-padded to a multiple of `chunk_size` (dt = 0 there, so the
+    padding neither decays nor feeds the state) and trimmed back.
+    """
+    b, length, h, p = x.shape
+    g = B.shape[2]
+    pad = -length % chunk_size
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (x, dt, B, C))
+    c = x.shape[1] // chunk_size
+    B, C = (t.repeat_interleave(h // g, dim=2) for t in (B, C))  # heads share their group's B and C
+    X = (x * dt[..., None]).reshape(b, c, chunk_size, h, p)
+    B, C = (t.reshape(b, c, chunk_size, h, -1) for t in (B, C))
+    A = (dt * A).reshape(b, c, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, l)
+    A_cumsum = torch.cumsum(A, dim=-1)
+    # 1. outputs within each chunk (the diagonal blocks)
+    L = torch.exp(segsum(A))
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, X)
+    # 2. the state at the end of each chunk, from that chunk's inputs
+    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
+    # 3. the recurrence between chunks
+    if initial_states is None:
+        initial_states = torch.zeros_like(states[:, :1])
+    else:
+        initial_states = initial_states[:, None]
+    states = torch.cat([initial_states, states], dim=1)
+    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)[:, :-1]
+    # 4. each chunk's incoming state, read out at every position
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cumsum))
+    y = (y_diag + y_off).reshape(b, c * chunk_size, h, p)[:, :length]
+    return y if D is None else y + x[:, :length] * (D[:, None] if D.ndim == 1 else D)
+
+
+def ssd_sequential(x, dt, A, B, C, D=None, initial_states=None):
+    """The same recurrence one step at a time: the reference `ssd_scan` is tested and timed against."""
+    b, length, h, p = x.shape
+    B, C = (t.repeat_interleave(h // t.shape[2], dim=2) for t in (B, C))
+    state = x.new_zeros(b, h, p, B.shape[-1]) if initial_states is None else initial_states
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)[..., None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1)
+    return y if D is None else y + x * (D[:, None] if D.ndim == 1 else D)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32; float32 and float64 as they are."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class RMSNormGated(nn.Module):
+    """mamba_ssm's gated RMSNorm: normalise x * silu(z) (or normalise, then gate) over groups of channels."""
+
+    def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size or hidden_size, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x, z=None):
+        dtype = x.dtype
+        work = _work_dtype(dtype)
+        x = x.to(work)
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.to(work))
+        g = x.reshape(*x.shape[:-1], -1, self.group_size)
+        x = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(x.shape) * self.weight.to(work)
+        if z is not None and self.norm_before_gate:
+            x = x * F.silu(z.to(work))
+        return x.to(dtype)
+
+
+def kernels_available() -> bool:
+    """True when mamba-ssm's and causal-conv1d's CUDA kernels imported and are not disabled."""
+    return None not in (_kernel_scan, _kernel_rmsnorm, _kernel_conv) and os.environ.get("QG_FORCE_TORCH_MAMBA") != "1"
+
+
+class Mamba2(nn.Module):
+    """The Mamba-2 mixer (see the module docstring); `use_kernels=None` picks the CUDA kernels when it can."""
+
+    def __init__(self, d_model, d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None,
+                 ngroups=1, A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
+                 dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False,
+                 conv_bias=True, chunk_size=256, use_mem_eff_path=True, layer_idx=None, process_group=None,
+                 sequence_parallel=True, device=None, dtype=None, use_kernels: bool | None = None):
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        if process_group is not None:
+            raise NotImplementedError("tensor parallelism (process_group) is not supported; use DDP")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.headdim, self.ngroups = headdim, ngroups
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
+        if self.d_ssm % headdim:
+            raise ValueError(f"d_ssm = expand * d_model = {self.d_ssm} must be a multiple of headdim = {headdim}: "
+                             f"change d_model (token size) or headdim")
+        if (self.d_ssm // headdim) % ngroups:
+            raise ValueError(f"the {self.d_ssm // headdim} heads must split evenly into ngroups = {ngroups}")
+        self.nheads = self.d_ssm // headdim
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.dt_limit, self.chunk_size, self.layer_idx = dt_limit, chunk_size, layer_idx
+        self.use_mem_eff_path, self.use_kernels = use_mem_eff_path, use_kernels
+        # Order: [z, x, B, C, dt]
+        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
+        conv_dim = self.d_ssm + 2 * ngroups * d_state
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, bias=conv_bias, **factory)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+        self.act = nn.SiLU()
+        dt = torch.exp(torch.rand(self.nheads, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.clamp(dt, min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        if not (0 < A_init_range[0] <= A_init_range[1]):
+            raise ValueError(f"A_init_range must be 0 < low <= high, got {A_init_range}")
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+                                     group_size=self.d_ssm // ngroups, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    @property
+    def kernels_available(self) -> bool:
+        return kernels_available()
+
+    def _kernels(self, u: torch.Tensor) -> bool:
+        if self.use_kernels is False or not u.is_cuda:
+            return False
+        if self.use_kernels and not kernels_available():
+            raise RuntimeError("use_kernels=True but mamba-ssm / causal-conv1d kernels are not importable "
+                               "(pip install '.[gpu]') or QG_FORCE_TORCH_MAMBA=1 is set")
+        return kernels_available()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+        kernels = self._kernels(u)
+        length = u.shape[1]
+        d_mlp = (self.in_proj.out_features - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
+        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [d_mlp, d_mlp, self.d_ssm,
+                                                           self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], -1)
+        if kernels:
+            xBC = _kernel_conv(xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu").transpose(1, 2)
+        else:
+            xBC = self.act(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2))
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        b = u.shape[0]
+        x = x.reshape(b, length, self.nheads, self.headdim)
+        B, C = (t.reshape(b, length, self.ngroups, self.d_state) for t in (B, C))
+        A = -torch.exp(self.A_log.float())
+        D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        gate = None if self.rmsnorm else z.reshape(b, length, self.nheads, self.headdim)
+        if kernels:
+            limit = {} if self.dt_limit == (0.0, float("inf")) else {"dt_limit": self.dt_limit}
+            y = _kernel_scan(x, dt, A, B, C, chunk_size=self.chunk_size, D=D, z=gate, dt_bias=self.dt_bias,
+                             dt_softplus=True, **limit)
+        else:
+            y = self._torch_scan(x, dt, A, B, C, D, gate)
+        y = y.reshape(b, length, self.d_ssm)
+        if self.rmsnorm:
+            y = _kernel_rmsnorm(y, self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
+                                norm_before_gate=self.norm_before_gate) if kernels else self.norm(y, z)
+        if d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    def _torch_scan(self, x, dt, A, B, C, D, gate):
+        """The PyTorch path, in float32 (or float64) whatever the input dtype."""
+        dtype = x.dtype
+        work = _work_dtype(dtype)
+        dt = F.softplus(dt.to(work) + self.dt_bias.to(work)).clamp(*self.dt_limit)
+        y = ssd_scan(x.to(work), dt, A.to(work), B.to(work), C.to(work), self.chunk_size, D.to(work))
+        if gate is not None:
+            y = y * F.silu(gate.to(work))
+        return y.to(dtype)

@@ -1,0 +1,249 @@
+"""Training a generator: one readable loop, AdamW + cosine, resumable, data-parallel under torchrun.
+
+Determinism: every step draws its batch (and the diffusion head's noise) from a generator seeded by
+(seed, step), so a run interrupted and resumed from its last checkpoint ends with exactly the weights of
+an uninterrupted run, and K data-parallel processes see the same global batches as one process (each
+takes every K-th sample of it).
+
+    torchrun --nproc_per_node=2 -m qg.train --data DIR --out DIR [--steps N ...]
+
+runs the same loop data-parallel (gloo on CPU, nccl on CUDA) with no code change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .generator import Generator, GeneratorConfig, QuantGen
+from .io import atomic_write, read_json, read_safetensors, save_safetensors, write_json
+from .quant import QuantSpec
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    mask_padding: bool = True
+    ckpt_every: int = 100
+
+
+@dataclass
+class TokenPairs:
+    """Training pairs: fp tokens `x` (one row per fp checkpoint), target tokens `y`, which fp row each
+    target comes from (`src`), its condition index (`cond`) and the loss mask of each condition."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    src: torch.Tensor
+    cond: torch.Tensor
+    masks: torch.Tensor
+    conditions: list[str]
+
+    @classmethod
+    def build(cls, tokenizer: Tokenizer, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]],
+              conditional: bool = False) -> "TokenPairs":
+        """Encode aligned (fp checkpoint, quantized checkpoint) pairs for every spec in `quantized`."""
+        specs = list(quantized)
+        if len(specs) > 1 and not conditional:
+            raise ValueError("several specs need a conditional generator (conditional=True), or one generator each")
+        x = torch.stack([tokenizer.encode_fp(sd) for sd in fp_checkpoints])
+        ys, src, cond = [], [], []
+        for c, spec in enumerate(specs):
+            if len(quantized[spec]) != len(fp_checkpoints):
+                raise ValueError(f"{spec.name}: {len(quantized[spec])} quantized checkpoints for "
+                                 f"{len(fp_checkpoints)} fp ones; they must be aligned pairs")
+            for i, qsd in enumerate(quantized[spec]):
+                ys.append(tokenizer.encode_quantized(qsd, spec))
+                src.append(i)
+                cond.append(c)
+        masks = torch.stack([tokenizer.loss_mask(s) for s in specs])
+        names = [s.name for s in specs] if conditional else []
+        return cls(x, torch.stack(ys), torch.tensor(src), torch.tensor(cond), masks, names)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: torch.Tensor, n_conditions: int):
+        """(fp tokens, target tokens, one-hot or None, loss mask) for sample indices `idx`."""
+        onehot = torch.nn.functional.one_hot(self.cond[idx], n_conditions).float() if n_conditions else None
+        return self.x[self.src[idx]], self.y[idx], onehot, self.masks[self.cond[idx]]
+
+    def save(self, path) -> None:
+        save_safetensors({"x": self.x, "y": self.y, "src": self.src, "cond": self.cond, "masks": self.masks},
+                         path, {"conditions": ",".join(self.conditions)})
+
+    @classmethod
+    def load(cls, path) -> "TokenPairs":
+        t, meta = read_safetensors(path)
+        names = meta.get("conditions", "")
+        return cls(t["x"], t["y"], t["src"], t["cond"], t["masks"], names.split(",") if names else [])
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + rank)
+
+
+def _cosine(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory: CUDA allocator peak on GPU, the process's peak resident set on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume: bool = True,
+          device: str = "cpu", stop_after: int | None = None) -> dict:
+    """Train `model` on `data`; checkpoints go to `out_dir/train_state.pt`, the loss curve to `loss.csv`.
+
+    With `resume`, a run continues from its last checkpoint. `stop_after` ends the run early after that
+    many steps (as an interruption would), which is how resumption is tested.
+    """
+    out_dir = Path(out_dir)
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    model.to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
+    state_path = out_dir / "train_state.pt"
+    step, losses, elapsed = 0, [], 0.0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
+        if state.get("run") != run:
+            raise ValueError(f"{state_path} holds a run with other settings ({state.get('run')}); "
+                             "resume only the same run: pick a new output directory or pass resume=False")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
+    n_cond = len(model.cfg.conditions)
+    start, last = time.perf_counter(), min(cfg.steps, stop_after or cfg.steps)
+    bar = tqdm(range(step, last), initial=step, total=cfg.steps, desc="generator",
+               disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))
+    for step in bar:
+        gen = _step_generator(cfg.seed, step)
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)[rank::world]
+        x, y, onehot, mask = data.batch(idx, n_cond)
+        x, y, mask = x.to(device), y.to(device), mask.to(device)
+        onehot = onehot.to(device) if onehot is not None else None
+        loss = net(x, y, onehot, mask if cfg.mask_padding else None, generator=_step_generator(cfg.seed, step, rank + 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(_mean_over_ranks(loss.detach(), world))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        done = step + 1
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == last):
+            _save_state(state_path, {"generator": model.cfg.to_dict(), "train": asdict(cfg)}, model, opt, sched,
+                        done, losses, elapsed + time.perf_counter() - start)
+    if world > 1:
+        dist.barrier()
+    elapsed += time.perf_counter() - start
+    if rank == 0:
+        _write_curve(out_dir / "loss.csv", losses, cfg)
+    return {"steps": len(losses), "final_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed,
+            "peak_memory_mb": peak_memory_mb(device), "world_size": world, "device": str(device),
+            "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
+
+
+def _save_state(path: Path, run: dict, model, opt, sched, step: int, losses: list[float], elapsed: float) -> None:
+    state = {"run": run, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "step": step, "losses": losses, "elapsed": elapsed}
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def _write_curve(path: Path, losses: list[float], cfg: TrainConfig) -> None:
+    lr = _cosine(cfg)
+    with atomic_write(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr"])
+        for i, loss in enumerate(losses):
+            w.writerow([i + 1, f"{loss:.6g}", f"{cfg.lr * lr(i):.6g}"])
+
+
+def fit_generator(tokenizer: Tokenizer, data: TokenPairs, gen_cfg: GeneratorConfig, cfg: TrainConfig,
+                  out_dir, device: str = "cpu", resume: bool = True) -> QuantGen:
+    """Build, train and save a generator directory that `QuantGen.load` reads back."""
+    if gen_cfg.conditions != data.conditions:
+        raise ValueError(f"generator conditions {gen_cfg.conditions} differ from the data's {data.conditions}")
+    torch.manual_seed(cfg.seed)
+    model = Generator(gen_cfg, tokenizer.layout.positions())
+    record = train(model, data, cfg, out_dir, resume=resume, device=device)
+    qg = QuantGen(model.cpu(), tokenizer, record)
+    if _world()[0] == 0:
+        qg.save(out_dir)
+    return qg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line for (torchrun) training from a data directory holding `pairs.safetensors` + tokenizer."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="directory with pairs.safetensors, tokenizer.json/.safetensors")
+    p.add_argument("--out", required=True, help="generator directory to write (resumes if it holds a run)")
+    p.add_argument("--config", help="JSON file with {'generator': {...}, 'train': {...}} overrides")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    tokenizer = Tokenizer.load(args.data)
+    data = TokenPairs.load(Path(args.data) / "pairs.safetensors")
+    overrides = read_json(args.config) if args.config else {}
+    gen_cfg = GeneratorConfig(**{"token_size": tokenizer.shape[1], "n_tokens": tokenizer.shape[0],
+                                 "conditions": data.conditions, **overrides.get("generator", {})})
+    cfg = TrainConfig(**overrides.get("train", {}))
+    if args.steps:
+        cfg.steps = args.steps
+    fit_generator(tokenizer, data, gen_cfg, cfg, args.out, device=args.device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
