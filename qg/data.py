@@ -388,3 +388,41 @@ _LOADERS = {
     "cifar100": functools.partial(_cifar, "cifar100"),
     "imagenet": _imagenet,
 }
+
+
+def as_tensors(dataset: Dataset, img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole (in-memory or subset of in-memory) dataset as one normalised image tensor and its labels.
+
+    Evaluating and fine-tuning the small target models batch-wise from these tensors is several times
+    faster than a per-item DataLoader. `img_size` resizes (bilinear) to a model's input size, which is
+    how 8x8 digits feed a model built for 28x28 inputs.
+    """
+    base, index = (dataset.dataset, torch.tensor(dataset.indices)) if isinstance(dataset, Subset) else (dataset, None)
+    if not isinstance(base, ImageTensorDataset):
+        raise TypeError(f"as_tensors needs an in-memory dataset (Fashion-MNIST, digits, CIFAR), got {type(base).__name__}")
+    pixels, labels = (base.pixels, base.labels) if index is None else (base.pixels[index], base.labels[index])
+    images = (pixels.float() * base.scale - base.mean) / base.std
+    if img_size is not None and images.shape[-1] != img_size:
+        images = torch.nn.functional.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return images, labels
+
+
+class TensorLoader:
+    """Mini-batches of in-memory tensors, reshuffled each epoch by a generator seeded with `seed`.
+
+    A drop-in for a DataLoader over `as_tensors` output (len() is batches per epoch), without per-item
+    Python overhead.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0):
+        self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), generator=self.generator) if self.shuffle else torch.arange(len(self.labels))
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i: i + self.batch_size]
+            yield self.images[idx], self.labels[idx]

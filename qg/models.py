@@ -20,6 +20,9 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from .io import CorruptFileError, read_safetensors, save_safetensors
+from .quant import QuantSpec, fake_quantize, is_quantized_weight
+
 TIMM_CLASSES = {"VisionTransformer": VisionTransformer, "MlpMixer": MlpMixer}
 
 
@@ -78,18 +81,20 @@ def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
 
 
-def _progress(iterable, **kw):
+def progress(iterable=None, **kw):
     """tqdm progress bar; `TQDM_DISABLE=1` (set by the tests) turns it off."""
     return tqdm(iterable, disable=bool(os.environ.get("TQDM_DISABLE")), **kw)
 
 
 def fit(model: nn.Module, loader: Iterable, epochs: float, lr: float, weight_decay: float = 0.05,
         params: Iterable[nn.Parameter] | None = None, on_step: Callable[[int, nn.Module], None] | None = None,
-        device: str = "cpu", desc: str = "train") -> list[float]:
+        device: str = "cpu", desc: str = "train", quant: QuantSpec | None = None) -> list[float]:
     """Train with AdamW and a cosine schedule for `epochs` (fractions allowed) over `loader`.
 
     `params` restricts training to those parameters (the head-only transfer task freezes the rest);
     `on_step(step, model)` runs after every optimizer step, which is how checkpoints are collected.
+    `quant` makes it quantization-aware training: the forward pass sees every quantized weight
+    fake-quantized to that spec (straight-through gradient), the optimizer updates the float weights.
     Returns the per-step training losses.
     """
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -98,10 +103,10 @@ def fit(model: nn.Module, loader: Iterable, epochs: float, lr: float, weight_dec
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     model.to(device).train()
     losses, step = [], 0
-    with _progress(total=total, desc=desc) as bar:
+    with progress(total=total, desc=desc) as bar:
         while step < total:
             for x, y in loader:
-                loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                loss = nn.functional.cross_entropy(_forward(model, x.to(device), quant), y.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -115,6 +120,40 @@ def fit(model: nn.Module, loader: Iterable, epochs: float, lr: float, weight_dec
                 if step >= total:
                     break
     return losses
+
+
+def _forward(model: nn.Module, x: torch.Tensor, quant: QuantSpec | None) -> torch.Tensor:
+    """model(x), with the quantized weights fake-quantized to `quant` when it is given (QAT)."""
+    if quant is None:
+        return model(x)
+    weights = {n: fake_quantize(p, quant) if is_quantized_weight(n, p) else p for n, p in model.named_parameters()}
+    return torch.func.functional_call(model, weights, (x,))
+
+
+def save_checkpoint(path, sd: dict[str, torch.Tensor], spec: ModelSpec, meta: dict | None = None) -> None:
+    """A full-precision checkpoint: safetensors weights + the ModelSpec (and run facts) in the metadata."""
+    save_safetensors(sd, path, {"format": "qg-checkpoint", "model": spec.to_json(), "meta": json.dumps(meta or {})})
+
+
+def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], ModelSpec, dict]:
+    """Read a checkpoint written by `save_checkpoint`: (state_dict, ModelSpec, run metadata)."""
+    sd, metadata = read_safetensors(path)
+    if "model" not in metadata:
+        raise CorruptFileError(f"{path} has no model description in its metadata; write it with qg.models.save_checkpoint")
+    return sd, ModelSpec.from_dict(json.loads(metadata["model"])), json.loads(metadata.get("meta", "{}"))
+
+
+def load_model_file(path) -> tuple[dict[str, torch.Tensor], ModelSpec, dict]:
+    """A checkpoint or a quantized model file as (float state_dict, ModelSpec, metadata): what evaluation needs."""
+    from .quant import FORMAT_NAME, load_quantized
+
+    _, metadata = read_safetensors(path)
+    if metadata.get("format") == FORMAT_NAME:
+        sd, _, meta = load_quantized(path)
+        if "model" not in meta:
+            raise CorruptFileError(f"{path} has no model description; write it with a `model` entry in its meta")
+        return sd, ModelSpec.from_dict(meta["model"]), meta
+    return load_checkpoint(path)
 
 
 @torch.no_grad()

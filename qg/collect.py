@@ -1,0 +1,218 @@
+"""Collecting the full-precision checkpoints the generator learns from (the paper's Sec. 4.1, scaled down).
+
+Two tasks per architecture, as in the paper:
+  full  the ImageNet setting: a model trained on the task ("pretrained"), then one more epoch of full
+        fine-tuning from which N checkpoints are saved at evenly spaced steps;
+  head  the CIFAR setting: the pretrained model's features are frozen and a new classification head is
+        trained on another dataset; checkpoints come from the final training epoch.
+Each task is collected twice from the same starting weights: run A (seed s; the generator trains on most
+of it, the rest are held-out checkpoints) and run B (seed s + 1; never trained on, the held-out run).
+
+QAT targets (the paper's QAT setting) are made per checkpoint: a short quantization-aware fine-tuning
+started from the checkpoint, then quantized; its wall time is recorded in the file, since "time to
+quantize N models with QAT" is what the generator is compared against (Table 2, Figure 1).
+
+Every run is cached under a directory named by the hash of everything that determines it, and marked
+complete by `run.json`, written last and atomically: a finished run is never recomputed, an interrupted
+one is redone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import TensorLoader, as_tensors, load_dataset
+from .io import file_sha256, params_key, read_json, write_json
+from .models import ModelSpec, build_model, evaluate, fit, load_checkpoint, load_weights, save_checkpoint, state_dict_of
+from .quant import QuantSpec, quantize_state_dict, read_quantized, save_quantized
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run of a target model on a dataset."""
+
+    dataset: str
+    epochs: float
+    lr: float
+    batch_size: int = 128
+    weight_decay: float = 0.05
+    head_only: bool = False
+    train_subset: int | None = None
+
+
+def tensors(dataset: str, split: str, img_size: int, subset: int | None = None, seed: int = 0):
+    """(images, labels) of a split, resized to the model's input, optionally a seeded random subset."""
+    x, y = as_tensors(load_dataset(dataset, split), img_size)
+    if subset is not None and subset < len(y):
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
+        x, y = x[idx], y[idx]
+    return x, y
+
+
+def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], batch: int = 1000) -> float:
+    """Top-1 accuracy (%) of weights `sd` for model `spec` on in-memory test tensors."""
+    model = load_weights(build_model(spec), sd)
+    return evaluate(model, TensorLoader(*test, batch, shuffle=False))
+
+
+def _run_dir(root: Path, kind: str, params: dict) -> Path:
+    return Path(root) / f"{kind}-{params_key(params)}"
+
+
+def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, root, n_checkpoints: int = 0,
+                label: str = "run") -> tuple[list[Path], dict]:
+    """Train `spec` from `start` (random init if None); save `n_checkpoints` from the final epoch.
+
+    Returns the checkpoint paths (the final weights when n_checkpoints is 0) and the run record.
+    Cached: a finished run with the same parameters is read back instead of retrained.
+    """
+    params = {"model": spec.to_dict(), "run": asdict(run), "seed": seed, "n_checkpoints": n_checkpoints,
+              "start": params_key({k: v.sum().item() for k, v in start.items()}) if start else None}
+    out = _run_dir(root, label, params)
+    if (out / "run.json").is_file():
+        record = read_json(out / "run.json")
+        return [out / name for name in record["checkpoints"]], record
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    if start is not None:
+        load_weights(model, start, "start weights")
+    trainable = model.get_classifier().parameters() if run.head_only else model.parameters()
+    if run.head_only:
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    x, y = tensors(run.dataset, "train", spec.kwargs.get("img_size", 224), run.train_subset, seed)
+    loader = TensorLoader(x, y, run.batch_size, seed=seed)
+    total = max(1, round(run.epochs * len(loader)))
+    last_epoch = max(1, min(len(loader), total))
+    save_at = {total - last_epoch + round((i + 1) * last_epoch / n_checkpoints) for i in range(n_checkpoints)} or {total}
+    saved: list[str] = []
+
+    def on_step(step: int, m) -> None:
+        if step in save_at:
+            name = f"ckpt_{len(saved):03d}.safetensors"
+            save_checkpoint(out / name, state_dict_of(m), spec, {"step": step, "seed": seed, "label": label})
+            saved.append(name)
+
+    start_time = time.perf_counter()
+    losses = fit(model, loader, run.epochs, run.lr, run.weight_decay, params=trainable, on_step=on_step, desc=label)
+    record = {"params": params, "checkpoints": saved, "seconds": time.perf_counter() - start_time,
+              "final_loss": losses[-1], "steps": len(losses)}
+    write_json(out / "run.json", record)
+    return [out / name for name in saved], record
+
+
+def new_head(sd: dict[str, torch.Tensor], spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
+    """`sd` with the classification head re-initialised (seeded): the start of the transfer task."""
+    torch.manual_seed(seed)
+    fresh = build_model(spec)
+    head = {f"{n}" for n, _ in fresh.named_parameters() if n.startswith(_head_prefix(fresh))}
+    return {k: (fresh.state_dict()[k].clone() if k in head else v) for k, v in sd.items()}
+
+
+def _head_prefix(model) -> str:
+    return next(n for n, m in model.named_modules() if m is model.get_classifier())
+
+
+def load_checkpoints(paths: list[Path]) -> list[dict[str, torch.Tensor]]:
+    return [load_checkpoint(p)[0] for p in paths]
+
+
+def collect_task(spec: ModelSpec, pretrained: dict, task: TrainSpec, n_checkpoints: int, n_heldout_run: int,
+                 seed: int, root) -> dict:
+    """Run A (n_checkpoints) and run B (n_heldout_run, seed + 1) of one task; returns their file lists."""
+    start = new_head(pretrained, spec, seed) if task.head_only else pretrained
+    run_a, rec_a = train_model(spec, task, start, seed, root, n_checkpoints, label="runA")
+    run_b, rec_b = train_model(spec, task, start, seed + 1, root, n_heldout_run, label="runB")
+    return {"model": spec.to_dict(), "task": asdict(task), "runA": [str(p) for p in run_a],
+            "runB": [str(p) for p in run_b], "seconds": rec_a["seconds"] + rec_b["seconds"]}
+
+
+@dataclass(frozen=True)
+class QATSpec:
+    """Quantization-aware fine-tuning from a checkpoint: `steps` AdamW steps on the task's data."""
+
+    steps: int
+    lr: float
+    batch_size: int = 128
+    weight_decay: float = 0.0
+
+
+def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec, seed: int, root,
+               data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+    """The QAT-quantized model of one checkpoint, as a quantized file (cached by content and settings).
+
+    The whole network is fine-tuned with fake-quantized weights, then quantized with `spec`; the file's
+    metadata records the wall time of the fine-tuning (`seconds`), the cost Table 2 charges to QAT.
+    """
+    key = params_key({"ckpt": file_sha256(checkpoint), "spec": spec.to_dict(), "qat": asdict(qat),
+                      "task": asdict(task), "seed": seed})
+    out = Path(root) / spec.name / f"{Path(checkpoint).stem}-{key}.safetensors"
+    if out.is_file():
+        return out
+    sd, model_spec, meta = load_checkpoint(checkpoint)
+    model = load_weights(build_model(model_spec), sd)
+    model.requires_grad_(True)
+    x, y = data if data is not None else tensors(task.dataset, "train", model_spec.kwargs.get("img_size", 224),
+                                                 task.train_subset, seed)
+    loader = TensorLoader(x, y, qat.batch_size, seed=seed)
+    start = time.perf_counter()
+    fit(model, loader, qat.steps / len(loader), qat.lr, qat.weight_decay, quant=spec, desc=f"QAT {spec.name}")
+    seconds = time.perf_counter() - start
+    save_quantized(out, quantize_state_dict(state_dict_of(model), spec), spec,
+                   {"model": model_spec.to_dict(), "method": "qat", "source": str(checkpoint), "seconds": seconds,
+                    "fp_meta": meta})
+    return out
+
+
+def qat_seconds(path) -> float:
+    """Wall time of the QAT run that produced a QAT target file."""
+    return float(read_quantized(path)[2]["seconds"])
+
+
+def collect_qat(task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root) -> dict:
+    """QAT targets for every checkpoint of both runs of a collected task: {spec name: {run: [files]}}."""
+    task = TrainSpec(**task_entry["task"])
+    img_size = task_entry["model"]["kwargs"].get("img_size", 224)
+    data = tensors(task.dataset, "train", img_size, task.train_subset, seed)
+    out = {}
+    for spec in specs:
+        out[spec.name] = {run: [str(qat_target(Path(p), spec, qat, task, seed + i, Path(root) / "qat", data))
+                                for i, p in enumerate(task_entry[run])] for run in ("runA", "runB")}
+    return out
+
+
+def collect(archs: dict, pretrain: dict | None, tasks: dict, n_checkpoints: int, n_heldout_run: int, seed: int,
+            root, qat: dict | None = None, quant: dict | None = None) -> dict:
+    """Pretrain every architecture, then collect every task (and its QAT targets): the manifest 02_train reads.
+
+    `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data); `pretrain` and each
+    entry of `tasks` are TrainSpec fields (`pretrain` None: the ModelSpec's kwargs load pretrained weights). Task models share the architecture and take the task's dataset.
+    `qat` (QATSpec fields plus `bits` and `granularity`; `quant` gives group size and scheme) asks for QAT
+    targets of every checkpoint.
+    """
+    root = Path(root)
+    manifest = {"archs": {}, "seed": seed}
+    for arch_name, arch in archs.items():
+        spec = ModelSpec.from_dict(arch)
+        if pretrain is None:  # the paper profile: timm's pretrained weights (kwargs ask for them)
+            pretrained, path, seconds = state_dict_of(build_model(spec)), None, 0.0
+        else:
+            paths, record = train_model(spec, TrainSpec(**pretrain), None, seed, root / arch_name, label="pretrain")
+            pretrained, path, seconds = load_checkpoint(paths[-1])[0], str(paths[-1]), record["seconds"]
+        entry = {"pretrained": path, "pretrain_seconds": seconds, "tasks": {}}
+        for task_name, task in tasks.items():
+            task_spec = ModelSpec(spec.arch, spec.kwargs, task["dataset"])
+            task_dir = root / arch_name / task_name
+            entry["tasks"][task_name] = collect_task(task_spec, pretrained, TrainSpec(**task), n_checkpoints,
+                                                     n_heldout_run, seed, task_dir)
+            if qat:
+                specs = [QuantSpec(b, qat["granularity"], **(quant or {})) for b in qat["bits"]]
+                training = QATSpec(**{k: v for k, v in qat.items() if k not in ("bits", "granularity")})
+                entry["tasks"][task_name]["qat"] = collect_qat(entry["tasks"][task_name], specs, training, seed, task_dir)
+        manifest["archs"][arch_name] = entry
+    write_json(root / "manifest.json", manifest)
+    return manifest

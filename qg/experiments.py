@@ -1,0 +1,249 @@
+"""The experiments behind the tables: which generators to train, on what, and how every method is scored.
+
+A `Setting` is one generator: an (architecture, task), the quantization spec(s) it produces, where its
+targets come from (`ptq`: round-to-nearest of each checkpoint; `qat`: the QAT targets 01_collect made) and,
+for the ablations, overrides of the tokenizer / generator / training settings of the profile.
+
+Splits (the honest part): run A's checkpoints are split into `trained` (the generator learns from them) and
+`heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never trained on); run B, a
+second fine-tuning with another seed, is `heldout_run`. The paper evaluates on `trained` only.
+
+Every quantized model (PTQ, QAT, generated) is written as a quantized file and scored from the file;
+files, generators and accuracies are cached under the profile's artifacts, named by their parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .collect import accuracy, tensors
+from .generator import GeneratorConfig, QuantGen
+from .io import params_key, read_json, write_json
+from .models import load_checkpoint, load_model_file
+from .pipeline import Paths, git_commit, require
+from .quant import QuantSpec, quantize_state_dict, read_quantized, save_quantized
+from .tokenizer import Tokenizer
+from .train import TokenPairs, TrainConfig, fit_generator
+
+SPLITS = ("trained", "heldout_ckpt", "heldout_run")
+SOURCES = ("ptq", "qat")
+
+
+@dataclass
+class Setting:
+    """One generator to train: which model, which spec(s), which targets, which overrides."""
+
+    arch: str
+    task: str
+    specs: list[QuantSpec]
+    source: str = "ptq"
+    condition: str | None = None  # None (one spec), "precision" or "granularity"
+    overrides: dict = field(default_factory=dict)  # {"tokenizer"|"generator"|"train": {...}} for ablations
+    label: str = ""  # names an ablation variant in tables
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if len(self.specs) > 1 and self.condition is None:
+            raise ValueError("a setting with several specs is a conditional generator: give condition=")
+
+    @property
+    def name(self) -> str:
+        what = f"cond-{self.condition}" if self.condition else self.specs[0].name
+        return "-".join(filter(None, [self.arch, self.task, self.source, what, self.label]))
+
+
+def spec_from(bits: int, granularity: str, quant: dict) -> QuantSpec:
+    """A QuantSpec with the profile's group size and scheme."""
+    return QuantSpec(bits, granularity, quant.get("group_size", 64), quant.get("scheme", "symmetric"))
+
+
+def pick(items: list, n: int | None) -> list:
+    """`n` items evenly spaced over `items` (all of them when n is None or larger)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+class Experiment:
+    """One profile's collected checkpoints, generators and scores, with everything cached on disk."""
+
+    def __init__(self, profile: dict, paths: Paths | None = None):
+        self.profile = profile
+        self.paths = (paths or Paths.of(profile["name"])).make()
+        self.manifest = require(self.paths.artifacts / "collect" / "manifest.json", "01_collect",
+                                "the checkpoints and QAT targets")
+        self.commit = git_commit()
+        self._test_sets: dict = {}
+
+    # ------------------------------------------------------------------ checkpoints and targets
+    def task_entry(self, arch: str, task: str) -> dict:
+        try:
+            return self.manifest["archs"][arch]["tasks"][task]
+        except KeyError:
+            raise ValueError(f"01_collect made no {arch}/{task} for this profile; "
+                             f"it has {self._available()} (rerun 01_collect after editing the profile)") from None
+
+    def _available(self) -> list[str]:
+        return [f"{a}/{t}" for a, e in self.manifest["archs"].items() for t in e["tasks"]]
+
+    def splits(self, arch: str, task: str) -> dict[str, list[Path]]:
+        """Checkpoint files of each split (see the module docstring)."""
+        entry, every = self.task_entry(arch, task), self.profile["checkpoints"]["heldout_every"]
+        run_a = [Path(p) for p in entry["runA"]]
+        return {"trained": [p for i, p in enumerate(run_a) if i % every != every - 1],
+                "heldout_ckpt": [p for i, p in enumerate(run_a) if i % every == every - 1],
+                "heldout_run": [Path(p) for p in entry["runB"]]}
+
+    def target(self, setting: Setting, spec: QuantSpec, checkpoint: Path) -> Path:
+        """The quantized file the generator is trained to produce for `checkpoint` (PTQ or QAT)."""
+        if setting.source == "ptq":
+            return self.quantized(checkpoint, spec, "ptq")
+        entry = self.task_entry(setting.arch, setting.task)
+        if spec.name not in entry.get("qat", {}):
+            raise ValueError(f"01_collect made no QAT targets for {spec.name}; the profile's qat.bits decides which")
+        runs = {str(p): q for run in ("runA", "runB") for p, q in zip(entry[run], entry["qat"][spec.name][run])}
+        return Path(runs[str(checkpoint)])
+
+    def quantized(self, checkpoint: Path, spec: QuantSpec, method: str = "ptq") -> Path:
+        """Round-to-nearest quantization of a checkpoint, as a cached quantized file with its wall time."""
+        out = self.paths.artifacts / "quantized" / method / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
+        if not out.is_file():
+            sd, model_spec, _ = load_checkpoint(checkpoint)
+            start = time.perf_counter()
+            qsd = quantize_state_dict(sd, spec)
+            save_quantized(out, qsd, spec, {"model": model_spec.to_dict(), "method": method, "source": str(checkpoint),
+                                            "seconds": time.perf_counter() - start})
+        return out
+
+    # ------------------------------------------------------------------ generators
+    def config(self, setting: Setting, part: str) -> dict:
+        """The profile's `tokenizer`, `generator` or `train` settings with the setting's overrides applied."""
+        conf = copy.deepcopy(self.profile[part])
+        if setting.condition and part == "train":
+            conf.update(self.profile.get("conditional_train", {}))
+        conf.update(setting.overrides.get(part, {}))
+        return conf
+
+    def generator_dir(self, setting: Setting) -> Path:
+        params = {"setting": setting.name, "specs": [s.to_dict() for s in setting.specs],
+                  "tokenizer": self.config(setting, "tokenizer"), "generator": self.config(setting, "generator"),
+                  "train": self.config(setting, "train"), "seed": self.profile["seed"],
+                  "data": [str(p) for p in self.splits(setting.arch, setting.task)["trained"]]}
+        return self.paths.artifacts / "generators" / f"{setting.name}-{params_key(params)}"
+
+    def generator(self, setting: Setting, device: str = "cpu") -> QuantGen:
+        """The trained generator of a setting: read back when cached, trained (resumably) when not."""
+        out = self.generator_dir(setting)
+        if (out / "generator.json").is_file():
+            return QuantGen.load(out, device)
+        train_ckpts = self.splits(setting.arch, setting.task)["trained"]
+        fp = [load_checkpoint(p)[0] for p in train_ckpts]
+        targets = {spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
+                   for spec in setting.specs}
+        tok = self.config(setting, "tokenizer")
+        tokenizer = Tokenizer.fit(fp, targets, tok["token_size"], tok.get("padding", "gaussian"), self.profile["seed"])
+        data = TokenPairs.build(tokenizer, fp, targets, conditional=setting.condition is not None)
+        n_tokens, token_size = tokenizer.shape
+        gen_cfg = GeneratorConfig(token_size=token_size, n_tokens=n_tokens, conditions=data.conditions,
+                                  **self.config(setting, "generator"))
+        train_cfg = TrainConfig(seed=self.profile["seed"], **self.config(setting, "train"))
+        quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=device)
+        quantgen.record.update(setting=setting.name, n_train_checkpoints=len(train_ckpts))
+        quantgen.save(out)
+        return quantgen
+
+    def generated(self, setting: Setting, spec: QuantSpec, checkpoint: Path, quantgen: QuantGen | None = None) -> Path:
+        """The generator's quantized model of a checkpoint, as a cached quantized file with its wall time."""
+        gdir = self.generator_dir(setting)
+        out = gdir / "quantized" / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
+        if not out.is_file():
+            quantgen = quantgen or self.generator(setting)
+            sd, model_spec, _ = load_checkpoint(checkpoint)
+            qsd, seconds = quantgen.quantize(sd, spec, seed=self.profile["seed"])
+            save_quantized(out, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "source": str(checkpoint),
+                                            "generator": gdir.name, "seconds": seconds})
+        return out
+
+    # ------------------------------------------------------------------ scoring
+    def test_set(self, dataset: str, img_size: int):
+        key = (dataset, img_size)
+        if key not in self._test_sets:
+            self._test_sets[key] = tensors(dataset, "test", img_size, self.profile["eval"].get("test_subset"),
+                                           self.profile["seed"])
+        return self._test_sets[key]
+
+    def score(self, path: Path) -> float:
+        """Top-1 accuracy (%) of a checkpoint or quantized file, evaluated from the file (cached beside it)."""
+        test_key = params_key({"test_subset": self.profile["eval"].get("test_subset"), "seed": self.profile["seed"]})
+        cache = path.with_name(path.name + f".eval-{test_key}.json")
+        if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
+            return read_json(cache)["accuracy"]
+        sd, spec, _ = load_model_file(path)
+        acc = accuracy(spec, sd, self.test_set(spec.dataset, spec.kwargs.get("img_size", 224)))
+        write_json(cache, {"accuracy": acc, "file": path.name})
+        return acc
+
+    def evaluate(self, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
+                 splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
+        """One row per (method, spec, split, checkpoint): accuracy and the seconds that model took."""
+        quantgen = self.generator(setting) if "gen" in methods else None
+        per_split = self.profile["eval"].get("per_split")
+        rows = []
+        for split, ckpts in self.splits(setting.arch, setting.task).items():
+            if split not in splits:
+                continue
+            for ckpt in pick(ckpts, per_split):
+                for spec in setting.specs:
+                    for method in methods:
+                        if method == "fp":
+                            path, seconds = ckpt, 0.0
+                        else:
+                            path = {"ptq": lambda: self.quantized(ckpt, spec, "ptq"),
+                                    "qat": lambda: self.target(setting, spec, ckpt),
+                                    "gen": lambda: self.generated(setting, spec, ckpt, quantgen)}[method]()
+                            seconds = read_quantized(path)[2]["seconds"]
+                        rows.append(self._row(setting, spec, split, ckpt, method, self.score(path), seconds))
+        return pd.DataFrame(rows)
+
+    def _row(self, setting, spec, split, ckpt, method, acc, seconds) -> dict:
+        return {"arch": setting.arch, "task": setting.task, "dataset": self.task_entry(setting.arch, setting.task)["task"]["dataset"],
+                "setting": setting.name, "source": setting.source, "condition": setting.condition or "",
+                "variant": setting.label, "method": method, "bits": spec.bits, "granularity": spec.granularity,
+                "split": split, "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}", "accuracy": acc, "seconds": seconds}
+
+
+def main_settings(profile: dict) -> dict[str, list[Setting]]:
+    """The generators Tables 1-3 and Figure 3 need, by the table that first needs them.
+
+    table1: unconditional, PTQ targets, group-wise at every bit-width and channel-wise at `granularity_bits`,
+    for every (architecture, task); figure3: channel-wise at the other bit-widths for one (architecture,
+    task); table2: QAT targets; table3: one generator conditional on precision, one on granularity.
+    """
+    quant, t1 = profile["quant"], profile["table1"]
+    bits, gbits = t1["bits"], t1["granularity_bits"]
+    pairs = [(a, t) for a in profile["archs"] for t in profile["tasks"]]
+    f3 = profile["figure3"]
+    qat = profile["qat"]
+    settings = {
+        "table1": [Setting(a, t, [spec_from(b, "group", quant)]) for a, t in pairs for b in bits]
+                  + [Setting(a, t, [spec_from(gbits, "channel", quant)]) for a, t in pairs],
+        "figure3": [Setting(f3["arch"], f3["task"], [spec_from(b, "channel", quant)]) for b in bits if b != gbits],
+        "table2": [Setting(a, t, [spec_from(b, qat["granularity"], quant)], source="qat") for a, t in pairs
+                   for b in qat["bits"]],
+        "table3": [],
+    }
+    for a, t in pairs:
+        if a in profile["table3"]["archs"]:
+            settings["table3"] += [
+                Setting(a, t, [spec_from(b, "group", quant) for b in bits], condition="precision"),
+                Setting(a, t, [spec_from(gbits, g, quant) for g in ("channel", "group")], condition="granularity")]
+    return settings

@@ -1,0 +1,126 @@
+"""The reproduction as a pipeline: profiles, where each step's files live, and a papermill runner.
+
+A profile (`params/<name>.yaml`) holds every setting of a run: `smoke` (the tests), `cpu` (the default
+reproduction) and `paper` (the paper's models, data and token sizes, for a GPU). Every notebook takes one
+papermill parameter, `profile`, and reads the rest from the YAML, so one file says what a run did.
+
+    python -m qg.pipeline --profile cpu                  # every notebook, in order
+    python -m qg.pipeline --profile smoke 01_collect     # one step
+
+Executed notebooks go to `results/notebooks/<profile>/`; tables to `results/<profile>/`; figures to
+`figures/<profile>/`; cached artifacts (checkpoints, generators, quantized files) to
+`artifacts/<profile>/`, each keyed by the parameters that made it, so a rerun recomputes only what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .io import read_json
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ("01_collect", "02_train", "03_generate", "04_ablate_padding", "05_ablate_diffusion",
+             "06_ablate_backbone", "07_ablate_token_size")
+
+
+def load_profile(name: str) -> dict:
+    """The settings of profile `name` from `params/<name>.yaml` (a path to a YAML file also works)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "params" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
+        raise FileNotFoundError(f"no profile {name!r} ({path} does not exist); known profiles: {known}")
+    profile = yaml.safe_load(path.read_text())
+    profile["name"] = path.stem
+    return profile
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where one profile's files live."""
+
+    artifacts: Path
+    results: Path
+    figures: Path
+    notebooks: Path
+
+    @classmethod
+    def of(cls, profile: str, root: Path = ROOT) -> "Paths":
+        profile = Path(profile).stem
+        return cls(root / "artifacts" / profile, root / "results" / profile, root / "figures" / profile,
+                   root / "results" / "notebooks" / profile)
+
+    def make(self) -> "Paths":
+        for p in (self.artifacts, self.results, self.figures):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def require(path: Path, notebook: str, what: str = "its output") -> dict:
+    """Read a manifest an upstream notebook wrote, or say which notebook to run first."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing: run notebooks/{notebook}.ipynb with the same profile first "
+                                f"(it writes {what}), e.g. `python -m qg.pipeline --profile <name> {notebook}`")
+    return read_json(path)
+
+
+def git_commit() -> str:
+    """The code's commit, with `-dirty` when tracked files under qg/, notebooks/ or params/ have changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--", "qg", "notebooks", "params") else "")
+
+
+def check_parameters(notebook: Path, parameters: dict) -> None:
+    """Refuse parameters the notebook's `parameters` cell does not declare (papermill only warns)."""
+    import papermill
+
+    declared = set(papermill.inspect_notebook(str(notebook)))
+    unknown = sorted(set(parameters) - declared)
+    if unknown:
+        raise ValueError(f"{notebook.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
+
+
+def run(profile: str, notebooks: list[str] | None = None, parameters: dict | None = None) -> list[Path]:
+    """Execute notebooks in order with papermill; returns the executed copies' paths."""
+    import papermill
+
+    load_profile(profile)  # fail before starting a kernel if the profile does not exist
+    names = notebooks or [n for n in NOTEBOOKS if (ROOT / "notebooks" / f"{n}.ipynb").is_file()]
+    unknown = [n for n in names if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"unknown notebook(s) {unknown}; the pipeline's notebooks are {list(NOTEBOOKS)}")
+    params = {"profile": profile, **(parameters or {})}
+    out_dir = Paths.of(profile).notebooks
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for name in names:
+        source = ROOT / "notebooks" / f"{name}.ipynb"
+        check_parameters(source, params)
+        print(f"[qg.pipeline] {name} (profile {profile})", flush=True)
+        papermill.execute_notebook(str(source), str(out_dir / f"{name}.ipynb"), parameters=params,
+                                   cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=True)
+        done.append(out_dir / f"{name}.ipynb")
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params/<profile>.yaml")
+    p.add_argument("notebooks", nargs="*", help=f"which notebooks (default: all of {list(NOTEBOOKS)})")
+    args = p.parse_args(argv)
+    try:
+        run(args.profile, args.notebooks or None)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
