@@ -10,7 +10,7 @@ PROFILE   ?= cpu
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
 FMNIST    ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install data test reproduce lab bench clean
+.PHONY: install data test reproduce checks lab bench clean
 
 install: $(VENV)/.installed
 
@@ -33,11 +33,17 @@ data:
 		     "holding train-images-idx3-ubyte.gz and the other three IDX files."; exit 1; \
 	fi
 
+# Unit tests, then every notebook on the smoke profile under nbval (pyproject's pytest options).
 test: install data
 	TQDM_DISABLE=1 $(PY) -m pytest
 
+# Every notebook in order with papermill: tables in results/$(PROFILE)/, figures in figures/$(PROFILE)/.
 reproduce: install data
-	$(PY) -m qg.bench
+	TQDM_DISABLE=1 $(PY) -m qg.pipeline --profile $(PROFILE)
+
+# After changing what a checked notebook cell prints: rerun smoke and store the outputs nbval compares.
+checks: install data
+	TQDM_DISABLE=1 $(PY) -m qg.pipeline --profile smoke --store-checks
 
 lab: install data
 	$(PY) -m jupyter lab notebooks/

@@ -27,6 +27,7 @@ import torch
 
 from .generator import Block, GeneratorConfig
 from .mamba2 import Mamba2, ssd_scan, ssd_sequential
+from .train import saved_activation_mb
 
 
 def _timed(fn, repeats: int, device: str) -> float:
@@ -68,23 +69,6 @@ def bench_scan(lengths, batch, d_model, repeats, device) -> list[dict]:
 def _block(backbone: str, d_model: int) -> Block:
     cfg = GeneratorConfig(token_size=d_model, n_tokens=1, backbone=backbone, chunk_size=64)
     return Block(cfg)
-
-
-def saved_activation_mb(fn) -> float:
-    """Megabytes of tensors autograd keeps for the backward pass of `fn()` (each storage counted once).
-
-    A deterministic CPU stand-in for peak training memory: it is the part that grows with sequence
-    length, and unlike the process's resident set it does not depend on the allocator's history.
-    """
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()) / 2**20, out
 
 
 def _block_step(backbone, batch, length, d_model, repeats, device) -> dict:

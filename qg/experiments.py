@@ -57,8 +57,9 @@ class Setting:
 
     @property
     def name(self) -> str:
+        """Names the generator (not the ablation label: a variant equal to the default shares its generator)."""
         what = f"cond-{self.condition}" if self.condition else self.specs[0].name
-        return "-".join(filter(None, [self.arch, self.task, self.source, what, self.label]))
+        return "-".join([self.arch, self.task, self.source, what])
 
 
 def spec_from(bits: int, granularity: str, quant: dict) -> QuantSpec:
@@ -247,3 +248,44 @@ def main_settings(profile: dict) -> dict[str, list[Setting]]:
                 Setting(a, t, [spec_from(b, "group", quant) for b in bits], condition="precision"),
                 Setting(a, t, [spec_from(gbits, g, quant) for g in ("channel", "group")], condition="granularity")]
     return settings
+
+
+ABLATIONS = {
+    # factor -> how one variant value overrides the profile (the ablation notebooks 04-07)
+    "padding": lambda v: {"tokenizer": {"padding": v}},
+    "head": lambda v: {"generator": v},
+    "backbone": lambda v: {"generator": {"backbone": v}},
+    "token_size": lambda v: {"tokenizer": {"token_size": v}, "generator": {"d_model": v}},  # RPG: width = token
+}
+
+
+def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Setting]:
+    """One generator per (variant, spec) of the profile's ablation setting, changing only `factor`.
+
+    `variants` maps a label to the factor's value (for `head`, GeneratorConfig fields). A variant equal to
+    the profile's default trains nothing new: it is the main tables' generator, read from the cache.
+    """
+    if factor not in ABLATIONS:
+        raise ValueError(f"unknown ablation factor {factor!r}; one of {sorted(ABLATIONS)}")
+    a = profile["ablation"]
+    return [Setting(a["arch"], a["task"], [spec_from(b, a["granularity"], profile["quant"])],
+                    overrides=ABLATIONS[factor](value), label=str(label))
+            for label, value in variants.items() for b in a["bits"]]
+
+
+def run_ablation(exp: Experiment, factor: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Train (or read back) and evaluate every variant of one ablation.
+
+    Returns the per-checkpoint evaluations (PTQ and Gen), one cost row per generator (training seconds,
+    activation MB, parameters, final loss) and each generator's loss curve.
+    """
+    from .models import progress
+
+    runs, costs, curves = [], [], {}
+    for s in progress(ablation_settings(exp.profile, factor, exp.profile["ablation"][factor]), desc=factor):
+        record = exp.generator(s).record
+        runs.append(exp.evaluate(s, ("ptq", "gen")))
+        costs.append({"variant": s.label, "bits": s.specs[0].bits,
+                      **{k: record.get(k, float("nan")) for k in ("train_seconds", "activation_mb", "n_params", "final_loss")}})
+        curves[f"{s.label}, {s.specs[0].name}"] = pd.read_csv(exp.generator_dir(s) / "loss.csv")
+    return pd.concat(runs, ignore_index=True), pd.DataFrame(costs), curves

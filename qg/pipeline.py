@@ -111,13 +111,50 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
     return done
 
 
+CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+
+
+def store_checks(profile: str = "smoke", notebooks: list[str] | None = None) -> list[Path]:
+    """Copy the outputs of checked cells from an executed run into `notebooks/*.ipynb`.
+
+    Those stored outputs are what `pytest --nbval-lax` compares a fresh execution against; every other
+    cell of the source notebooks is kept without outputs. Run after changing what a checked cell prints:
+    `python -m qg.pipeline --profile smoke --store-checks`.
+    """
+    import nbformat
+
+    changed = []
+    for name in notebooks or NOTEBOOKS:
+        source_path, run_path = ROOT / "notebooks" / f"{name}.ipynb", Paths.of(profile).notebooks / f"{name}.ipynb"
+        if not source_path.is_file():
+            continue
+        source, executed = nbformat.read(source_path, 4), nbformat.read(run_path, 4)
+        ran = [c for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+        if [c.source for c in ran] != [c.source for c in source.cells]:
+            raise ValueError(f"{run_path} was not executed from the current {source_path.name}; rerun it first")
+        for cell, done in zip(source.cells, ran):
+            if cell.cell_type != "code":
+                continue
+            checked = cell.source.startswith(CHECK_MARK)
+            cell.outputs = done.outputs if checked else []
+            cell.execution_count = done.execution_count if checked else None
+        nbformat.write(source, source_path)
+        changed.append(source_path)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params/<profile>.yaml")
     p.add_argument("notebooks", nargs="*", help=f"which notebooks (default: all of {list(NOTEBOOKS)})")
+    p.add_argument("--store-checks", action="store_true",
+                   help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)")
     args = p.parse_args(argv)
     try:
         run(args.profile, args.notebooks or None)
+        if args.store_checks:
+            for path in store_checks(args.profile, args.notebooks or None):
+                print(f"[qg.pipeline] stored checked outputs in {path.relative_to(ROOT)}")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

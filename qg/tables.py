@@ -48,6 +48,16 @@ def _pivot(tidy: pd.DataFrame, index: list[str], group_bits: int) -> pd.DataFram
     return wide.fillna("NA").reset_index()
 
 
+ORDER = {k: i for i, k in enumerate(["trained", "heldout_ckpt", "heldout_run", "fp", "ptq", "qat", "gen", "gen-ptq"])}
+
+
+def _ordered(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows by task, architecture, split (trained-on first) and method (FP32, PTQ, QAT, Gen, Gen − PTQ)."""
+    keys = [k for k in ("task", "arch", "split", "condition", "method") if k in df]
+    return df.sort_values(keys, key=lambda s: s.map(lambda v: ORDER.get(v, v)) if s.name in ("split", "method") else s,
+                          kind="stable")
+
+
 def _label(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     if "method" in df:
@@ -77,8 +87,7 @@ def table1(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
     index = ["task", "arch", "method", "split"]
     ours = _pivot(tidy, index, gbits)
     columns = [c for c in paper.TABLE1_COLUMNS if c in ours.columns]
-    order = {m: i for i, m in enumerate(["fp", "ptq", "gen", "gen-ptq"])}
-    ours = ours.sort_values(["task", "arch", "split", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
+    ours = _ordered(ours)
     ref = _paper_rows(ours[["task", "arch"]].drop_duplicates().itertuples(index=False), ("PTQ", "Gen"), columns,
                       paper.table1_value)
     md = _label(pd.concat([ours, ref], ignore_index=True)).sort_values(["task", "arch"], kind="stable")
@@ -143,9 +152,9 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
     gbits = profile["table1"]["granularity_bits"]
     runs = runs.copy()
     tidy = summarize(runs, "table3", profile, commit)
-    ours = _pivot(tidy, ["task", "arch", "method", "condition", "split"], gbits)
-    ours = ours[~((ours.method == "ptq") & (ours.condition == "granularity"))]  # PTQ listed once
-    ours.loc[ours.method == "ptq", "condition"] = "NA"
+    view = tidy[tidy.method != "fp"].copy()
+    view.loc[view.method == "ptq", "condition"] = "NA"  # PTQ does not depend on the generator's condition
+    ours = _ordered(_pivot(view, ["task", "arch", "method", "condition", "split"], gbits))
     ours["condition"] = ours["condition"].map({"precision": "P", "granularity": "G", "NA": "NA"})
     columns = [c for c in paper.TABLE1_COLUMNS if c in ours.columns]
 
@@ -197,3 +206,64 @@ def figure3(runs: pd.DataFrame, arch: str, task: str):
     grid.set_titles("{col_name}")
     grid.figure.suptitle(f"Figure 3: bits x granularity ({arch}, {task})", y=1.03)
     return grid.figure
+
+
+PAPER_ABLATION_NOTES = {
+    "padding": "Paper, Table 6 (ImageNet-1K ViT-Tiny, 8-bit): PTQ 74.83; zero 74.57; one 72.94; Gaussian 75.42.",
+    "head": "Paper, Table 5 (ImageNet-1K ViT-Tiny, 8-bit): PTQ 74.83; + diffusion: fail; - diffusion 75.42.",
+    "backbone": "Paper, Table 10 (ImageNet-1K ViT-Tiny; accuracy %, training hours, GB on a GPU): "
+                "LSTM 0.10 / 14.5 h / 4.03 GB; Transformer 0.18 / 3.78 h / 3.53 GB; Mamba 75.42 / 3.67 h / 3.05 GB.",
+    "token_size": "Paper, Table 4 (ImageNet-1K ViT-Base, group-wise, 8..3 bits): PTQ 84.56 84.54 84.54 84.44 84.06 81.81; "
+                  "token 8192: 83.92 58.25 54.76 59.04 55.32 56.56; token 16384: 84.70 84.70 84.61 84.64 84.32 82.17.",
+}
+
+
+def ablation_table(runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+    """One factor's variants: accuracy of Gen (and the paired Gen − PTQ) per split and bit-width, plus cost.
+
+    `costs` has one row per (variant, bits) generator: train_seconds, activation_mb, n_params, final_loss.
+    """
+    runs = pd.concat([runs, paired_difference(runs)], ignore_index=True)
+    tidy = summarize(runs, f"ablation_{factor}", profile, commit)
+    cost_tidy = costs.melt(id_vars=["variant", "bits"], var_name="metric", value_name="value")
+    cost_tidy = cost_tidy.assign(table=f"ablation_{factor}", std=0.0, n=1, profile=profile["name"], commit=commit)
+    tidy = pd.concat([tidy, cost_tidy], ignore_index=True)
+    acc = tidy[tidy.metric == "top1_accuracy"]
+    variants = list(dict.fromkeys(runs.variant))
+    rows = []
+    for split in ORDER:
+        if split not in set(acc.split):
+            continue
+        ref = acc[(acc.split == split) & (acc.method == "ptq")].drop_duplicates("bits")
+        rows.append({"variant": "PTQ (reference)", "split": SPLIT_LABELS[split],
+                     **{f"{b}-bit": cell(v, s) for b, v, s in zip(ref.bits, ref.value, ref["std"])}})
+        for variant in variants:
+            r = {"variant": variant, "split": SPLIT_LABELS[split]}
+            for method, suffix in (("gen", ""), ("gen-ptq", " Gen − PTQ")):
+                sel = acc[(acc.split == split) & (acc.variant == variant) & (acc.method == method)]
+                r.update({f"{b}-bit{suffix}": cell(v, s) for b, v, s in zip(sel.bits, sel.value, sel["std"])})
+            rows.append(r)
+    gen_seconds = runs[runs.method == "gen"].groupby("variant").seconds.mean()
+    for variant, g in costs.groupby("variant", sort=False):
+        rows.append({"variant": variant, "split": "cost (per generator)",
+                     "train (s)": f"{g.train_seconds.mean():.1f}", "generate (s/model)": f"{gen_seconds.get(variant, float('nan')):.3f}",
+                     "activation (MB)": f"{g.activation_mb.mean():.1f}", "params": f"{int(g.n_params.mean()):,}",
+                     "final loss": f"{g.final_loss.mean():.4g}"})
+    md = pd.DataFrame(rows).fillna("")
+    a = profile["ablation"]
+    return tidy, _markdown(md, f"Ablation of the {factor.replace('_', ' ')} ({a['arch']}, {a['task']}, {a['granularity']}-wise; "
+                           "top-1 %, mean ± std over checkpoints)", profile, [
+        PAPER_ABLATION_NOTES[factor],
+        "activation (MB): tensors autograd saves for one training step (batch of the profile), a deterministic "
+        "stand-in for peak training memory; times are wall-clock on the machine in the provenance file."])
+
+
+def loss_curves(curves: dict[str, pd.DataFrame], title: str):
+    """Smoothed training loss of each variant (label -> loss.csv frame), log scale."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, curve in curves.items():
+        ax.plot(curve.step, curve.loss.rolling(10, min_periods=1).mean(), lw=1.2, label=label)
+    ax.set(title=title, xlabel="step", ylabel="training loss (smoothed)", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig

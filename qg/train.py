@@ -136,7 +136,7 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
     state_path = out_dir / "train_state.pt"
-    step, losses, elapsed = 0, [], 0.0
+    step, losses, elapsed, activation_mb = 0, [], 0.0, float("nan")
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)
         run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
@@ -157,7 +157,8 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
         x, y, onehot, mask = data.batch(idx, n_cond)
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         onehot = onehot.to(device) if onehot is not None else None
-        loss = net(x, y, onehot, mask if cfg.mask_padding else None, generator=_step_generator(cfg.seed, step, rank + 1))
+        activation_mb, loss = saved_activation_mb(
+            lambda: net(x, y, onehot, mask if cfg.mask_padding else None, generator=_step_generator(cfg.seed, step, rank + 1)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -176,7 +177,7 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     if rank == 0:
         _write_curve(out_dir / "loss.csv", losses, cfg)
     return {"steps": len(losses), "final_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed,
-            "peak_memory_mb": peak_memory_mb(device), "world_size": world, "device": str(device),
+            "peak_memory_mb": peak_memory_mb(device), "activation_mb": activation_mb, "world_size": world, "device": str(device),
             "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
 
 
@@ -186,6 +187,24 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
         dist.all_reduce(value)
         value /= world
     return value.item()
+
+
+def saved_activation_mb(fn) -> tuple[float, object]:
+    """Megabytes of tensors autograd keeps for the backward pass of `fn()` (each storage counted once), and
+    `fn()`'s result.
+
+    A deterministic CPU stand-in for peak training memory: it is the part that grows with sequence
+    length, and unlike the process's resident set it does not depend on the allocator's history.
+    """
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()) / 2**20, out
 
 
 def _save_state(path: Path, run: dict, model, opt, sched, step: int, losses: list[float], elapsed: float) -> None:

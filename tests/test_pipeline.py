@@ -1,0 +1,153 @@
+"""The pipeline's pieces: profiles, the papermill runner's checks, QAT targets, splits, tables, provenance."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qg import collect, paper, pipeline, report, tables
+from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, main_settings, pick, spec_from
+from qg.io import write_json
+from qg.models import ModelSpec, build_model, load_model_file, save_checkpoint, state_dict_of
+from qg.quant import QuantSpec, read_quantized
+
+from conftest import TINY_VIT
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu"])
+def test_profiles_load_and_name_every_table(name):
+    P = pipeline.load_profile(name)
+    settings = main_settings(P)
+    assert P["name"] == name and set(settings) == {"table1", "figure3", "table2", "table3"}
+    pairs = len(P["archs"]) * len(P["tasks"])
+    assert len(settings["table1"]) == pairs * (len(P["table1"]["bits"]) + 1)
+    assert {s.source for s in settings["table2"]} == {"qat"}
+    assert all(s.condition in ("precision", "granularity") for s in settings["table3"])
+    for factor in ("padding", "head", "backbone", "token_size"):
+        assert len(ablation_settings(P, factor, P["ablation"][factor])) == len(P["ablation"][factor]) * len(P["ablation"]["bits"])
+
+
+def test_unknown_profile_and_notebook_are_clear_errors():
+    with pytest.raises(FileNotFoundError, match="known profiles"):
+        pipeline.load_profile("nope")
+    with pytest.raises(ValueError, match="unknown notebook"):
+        pipeline.run("smoke", ["99_missing"])
+
+
+def test_unknown_papermill_parameter_is_refused():
+    with pytest.raises(ValueError, match="has no parameter"):
+        pipeline.check_parameters(pipeline.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke", "profle": "x"})
+    pipeline.check_parameters(pipeline.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke"})
+
+
+def test_missing_upstream_says_which_notebook_to_run(tmp_path):
+    P = pipeline.load_profile("smoke")
+    with pytest.raises(FileNotFoundError, match="01_collect"):
+        Experiment(P, pipeline.Paths.of("smoke", tmp_path))
+
+
+def test_notebooks_declare_only_the_profile_parameter_and_use_python3():
+    for name in pipeline.NOTEBOOKS:
+        nb = nbformat.read(pipeline.ROOT / "notebooks" / f"{name}.ipynb", 4)
+        assert nb.metadata.kernelspec.name == "python3"
+        params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1 and params[0].source.startswith('profile = "smoke"')
+        assert any(c.source.startswith(pipeline.CHECK_MARK) for c in nb.cells), f"{name} has no checked cell"
+
+
+def test_qat_target_is_a_quantized_file_with_its_time(tmp_path):
+    spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    torch.manual_seed(0)
+    sd = state_dict_of(build_model(spec_model))
+    ckpt = tmp_path / "runA-x" / "ckpt_000.safetensors"
+    save_checkpoint(ckpt, sd, spec_model)
+    q = QuantSpec(4, "group", 16)
+    task = collect.TrainSpec("digits", 1, 1e-3, batch_size=64)
+    out = collect.qat_target(ckpt, q, collect.QATSpec(steps=3, lr=1e-3, batch_size=64), task, 0, tmp_path / "qat")
+    qsd, spec, meta = read_quantized(out)
+    assert spec == q and meta["method"] == "qat" and meta["seconds"] > 0
+    codes = [v.codes for v in qsd.values() if hasattr(v, "codes")]
+    assert codes and all(c.min() >= q.qmin and c.max() <= q.qmax for c in codes)
+    fp_sd, model_spec, _ = load_model_file(out)
+    assert model_spec == spec_model and set(fp_sd) == set(sd)
+    # QAT changed the weights (it trained), and a second call is read from the cache
+    assert any(not torch.equal(fp_sd[k], sd[k]) for k in sd if k.endswith(".weight") and sd[k].ndim >= 2)
+    mtime = out.stat().st_mtime_ns
+    assert collect.qat_target(ckpt, q, collect.QATSpec(steps=3, lr=1e-3, batch_size=64), task, 0, tmp_path / "qat") == out
+    assert out.stat().st_mtime_ns == mtime
+
+
+def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
+    P = {**pipeline.load_profile("smoke"), "checkpoints": {"n": 10, "heldout_every": 5, "heldout_run": 2}}
+    paths = pipeline.Paths.of("smoke", tmp_path)
+    run_a = [str(tmp_path / "runA" / f"ckpt_{i:03d}.safetensors") for i in range(10)]
+    run_b = [str(tmp_path / "runB" / f"ckpt_{i:03d}.safetensors") for i in range(2)]
+    write_json(paths.artifacts / "collect" / "manifest.json",
+               {"archs": {"vit": {"tasks": {"full": {"runA": run_a, "runB": run_b, "task": {"dataset": "fashion_mnist"}}}}}})
+    splits = Experiment(P, paths).splits("vit", "full")
+    assert [p.name for p in splits["heldout_ckpt"]] == ["ckpt_004.safetensors", "ckpt_009.safetensors"]
+    assert len(splits["trained"]) == 8 and not set(splits["trained"]) & set(splits["heldout_ckpt"])
+    assert [str(p) for p in splits["heldout_run"]] == run_b
+    with pytest.raises(ValueError, match="made no mixer/full"):
+        Experiment(P, paths).splits("mixer", "full")
+
+
+def test_pick_is_even_and_total():
+    assert pick(list(range(10)), 3) == [0, 4, 9] or pick(list(range(10)), 3) == [0, 5, 9]
+    assert pick([1, 2], 5) == [1, 2] and pick([1, 2, 3], None) == [1, 2, 3]
+
+
+def test_setting_validation():
+    with pytest.raises(ValueError, match="source"):
+        Setting("vit", "full", [QuantSpec(4, "group")], source="gptq")
+    with pytest.raises(ValueError, match="conditional"):
+        Setting("vit", "full", [QuantSpec(4, "group"), QuantSpec(8, "group")])
+
+
+def _fake_runs(seed=0):
+    """Per-checkpoint rows like Experiment.evaluate's, for two bit-widths and all splits."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for bits, gran in ((8, "group"), (4, "group"), (8, "channel")):
+        for split in SPLITS:
+            for c in range(3):
+                for method, base in (("fp", 80), ("ptq", 79), ("gen", 78)):
+                    rows.append({"arch": "vit", "task": "full", "dataset": "fashion_mnist", "setting": f"s{bits}{gran}",
+                                 "source": "ptq", "condition": "", "variant": "", "method": method, "bits": bits,
+                                 "granularity": gran, "split": split, "checkpoint": f"{split}/{c}",
+                                 "accuracy": base + rng.normal(0, 0.1), "seconds": 0.01})
+    return pd.DataFrame(rows)
+
+
+def test_table1_has_paper_rows_and_paired_difference():
+    P = pipeline.load_profile("smoke")
+    tidy, md = tables.table1(_fake_runs(), P, "abc")
+    assert {"table", "method", "bits", "granularity", "split", "value", "std", "n", "profile", "commit"} <= set(tidy.columns)
+    diff = tidy[(tidy.method == "gen-ptq") & (tidy.bits == 4)]
+    assert np.allclose(diff.value, -1.0, atol=0.5) and (diff.n == 3).all()
+    assert "Gen (paper, ImageNet-1K ViT-Tiny)" in md and "75.42" in md and "Gen − PTQ" in md
+    assert paper.table1_value("full", "vit", "PTQ", "3-bit") == 53.17
+    assert paper.table1_value("full", "mixer", "PTQ", "3-bit") is None  # the paper has no ImageNet MLP-Mixer
+
+
+def test_write_table_records_provenance(tmp_path):
+    P = pipeline.load_profile("smoke")
+    tidy, md = tables.table1(_fake_runs(), P, "abc")
+    inp = tmp_path / "input.txt"
+    inp.write_text("x")
+    report.write_table(tmp_path, "table1", tidy, md, report.provenance(P, "abc", [inp]))
+    prov = json.loads((tmp_path / "table1.json").read_text())
+    assert prov["commit"] == "abc" and prov["parameters"]["name"] == "smoke" and str(inp) in prov["inputs"]
+    assert pd.read_csv(tmp_path / "table1.csv").shape[0] == len(tidy)
+    assert (tmp_path / "table1.md").read_text().startswith("### Table 1")
+
+
+def test_figures_are_deterministic(tmp_path):
+    runs = _fake_runs()
+    a = report.save_figure(tables.figure3(runs, "vit", "full"), tmp_path / "a.png")
+    b = report.save_figure(tables.figure3(runs, "vit", "full"), tmp_path / "b.png")
+    assert a.read_bytes() == b.read_bytes()
