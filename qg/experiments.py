@@ -29,7 +29,8 @@ from .generator import GeneratorConfig, QuantGen
 from .io import params_key, read_json, write_json
 from .models import load_checkpoint, load_model_file
 from .pipeline import Paths, git_commit, require
-from .quant import QuantSpec, quantize_state_dict, read_quantized, save_quantized
+from .baselines import quantize_model
+from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
 from .tokenizer import Tokenizer
 from .train import TokenPairs, TrainConfig, fit_generator
 
@@ -115,14 +116,47 @@ class Experiment:
         return Path(runs[str(checkpoint)])
 
     def quantized(self, checkpoint: Path, spec: QuantSpec, method: str = "ptq") -> Path:
-        """Round-to-nearest quantization of a checkpoint, as a cached quantized file with its wall time."""
+        """A data-free quantization of a checkpoint (`qg.baselines.METHODS`, or the `noise` control), as a
+        cached quantized file with its wall time."""
         out = self.paths.artifacts / "quantized" / method / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
         if not out.is_file():
             sd, model_spec, _ = load_checkpoint(checkpoint)
+            if method == "noise":
+                sd, method_used = self.perturbed(sd, checkpoint), "ptq"
+            else:
+                method_used = method
             start = time.perf_counter()
-            qsd = quantize_state_dict(sd, spec)
-            save_quantized(out, qsd, spec, {"model": model_spec.to_dict(), "method": method, "source": str(checkpoint),
-                                            "seconds": time.perf_counter() - start})
+            qsd, file_spec = quantize_model(sd, spec, method_used)
+            save_quantized(out, qsd, file_spec, {"model": model_spec.to_dict(), "method": method, "source": str(checkpoint),
+                                                 "seconds": time.perf_counter() - start})
+        return out
+
+    def perturbed(self, sd: dict, checkpoint: Path) -> dict:
+        """The `noise` control: each quantized weight plus seeded Gaussian noise of `controls.noise` x its std.
+
+        If Gen's gain over PTQ came from a regularising perturbation rather than a learned quantizer, PTQ of
+        a slightly perturbed checkpoint would show it too.
+        """
+        sigma = self.profile["controls"]["noise"]
+        gen = torch.Generator().manual_seed(self.profile["seed"] + int(params_key({"c": str(checkpoint)})[:6], 16))
+        return {k: v + sigma * v.std() * torch.randn(v.shape, generator=gen) if is_quantized_weight(k, v) else v
+                for k, v in sd.items()}
+
+    def soup(self, arch: str, task: str, spec: QuantSpec) -> Path:
+        """The `soup` control: PTQ of the average of the generator's training checkpoints (one model).
+
+        A generator trained with MSE on many checkpoints may learn their average; if PTQ of that average
+        scores like Gen, Gen's gain is weight averaging, not quantization.
+        """
+        ckpts = self.splits(arch, task)["trained"]
+        out = self.paths.artifacts / "quantized" / "soup" / spec.name / ckpts[0].parent.name / f"soup-{len(ckpts)}.safetensors"
+        if not out.is_file():
+            sds = [load_checkpoint(p)[0] for p in ckpts]
+            model_spec = load_checkpoint(ckpts[0])[1]
+            mean = {k: torch.stack([sd[k].float() for sd in sds]).mean(0) for k in sds[0]}
+            qsd, file_spec = quantize_model(mean, spec, "ptq")
+            save_quantized(out, qsd, file_spec, {"model": model_spec.to_dict(), "method": "soup", "seconds": 0.0,
+                                                 "source": [str(p) for p in ckpts]})
         return out
 
     # ------------------------------------------------------------------ generators
@@ -208,9 +242,9 @@ class Experiment:
                         if method == "fp":
                             path, seconds = ckpt, 0.0
                         else:
-                            path = {"ptq": lambda: self.quantized(ckpt, spec, "ptq"),
-                                    "qat": lambda: self.target(setting, spec, ckpt),
-                                    "gen": lambda: self.generated(setting, spec, ckpt, quantgen)}[method]()
+                            path = (self.target(setting, spec, ckpt) if method == "qat" else
+                                    self.generated(setting, spec, ckpt, quantgen) if method == "gen" else
+                                    self.quantized(ckpt, spec, method))
                             seconds = read_quantized(path)[2]["seconds"]
                         rows.append(self._row(setting, spec, split, ckpt, method, self.score(path), seconds))
         return pd.DataFrame(rows)
@@ -289,3 +323,20 @@ def run_ablation(exp: Experiment, factor: str) -> tuple[pd.DataFrame, pd.DataFra
                       **{k: record.get(k, float("nan")) for k in ("train_seconds", "activation_mb", "n_params", "final_loss")}})
         curves[f"{s.label}, {s.specs[0].name}"] = pd.read_csv(exp.generator_dir(s) / "loss.csv")
     return pd.concat(runs, ignore_index=True), pd.DataFrame(costs), curves
+
+
+def agreement(exp: Experiment, setting: Setting, spec: QuantSpec, checkpoint: Path) -> pd.DataFrame:
+    """Per layer: how the generated model differs from PTQ of the same checkpoint.
+
+    `codes_equal` is the fraction of integer codes equal to PTQ's, `code_mae` their mean absolute
+    difference, `scale_rel_err` the mean relative error of the generated S against PTQ's S.
+    """
+    gen, _, _ = read_quantized(exp.generated(setting, spec, checkpoint))
+    ptq, _, _ = read_quantized(exp.quantized(checkpoint, spec, "ptq"))
+    rows = []
+    for i, (name, p) in enumerate((k, v) for k, v in ptq.items() if hasattr(v, "codes")):
+        g = gen[name]
+        rows.append({"layer": name, "layer_index": i, "codes_equal": float((g.codes == p.codes).float().mean()),
+                     "code_mae": float((g.codes.float() - p.codes.float()).abs().mean()),
+                     "scale_rel_err": float(((g.scale - p.scale).abs() / p.scale).mean())})
+    return pd.DataFrame(rows)

@@ -18,7 +18,8 @@ import seaborn as sns  # noqa: E402
 from . import paper  # noqa: E402
 from .report import SPLIT_LABELS, cell, summarize  # noqa: E402
 
-METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "qat": "QAT", "gen": "Gen"}
+METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "rtn-asym": "RTN asym", "mse-clip": "RTN + MSE clip", "hqq": "HQQ",
+                 "noise": "PTQ of ckpt + noise", "soup": "PTQ of the soup", "qat": "QAT", "gen": "Gen"}
 
 
 def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.DataFrame:
@@ -48,7 +49,8 @@ def _pivot(tidy: pd.DataFrame, index: list[str], group_bits: int) -> pd.DataFram
     return wide.fillna("NA").reset_index()
 
 
-ORDER = {k: i for i, k in enumerate(["trained", "heldout_ckpt", "heldout_run", "fp", "ptq", "qat", "gen", "gen-ptq"])}
+ORDER = {k: i for i, k in enumerate(["trained", "heldout_ckpt", "heldout_run", "fp", "ptq", "rtn-asym", "mse-clip",
+                                     "hqq", "noise", "soup", "qat", "gen", "gen-ptq"])}
 
 
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -197,8 +199,8 @@ def figure1(runs: pd.DataFrame, records: dict, arch: str, task: str, max_models:
 
 
 def figure3(runs: pd.DataFrame, arch: str, task: str):
-    """Accuracy at every (bits, granularity) for PTQ and Gen, one panel per split."""
-    sel = runs[(runs.arch == arch) & (runs.task == task) & runs.method.isin(["ptq", "gen"])].copy()
+    """Accuracy at every (bits, granularity) for Gen and the data-free quantizers, one panel per split."""
+    sel = runs[(runs.arch == arch) & (runs.task == task) & runs.method.isin(["ptq", "rtn-asym", "mse-clip", "hqq", "gen"])].copy()
     sel["method"] = sel.method.map(METHOD_LABELS)
     sel["split"] = sel.split.map(SPLIT_LABELS)
     grid = sns.relplot(data=sel, x="bits", y="accuracy", hue="method", style="granularity", col="split", kind="line",

@@ -103,8 +103,8 @@ class Layout:
         """Raise a clear error if `sd`'s quantizable weights are not the ones this layout was built for."""
         got = [(k, tuple(v.shape)) for k, v in sd.items()
                if isinstance(v, QTensor) or is_quantized_weight(k, v)]
-        if got != self.shapes:
-            want, have = dict(self.shapes), dict(got)
+        want, have = dict(self.shapes), dict(got)
+        if want != have:  # by name: files (safetensors) and models list tensors in different orders
             diff = [f"{k}: {have.get(k)} vs expected {want.get(k)}" for k in {**want, **have} if want.get(k) != have.get(k)]
             raise ValueError(f"{what} does not match the tokenizer layout ({len(diff)} layers differ, e.g. "
                              f"{'; '.join(diff[:3])}). It was built for another architecture: train a generator "
