@@ -28,7 +28,7 @@ import torch
 from .data import TensorLoader, as_tensors, load_dataset
 from .io import file_sha256, params_key, read_json, write_json
 from .models import ModelSpec, build_model, evaluate, fit, load_checkpoint, load_weights, save_checkpoint, state_dict_of
-from .quant import QuantSpec, quantize_state_dict, read_quantized, save_quantized
+from .quant import QuantSpec, quantize_state_dict, save_quantized
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,6 @@ def _head_prefix(model) -> str:
     return next(n for n, m in model.named_modules() if m is model.get_classifier())
 
 
-def load_checkpoints(paths: list[Path]) -> list[dict[str, torch.Tensor]]:
-    return [load_checkpoint(p)[0] for p in paths]
-
-
 def collect_task(spec: ModelSpec, pretrained: dict, task: TrainSpec, n_checkpoints: int, n_heldout_run: int,
                  seed: int, root) -> dict:
     """Run A (n_checkpoints) and run B (n_heldout_run, seed + 1) of one task; returns their file lists."""
@@ -155,7 +151,6 @@ def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec,
         return out
     sd, model_spec, meta = load_checkpoint(checkpoint)
     model = load_weights(build_model(model_spec), sd)
-    model.requires_grad_(True)
     x, y = data if data is not None else tensors(task.dataset, "train", model_spec.kwargs.get("img_size", 224),
                                                  task.train_subset, seed)
     loader = TensorLoader(x, y, qat.batch_size, seed=seed)
@@ -166,11 +161,6 @@ def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec,
                    {"model": model_spec.to_dict(), "method": "qat", "source": str(checkpoint), "seconds": seconds,
                     "fp_meta": meta})
     return out
-
-
-def qat_seconds(path) -> float:
-    """Wall time of the QAT run that produced a QAT target file."""
-    return float(read_quantized(path)[2]["seconds"])
 
 
 def collect_qat(task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np

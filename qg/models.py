@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from .io import CorruptFileError, read_safetensors, save_safetensors
-from .quant import QuantSpec, fake_quantize, is_quantized_weight
+from .quant import FORMAT_NAME, QuantSpec, fake_quantize, is_quantized_weight, load_quantized
 
 TIMM_CLASSES = {"VisionTransformer": VisionTransformer, "MlpMixer": MlpMixer}
 
@@ -145,8 +145,6 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], ModelSpec, dict]:
 
 def load_model_file(path) -> tuple[dict[str, torch.Tensor], ModelSpec, dict]:
     """A checkpoint or a quantized model file as (float state_dict, ModelSpec, metadata): what evaluation needs."""
-    from .quant import FORMAT_NAME, load_quantized
-
     _, metadata = read_safetensors(path)
     if metadata.get("format") == FORMAT_NAME:
         sd, _, meta = load_quantized(path)

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from . import paper  # noqa: E402
-from .report import SPLIT_LABELS, cell, summarize  # noqa: E402
+from .report import SPLIT_LABELS, cell, markdown, summarize  # noqa: E402
 
 METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "rtn-asym": "RTN asym", "mse-clip": "RTN + MSE clip", "hqq": "HQQ",
                  "noise": "PTQ of ckpt + noise", "soup": "PTQ of the soup", "qat": "QAT", "gen": "Gen"}
@@ -152,7 +152,6 @@ def table2(runs: pd.DataFrame, records: dict, profile: dict, commit: str, n_mode
 def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
     """Conditional generators (one-hot over precision or granularity) vs PTQ, per split."""
     gbits = profile["table1"]["granularity_bits"]
-    runs = runs.copy()
     tidy = summarize(runs, "table3", profile, commit)
     view = tidy[tidy.method != "fp"].copy()
     view.loc[view.method == "ptq", "condition"] = "NA"  # PTQ does not depend on the generator's condition
@@ -175,7 +174,6 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
 
 
 def _markdown(df: pd.DataFrame, title: str, profile: dict, notes: list[str]) -> str:
-    from .report import markdown
     return markdown(df, title, [*notes, f"Profile `{profile['name']}`; splits: "
                                 + "; ".join(f"{v}" for v in SPLIT_LABELS.values()) + "."])
 

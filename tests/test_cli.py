@@ -1,11 +1,10 @@
 """`python -m qg quantize` / `evaluate`: the way to use a trained generator on your own checkpoint."""
 
 import pytest
-import torch
 
 from qg.__main__ import main
 from qg.generator import GeneratorConfig
-from qg.models import ModelSpec, build_model, save_checkpoint, state_dict_of
+from qg.models import ModelSpec, save_checkpoint
 from qg.quant import QuantSpec, quantize_state_dict, read_quantized
 from qg.tokenizer import Tokenizer
 from qg.train import TokenPairs, TrainConfig, fit_generator

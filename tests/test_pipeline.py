@@ -1,7 +1,6 @@
 """The pipeline's pieces: profiles, the papermill runner's checks, QAT targets, splits, tables, provenance."""
 
 import json
-from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from qg import collect, paper, pipeline, report, tables
-from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, main_settings, pick, spec_from
+from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, main_settings, pick
 from qg.io import write_json
 from qg.models import ModelSpec, build_model, load_model_file, save_checkpoint, state_dict_of
 from qg.quant import QuantSpec, read_quantized
