@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make reproduce    # whole reproduction on the default CPU profile (PROFILE=smoke|cpu)
+#   make reproduce    # whole reproduction on the default CPU profile (PROFILE=smoke|cpu|paper)
 #   make test         # the test suite, notebooks included
 # Both create .venv, install qg with its dev extras and fetch Fashion-MNIST when missing; both are idempotent.
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .collect import accuracy, tensors
+from .collect import accuracy
+from .data import batches
 from .generator import QuantGen
 from .io import CorruptFileError
-from .models import load_checkpoint, load_model_file
+from .models import load_checkpoint, load_model_file, resolve_device
 from .quant import GRANULARITIES, QuantSpec, save_quantized
 
 
 def quantize(args) -> None:
-    quantgen = QuantGen.load(args.generator)
+    quantgen = QuantGen.load(args.generator, resolve_device(args.device))
     trained = quantgen.specs
     group_size = args.group_size or trained[0].group_size
     spec = QuantSpec(args.bits, args.granularity, group_size, args.scheme or trained[0].scheme)
@@ -35,10 +36,11 @@ def quantize(args) -> None:
 
 def evaluate(args) -> None:
     sd, model_spec, meta = load_model_file(args.file)
-    test = tensors(model_spec.dataset, "test", model_spec.kwargs.get("img_size", 224), args.test_subset, args.seed)
-    acc = accuracy(model_spec, sd, test)
+    test = batches(model_spec.dataset, "test", model_spec.img_size, 250, subset=args.test_subset, seed=args.seed,
+                   norm=model_spec.norm)
+    acc = accuracy(model_spec, sd, test, resolve_device(args.device))
     what = f"{meta.get('method', 'fp')} model" if "method" in meta else "checkpoint"
-    print(f"{args.file}: {what} of {model_spec.arch} on {model_spec.dataset} test ({len(test[1])} images): "
+    print(f"{args.file}: {what} of {model_spec.arch} on {model_spec.dataset} test ({len(test.dataset)} images): "
           f"top-1 {acc:.2f}%")
 
 
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("file")
     e.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of this many test images")
     e.add_argument("--seed", type=int, default=0)
+    for sp in (q, e):
+        sp.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)")
     args = p.parse_args(argv)
     try:
         {"quantize": quantize, "evaluate": evaluate}[args.command](args)
-    except (ValueError, FileNotFoundError, CorruptFileError) as err:
+    except (ValueError, FileNotFoundError, CorruptFileError, RuntimeError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .data import TensorLoader, as_tensors, load_dataset
+from .data import batches, dataset_info
 from .io import file_sha256, params_key, read_json, write_json
-from .models import ModelSpec, build_model, evaluate, fit, load_checkpoint, load_weights, save_checkpoint, state_dict_of
+from .models import (ModelSpec, build_model, evaluate, fit, load_checkpoint, load_weights, pretrained_weights,
+                     save_checkpoint, state_dict_of)
 from .quant import QuantSpec, quantize_state_dict, save_quantized
 
 
@@ -44,19 +45,10 @@ class TrainSpec:
     train_subset: int | None = None
 
 
-def tensors(dataset: str, split: str, img_size: int, subset: int | None = None, seed: int = 0):
-    """(images, labels) of a split, resized to the model's input, optionally a seeded random subset."""
-    x, y = as_tensors(load_dataset(dataset, split), img_size)
-    if subset is not None and subset < len(y):
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
-        x, y = x[idx], y[idx]
-    return x, y
-
-
-def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], batch: int = 1000) -> float:
-    """Top-1 accuracy (%) of weights `sd` for model `spec` on in-memory test tensors."""
+def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test, device: str = "cpu") -> float:
+    """Top-1 accuracy (%) of weights `sd` for model `spec` on the batches of `test` (see `qg.data.batches`)."""
     model = load_weights(build_model(spec), sd)
-    return evaluate(model, TensorLoader(*test, batch, shuffle=False))
+    return evaluate(model, test, device)
 
 
 def _run_dir(root: Path, kind: str, params: dict) -> Path:
@@ -64,11 +56,11 @@ def _run_dir(root: Path, kind: str, params: dict) -> Path:
 
 
 def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, root, n_checkpoints: int = 0,
-                label: str = "run") -> tuple[list[Path], dict]:
+                label: str = "run", device: str = "cpu") -> tuple[list[Path], dict]:
     """Train `spec` from `start` (random init if None); save `n_checkpoints` from the final epoch.
 
     Returns the checkpoint paths (the final weights when n_checkpoints is 0) and the run record.
-    Cached: a finished run with the same parameters is read back instead of retrained.
+    Cached: a finished run with the same parameters is read back instead of retrained (on any device).
     """
     params = {"model": spec.to_dict(), "run": asdict(run), "seed": seed, "n_checkpoints": n_checkpoints,
               "start": params_key({k: v.sum().item() for k, v in start.items()}) if start else None}
@@ -84,8 +76,8 @@ def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, 
     if run.head_only:
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
-    x, y = tensors(run.dataset, "train", spec.kwargs.get("img_size", 224), run.train_subset, seed)
-    loader = TensorLoader(x, y, run.batch_size, seed=seed)
+    loader = batches(run.dataset, "train", spec.img_size, run.batch_size, shuffle=True, subset=run.train_subset,
+                     seed=seed, norm=spec.norm)
     total = max(1, round(run.epochs * len(loader)))
     last_epoch = max(1, min(len(loader), total))
     save_at = {total - last_epoch + round((i + 1) * last_epoch / n_checkpoints) for i in range(n_checkpoints)} or {total}
@@ -98,9 +90,10 @@ def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, 
             saved.append(name)
 
     start_time = time.perf_counter()
-    losses = fit(model, loader, run.epochs, run.lr, run.weight_decay, params=trainable, on_step=on_step, desc=label)
+    losses = fit(model, loader, run.epochs, run.lr, run.weight_decay, params=trainable, on_step=on_step, desc=label,
+                 device=device)
     record = {"params": params, "checkpoints": saved, "seconds": time.perf_counter() - start_time,
-              "final_loss": losses[-1], "steps": len(losses)}
+              "final_loss": losses[-1], "steps": len(losses), "device": device}
     write_json(out / "run.json", record)
     return [out / name for name in saved], record
 
@@ -117,12 +110,20 @@ def _head_prefix(model) -> str:
     return next(n for n, m in model.named_modules() if m is model.get_classifier())
 
 
+def task_start(pretrained: dict, spec: ModelSpec, task: TrainSpec, seed: int) -> dict:
+    """The weights a task starts from: the pretrained ones, with a new head for a head-only task or for a
+    dataset with another number of classes (ImageNet weights fine-tuned on CIFAR)."""
+    shapes = build_model(spec).state_dict()
+    fits = all(shapes[k].shape == v.shape for k, v in pretrained.items() if k in shapes)
+    return new_head(pretrained, spec, seed) if task.head_only or not fits else pretrained
+
+
 def collect_task(spec: ModelSpec, pretrained: dict, task: TrainSpec, n_checkpoints: int, n_heldout_run: int,
-                 seed: int, root) -> dict:
+                 seed: int, root, device: str = "cpu") -> dict:
     """Run A (n_checkpoints) and run B (n_heldout_run, seed + 1) of one task; returns their file lists."""
-    start = new_head(pretrained, spec, seed) if task.head_only else pretrained
-    run_a, rec_a = train_model(spec, task, start, seed, root, n_checkpoints, label="runA")
-    run_b, rec_b = train_model(spec, task, start, seed + 1, root, n_heldout_run, label="runB")
+    start = task_start(pretrained, spec, task, seed)
+    run_a, rec_a = train_model(spec, task, start, seed, root, n_checkpoints, label="runA", device=device)
+    run_b, rec_b = train_model(spec, task, start, seed + 1, root, n_heldout_run, label="runB", device=device)
     return {"model": spec.to_dict(), "task": asdict(task), "runA": [str(p) for p in run_a],
             "runB": [str(p) for p in run_b], "seconds": rec_a["seconds"] + rec_b["seconds"]}
 
@@ -138,7 +139,7 @@ class QATSpec:
 
 
 def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec, seed: int, root,
-               data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+               device: str = "cpu") -> Path:
     """The QAT-quantized model of one checkpoint, as a quantized file (cached by content and settings).
 
     The whole network is fine-tuned with fake-quantized weights, then quantized with `spec`; the file's
@@ -151,58 +152,66 @@ def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec,
         return out
     sd, model_spec, meta = load_checkpoint(checkpoint)
     model = load_weights(build_model(model_spec), sd)
-    x, y = data if data is not None else tensors(task.dataset, "train", model_spec.kwargs.get("img_size", 224),
-                                                 task.train_subset, seed)
-    loader = TensorLoader(x, y, qat.batch_size, seed=seed)
+    loader = batches(task.dataset, "train", model_spec.img_size, qat.batch_size, shuffle=True,
+                     subset=task.train_subset, seed=seed, norm=model_spec.norm)
     start = time.perf_counter()
-    fit(model, loader, qat.steps / len(loader), qat.lr, qat.weight_decay, quant=spec, desc=f"QAT {spec.name}")
+    fit(model, loader, qat.steps / len(loader), qat.lr, qat.weight_decay, quant=spec, desc=f"QAT {spec.name}",
+        device=device)
     seconds = time.perf_counter() - start
     save_quantized(out, quantize_state_dict(state_dict_of(model), spec), spec,
                    {"model": model_spec.to_dict(), "method": "qat", "source": str(checkpoint), "seconds": seconds,
-                    "fp_meta": meta})
+                    "fp_meta": meta, "device": device})
     return out
 
 
-def collect_qat(task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root) -> dict:
+def collect_qat(task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root, device: str = "cpu") -> dict:
     """QAT targets for every checkpoint of both runs of a collected task: {spec name: {run: [files]}}."""
     task = TrainSpec(**task_entry["task"])
-    img_size = task_entry["model"]["kwargs"].get("img_size", 224)
-    data = tensors(task.dataset, "train", img_size, task.train_subset, seed)
-    out = {}
-    for spec in specs:
-        out[spec.name] = {run: [str(qat_target(Path(p), spec, qat, task, seed + i, Path(root) / "qat", data))
-                                for i, p in enumerate(task_entry[run])] for run in ("runA", "runB")}
-    return out
+    return {spec.name: {run: [str(qat_target(Path(p), spec, qat, task, seed + i, Path(root) / "qat", device))
+                              for i, p in enumerate(task_entry[run])] for run in ("runA", "runB")}
+            for spec in specs}
+
+
+def selected(block: dict, arch: str, task: str) -> bool:
+    """Whether a profile block (`qat`, `table3`) that may list `archs` and `tasks` covers (arch, task)."""
+    return arch in block.get("archs", [arch]) and task in block.get("tasks", [task])
 
 
 def collect(archs: dict, pretrain: dict | None, tasks: dict, n_checkpoints: int, n_heldout_run: int, seed: int,
-            root, qat: dict | None = None, quant: dict | None = None) -> dict:
+            root, qat: dict | None = None, quant: dict | None = None, device: str = "cpu") -> dict:
     """Pretrain every architecture, then collect every task (and its QAT targets): the manifest 02_train reads.
 
-    `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data); `pretrain` and each
-    entry of `tasks` are TrainSpec fields (`pretrain` None: the ModelSpec's kwargs load pretrained weights). Task models share the architecture and take the task's dataset.
-    `qat` (QATSpec fields plus `bits` and `granularity`; `quant` gives group size and scheme) asks for QAT
-    targets of every checkpoint.
+    `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data, an optional
+    `pretrained_file` holds timm weights for offline use, an optional `tasks` lists its tasks, default all); `pretrain` and each entry of `tasks` are TrainSpec
+    fields. `pretrain` None starts from timm's pretrained weights of a registered model name (the paper
+    profile) instead of training here. Task models share the architecture and take the task's dataset and
+    its number of classes. `qat` (QATSpec fields plus `bits` and `granularity`, optionally `archs` and `tasks` to
+    limit it; `quant` gives group size and scheme) asks for QAT targets of every checkpoint. Training runs on `device`.
     """
     root = Path(root)
     manifest = {"archs": {}, "seed": seed}
     for arch_name, arch in archs.items():
         spec = ModelSpec.from_dict(arch)
-        if pretrain is None:  # the paper profile: timm's pretrained weights (kwargs ask for them)
-            pretrained, path, seconds = state_dict_of(build_model(spec)), None, 0.0
+        if pretrain is None:
+            pretrained, path, seconds = pretrained_weights(spec, arch.get("pretrained_file")), None, 0.0
         else:
-            paths, record = train_model(spec, TrainSpec(**pretrain), None, seed, root / arch_name, label="pretrain")
+            paths, record = train_model(spec, TrainSpec(**pretrain), None, seed, root / arch_name, label="pretrain",
+                                        device=device)
             pretrained, path, seconds = load_checkpoint(paths[-1])[0], str(paths[-1]), record["seconds"]
         entry = {"pretrained": path, "pretrain_seconds": seconds, "tasks": {}}
         for task_name, task in tasks.items():
-            task_spec = ModelSpec(spec.arch, spec.kwargs, task["dataset"])
+            if task_name not in arch.get("tasks", tasks):  # an archs entry may list the tasks it takes part in
+                continue
+            classes = dataset_info(task["dataset"])["num_classes"]
+            task_spec = ModelSpec(spec.arch, {**spec.kwargs, "num_classes": classes}, task["dataset"])
             task_dir = root / arch_name / task_name
             entry["tasks"][task_name] = collect_task(task_spec, pretrained, TrainSpec(**task), n_checkpoints,
-                                                     n_heldout_run, seed, task_dir)
-            if qat:
+                                                     n_heldout_run, seed, task_dir, device)
+            if qat and selected(qat, arch_name, task_name):
                 specs = [QuantSpec(b, qat["granularity"], **(quant or {})) for b in qat["bits"]]
-                training = QATSpec(**{k: v for k, v in qat.items() if k not in ("bits", "granularity")})
-                entry["tasks"][task_name]["qat"] = collect_qat(entry["tasks"][task_name], specs, training, seed, task_dir)
+                training = QATSpec(**{k: v for k, v in qat.items() if k not in ("bits", "granularity", "archs", "tasks")})
+                entry["tasks"][task_name]["qat"] = collect_qat(entry["tasks"][task_name], specs, training, seed,
+                                                               task_dir, device)
         manifest["archs"][arch_name] = entry
     write_json(root / "manifest.json", manifest)
     return manifest

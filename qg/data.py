@@ -2,7 +2,9 @@
 
 Every dataset yields `(image, label)` with `image` a normalised float tensor `C x H x W` and `label` an int.
 The small sets (Fashion-MNIST, digits, CIFAR) are decoded once into uint8 tensors held in memory and
-normalised per item; ImageNet is a torchvision `ImageFolder` read from disk.
+normalised per item; ImageNet is a torchvision `ImageFolder` read from disk. `batches` is what training and
+evaluation use: mini-batches at a model's input size, from one in-memory tensor when the split fits, else
+streamed from disk by a DataLoader (ImageNet, CIFAR at 224 px).
 
 Nothing is downloaded unless asked for and possible: the CPU profile runs on Fashion-MNIST (the Debian
 package `dataset-fashion-mnist`) and digits (shipped inside scikit-learn), both available offline; the
@@ -70,21 +72,6 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
     if split not in valid:
         raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
     return _LOADERS[name](split, root)
-
-
-def make_loaders(name: str, batch_size: int, root: str | os.PathLike | None = None, num_workers: int = 0,
-                 subset: int | None = None, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Train and test loaders; the train loader reshuffles every epoch from a generator seeded with `seed`.
-
-    `subset` keeps a random but seed-determined `subset` examples of each split (all of a split that is
-    smaller), so small profiles see the same images on every run.
-    """
-    if subset is not None and subset < 1:
-        raise ValueError(f"subset must be a positive number of examples or None, got {subset}")
-    train, test = (_subset(load_dataset(name, split, root), subset, seed) for split in SPLITS)
-    shuffle_gen = torch.Generator().manual_seed(seed)
-    return (DataLoader(train, batch_size, shuffle=True, generator=shuffle_gen, num_workers=num_workers),
-            DataLoader(test, batch_size, shuffle=False, num_workers=num_workers))
 
 
 def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
@@ -390,18 +377,20 @@ _LOADERS = {
 }
 
 
-def as_tensors(dataset: Dataset, img_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(dataset: Dataset, img_size: int | None = None, norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole (in-memory or subset of in-memory) dataset as one normalised image tensor and its labels.
 
     Evaluating and fine-tuning the small target models batch-wise from these tensors is several times
     faster than a per-item DataLoader. `img_size` resizes (bilinear) to a model's input size, which is
-    how 8x8 digits feed a model built for 28x28 inputs.
+    how 8x8 digits feed a model built for 28x28 inputs. `norm` = (mean, std) normalises with a model's
+    own statistics instead of the dataset's.
     """
     base, index = (dataset.dataset, torch.tensor(dataset.indices)) if isinstance(dataset, Subset) else (dataset, None)
     if not isinstance(base, ImageTensorDataset):
         raise TypeError(f"as_tensors needs an in-memory dataset (Fashion-MNIST, digits, CIFAR), got {type(base).__name__}")
     pixels, labels = (base.pixels, base.labels) if index is None else (base.pixels[index], base.labels[index])
-    images = (pixels.float() * base.scale - base.mean) / base.std
+    mean, std = (base.mean, base.std) if norm is None else (torch.tensor(v).view(-1, 1, 1) for v in norm)
+    images = (pixels.float() * base.scale - mean) / std
     if img_size is not None and images.shape[-1] != img_size:
         images = torch.nn.functional.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
     return images, labels
@@ -416,6 +405,7 @@ class TensorLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0):
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+        self.dataset = torch.utils.data.TensorDataset(images, labels)  # as DataLoader.dataset
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -426,3 +416,74 @@ class TensorLoader:
         for i in range(0, len(order), self.batch_size):
             idx = order[i: i + self.batch_size]
             yield self.images[idx], self.labels[idx]
+
+
+# A split larger than this (MB, as float tensors at the model's input size) is streamed from disk; the environment
+# variable QG_IN_MEMORY_MB changes it (0 streams everything: how the tests exercise the paper profile's path).
+IN_MEMORY_MB = 2048
+
+
+def batches(name: str, split: str, img_size: int, batch_size: int, shuffle: bool = False, subset: int | None = None,
+            seed: int = 0, root: str | os.PathLike | None = None, num_workers: int | None = None,
+            in_memory_mb: float | None = None, norm: tuple | None = None):
+    """Mini-batches `(images, labels)` of a split at a model's input size, optionally a seeded `subset`.
+
+    A split that fits in `in_memory_mb` (default `IN_MEMORY_MB`, or $QG_IN_MEMORY_MB) as floats
+    (Fashion-MNIST, digits, CIFAR at small input sizes) is decoded once into one tensor and batched from memory by a `TensorLoader`, several times faster than
+    per-item loading. Anything else (ImageNet's folders, CIFAR resized to 224 px: 30 GB as floats) is
+    streamed from disk by a DataLoader with `num_workers` processes (default: up to 8). Both paths draw the
+    same subset (`subset` examples chosen by `seed`) and reshuffle every epoch from `seed`. `norm` =
+    (mean, std) normalises with the model's statistics (a pretrained timm model's own) instead of the dataset's.
+    """
+    if subset is not None and subset < 1:
+        raise ValueError(f"subset must be a positive number of examples or None, got {subset}")
+    dataset = _subset(load_dataset(name, split, root), subset, seed)
+    limit = float(os.environ.get("QG_IN_MEMORY_MB", IN_MEMORY_MB)) if in_memory_mb is None else in_memory_mb
+    if _float_mb(dataset, img_size) <= limit:
+        subset_seed = seed if subset is not None else 0  # the whole split is the same for every seed
+        data = _cached_tensors(name, split, img_size, subset, subset_seed, root, norm, os.environ.get("QG_DATA"))
+        return TensorLoader(*data, batch_size, shuffle, seed)
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    info = DATASET_INFO[name]
+    return DataLoader(Resized(dataset, img_size, (info["mean"], info["std"]), norm), batch_size, shuffle=shuffle,
+                      num_workers=workers, generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available())
+
+
+def _float_mb(dataset: Dataset, img_size: int) -> float:
+    """Size in MB of a dataset as one float32 tensor at `img_size`; infinite when it is not held in memory."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if not isinstance(base, ImageTensorDataset):
+        return float("inf")
+    return len(dataset) * base.pixels.shape[1] * img_size ** 2 * 4 / 2**20
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tensors(name, split, img_size, subset, seed, root, norm, qg_data) -> tuple[torch.Tensor, torch.Tensor]:
+    """`as_tensors` of a split's seeded subset, memoised on its arguments and $QG_DATA (`qg_data`): notebooks
+    evaluate thousands of models on one test set and QAT-tune hundreds of checkpoints on one training set."""
+    return as_tensors(_subset(load_dataset(name, split, root), subset, seed), img_size, norm)
+
+
+class Resized(Dataset):
+    """A dataset's images resized (bilinear, as `as_tensors`) to `img_size` when they differ, and moved from
+    the normalisation `source` = (mean, std) they come with to `norm` when it is given."""
+
+    def __init__(self, dataset: Dataset, img_size: int, source: tuple | None = None, norm: tuple | None = None):
+        self.dataset, self.img_size = dataset, img_size
+        self.scale = self.shift = None
+        if norm is not None:  # x_norm = (x_source * std_s + mean_s - mean_n) / std_n, exact since both are affine
+            (mean_s, std_s), (mean_n, std_n) = ((torch.tensor(v).view(-1, 1, 1) for v in pair) for pair in (source, norm))
+            self.scale, self.shift = std_s / std_n, (mean_s - mean_n) / std_n
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[i]
+        if image.shape[-1] != self.img_size or image.shape[-2] != self.img_size:
+            image = torch.nn.functional.interpolate(image[None], size=(self.img_size, self.img_size),
+                                                    mode="bilinear", align_corners=False)[0]
+        if self.scale is not None:
+            image = image * self.scale + self.shift
+        return image, label

@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .collect import accuracy, tensors
+from .collect import accuracy, selected
+from .data import batches
 from .generator import GeneratorConfig, QuantGen
 from .io import params_key, read_json, write_json
-from .models import load_checkpoint, load_model_file
+from .models import ModelSpec, load_checkpoint, load_model_file, resolve_device
 from .pipeline import Paths, git_commit, require
 from .baselines import quantize_model
 from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
@@ -83,6 +84,7 @@ class Experiment:
         self.manifest = require(self.paths.artifacts / "collect" / "manifest.json", "01_collect",
                                 "the checkpoints and QAT targets")
         self.commit = git_commit()
+        self.device = resolve_device(profile.get("device"))
         self._test_sets: dict = {}
 
     # ------------------------------------------------------------------ checkpoints and targets
@@ -160,10 +162,13 @@ class Experiment:
 
     # ------------------------------------------------------------------ generators
     def config(self, setting: Setting, part: str) -> dict:
-        """The profile's `tokenizer`, `generator` or `train` settings with the setting's overrides applied."""
+        """The profile's `tokenizer`, `generator` or `train` settings, updated in turn by `conditional_train`
+        (conditional generators), the architecture's own entry (ViT-Base's larger tokens) and the setting's
+        overrides (ablations)."""
         conf = copy.deepcopy(self.profile[part])
         if setting.condition and part == "train":
             conf.update(self.profile.get("conditional_train", {}))
+        conf.update(self.profile["archs"][setting.arch].get(part, {}))
         conf.update(setting.overrides.get(part, {}))
         return conf
 
@@ -174,11 +179,11 @@ class Experiment:
                   "data": [str(p) for p in self.splits(setting.arch, setting.task)["trained"]]}
         return self.paths.artifacts / "generators" / f"{setting.name}-{params_key(params)}"
 
-    def generator(self, setting: Setting, device: str = "cpu") -> QuantGen:
+    def generator(self, setting: Setting) -> QuantGen:
         """The trained generator of a setting: read back when cached, trained (resumably) when not."""
         out = self.generator_dir(setting)
         if (out / "generator.json").is_file():
-            return QuantGen.load(out, device)
+            return QuantGen.load(out, self.device)
         train_ckpts = self.splits(setting.arch, setting.task)["trained"]
         fp = [load_checkpoint(p)[0] for p in train_ckpts]
         targets = {spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
@@ -190,7 +195,7 @@ class Experiment:
         gen_cfg = GeneratorConfig(token_size=token_size, n_tokens=n_tokens, conditions=data.conditions,
                                   **self.config(setting, "generator"))
         train_cfg = TrainConfig(seed=self.profile["seed"], **self.config(setting, "train"))
-        quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=device)
+        quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=self.device)
         quantgen.record.update(setting=setting.name, n_train_checkpoints=len(train_ckpts))
         quantgen.save(out)
         return quantgen
@@ -208,11 +213,13 @@ class Experiment:
         return out
 
     # ------------------------------------------------------------------ scoring
-    def test_set(self, dataset: str, img_size: int):
-        key = (dataset, img_size)
+    def test_set(self, spec: ModelSpec):
+        """Batches of the seeded test subset every model of this profile is scored on (streamed if large)."""
+        key = (spec.dataset, spec.img_size, spec.norm)
         if key not in self._test_sets:
-            self._test_sets[key] = tensors(dataset, "test", img_size, self.profile["eval"].get("test_subset"),
-                                           self.profile["seed"])
+            ev = self.profile["eval"]
+            self._test_sets[key] = batches(spec.dataset, "test", spec.img_size, ev.get("batch_size", 1000),
+                                           subset=ev.get("test_subset"), seed=self.profile["seed"], norm=spec.norm)
         return self._test_sets[key]
 
     def score(self, path: Path) -> float:
@@ -222,7 +229,7 @@ class Experiment:
         if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
             return read_json(cache)["accuracy"]
         sd, spec, _ = load_model_file(path)
-        acc = accuracy(spec, sd, self.test_set(spec.dataset, spec.kwargs.get("img_size", 224)))
+        acc = accuracy(spec, sd, self.test_set(spec), self.device)
         write_json(cache, {"accuracy": acc, "file": path.name})
         return acc
 
@@ -255,6 +262,12 @@ class Experiment:
                 "split": split, "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}", "accuracy": acc, "seconds": seconds}
 
 
+def pairs(profile: dict) -> list[tuple[str, str]]:
+    """Every collected (architecture, task): all tasks, or those an archs entry lists under `tasks`."""
+    return [(a, t) for a, entry in profile["archs"].items() for t in profile["tasks"]
+            if t in entry.get("tasks", profile["tasks"])]
+
+
 def main_settings(profile: dict) -> dict[str, list[Setting]]:
     """The generators Tables 1-3 and Figure 3 need, by the table that first needs them.
 
@@ -264,19 +277,18 @@ def main_settings(profile: dict) -> dict[str, list[Setting]]:
     """
     quant, t1 = profile["quant"], profile["table1"]
     bits, gbits = t1["bits"], t1["granularity_bits"]
-    pairs = [(a, t) for a in profile["archs"] for t in profile["tasks"]]
-    f3 = profile["figure3"]
+    f3, t3 = profile["figure3"], profile["table3"]
     qat = profile["qat"]
     settings = {
-        "table1": [Setting(a, t, [spec_from(b, "group", quant)]) for a, t in pairs for b in bits]
-                  + [Setting(a, t, [spec_from(gbits, "channel", quant)]) for a, t in pairs],
+        "table1": [Setting(a, t, [spec_from(b, "group", quant)]) for a, t in pairs(profile) for b in bits]
+                  + [Setting(a, t, [spec_from(gbits, "channel", quant)]) for a, t in pairs(profile)],
         "figure3": [Setting(f3["arch"], f3["task"], [spec_from(b, "channel", quant)]) for b in bits if b != gbits],
-        "table2": [Setting(a, t, [spec_from(b, qat["granularity"], quant)], source="qat") for a, t in pairs
-                   for b in qat["bits"]],
+        "table2": [Setting(a, t, [spec_from(b, qat["granularity"], quant)], source="qat") for a, t in pairs(profile)
+                   if selected(qat, a, t) for b in qat["bits"]],
         "table3": [],
     }
-    for a, t in pairs:
-        if a in profile["table3"]["archs"]:
+    for a, t in pairs(profile):
+        if selected(t3, a, t):
             settings["table3"] += [
                 Setting(a, t, [spec_from(b, "group", quant) for b in bits], condition="precision"),
                 Setting(a, t, [spec_from(gbits, g, quant) for g in ("channel", "group")], condition="granularity")]
@@ -292,6 +304,13 @@ ABLATIONS = {
 }
 
 
+def ablation_setup(profile: dict, factor: str) -> dict:
+    """The (arch, task, bits, granularity) one ablation runs on: the `ablation` block's, updated by its
+    `per_factor` entry for that factor (the paper ablates token size on ViT-Base, the rest on ViT-Tiny)."""
+    a = profile["ablation"]
+    return {**{k: a[k] for k in ("arch", "task", "bits", "granularity")}, **a.get("per_factor", {}).get(factor, {})}
+
+
 def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Setting]:
     """One generator per (variant, spec) of the profile's ablation setting, changing only `factor`.
 
@@ -300,7 +319,7 @@ def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Settin
     """
     if factor not in ABLATIONS:
         raise ValueError(f"unknown ablation factor {factor!r}; one of {sorted(ABLATIONS)}")
-    a = profile["ablation"]
+    a = ablation_setup(profile, factor)
     return [Setting(a["arch"], a["task"], [spec_from(b, a["granularity"], profile["quant"])],
                     overrides=ABLATIONS[factor](value), label=str(label))
             for label, value in variants.items() for b in a["bits"]]

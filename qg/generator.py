@@ -192,7 +192,7 @@ class QuantGen:
         tokens = self.tokenizer.encode_fp(fp_sd).unsqueeze(0).to(device)
         onehot = self.model.condition_vector(self.spec_condition(spec))
         out = self.model.generate(tokens, onehot, generator=torch.Generator(device).manual_seed(seed))
-        generated = self.tokenizer.decode_quantized(out[0], spec)
+        generated = self.tokenizer.decode_quantized(out[0].cpu(), spec)  # .cpu() waits for a GPU to finish
         qsd: dict[str, QTensor | torch.Tensor] = {k: generated.get(k, v) for k, v in fp_sd.items()}
         return qsd, time.perf_counter() - start
 

@@ -34,6 +34,18 @@ class ModelSpec:
     kwargs: dict = field(default_factory=dict)
     dataset: str = "fashion_mnist"
 
+    @property
+    def img_size(self) -> int:
+        """Input side in pixels: the kwargs' `img_size`, else timm's default of 224."""
+        return int(self.kwargs.get("img_size", 224))
+
+    @property
+    def norm(self) -> tuple[tuple, tuple] | None:
+        """(mean, std) the pretrained weights of a timm model name expect (ViTs: 0.5, 0.5), else None: the
+        models trained here use their dataset's own statistics."""
+        cfg = None if self.arch in TIMM_CLASSES else timm.get_pretrained_cfg(self.arch)
+        return None if cfg is None else (tuple(cfg.mean), tuple(cfg.std))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -56,6 +68,48 @@ def build_model(spec: ModelSpec | dict) -> nn.Module:
     if spec.arch not in timm.list_models():
         raise ValueError(f"unknown architecture {spec.arch!r}: use one of {sorted(TIMM_CLASSES)} or a timm model name")
     return timm.create_model(spec.arch, **spec.kwargs)
+
+
+def pretrained_weights(spec: ModelSpec, file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """Pretrained weights to start the tasks from: timm's for a registered model name (from the Hugging Face
+    hub, or from `file` for offline use), or a timm class's from `file`.
+
+    `file` is a safetensors state_dict of that model (pickled .pth files are never loaded). For a model
+    name, timm reads it in place of the hub and drops a head whose class count differs from `spec`'s.
+    """
+    if file is not None:
+        if not str(file).endswith(".safetensors"):
+            raise ValueError(f"pretrained_file {file} is not a .safetensors file; pickles are never loaded: "
+                             f"convert it with safetensors.torch.save_file(torch.load(f, weights_only=True), 'x.safetensors')")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"pretrained weights file {file} does not exist; fix `pretrained_file` in the "
+                                    f"profile's archs entry or remove it to download from the hub")
+    if spec.arch in TIMM_CLASSES:
+        if file is None:
+            raise ValueError(f"{spec.arch} is a timm class without published weights: give its archs entry a "
+                             f"`pretrained_file`, use a model name such as vit_tiny_patch16_224, or a `pretrain` run")
+        return state_dict_of(load_weights(build_model(spec), read_safetensors(file)[0], f"pretrained_file {file}"))
+    overlay = {"file": str(file)} if file is not None else None
+    try:
+        model = timm.create_model(spec.arch, pretrained=True, pretrained_cfg_overlay=overlay, **spec.kwargs)
+    except Exception as e:  # no network, hub refusal, a file of another model: all reported with the fix
+        raise RuntimeError(
+            f"timm could not load pretrained weights for {spec.arch} ({type(e).__name__}: {e}). Without internet "
+            f"access: run `timm.create_model({spec.arch!r}, pretrained=True)` on a machine with it and copy "
+            f"~/.cache/huggingface here, or save that model's state_dict with safetensors and set "
+            f"`pretrained_file` in the profile's archs entry.") from e
+    return state_dict_of(model)
+
+
+def resolve_device(name: str | None) -> str:
+    """A torch device for a profile's `device`: "cpu", "cuda[:i]", or "auto" (CUDA when available)."""
+    name = name or "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"the profile asks for device {name!r} but torch sees no CUDA GPU here; "
+                           f"set `device: cpu` (or `auto`) in the profile, or run on a GPU machine")
+    return str(torch.device(name))
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:

@@ -7,8 +7,11 @@ paper's ImageNet-1K setting and `head` (frozen features, head-only transfer) for
 
 from __future__ import annotations
 
-COUNTERPART = {"full": "ImageNet-1K", "head": "CIFAR-10"}
-MODEL = {"vit": "ViT-Tiny", "mixer": "MLP-Mixer"}
+# Our task and architecture names -> the paper's: the cpu/smoke profiles' counterparts, then the paper profile's own.
+COUNTERPART = {"full": "ImageNet-1K", "head": "CIFAR-10",
+               "imagenet": "ImageNet-1K", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+MODEL = {"vit": "ViT-Tiny", "mixer": "MLP-Mixer",
+         "vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small", "vit_base": "ViT-Base", "mlp_mixer": "MLP-Mixer"}
 
 # Table 1 columns: group-wise at 8..3 bits, then channel and group at 8 bits.
 TABLE1_COLUMNS = ("8-bit", "7-bit", "6-bit", "5-bit", "4-bit", "3-bit", "Channel", "Group")

@@ -10,6 +10,7 @@ papermill parameter, `profile`, and reads the rest from the YAML, so one file sa
 Executed notebooks go to `results/notebooks/<profile>/`; tables to `results/<profile>/`; figures to
 `figures/<profile>/`; cached artifacts (checkpoints, generators, quantized files) to
 `artifacts/<profile>/`, each keyed by the parameters that made it, so a rerun recomputes only what changed.
+These four folders sit in the repository, or under $QG_OUTPUT when it is set.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class Paths:
     notebooks: Path
 
     @classmethod
-    def of(cls, profile: str, root: Path = ROOT) -> "Paths":
+    def of(cls, profile: str, root: Path | None = None) -> "Paths":
+        """Paths of a profile under `root`: $QG_OUTPUT when set (a scratch disk, a test's folder), else the repo."""
+        root = Path(root or os.environ.get("QG_OUTPUT") or ROOT)
         profile = Path(profile).stem
         return cls(root / "artifacts" / profile, root / "results" / profile, root / "figures" / profile,
                    root / "results" / "notebooks" / profile)

@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from . import paper  # noqa: E402
+from .experiments import ablation_setup  # noqa: E402
 from .report import SPLIT_LABELS, cell, markdown, summarize  # noqa: E402
 
 METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "rtn-asym": "RTN asym", "mse-clip": "RTN + MSE clip", "hqq": "HQQ",
@@ -163,7 +164,7 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
         d = paper.COUNTERPART.get(task)
         if method == "PTQ":
             return paper.table1_value(task, arch, "PTQ", column)
-        return paper.TABLE3.get(d, {}).get(method[-1], (None,) * 8)[paper.TABLE1_COLUMNS.index(column)] if arch == "vit" else None
+        return paper.TABLE3.get(d, {}).get(method[-1], (None,) * 8)[paper.TABLE1_COLUMNS.index(column)] if paper.MODEL.get(arch) == "ViT-Tiny" else None
 
     ref = _paper_rows(ours[["task", "arch"]].drop_duplicates().itertuples(index=False), ("PTQ", "Gen P", "Gen G"),
                       columns, value)
@@ -250,7 +251,7 @@ def ablation_table(runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile
                      "activation (MB)": f"{g.activation_mb.mean():.1f}", "params": f"{int(g.n_params.mean()):,}",
                      "final loss": f"{g.final_loss.mean():.4g}"})
     md = pd.DataFrame(rows).fillna("")
-    a = profile["ablation"]
+    a = ablation_setup(profile, factor)
     return tidy, _markdown(md, f"Ablation of the {factor.replace('_', ' ')} ({a['arch']}, {a['task']}, {a['granularity']}-wise; "
                            "top-1 %, mean ± std over checkpoints)", profile, [
         PAPER_ABLATION_NOTES[factor],

@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from fakes import cifar_batch, write_cifar, write_cifar10, write_fashion_mnist, write_idx, write_imagenet
 from qg import data
 from qg.io import CorruptFileError
 
@@ -26,28 +26,6 @@ def isolated(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- Fashion-MNIST
-
-def write_idx(path, array):
-    """`array` (uint8) as a gzipped IDX file, the MNIST on-disk format."""
-    magic = {3: 2051, 1: 2049}[array.ndim]
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.astype(np.uint8).tobytes())
-
-
-def write_fashion_mnist(folder, n_train=20, n_test=10, seed=0):
-    """Fake Fashion-MNIST files; returns the train images and labels written."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        images_file, labels_file = data.FASHION_MNIST_FILES[split]
-        write_idx(folder / images_file, images)
-        write_idx(folder / labels_file, labels)
-        arrays[split] = images, labels
-    return arrays["train"]
-
 
 def test_fashion_mnist_from_root(tmp_path):
     images, labels = write_fashion_mnist(tmp_path / "fm")
@@ -126,21 +104,6 @@ def test_digits_split_sizes_and_determinism():
 
 # ------------------------------------------------------------------------------------------- CIFAR
 
-def cifar_batch(n, label_key, seed):
-    rng = np.random.default_rng(seed)
-    return {"batch_label": "fake", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            label_key: rng.integers(0, 10, n).tolist(), "filenames": [f"{i}.png" for i in range(n)]}
-
-
-def write_cifar10(root, n=4):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for seed, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
-        with open(folder / name, "wb") as f:
-            pickle.dump(cifar_batch(n, "labels", seed), f)
-    return folder
-
-
 def python2_cifar_pickle(data_array, labels):
     """A batch pickled the way the official (Python 2) CIFAR files are: protocol 2, byte strings as
     BINSTRING, `numpy.core.multiarray._reconstruct`, and a version-3 dtype state."""
@@ -212,13 +175,7 @@ def test_cifar_wrong_content_and_missing_folder(tmp_path):
 # ------------------------------------------------------------------------------------------- ImageNet
 
 def test_imagenet_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01440764", "n01443537"):
-            (tmp_path / "imagenet" / split / cls).mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "imagenet" / split / cls / f"{i}.png")
+    write_imagenet(tmp_path)
     for split in ("train", "val", "test"):
         dataset = data.load_dataset("imagenet", split, root=tmp_path)
         image, label = dataset[3]
@@ -229,21 +186,51 @@ def test_imagenet_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------------- API
 
-def test_make_loaders_subset_is_deterministic(tmp_path):
+def test_batches_subset_is_deterministic(tmp_path):
     write_fashion_mnist(tmp_path, n_train=20, n_test=10)
 
     def first_epoch(seed):
-        train, test = data.make_loaders("fashion_mnist", 4, root=tmp_path, subset=8, seed=seed)
-        assert (len(train.dataset), len(test.dataset)) == (8, 8)
+        train = data.batches("fashion_mnist", "train", 28, 4, shuffle=True, subset=8, seed=seed, root=tmp_path)
+        test = data.batches("fashion_mnist", "test", 28, 4, subset=8, seed=seed, root=tmp_path)
+        assert isinstance(train, data.TensorLoader) and (len(train.dataset), len(test.dataset)) == (8, 8)
         return torch.cat([y for _, y in train]), torch.cat([x for x, _ in test])
 
     (labels_a, test_a), (labels_b, test_b) = first_epoch(0), first_epoch(0)
     assert torch.equal(labels_a, labels_b) and torch.equal(test_a, test_b)
-    train_0 = data.make_loaders("fashion_mnist", 4, root=tmp_path, subset=8, seed=0)[0].dataset.indices
-    train_1 = data.make_loaders("fashion_mnist", 4, root=tmp_path, subset=8, seed=1)[0].dataset.indices
-    assert train_0 != train_1
-    full_train, _ = data.make_loaders("fashion_mnist", 4, root=tmp_path, subset=1000)
-    assert len(full_train.dataset) == 20
+    assert not torch.equal(first_epoch(1)[1], test_a)
+    assert len(data.batches("fashion_mnist", "train", 28, 4, subset=1000, root=tmp_path).dataset) == 20
+    with pytest.raises(ValueError, match="subset must be a positive number"):
+        data.batches("fashion_mnist", "train", 28, 4, subset=0, root=tmp_path)
+
+
+def test_batches_stream_what_does_not_fit_with_the_same_images(tmp_path):
+    """CIFAR at a large input size is streamed by a DataLoader; it yields the images the in-memory path does."""
+    write_cifar(tmp_path, "cifar100", n=6)
+    kw = dict(subset=5, seed=3, root=tmp_path)
+    in_memory = data.batches("cifar100", "train", 48, 2, **kw)
+    streamed = data.batches("cifar100", "train", 48, 2, in_memory_mb=0, num_workers=0, **kw)
+    assert isinstance(in_memory, data.TensorLoader) and isinstance(streamed, torch.utils.data.DataLoader)
+    (x_mem, y_mem), (x_str, y_str) = ([torch.cat(t) for t in zip(*loader)] for loader in (in_memory, streamed))
+    assert x_str.shape == (5, 3, 48, 48) and torch.equal(y_mem, y_str)
+    torch.testing.assert_close(x_str, x_mem)
+    half = ((0.5,) * 3, (0.5,) * 3)  # a pretrained timm ViT's normalisation instead of CIFAR's statistics
+    x_mem = next(iter(data.batches("cifar100", "train", 32, 5, norm=half, **kw)))[0]
+    x_str = next(iter(data.batches("cifar100", "train", 32, 5, norm=half, in_memory_mb=0, num_workers=0, **kw)))[0]
+    dataset = data.load_dataset("cifar100", "train", root=tmp_path)
+    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(3))[:5].sort().values
+    torch.testing.assert_close(x_mem, dataset.pixels[index].float() / 127.5 - 1)
+    torch.testing.assert_close(x_str, x_mem)
+    shuffled = [torch.cat([y for _, y in data.batches("cifar100", "train", 48, 2, shuffle=True, in_memory_mb=0,
+                                                      num_workers=2, **kw)]) for _ in range(2)]
+    assert torch.equal(*shuffled) and sorted(shuffled[0].tolist()) == sorted(y_mem.tolist())
+
+
+def test_batches_stream_imagenet_at_the_model_input_size(tmp_path):
+    write_imagenet(tmp_path)
+    loader = data.batches("imagenet", "train", 32, 3, shuffle=True, root=tmp_path, num_workers=0)
+    shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in loader]
+    assert isinstance(loader, torch.utils.data.DataLoader)
+    assert shapes == [((3, 3, 32, 32), (3,)), ((1, 3, 32, 32), (1,))]
 
 
 def test_bad_names_and_splits_list_the_valid_ones():
@@ -251,8 +238,6 @@ def test_bad_names_and_splits_list_the_valid_ones():
         data.load_dataset("mnist", "train")
     with pytest.raises(ValueError, match="train, test"):
         data.load_dataset("digits", "val")
-    with pytest.raises(ValueError, match="subset"):
-        data.make_loaders("digits", 4, subset=0)
     info = data.dataset_info("fashion_mnist")
     assert info == dict(num_classes=10, in_chans=1, img_size=28, mean=(0.2860,), std=(0.3530,))
     info["num_classes"] = 3

@@ -1,0 +1,67 @@
+"""Tiny fake datasets in the real on-disk formats, for tests of the data paths (no download anywhere)."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+from PIL import Image
+
+from qg import data
+
+
+def write_idx(path, array):
+    """`array` (uint8) as a gzipped IDX file, the MNIST on-disk format."""
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(folder, n_train=20, n_test=10, seed=0):
+    """Fake Fashion-MNIST files; returns the train images and labels written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        images_file, labels_file = data.FASHION_MNIST_FILES[split]
+        write_idx(folder / images_file, images)
+        write_idx(folder / labels_file, labels)
+        arrays[split] = images, labels
+    return arrays["train"]
+
+
+def cifar_batch(n, label_key, seed):
+    rng = np.random.default_rng(seed)
+    return {"batch_label": "fake", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, 10, n).tolist(), "filenames": [f"{i}.png" for i in range(n)]}
+
+
+def write_cifar(root, name="cifar10", n=4):
+    """Fake CIFAR-10 or CIFAR-100 batches (`n` images per batch file) in torchvision's folder layout."""
+    folder_name, train_files, test_files, label_key = data.CIFAR_LAYOUT[name]
+    folder = root / folder_name
+    folder.mkdir(parents=True)
+    for seed, file in enumerate(train_files + test_files):
+        with open(folder / file, "wb") as f:
+            pickle.dump(cifar_batch(n, label_key, seed), f)
+    return folder
+
+
+def write_cifar10(root, n=4):
+    return write_cifar(root, "cifar10", n)
+
+
+
+
+def write_imagenet(root, classes=("n01440764", "n01443537"), per_class=2, size=(40, 60), seed=0):
+    """A fake ImageNet: `root`/imagenet/{train,val}/<class>/<i>.png, random pixels."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for cls in classes:
+            (root / "imagenet" / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "imagenet" / split / cls / f"{i}.png")
+    return root / "imagenet"
