@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         {"quantize": quantize, "evaluate": evaluate}[args.command](args)
-    except (ValueError, FileNotFoundError, CorruptFileError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, CorruptFileError) as err:
         sys.exit(f"error: {err}")
 
 

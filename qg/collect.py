@@ -20,15 +20,16 @@ one is redone.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .data import batches, dataset_info
 from .io import file_sha256, params_key, read_json, write_json
-from .models import (ModelSpec, build_model, evaluate, fit, load_checkpoint, load_weights, pretrained_weights,
-                     save_checkpoint, state_dict_of)
+from .models import (ModelSpec, build_model, check_pretrained_file, evaluate, fit, load_checkpoint, load_weights,
+                     pretrained_norm, pretrained_weights, save_checkpoint, state_dict_of)
+from .pipeline import selected
 from .quant import QuantSpec, quantize_state_dict, save_quantized
 
 
@@ -152,8 +153,8 @@ def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec,
         return out
     sd, model_spec, meta = load_checkpoint(checkpoint)
     model = load_weights(build_model(model_spec), sd)
-    loader = batches(task.dataset, "train", model_spec.img_size, qat.batch_size, shuffle=True,
-                     subset=task.train_subset, seed=seed, norm=model_spec.norm)
+    loader = batches(task.dataset, "train", model_spec.img_size, qat.batch_size, shuffle=True, subset=task.train_subset,
+                     seed=seed, subset_seed=meta.get("seed", seed), norm=model_spec.norm)  # the data its run saw
     start = time.perf_counter()
     fit(model, loader, qat.steps / len(loader), qat.lr, qat.weight_decay, quant=spec, desc=f"QAT {spec.name}",
         device=device)
@@ -172,38 +173,49 @@ def collect_qat(task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: in
             for spec in specs}
 
 
-def selected(block: dict, arch: str, task: str) -> bool:
-    """Whether a profile block (`qat`, `table3`) that may list `archs` and `tasks` covers (arch, task)."""
-    return arch in block.get("archs", [arch]) and task in block.get("tasks", [task])
+def pretrained_start(spec: ModelSpec, file, root) -> tuple[ModelSpec, Path]:
+    """timm's pretrained weights for `spec` (from the hub, or `file`), saved once as a checkpoint under `root`
+    so that reruns need neither; the returned spec carries the input normalisation those weights expect."""
+    if file is not None:
+        check_pretrained_file(file)
+    spec = replace(spec, norm=spec.norm or pretrained_norm(spec.arch))
+    key = params_key({"model": spec.to_dict(), "file": file_sha256(file) if file is not None else "timm hub"})
+    out = Path(root) / f"pretrained-{key}.safetensors"
+    if not out.is_file():
+        save_checkpoint(out, pretrained_weights(spec, file), spec, {"source": str(file or "timm hub")})
+    return spec, out
 
 
 def collect(archs: dict, pretrain: dict | None, tasks: dict, n_checkpoints: int, n_heldout_run: int, seed: int,
             root, qat: dict | None = None, quant: dict | None = None, device: str = "cpu") -> dict:
     """Pretrain every architecture, then collect every task (and its QAT targets): the manifest 02_train reads.
 
-    `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data, an optional
-    `pretrained_file` holds timm weights for offline use, an optional `tasks` lists its tasks, default all); `pretrain` and each entry of `tasks` are TrainSpec
-    fields. `pretrain` None starts from timm's pretrained weights of a registered model name (the paper
-    profile) instead of training here. Task models share the architecture and take the task's dataset and
-    its number of classes. `qat` (QATSpec fields plus `bits` and `granularity`, optionally `archs` and `tasks` to
-    limit it; `quant` gives group size and scheme) asks for QAT targets of every checkpoint. Training runs on `device`.
+    `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data; optional: a
+    `pretrained_file` of weights for offline use, and `tasks`, the tasks it takes part in, default all).
+    `pretrain` and each entry of `tasks` are TrainSpec fields; `pretrain` None starts from timm's pretrained
+    weights (the paper profile) instead of training here. Task models share the architecture and take the
+    task's dataset and number of classes. `qat` (QATSpec fields plus `bits` and `granularity`, optionally
+    `archs` and `tasks` to limit it; `quant` gives group size and scheme) asks for QAT targets of every
+    checkpoint. Training runs on `device`.
     """
     root = Path(root)
     manifest = {"archs": {}, "seed": seed}
     for arch_name, arch in archs.items():
         spec = ModelSpec.from_dict(arch)
         if pretrain is None:
-            pretrained, path, seconds = pretrained_weights(spec, arch.get("pretrained_file")), None, 0.0
+            spec, path = pretrained_start(spec, arch.get("pretrained_file"), root / arch_name)
+            seconds = 0.0
         else:
             paths, record = train_model(spec, TrainSpec(**pretrain), None, seed, root / arch_name, label="pretrain",
                                         device=device)
-            pretrained, path, seconds = load_checkpoint(paths[-1])[0], str(paths[-1]), record["seconds"]
-        entry = {"pretrained": path, "pretrain_seconds": seconds, "tasks": {}}
+            path, seconds = paths[-1], record["seconds"]
+        pretrained = load_checkpoint(path)[0]
+        entry = {"pretrained": str(path), "pretrain_seconds": seconds, "tasks": {}}
         for task_name, task in tasks.items():
             if task_name not in arch.get("tasks", tasks):  # an archs entry may list the tasks it takes part in
                 continue
             classes = dataset_info(task["dataset"])["num_classes"]
-            task_spec = ModelSpec(spec.arch, {**spec.kwargs, "num_classes": classes}, task["dataset"])
+            task_spec = ModelSpec(spec.arch, {**spec.kwargs, "num_classes": classes}, task["dataset"], spec.norm)
             task_dir = root / arch_name / task_name
             entry["tasks"][task_name] = collect_task(task_spec, pretrained, TrainSpec(**task), n_checkpoints,
                                                      n_heldout_run, seed, task_dir, device)

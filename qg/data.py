@@ -353,19 +353,25 @@ def _imagenet(split: str, root) -> Dataset:
     """ImageNet as a torchvision ImageFolder over `<folder>/train` or `<folder>/val` (one folder per class).
 
     `<folder>` is the first search root that has both `train/` and `val/`, or its `imagenet/` sub-folder.
+    The folder scan (1.3M files) is done once per folder and reused.
     """
-    from torchvision.datasets import ImageFolder
-
     candidates = [r / sub for r in _search_roots(root) for sub in (".", "imagenet")]
     for folder in candidates:
         if (folder / "train").is_dir() and (folder / "val").is_dir():
             sub = "train" if split == "train" else "val"
-            return ImageFolder(str(folder / sub), transform=imagenet_transform(train=split == "train"))
+            return _image_folder(str((folder / sub).resolve()), train=split == "train")
     searched = "\n".join(f"  {c}" for c in candidates)
     raise FileNotFoundError(
         f"ImageNet not found: none of these folders has both train/ and val/ sub-folders:\n{searched}\n"
         f"Download ILSVRC-2012 from image-net.org, arrange train/ and val/ as one sub-folder per class "
         f"(the layout torchvision's ImageFolder reads), and pass root=FOLDER or set QG_DATA=FOLDER.")
+
+
+@functools.lru_cache(maxsize=4)
+def _image_folder(path: str, train: bool) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(path, transform=imagenet_transform(train))
 
 
 _LOADERS = {
@@ -424,30 +430,48 @@ IN_MEMORY_MB = 2048
 
 
 def batches(name: str, split: str, img_size: int, batch_size: int, shuffle: bool = False, subset: int | None = None,
-            seed: int = 0, root: str | os.PathLike | None = None, num_workers: int | None = None,
-            in_memory_mb: float | None = None, norm: tuple | None = None):
+            seed: int = 0, root: str | os.PathLike | None = None, num_workers: int = 8,
+            in_memory_mb: float | None = None, norm: tuple | None = None, subset_seed: int | None = None):
     """Mini-batches `(images, labels)` of a split at a model's input size, optionally a seeded `subset`.
 
     A split that fits in `in_memory_mb` (default `IN_MEMORY_MB`, or $QG_IN_MEMORY_MB) as floats
-    (Fashion-MNIST, digits, CIFAR at small input sizes) is decoded once into one tensor and batched from memory by a `TensorLoader`, several times faster than
-    per-item loading. Anything else (ImageNet's folders, CIFAR resized to 224 px: 30 GB as floats) is
-    streamed from disk by a DataLoader with `num_workers` processes (default: up to 8). Both paths draw the
-    same subset (`subset` examples chosen by `seed`) and reshuffle every epoch from `seed`. `norm` =
+    (Fashion-MNIST, digits, CIFAR at small input sizes) is decoded once into one tensor and batched from
+    memory by a `TensorLoader`, several times faster than per-item loading. Anything else (ImageNet's folders, CIFAR resized to 224 px: 30 GB as floats) is
+    streamed from disk by a DataLoader with `num_workers` processes (a fixed number, since ImageNet's random
+    crops are drawn per worker). Both paths draw the same images (`subset` examples chosen by `subset_seed`,
+    default `seed`) and reshuffle every epoch deterministically from `seed`, each in its own order. `norm` =
     (mean, std) normalises with the model's statistics (a pretrained timm model's own) instead of the dataset's.
     """
     if subset is not None and subset < 1:
         raise ValueError(f"subset must be a positive number of examples or None, got {subset}")
-    dataset = _subset(load_dataset(name, split, root), subset, seed)
+    _check_name(name)
+    channels = DATASET_INFO[name]["in_chans"]
+    if norm is not None and any(len(v) != channels for v in norm):
+        raise ValueError(f"normalisation {norm} does not have one mean and std per channel of {name} ({channels}): "
+                         f"the model's `norm` was made for other data; fix or remove it in the profile")
+    subset_seed = seed if subset_seed is None else subset_seed
+    dataset = _subset(load_dataset(name, split, root), subset, subset_seed)
     limit = float(os.environ.get("QG_IN_MEMORY_MB", IN_MEMORY_MB)) if in_memory_mb is None else in_memory_mb
     if _float_mb(dataset, img_size) <= limit:
-        subset_seed = seed if subset is not None else 0  # the whole split is the same for every seed
-        data = _cached_tensors(name, split, img_size, subset, subset_seed, root, norm, os.environ.get("QG_DATA"))
+        key_seed = subset_seed if subset is not None else 0  # the whole split is the same for every seed
+        data = _cached_tensors(name, split, img_size, subset, key_seed, root, norm, os.environ.get("QG_DATA"))
         return TensorLoader(*data, batch_size, shuffle, seed)
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     info = DATASET_INFO[name]
     return DataLoader(Resized(dataset, img_size, (info["mean"], info["std"]), norm), batch_size, shuffle=shuffle,
-                      num_workers=workers, generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available())
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def held(loader, limit_mb: float = 8192):
+    """`loader` with a streamed split decoded once and held in memory, when it fits in `limit_mb` as floats.
+
+    For unshuffled evaluation sets scored thousands of times: ImageNet's validation JPEGs are then decoded
+    once, not once per model, and the batches are the same (the eval transform is deterministic).
+    """
+    if isinstance(loader, TensorLoader) or len(loader.dataset) * loader.dataset[0][0].numel() * 4 / 2**20 > limit_mb:
+        return loader
+    images, labels = (torch.cat(t) for t in zip(*loader))
+    return TensorLoader(images, labels, loader.batch_size, shuffle=False)
 
 
 def _float_mb(dataset: Dataset, img_size: int) -> float:

@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .collect import accuracy, selected
-from .data import batches
+from .collect import accuracy
+from .data import batches, held
 from .generator import GeneratorConfig, QuantGen
 from .io import params_key, read_json, write_json
 from .models import ModelSpec, load_checkpoint, load_model_file, resolve_device
-from .pipeline import Paths, git_commit, require
+from .pipeline import Paths, git_commit, pairs, require, selected
 from .baselines import quantize_model
 from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
 from .tokenizer import Tokenizer
@@ -214,12 +214,14 @@ class Experiment:
 
     # ------------------------------------------------------------------ scoring
     def test_set(self, spec: ModelSpec):
-        """Batches of the seeded test subset every model of this profile is scored on (streamed if large)."""
+        """Batches of the seeded test subset every model of this profile is scored on: held in memory when it
+        fits in `eval.hold_mb` (default 8192), else streamed from disk for each model."""
         key = (spec.dataset, spec.img_size, spec.norm)
         if key not in self._test_sets:
             ev = self.profile["eval"]
-            self._test_sets[key] = batches(spec.dataset, "test", spec.img_size, ev.get("batch_size", 1000),
-                                           subset=ev.get("test_subset"), seed=self.profile["seed"], norm=spec.norm)
+            loader = batches(spec.dataset, "test", spec.img_size, ev.get("batch_size", 1000),
+                             subset=ev.get("test_subset"), seed=self.profile["seed"], norm=spec.norm)
+            self._test_sets[key] = held(loader, ev.get("hold_mb", 8192))
         return self._test_sets[key]
 
     def score(self, path: Path) -> float:
@@ -260,12 +262,6 @@ class Experiment:
                 "setting": setting.name, "source": setting.source, "condition": setting.condition or "",
                 "variant": setting.label, "method": method, "bits": spec.bits, "granularity": spec.granularity,
                 "split": split, "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}", "accuracy": acc, "seconds": seconds}
-
-
-def pairs(profile: dict) -> list[tuple[str, str]]:
-    """Every collected (architecture, task): all tasks, or those an archs entry lists under `tasks`."""
-    return [(a, t) for a, entry in profile["archs"].items() for t in profile["tasks"]
-            if t in entry.get("tasks", profile["tasks"])]
 
 
 def main_settings(profile: dict) -> dict[str, list[Setting]]:

@@ -28,26 +28,29 @@ TIMM_CLASSES = {"VisionTransformer": VisionTransformer, "MlpMixer": MlpMixer}
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build and feed a target model: a timm class or registered name, its kwargs, and its data."""
+    """How to build and feed a target model: a timm class or registered name, its kwargs, its data, and the
+    input normalisation its weights expect (`norm` = (mean, std); None: the dataset's own statistics, as for
+    every model trained here; timm's pretrained ViTs and Mixers expect 0.5/0.5)."""
 
     arch: str
     kwargs: dict = field(default_factory=dict)
     dataset: str = "fashion_mnist"
+    norm: tuple | None = None
+
+    def __post_init__(self):
+        if self.norm is not None:  # JSON gives lists; keep tuples so specs stay hashable cache keys
+            object.__setattr__(self, "norm", tuple(tuple(float(x) for x in v) for v in self.norm))
 
     @property
     def img_size(self) -> int:
         """Input side in pixels: the kwargs' `img_size`, else timm's default of 224."""
         return int(self.kwargs.get("img_size", 224))
 
-    @property
-    def norm(self) -> tuple[tuple, tuple] | None:
-        """(mean, std) the pretrained weights of a timm model name expect (ViTs: 0.5, 0.5), else None: the
-        models trained here use their dataset's own statistics."""
-        cfg = None if self.arch in TIMM_CLASSES else timm.get_pretrained_cfg(self.arch)
-        return None if cfg is None else (tuple(cfg.mean), tuple(cfg.std))
-
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["norm"] is None:  # the dataset's statistics: files written before `norm` existed keep their keys
+            del d["norm"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -57,7 +60,7 @@ class ModelSpec:
         missing = {"arch"} - d.keys()
         if missing:
             raise ValueError(f"model description {d!r} lacks {sorted(missing)}; expected keys arch, kwargs, dataset")
-        return cls(d["arch"], dict(d.get("kwargs", {})), d.get("dataset", "fashion_mnist"))
+        return cls(d["arch"], dict(d.get("kwargs", {})), d.get("dataset", "fashion_mnist"), d.get("norm"))
 
 
 def build_model(spec: ModelSpec | dict) -> nn.Module:
@@ -78,12 +81,7 @@ def pretrained_weights(spec: ModelSpec, file: str | os.PathLike | None = None) -
     name, timm reads it in place of the hub and drops a head whose class count differs from `spec`'s.
     """
     if file is not None:
-        if not str(file).endswith(".safetensors"):
-            raise ValueError(f"pretrained_file {file} is not a .safetensors file; pickles are never loaded: "
-                             f"convert it with safetensors.torch.save_file(torch.load(f, weights_only=True), 'x.safetensors')")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"pretrained weights file {file} does not exist; fix `pretrained_file` in the "
-                                    f"profile's archs entry or remove it to download from the hub")
+        check_pretrained_file(file)
     if spec.arch in TIMM_CLASSES:
         if file is None:
             raise ValueError(f"{spec.arch} is a timm class without published weights: give its archs entry a "
@@ -101,14 +99,32 @@ def pretrained_weights(spec: ModelSpec, file: str | os.PathLike | None = None) -
     return state_dict_of(model)
 
 
+def check_pretrained_file(file: str | os.PathLike) -> None:
+    """Refuse a `pretrained_file` that is missing or not safetensors, saying how to fix the profile."""
+    if not str(file).endswith(".safetensors"):
+        raise ValueError(f"pretrained_file {file} is not a .safetensors file; pickles are never loaded: "
+                         f"convert it with safetensors.torch.save_file(torch.load(f, weights_only=True), 'x.safetensors')")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"pretrained weights file {file} does not exist; fix `pretrained_file` in the "
+                                f"profile's archs entry or remove it to download from the hub")
+
+
+def pretrained_norm(arch: str) -> tuple | None:
+    """(mean, std) timm's default pretrained weights of model name `arch` were trained with (None for a class)."""
+    cfg = None if arch in TIMM_CLASSES else timm.get_pretrained_cfg(arch)
+    return None if cfg is None else (tuple(cfg.mean), tuple(cfg.std))
+
+
 def resolve_device(name: str | None) -> str:
     """A torch device for a profile's `device`: "cpu", "cuda[:i]", or "auto" (CUDA when available)."""
     name = name or "cpu"
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"the profile asks for device {name!r} but torch sees no CUDA GPU here; "
-                           f"set `device: cpu` (or `auto`) in the profile, or run on a GPU machine")
+        raise ValueError(f"the profile asks for device {name!r} but torch sees no CUDA GPU here; "
+                         f"set `device: cpu` (or `auto`) in the profile, or run on a GPU machine")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     return str(torch.device(name))
 
 

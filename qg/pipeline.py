@@ -39,7 +39,46 @@ def load_profile(name: str) -> dict:
         raise FileNotFoundError(f"no profile {name!r} ({path} does not exist); known profiles: {known}")
     profile = yaml.safe_load(path.read_text())
     profile["name"] = path.stem
+    problems = profile_problems(profile)
+    if problems:
+        raise ValueError(f"profile {path} does not line up:\n" + "\n".join(f"  {p}" for p in problems))
     return profile
+
+
+def pairs(profile: dict) -> list[tuple[str, str]]:
+    """Every collected (architecture, task): all tasks, or those an archs entry lists under `tasks`."""
+    return [(a, t) for a, entry in profile["archs"].items() for t in profile["tasks"]
+            if t in entry.get("tasks", profile["tasks"])]
+
+
+def selected(block: dict, arch: str, task: str) -> bool:
+    """Whether a profile block (`qat`, `table3`) that may list `archs` and `tasks` covers (arch, task)."""
+    return arch in block.get("archs", [arch]) and task in block.get("tasks", [task])
+
+
+def profile_problems(profile: dict) -> list[str]:
+    """Names in a profile that refer to nothing (a typo would silently drop a model, a table or a figure)."""
+    archs, tasks, collected = list(profile["archs"]), list(profile["tasks"]), pairs(profile)
+    lists = [(f"archs.{a}.tasks", e.get("tasks"), tasks) for a, e in profile["archs"].items()]
+    lists += [(f"{b}.{k}", profile.get(b, {}).get(k), valid) for b in ("qat", "table3")
+              for k, valid in (("archs", archs), ("tasks", tasks))]
+    problems = []
+    for where, value, valid in lists:
+        if value is not None and not isinstance(value, list):
+            problems.append(f"{where} must be a list of names, got {value!r}")
+        elif value is not None and not set(value) <= set(valid):
+            problems.append(f"{where} names {sorted(set(value) - set(valid))}, not among {valid}")
+    ablation = profile.get("ablation", {})
+    factors = [k for k, v in ablation.items() if isinstance(v, dict) and k != "per_factor"]
+    wanted = {"figure1": profile.get("figure1"), "figure3": profile.get("figure3"), "ablation": ablation}
+    for factor, override in ablation.get("per_factor", {}).items():
+        if factor not in factors:
+            problems.append(f"ablation.per_factor.{factor} is not an ablation of this profile ({factors})")
+        wanted[f"ablation.per_factor.{factor}"] = {**ablation, **override}
+    problems += [f"{where} uses {block['arch']}/{block['task']}, which 01_collect does not make (it makes "
+                 f"{[f'{a}/{t}' for a, t in collected]})"
+                 for where, block in wanted.items() if block and (block["arch"], block["task"]) not in collected]
+    return problems
 
 
 @dataclass(frozen=True)

@@ -225,6 +225,17 @@ def test_batches_stream_what_does_not_fit_with_the_same_images(tmp_path):
     assert torch.equal(*shuffled) and sorted(shuffled[0].tolist()) == sorted(y_mem.tolist())
 
 
+def test_a_streamed_evaluation_set_is_held_in_memory_when_it_fits(tmp_path):
+    write_cifar(tmp_path, "cifar10", n=4)
+    streamed = data.batches("cifar10", "test", 40, 3, in_memory_mb=0, num_workers=0, root=tmp_path)
+    held = data.held(streamed)
+    assert isinstance(held, data.TensorLoader) and data.held(streamed, limit_mb=0) is streamed
+    for (x_s, y_s), (x_h, y_h) in zip(streamed, held, strict=True):
+        assert torch.equal(x_s, x_h) and torch.equal(y_s, y_h)
+    with pytest.raises(ValueError, match="one mean and std per channel of fashion_mnist"):
+        data.batches("fashion_mnist", "test", 28, 3, norm=((0.5,) * 3, (0.5,) * 3), root=tmp_path)
+
+
 def test_batches_stream_imagenet_at_the_model_input_size(tmp_path):
     write_imagenet(tmp_path)
     loader = data.batches("imagenet", "train", 32, 3, shuffle=True, root=tmp_path, num_workers=0)

@@ -20,10 +20,13 @@ from safetensors.torch import load_file
 from fakes import write_cifar, write_imagenet
 from qg import pipeline
 from qg.data import DATASET_INFO
-from qg.experiments import Experiment, ablation_setup, main_settings, pairs
+from qg.experiments import Experiment, ablation_setup, main_settings
+from qg.pipeline import pairs
 from qg.generator import Generator, GeneratorConfig
 from qg.io import save_safetensors
-from qg.models import ModelSpec, build_model, load_checkpoint, pretrained_weights, resolve_device, state_dict_of
+from qg.io import read_json
+from qg.models import (ModelSpec, build_model, load_checkpoint, pretrained_norm, pretrained_weights, resolve_device,
+                       state_dict_of)
 from qg.quant import is_quantized_weight
 
 PAPER_GENERATOR_PARAMS = {8192: 1018e6, 16384: 3076e6}  # the paper's Table 7 (Base, Large)
@@ -36,7 +39,7 @@ def test_paper_profile_names_the_papers_setup():
                                                          "vit_base_patch16_224", "mixer_b16_224"}
     for a in P["archs"].values():  # timm's default weights for each name: ImageNet-1k classifiers
         cfg = timm.get_pretrained_cfg(a["arch"])
-        assert cfg.num_classes == 1000 and cfg.tag.endswith("in1k") and ModelSpec.from_dict(a).norm == (cfg.mean, cfg.std)
+        assert cfg.num_classes == 1000 and cfg.tag.endswith("in1k") and pretrained_norm(a["arch"]) == (cfg.mean, cfg.std)
     assert {t["dataset"] for t in P["tasks"].values()} == {"imagenet", "cifar10", "cifar100"} <= set(DATASET_INFO)
     assert set(pairs(P)) == {("vit_tiny", "imagenet"), ("vit_tiny", "cifar10"), ("vit_tiny", "cifar100"),
                              ("mlp_mixer", "cifar10"), ("mlp_mixer", "cifar100"), ("vit_small", "imagenet"),
@@ -94,8 +97,25 @@ def test_device_names():
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device(None) == "cpu"
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="set `device: cpu`"):
+        with pytest.raises(ValueError, match="set `device: cpu`"):
             resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+
+
+def test_a_profile_whose_names_do_not_line_up_is_refused(tmp_path):
+    P = pipeline.load_profile("paper")
+    del P["name"]
+    P["archs"]["vit_tiny"]["tasks"] = ["imagenet", "cifar1O"]
+    P["qat"]["archs"] = "vit_tiny"
+    P["figure3"]["task"] = "cifar100_"
+    P["ablation"]["per_factor"]["tokensize"] = {"arch": "vit_base"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(P))
+    with pytest.raises(ValueError) as err:
+        pipeline.load_profile(str(tmp_path / "bad.yaml"))
+    for problem in ("archs.vit_tiny.tasks names ['cifar1O']", "qat.archs must be a list", "figure3 uses vit_tiny/cifar100_",
+                    "ablation.per_factor.tokensize is not an ablation"):
+        assert problem in str(err.value)
 
 
 def tiny_paper_profile(tmp_path) -> dict:
@@ -156,11 +176,15 @@ def test_paper_profile_runs_every_notebook_on_tiny_fake_data(fake_data):
     assert collected == {("vit_tiny", "imagenet"), ("vit_tiny", "cifar10"), ("mlp_mixer", "cifar100"),
                          ("vit_base", "imagenet")}
     # task models take their dataset's classes; the head-only task keeps the pretrained file's features
+    # trained on the profile's device; inputs normalised as the pretrained weights expect (timm's ViT: 0.5/0.5)
     for (arch, task), classes in {("vit_tiny", "imagenet"): 1000, ("vit_tiny", "cifar10"): 10,
                                   ("mlp_mixer", "cifar100"): 100}.items():
-        sd, spec, _ = load_checkpoint(exp.splits(arch, task)["heldout_run"][0])
+        ckpt = exp.splits(arch, task)["heldout_run"][0]
+        _, spec, _ = load_checkpoint(ckpt)
         assert spec.arch == P["archs"][arch]["arch"] and spec.kwargs["num_classes"] == classes
         assert spec.dataset == task  # the paper profile names each task after its dataset
+        assert spec.norm == (((0.5,) * 3,) * 2 if arch == "vit_tiny" else None)
+        assert read_json(ckpt.parent / "run.json")["device"] == exp.device
     features = load_file(P["archs"]["vit_tiny"]["pretrained_file"])
     head_task, _, _ = load_checkpoint(exp.splits("vit_tiny", "cifar10")["trained"][0])
     assert all(torch.equal(head_task[k], v) for k, v in features.items() if not k.startswith("head."))
