@@ -436,9 +436,9 @@ def batches(name: str, split: str, img_size: int, batch_size: int, shuffle: bool
 
     A split that fits in `in_memory_mb` (default `IN_MEMORY_MB`, or $QG_IN_MEMORY_MB) as floats
     (Fashion-MNIST, digits, CIFAR at small input sizes) is decoded once into one tensor and batched from
-    memory by a `TensorLoader`, several times faster than per-item loading. Anything else (ImageNet's folders, CIFAR resized to 224 px: 30 GB as floats) is
-    streamed from disk by a DataLoader with `num_workers` processes (a fixed number, since ImageNet's random
-    crops are drawn per worker). Both paths draw the same images (`subset` examples chosen by `subset_seed`,
+    memory by a `TensorLoader`, several times faster than per-item loading. Anything else (ImageNet's
+    folders, CIFAR resized to 224 px: 30 GB as floats) is streamed from disk by a DataLoader with
+    `num_workers` processes (a fixed number, since ImageNet's random crops are drawn per worker). Both paths draw the same images (`subset` examples chosen by `subset_seed`,
     default `seed`) and reshuffle every epoch deterministically from `seed`, each in its own order. `norm` =
     (mean, std) normalises with the model's statistics (a pretrained timm model's own) instead of the dataset's.
     """

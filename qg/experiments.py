@@ -28,7 +28,7 @@ from .data import batches, held
 from .generator import GeneratorConfig, QuantGen
 from .io import params_key, read_json, write_json
 from .models import ModelSpec, load_checkpoint, load_model_file, resolve_device
-from .pipeline import Paths, git_commit, pairs, require, selected
+from .pipeline import Paths, ablation_setup, git_commit, pairs, require, selected
 from .baselines import quantize_model
 from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
 from .tokenizer import Tokenizer
@@ -298,13 +298,6 @@ ABLATIONS = {
     "backbone": lambda v: {"generator": {"backbone": v}},
     "token_size": lambda v: {"tokenizer": {"token_size": v}, "generator": {"d_model": v}},  # RPG: width = token
 }
-
-
-def ablation_setup(profile: dict, factor: str) -> dict:
-    """The (arch, task, bits, granularity) one ablation runs on: the `ablation` block's, updated by its
-    `per_factor` entry for that factor (the paper ablates token size on ViT-Base, the rest on ViT-Tiny)."""
-    a = profile["ablation"]
-    return {**{k: a[k] for k in ("arch", "task", "bits", "granularity")}, **a.get("per_factor", {}).get(factor, {})}
 
 
 def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Setting]:

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from . import paper  # noqa: E402
-from .experiments import ablation_setup  # noqa: E402
+from .pipeline import ablation_setup  # noqa: E402
 from .report import SPLIT_LABELS, cell, markdown, summarize  # noqa: E402
 
 METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "rtn-asym": "RTN asym", "mse-clip": "RTN + MSE clip", "hqq": "HQQ",
@@ -164,7 +164,9 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
         d = paper.COUNTERPART.get(task)
         if method == "PTQ":
             return paper.table1_value(task, arch, "PTQ", column)
-        return paper.TABLE3.get(d, {}).get(method[-1], (None,) * 8)[paper.TABLE1_COLUMNS.index(column)] if paper.MODEL.get(arch) == "ViT-Tiny" else None
+        if paper.MODEL.get(arch) != "ViT-Tiny":  # the paper's Table 3 is ViT-Tiny only
+            return None
+        return paper.TABLE3.get(d, {}).get(method[-1], (None,) * 8)[paper.TABLE1_COLUMNS.index(column)]
 
     ref = _paper_rows(ours[["task", "arch"]].drop_duplicates().itertuples(index=False), ("PTQ", "Gen P", "Gen G"),
                       columns, value)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from fakes import write_cifar, write_imagenet
 from qg import pipeline
 from qg.data import DATASET_INFO
-from qg.experiments import Experiment, ablation_setup, main_settings
-from qg.pipeline import pairs
+from qg.experiments import Experiment, main_settings
+from qg.pipeline import ablation_setup, pairs
 from qg.generator import Generator, GeneratorConfig
 from qg.io import save_safetensors
 from qg.io import read_json
