@@ -24,10 +24,11 @@ import pandas as pd
 import torch
 
 from .collect import accuracy
+from .fidelity import error_iou, flat_weights, layer_fidelity, nearest_distances, sensitivity
 from .data import batches, held
 from .generator import GeneratorConfig, QuantGen
 from .io import params_key, read_json, write_json
-from .models import ModelSpec, load_checkpoint, load_model_file, resolve_device
+from .models import ModelSpec, build_model, load_checkpoint, load_model_file, load_weights, predict, resolve_device
 from .pipeline import Paths, ablation_setup, git_commit, pairs, require, selected
 from .baselines import quantize_model
 from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
@@ -86,6 +87,7 @@ class Experiment:
         self.commit = git_commit()
         self.device = resolve_device(profile.get("device"))
         self._test_sets: dict = {}
+        self._predictions: dict = {}
 
     # ------------------------------------------------------------------ checkpoints and targets
     def task_entry(self, arch: str, task: str) -> dict:
@@ -189,12 +191,14 @@ class Experiment:
         targets = {spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
                    for spec in setting.specs}
         tok = self.config(setting, "tokenizer")
-        tokenizer = Tokenizer.fit(fp, targets, tok["token_size"], tok.get("padding", "gaussian"), self.profile["seed"])
-        data = TokenPairs.build(tokenizer, fp, targets, conditional=setting.condition is not None)
+        tokenizer = Tokenizer.fit(fp, targets, tok["token_size"], tok.get("padding", "gaussian"), self.profile["seed"],
+                                  tok.get("log_scale", False))
+        train_cfg = TrainConfig(seed=self.profile["seed"], **self.config(setting, "train"))
+        data = TokenPairs.build(tokenizer, fp, targets, conditional=setting.condition is not None,
+                                loss_weighting=train_cfg.loss_weighting)
         n_tokens, token_size = tokenizer.shape
         gen_cfg = GeneratorConfig(token_size=token_size, n_tokens=n_tokens, conditions=data.conditions,
                                   **self.config(setting, "generator"))
-        train_cfg = TrainConfig(seed=self.profile["seed"], **self.config(setting, "train"))
         quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=self.device)
         quantgen.record.update(setting=setting.name, n_train_checkpoints=len(train_ckpts))
         quantgen.save(out)
@@ -234,6 +238,13 @@ class Experiment:
         acc = accuracy(spec, sd, self.test_set(spec), self.device)
         write_json(cache, {"accuracy": acc, "file": path.name})
         return acc
+
+    def predictions(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset (memoised)."""
+        if path not in self._predictions:
+            sd, spec, _ = load_model_file(path)
+            self._predictions[path] = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
+        return self._predictions[path]
 
     def evaluate(self, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
                  splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
@@ -291,6 +302,34 @@ def main_settings(profile: dict) -> dict[str, list[Setting]]:
     return settings
 
 
+def convergence_settings(profile: dict) -> list[Setting]:
+    """The convergence study of 02_train: every (architecture, task) at one spec, once per variant of the
+    profile's `convergence` block (label -> overrides of tokenizer / generator / train settings: more steps,
+    another width, the paper's head). A variant equal to the defaults is the Table 1 generator, not a new one."""
+    c = profile.get("convergence")
+    if not c:
+        return []
+    spec = spec_from(c["bits"], c["granularity"], profile["quant"])
+    return [Setting(a, t, [spec], overrides=copy.deepcopy(overrides), label=label)
+            for a, t in pairs(profile) for label, overrides in c["variants"].items()]
+
+
+def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run") -> dict:
+    """One variant of the convergence study: its cost, final loss, fidelity and Gen − PTQ on `split`."""
+    spec, record = setting.specs[0], exp.generator(setting).record
+    layers = diagnose(exp, setting, spec, split, memorisation=False)["layers"].groupby("layer").mean(numeric_only=True)
+    ev = exp.evaluate(setting, ("ptq", "gen"), splits=(split,))
+    acc = ev.groupby("method").accuracy.mean()
+    gen_cfg, train_cfg = exp.config(setting, "generator"), exp.config(setting, "train")
+    return {"arch": setting.arch, "task": setting.task, "variant": setting.label, "bits": spec.bits,
+            "granularity": spec.granularity, "split": split, "skip": gen_cfg.get("skip", "none"),
+            "d_model": gen_cfg.get("d_model") or exp.config(setting, "tokenizer")["token_size"],
+            "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
+            "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),
+            "code_mae_worst": layers.code_mae.max(), "scale_rel_err": layers.scale_rel_err.mean(),
+            "gen": acc["gen"], "ptq": acc["ptq"], "gen_minus_ptq": acc["gen"] - acc["ptq"]}
+
+
 ABLATIONS = {
     # factor -> how one variant value overrides the profile (the ablation notebooks 04-07)
     "padding": lambda v: {"tokenizer": {"padding": v}},
@@ -332,18 +371,37 @@ def run_ablation(exp: Experiment, factor: str) -> tuple[pd.DataFrame, pd.DataFra
     return pd.concat(runs, ignore_index=True), pd.DataFrame(costs), curves
 
 
-def agreement(exp: Experiment, setting: Setting, spec: QuantSpec, checkpoint: Path) -> pd.DataFrame:
-    """Per layer: how the generated model differs from PTQ of the same checkpoint.
+def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "heldout_run",
+             memorisation: bool = True) -> dict[str, pd.DataFrame]:
+    """Fidelity, input sensitivity and memorisation of one generator on the checkpoints of one split.
 
-    `codes_equal` is the fraction of integer codes equal to PTQ's, `code_mae` their mean absolute
-    difference, `scale_rel_err` the mean relative error of the generated S against PTQ's S.
+    Compared with the generator's own targets (PTQ or QAT of the same checkpoint), `qg.fidelity`'s measures:
+    `layers` per (checkpoint, layer); `sensitivity` per (pair of consecutive checkpoints, layer); `nearest`
+    per checkpoint, for the generated model and, as the reference a faithful quantizer would match, for the
+    target itself: distances to the nearest training target and the error IoU with that training model
+    (`memorisation=False` skips this part, which needs every training target and two evaluations per model).
     """
-    gen, _, _ = read_quantized(exp.generated(setting, spec, checkpoint))
-    ptq, _, _ = read_quantized(exp.quantized(checkpoint, spec, "ptq"))
-    rows = []
-    for i, (name, p) in enumerate((k, v) for k, v in ptq.items() if hasattr(v, "codes")):
-        g = gen[name]
-        rows.append({"layer": name, "layer_index": i, "codes_equal": float((g.codes == p.codes).float().mean()),
-                     "code_mae": float((g.codes.float() - p.codes.float()).abs().mean()),
-                     "scale_rel_err": float(((g.scale - p.scale).abs() / p.scale).mean())})
-    return pd.DataFrame(rows)
+    quantgen = exp.generator(setting)
+    splits = exp.splits(setting.arch, setting.task)
+    ckpts = pick(splits[split], exp.profile["eval"].get("per_split"))
+    gen = [read_quantized(exp.generated(setting, spec, c, quantgen))[0] for c in ckpts]
+    own = [read_quantized(exp.target(setting, spec, c))[0] for c in ckpts]
+    tag = {"arch": setting.arch, "task": setting.task, "setting": setting.name, "source": setting.source,
+           "bits": spec.bits, "granularity": spec.granularity, "split": split}
+    layers = pd.concat([layer_fidelity(g, t).assign(checkpoint=c.stem) for g, t, c in zip(gen, own, ckpts)])
+    sens = pd.concat([sensitivity(gen[i], gen[i + 1], own[i], own[i + 1]).assign(pair=i) for i in range(len(ckpts) - 1)]
+                     or [pd.DataFrame(columns=["layer", "target_moves", "sensitivity", "alignment", "pair"])])
+    if not memorisation:
+        return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag)}
+    train_files = [exp.target(setting, spec, c) for c in splits["trained"]]
+    train = [flat_weights(read_quantized(p)[0]) for p in train_files]
+    near = []
+    for model, files, g in (("gen", [exp.generated(setting, spec, c, quantgen) for c in ckpts], gen), ("target", None, own)):
+        d = nearest_distances([flat_weights(q) for q in g], [flat_weights(q) for q in own], train)
+        for i, row in d.iterrows():
+            pred, labels = exp.predictions(files[i] if files else exp.target(setting, spec, ckpts[i]))
+            pred_train, _ = exp.predictions(train_files[int(row.nearest_train)])
+            pred_own, _ = exp.predictions(exp.target(setting, spec, ckpts[i]))
+            near.append({**row.to_dict(), "model": model, "checkpoint": ckpts[i].stem,
+                         "iou_nearest_train": error_iou(pred, pred_train, labels), "iou_own": error_iou(pred, pred_own, labels)})
+    return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag), "nearest": pd.DataFrame(near).assign(**tag)}

@@ -5,6 +5,12 @@
              causal self-attention (the Table 10 ablation), as in mamba_ssm's MixerModel
     head   = final norm + Linear back to the token width, trained with MSE on the target tokens (the
              paper's), or RPG's diffusion head conditioned on the body's output (the Table 5 ablation)
+    skip   = ours, optional: the MSE head's output is taken relative to the fp weight tokens x (only where
+             x holds real weights): `add`   y = Linear(h) + x
+                                    `gain`  y = Linear(h) + x * (1 + Linear'(h))   (Linear' starts at zero)
+             A normalised code is the normalised weight times a factor of its group (1 / S, up to the
+             layer's statistics), so `gain` lets the body predict that factor instead of rebuilding every
+             code value; `none` is the paper's head.
 
 d_model defaults to the token size as in RPG; a narrower width adds input/output projections.
 A trained generator lives in a directory: `generator.safetensors` (weights), `generator.json` (config,
@@ -29,6 +35,7 @@ from .tokenizer import Tokenizer, sinusoidal_2d
 
 BACKBONES = ("mamba2", "lstm", "transformer")
 HEADS = ("mse", "diffusion")
+SKIPS = ("none", "add", "gain")
 
 
 @dataclass
@@ -52,6 +59,7 @@ class GeneratorConfig:
     # Head
     head: str = "mse"
     diffusion: dict = field(default_factory=dict)  # DiffusionHead kwargs, e.g. {"n_steps": 1000}
+    skip: str = "none"  # "none" (the paper's head), "add" or "gain": the output relative to the input (ours)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -60,6 +68,11 @@ class GeneratorConfig:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.d_model is None:
             self.d_model = self.token_size
+        if self.skip not in SKIPS:
+            raise ValueError(f"skip must be one of {SKIPS}, got {self.skip!r}")
+        if self.skip != "none" and self.head != "mse":
+            raise ValueError(f"skip={self.skip!r} relates the MSE head's output to its input; the diffusion head has none: "
+                             "set skip: none beside head: diffusion")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,12 +109,17 @@ class Block(nn.Module):
 class Generator(nn.Module):
     """Maps (batch, n_tokens, token_size) fp tokens to predicted quantized tokens of the same shape."""
 
-    def __init__(self, cfg: GeneratorConfig, positions: torch.Tensor):
+    def __init__(self, cfg: GeneratorConfig, positions: torch.Tensor, weight_mask: torch.Tensor | None = None):
         super().__init__()
         if positions.shape != (cfg.n_tokens, 2):
             raise ValueError(f"positions must be ({cfg.n_tokens}, 2) for this config, got {tuple(positions.shape)}")
+        if cfg.skip != "none" and (weight_mask is None or weight_mask.shape != (cfg.n_tokens, cfg.token_size)):
+            raise ValueError(f"skip={cfg.skip!r} needs the ({cfg.n_tokens}, {cfg.token_size}) mask of fp weight values "
+                             "(Tokenizer.layout.value_mask(spec, 'fp')); build it with Generator.for_tokenizer")
         self.cfg = cfg
         self.register_buffer("pos_emb", sinusoidal_2d(positions, cfg.token_size), persistent=False)
+        if cfg.skip != "none":  # where the input holds real weights (elsewhere it holds padding, not copied)
+            self.register_buffer("skip_mask", weight_mask.float(), persistent=False)
         self.cond_proj = nn.Linear(len(cfg.conditions), cfg.token_size, bias=False) if cfg.conditions else None
         narrow = cfg.d_model != cfg.token_size
         self.proj_in = nn.Linear(cfg.token_size, cfg.d_model) if narrow else nn.Identity()
@@ -109,8 +127,17 @@ class Generator(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.d_model)
         if cfg.head == "mse":
             self.proj_out = nn.Linear(cfg.d_model, cfg.token_size)
+            if cfg.skip == "gain":
+                self.proj_gain = nn.Linear(cfg.d_model, cfg.token_size)
+                nn.init.zeros_(self.proj_gain.weight)
+                nn.init.zeros_(self.proj_gain.bias)
         else:
             self.diffusion = DiffusionHead(cfg.token_size, cfg.d_model, **cfg.diffusion)
+
+    @classmethod
+    def for_tokenizer(cls, cfg: GeneratorConfig, tokenizer: Tokenizer) -> "Generator":
+        """A generator laid out for `tokenizer`'s sequences (positions and, with skip, the weight mask)."""
+        return cls(cfg, tokenizer.layout.positions(), tokenizer.layout.value_mask(tokenizer.specs[0], "fp"))
 
     def condition_vector(self, condition: str | None, batch: int = 1) -> torch.Tensor | None:
         """One-hot row for a condition name (None for an unconditional generator)."""
@@ -140,12 +167,12 @@ class Generator(nn.Module):
         return self.norm_out(x)
 
     def forward(self, tokens, target, onehot=None, mask=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training loss: MSE to the target tokens (padding excluded where `mask` is False), or the
-        diffusion loss. (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
+        """Training loss: MSE to the target tokens, weighted by `mask` (False or 0 on padding, which is
+        excluded), or the diffusion loss. (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
         feats = self.features(tokens, onehot)
         if self.cfg.head == "diffusion":
             return self.diffusion.loss(target, feats, mask=mask, generator=generator)
-        err = (self.proj_out(feats) - target) ** 2
+        err = (self.head_out(tokens, feats) - target) ** 2
         if mask is None:
             return err.mean()
         mask = mask.to(err.dtype).expand_as(err)
@@ -157,7 +184,15 @@ class Generator(nn.Module):
         feats = self.features(tokens, onehot)
         if self.cfg.head == "diffusion":
             return self.diffusion.sample(feats, generator=generator)
-        return self.proj_out(feats)
+        return self.head_out(tokens, feats)
+
+    def head_out(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The MSE head: Linear(features), relative to the fp weight tokens as `skip` says."""
+        out = self.proj_out(feats)
+        if self.cfg.skip == "none":
+            return out
+        x = tokens * self.skip_mask
+        return out + (x * (1 + self.proj_gain(feats)) if self.cfg.skip == "gain" else x)
 
 
 class QuantGen:
@@ -215,7 +250,7 @@ class QuantGen:
         if (cfg.n_tokens, cfg.token_size) != tokenizer.shape:
             raise ValueError(f"{directory}: generator expects {cfg.n_tokens} tokens of {cfg.token_size}, "
                              f"its tokenizer makes {tokenizer.shape}; the directory mixes files of two runs")
-        model = Generator(cfg, tokenizer.layout.positions())
+        model = Generator.for_tokenizer(cfg, tokenizer)
         weights, _ = read_safetensors(directory / "generator.safetensors")
         try:
             model.load_state_dict(weights, strict=True)

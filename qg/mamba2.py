@@ -48,35 +48,37 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_states=None):
     """Chunked SSD scan. x (b, l, h, p), dt (b, l, h) after softplus, A (h,), B/C (b, l, g, n), D (h,) or (h, p).
 
     Returns y (b, l, h, p). Sequences are zero-padded to a multiple of `chunk_size` (dt = 0 there, so the
-    padding neither decays nor feeds the state) and trimmed back.
+    padding neither decays nor feeds the state) and trimmed back. The h heads form g groups of r = h / g
+    heads that share B and C, so C_t . B_s is computed once per group, not once per head (ssd_minimal
+    repeats B and C for every head; with one group that is h times the work of the largest product).
     """
     b, length, h, p = x.shape
     g = B.shape[2]
     pad = -length % chunk_size
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) for t in (x, dt, B, C))
-    c = x.shape[1] // chunk_size
-    B, C = (t.repeat_interleave(h // g, dim=2) for t in (B, C))  # heads share their group's B and C
-    X = (x * dt[..., None]).reshape(b, c, chunk_size, h, p)
-    B, C = (t.reshape(b, c, chunk_size, h, -1) for t in (B, C))
-    A = (dt * A).reshape(b, c, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, l)
+    c, r = x.shape[1] // chunk_size, h // g
+    X = (x * dt[..., None]).reshape(b, c, chunk_size, g, r, p)
+    B, C = (t.reshape(b, c, chunk_size, g, -1) for t in (B, C))
+    A = (dt * A).reshape(b, c, chunk_size, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
     A_cumsum = torch.cumsum(A, dim=-1)
-    # 1. outputs within each chunk (the diagonal blocks)
+    # 1. outputs within each chunk (the diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) decay(s->l) X_s
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
     L = torch.exp(segsum(A))
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, X)
+    y_diag = torch.einsum("bcgls,bgrcls,bcsgrp->bclgrp", CB, L, X)
     # 2. the state at the end of each chunk, from that chunk's inputs
     decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
+    states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B, decay_states, X)
     # 3. the recurrence between chunks
     if initial_states is None:
         initial_states = torch.zeros_like(states[:, :1])
     else:
-        initial_states = initial_states[:, None]
+        initial_states = initial_states.reshape(b, 1, g, r, p, -1)
     states = torch.cat([initial_states, states], dim=1)
-    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))
-    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)[:, :-1]
+    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, g, r, c + 1, c + 1)
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)[:, :-1]
     # 4. each chunk's incoming state, read out at every position
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cumsum))
+    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, states, torch.exp(A_cumsum))
     y = (y_diag + y_off).reshape(b, c * chunk_size, h, p)[:, :length]
     return y if D is None else y + x[:, :length] * (D[:, None] if D.ndim == 1 else D)
 

@@ -225,13 +225,19 @@ def load_model_file(path) -> tuple[dict[str, torch.Tensor], ModelSpec, dict]:
 
 
 @torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 predicted classes, labels) over every batch of `loader`."""
+    model.to(device).eval()
+    preds, labels = [], []
+    for x, y in loader:
+        preds.append(model(x.to(device)).argmax(-1).cpu())
+        labels.append(torch.as_tensor(y))
+    if not preds:
+        raise ValueError("evaluate got an empty loader")
+    return torch.cat(preds), torch.cat(labels)
+
+
 def evaluate(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
     """Top-1 accuracy in percent."""
-    model.to(device).eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += (model(x.to(device)).argmax(-1).cpu() == y).sum().item()
-        total += len(y)
-    if total == 0:
-        raise ValueError("evaluate got an empty loader")
-    return 100.0 * correct / total
+    pred, labels = predict(model, loader, device)
+    return 100.0 * int((pred == labels).sum()) / len(labels)

@@ -84,6 +84,10 @@ def profile_problems(profile: dict) -> list[str]:
     problems += [f"{where} uses {block['arch']}/{block['task']}, which 01_collect does not make (it makes "
                  f"{[f'{a}/{t}' for a, t in collected]})"
                  for where, block in wanted.items() if block and (block["arch"], block["task"]) not in collected]
+    for label, overrides in profile.get("convergence", {}).get("variants", {}).items():
+        unknown = sorted(set(overrides or {}) - {"tokenizer", "generator", "train"})
+        if unknown:
+            problems.append(f"convergence.variants.{label} overrides {unknown}; only tokenizer, generator and train can change")
     return problems
 
 

@@ -11,6 +11,9 @@ on the input side they are placeholders ("fictitious S and Z"). Every position t
 the tail of a layer's last token, the input side's placeholders - is filled by the padding mode:
 `gaussian` (seeded N(0, 1), the paper's default), `zero` or `one`.
 
+With `log_scale` (ours) the S tokens hold log S, normalised the same way: an error in a token is then
+a relative error of S, the same for a layer's small and large scales, and the decoded S is always positive.
+
 A layout serves one or several quantization specs (a conditional generator covers several): S/Z segments
 are sized for the spec with the most groups, and each spec has its own statistics. The position of a
 token is (layer index, token index within its layer), embedded by `sinusoidal_2d`.
@@ -28,6 +31,7 @@ from .io import read_json, read_safetensors, save_safetensors, write_json
 from .quant import MIN_SCALE, QTensor, QuantSpec, is_quantized_weight
 
 PADDING_MODES = ("gaussian", "zero", "one")
+LOSS_WEIGHTINGS = ("element", "segment")
 KINDS = ("weight", "scale", "zero")
 
 
@@ -139,20 +143,26 @@ def _mean_std(values: list[torch.Tensor]) -> tuple[float, float]:
     return float(means), float(stds) if stds > 1e-8 else 1.0
 
 
+def _parts(qt: QTensor, log_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The values a quantized layer's tokens hold: codes, S (or log S) and Z, as floats."""
+    scale = qt.scale.float()
+    return qt.codes.float(), scale.clamp_min(MIN_SCALE).log() if log_scale else scale, qt.zero.float()
+
+
 class Tokenizer:
     """Encodes fp checkpoints and quantized checkpoints into token sequences and decodes generated tokens."""
 
     def __init__(self, layout: Layout, fp_stats: torch.Tensor, q_stats: dict[str, torch.Tensor],
-                 padding: str = "gaussian", seed: int = 0):
+                 padding: str = "gaussian", seed: int = 0, log_scale: bool = False):
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
         self.layout, self.fp_stats, self.q_stats = layout, fp_stats, q_stats
-        self.padding, self.seed = padding, seed
+        self.padding, self.seed, self.log_scale = padding, seed, log_scale
         self._canvas = {side: self._fill(self.seed + i) for i, side in enumerate(("fp", "quantized"))}
 
     @classmethod
     def fit(cls, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]], token_size: int,
-            padding: str = "gaussian", seed: int = 0) -> "Tokenizer":
+            padding: str = "gaussian", seed: int = 0, log_scale: bool = False) -> "Tokenizer":
         """Build the layout and fit normalisation statistics on training checkpoints only.
 
         `quantized` maps each spec the tokenizer serves to quantized state_dicts (`quantize_state_dict`).
@@ -170,10 +180,10 @@ class Tokenizer:
                 raise ValueError(f"no quantized checkpoints for {spec.name}")
             rows = []
             for n in names:
-                qts = [q[n] for q in qsds]
-                rows.append([_mean_std([getattr(qt, attr).float() for qt in qts]) for attr in ("codes", "scale", "zero")])
+                parts = [_parts(q[n], log_scale) for q in qsds]
+                rows.append([_mean_std([p[k] for p in parts]) for k in range(len(KINDS))])
             q_stats[spec.name] = torch.tensor(rows)  # (layers, 3 kinds, [mean, std])
-        return cls(layout, fp_stats, q_stats, padding, seed)
+        return cls(layout, fp_stats, q_stats, padding, seed, log_scale)
 
     @property
     def specs(self) -> list[QuantSpec]:
@@ -227,7 +237,7 @@ class Tokenizer:
             qt = qsd[name]
             if qt.spec != spec:
                 raise ValueError(f"{name} is quantized as {qt.spec.name}, expected {spec.name}")
-            for k, (kind, t) in enumerate(zip(KINDS, (qt.codes, qt.scale, qt.zero))):
+            for k, (kind, t) in enumerate(zip(KINDS, _parts(qt, self.log_scale))):
                 mean, std = stats[li, k].tolist()
                 values[(li, kind)] = (t.float().reshape(-1) - mean) / std
         return self._write("quantized", values)
@@ -246,7 +256,8 @@ class Tokenizer:
         for li, (name, shape) in enumerate(self.layout.shapes):
             pshape = spec.param_shape(shape)
             codes = torch.round(parts[(li, "weight")]).clamp(spec.qmin, spec.qmax).to(torch.int8).reshape(shape)
-            scale = parts[(li, "scale")].clamp_min(MIN_SCALE).reshape(pshape)
+            scale = parts[(li, "scale")].exp() if self.log_scale else parts[(li, "scale")]
+            scale = scale.clamp_min(MIN_SCALE).reshape(pshape)
             zero = torch.round(parts[(li, "zero")]).clamp(spec.qmin, spec.qmax).reshape(pshape)
             out[name] = QTensor(codes, scale, zero, spec)
         return out
@@ -265,12 +276,33 @@ class Tokenizer:
         """Target positions that hold real values under `spec` (padding excluded from the loss)."""
         return self.layout.value_mask(self._spec(spec), "quantized")
 
+    def loss_weights(self, spec: QuantSpec, weighting: str = "element") -> torch.Tensor:
+        """(n_tokens, token_size) float weights of each target value in the MSE, 0 on padding, mean 1.
+
+        `element` is the paper's plain MSE: every real value counts once, so a layer's few S and Z values
+        and the small layers weigh almost nothing. `segment` (ours) gives every (layer, kind) segment the
+        same total weight, so the S of a group, which scales all of its codes, is not drowned by them.
+        """
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+        mask = self.loss_mask(spec)
+        if weighting == "element":
+            return mask.float()
+        weights = torch.zeros(mask.numel())
+        ts = self.layout.token_size
+        for seg in self.layout.segments:
+            n = self.layout.numel(seg, spec)
+            weights[seg.start * ts: seg.start * ts + n] = 1.0 / n
+        weights = weights.view_as(mask) * mask
+        return weights * mask.sum() / weights.sum()
+
     def save(self, directory) -> None:
         """Write `tokenizer.json` (layout, padding, seed) and `tokenizer.safetensors` (statistics)."""
         directory = Path(directory)
         tensors = {"fp_stats": self.fp_stats, **{f"q_stats/{k}": v for k, v in self.q_stats.items()}}
         save_safetensors(tensors, directory / "tokenizer.safetensors")
-        write_json(directory / "tokenizer.json", {"layout": self.layout.to_dict(), "padding": self.padding, "seed": self.seed})
+        write_json(directory / "tokenizer.json", {"layout": self.layout.to_dict(), "padding": self.padding, "seed": self.seed,
+                                                  "log_scale": self.log_scale})
 
     @classmethod
     def load(cls, directory) -> "Tokenizer":
@@ -278,4 +310,5 @@ class Tokenizer:
         config = read_json(directory / "tokenizer.json")
         tensors, _ = read_safetensors(directory / "tokenizer.safetensors")
         q_stats = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("q_stats/")}
-        return cls(Layout.from_dict(config["layout"]), tensors["fp_stats"], q_stats, config["padding"], config["seed"])
+        return cls(Layout.from_dict(config["layout"]), tensors["fp_stats"], q_stats, config["padding"], config["seed"],
+                   config.get("log_scale", False))

@@ -42,12 +42,14 @@ class TrainConfig:
     seed: int = 0
     mask_padding: bool = True
     ckpt_every: int = 100
+    loss_weighting: str = "element"  # `Tokenizer.loss_weights`: the paper's plain MSE, or per segment (ours)
 
 
 @dataclass
 class TokenPairs:
     """Training pairs: fp tokens `x` (one row per fp checkpoint), target tokens `y`, which fp row each
-    target comes from (`src`), its condition index (`cond`) and the loss mask of each condition."""
+    target comes from (`src`), its condition index (`cond`) and the loss weights of each condition
+    (`masks`: 0 on padding; see `Tokenizer.loss_weights`)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -58,7 +60,7 @@ class TokenPairs:
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]],
-              conditional: bool = False) -> "TokenPairs":
+              conditional: bool = False, loss_weighting: str = "element") -> "TokenPairs":
         """Encode aligned (fp checkpoint, quantized checkpoint) pairs for every spec in `quantized`."""
         specs = list(quantized)
         if len(specs) > 1 and not conditional:
@@ -73,7 +75,7 @@ class TokenPairs:
                 ys.append(tokenizer.encode_quantized(qsd, spec))
                 src.append(i)
                 cond.append(c)
-        masks = torch.stack([tokenizer.loss_mask(s) for s in specs])
+        masks = torch.stack([tokenizer.loss_weights(s, loss_weighting) for s in specs])
         names = [s.name for s in specs] if conditional else []
         return cls(x, torch.stack(ys), torch.tensor(src), torch.tensor(cond), masks, names)
 
@@ -81,7 +83,7 @@ class TokenPairs:
         return len(self.y)
 
     def batch(self, idx: torch.Tensor, n_conditions: int):
-        """(fp tokens, target tokens, one-hot or None, loss mask) for sample indices `idx`."""
+        """(fp tokens, target tokens, one-hot or None, loss weights) for sample indices `idx`."""
         onehot = torch.nn.functional.one_hot(self.cond[idx], n_conditions).float() if n_conditions else None
         return self.x[self.src[idx]], self.y[idx], onehot, self.masks[self.cond[idx]]
 
@@ -229,7 +231,7 @@ def fit_generator(tokenizer: Tokenizer, data: TokenPairs, gen_cfg: GeneratorConf
     if gen_cfg.conditions != data.conditions:
         raise ValueError(f"generator conditions {gen_cfg.conditions} differ from the data's {data.conditions}")
     torch.manual_seed(cfg.seed)
-    model = Generator(gen_cfg, tokenizer.layout.positions())
+    model = Generator.for_tokenizer(gen_cfg, tokenizer)
     record = train(model, data, cfg, out_dir, resume=resume, device=device)
     qg = QuantGen(model.cpu(), tokenizer, record)
     if _world()[0] == 0:

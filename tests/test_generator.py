@@ -49,6 +49,7 @@ def test_diffusion_head_learns_tiny_pairs(tmp_path):
     cfg = tiny_config(tok, head="diffusion", diffusion={"n_steps": 100})
     model = Generator(cfg, tok.layout.positions())
     x, y, _, mask = data.batch(torch.arange(2), 0)
+    mask = mask.bool()
 
     def sample_error():
         out = model.generate(x, generator=torch.Generator().manual_seed(0))
@@ -149,3 +150,43 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path):
     assert ddp.record["world_size"] == 2 and single.record["world_size"] == 1
     for (k, a), b in zip(ddp.model.state_dict().items(), single.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("skip", ["add", "gain"])
+def test_skip_generator_starts_as_its_input_on_weights(tmp_path, skip):
+    """With a skip and a zeroed output layer, the prediction is the fp weight tokens (padding not copied)."""
+    tok, data, _ = tiny_data()
+    model = Generator.for_tokenizer(tiny_config(tok, skip=skip), tok)
+    torch.nn.init.zeros_(model.proj_out.weight)
+    torch.nn.init.zeros_(model.proj_out.bias)
+    x = data.x[:1]
+    out = model.generate(x)
+    weights = tok.layout.value_mask(SPEC, "fp")
+    assert torch.equal(out[0][weights], x[0][weights]) and (out[0][~weights] == 0).all()
+    with pytest.raises(ValueError, match="weight values"):
+        Generator(tiny_config(tok, skip=skip), tok.layout.positions())
+    with pytest.raises(ValueError, match="diffusion head"):
+        tiny_config(tok, skip=skip, head="diffusion")
+    with pytest.raises(ValueError, match="skip must be one of"):
+        tiny_config(tok, skip="mul")
+    rec = fit_generator(tok, data, tiny_config(tok, skip=skip), TrainConfig(steps=3, batch_size=2, ckpt_every=10), tmp_path)
+    back = QuantGen.load(tmp_path)
+    assert back.model.cfg.skip == skip and torch.equal(back.model.generate(x), rec.model.generate(x))
+
+
+def test_log_scale_tokens_round_trip_and_segment_weights():
+    sds = tiny_checkpoints(2)
+    qs = {SPEC: [quantize_state_dict(sd, SPEC) for sd in sds]}
+    tok = Tokenizer.fit(sds, qs, 32, log_scale=True)
+    back = tok.decode_quantized(tok.encode_quantized(qs[SPEC][0], SPEC), SPEC)
+    for name, qt in back.items():
+        assert torch.equal(qt.codes, qs[SPEC][0][name].codes)
+        assert torch.allclose(qt.scale, qs[SPEC][0][name].scale, rtol=1e-5)
+    element, segment = tok.loss_weights(SPEC), tok.loss_weights(SPEC, "segment")
+    mask = tok.loss_mask(SPEC)
+    assert torch.equal(element, mask.float()) and torch.equal(segment > 0, mask)
+    assert segment[mask].mean().item() == pytest.approx(1)
+    totals = [segment.view(-1)[s.start * 32: s.start * 32 + tok.layout.numel(s, SPEC)].sum().item() for s in tok.layout.segments]
+    assert max(totals) == pytest.approx(min(totals))  # every (layer, kind) segment weighs the same
+    with pytest.raises(ValueError, match="loss weighting"):
+        tok.loss_weights(SPEC, "balanced")

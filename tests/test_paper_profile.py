@@ -67,7 +67,8 @@ def test_paper_profile_generators_are_the_papers_size(arch, token_size):
         target = build_model(ModelSpec.from_dict(P["archs"][arch]))
         n_weights = sum(p.numel() for n, p in target.named_parameters() if is_quantized_weight(n, p))
         cfg = GeneratorConfig(token_size=token_size, n_tokens=-(-n_weights // token_size), **P["generator"])
-        n_params = sum(p.numel() for p in Generator(cfg, torch.zeros(cfg.n_tokens, 2, dtype=torch.long)).parameters())
+        weights = torch.ones(cfg.n_tokens, cfg.token_size, dtype=torch.bool)
+        n_params = sum(p.numel() for p in Generator(cfg, torch.zeros(cfg.n_tokens, 2, dtype=torch.long), weights).parameters())
     assert cfg.d_model == token_size
     assert 0.75 < n_params / PAPER_GENERATOR_PARAMS[token_size] < 1.25, n_params
 
@@ -145,7 +146,7 @@ def tiny_paper_profile(tmp_path) -> dict:
     P["table1"] = {"bits": [8, 4], "granularity_bits": 8}
     P["eval"] = {"test_subset": None, "per_split": 1, "batch_size": 4}
     P["ablation"].update(bits=[4], per_factor={"token_size": {"arch": "vit_base", "bits": [8]}},
-                         head={"- diffusion": {}, "+ diffusion": {"head": "diffusion", "diffusion": {
+                         head={"- diffusion": {}, "+ diffusion": {"head": "diffusion", "skip": "none", "diffusion": {
                              "n_steps": 20, "sampler": "ddim", "sample_steps": 4, "diffusion_batch": 8}}},
                          token_size={"32": 32, "64": 64})
     return P

@@ -1,0 +1,121 @@
+"""How faithful a generated quantized model is, and whether the generator follows its input at all.
+
+Three questions a reviewer of a weight generator asks first (Zeng et al., arXiv 2506.07998, ask them of
+p-diff and its kin), as functions of quantized state_dicts, so each can be checked on a case whose answer
+is known:
+
+* **Per-layer fidelity** (`layer_fidelity`): against the target quantizer's output for the same
+  checkpoint, the fraction of integer codes that are equal, the mean code error in quantization steps,
+  the relative error of S, the error of Z and the relative error of the dequantized weight.
+* **Input sensitivity** (`sensitivity`): for two checkpoints a and b,
+
+      s = ||G(a) - G(b)|| / ||T(a) - T(b)||      (dequantized weights of one layer)
+
+  0 means the generator ignores its input (it returns one model whatever it is given), 1 means its
+  output moves as much as the target does. Moving as much is not moving the same way: `alignment`, the
+  cosine between G(a) - G(b) and T(a) - T(b), is 1 for a faithful quantizer and near 0 for an output that
+  moves by noise. A layer whose target is the same for a and b (a frozen layer) has nothing to follow:
+  there the exact-copy rate of `layer_fidelity` is the measure.
+* **Memorisation** (`nearest_distances`, `error_iou`): is a generated model closer to its own target
+  than to the nearest *training* target, compared with how far apart training targets are; and do its
+  mistakes on the test set coincide with those of the nearest training model (IoU of the sets of
+  misclassified samples; 1 = a replica).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from .quant import QTensor, dequantize
+
+
+def _quantized(qsd: dict) -> dict[str, QTensor]:
+    return {k: v for k, v in qsd.items() if isinstance(v, QTensor)}
+
+
+def _common(generated: dict, target: dict) -> list[str]:
+    gen, tgt = _quantized(generated), _quantized(target)
+    if set(gen) != set(tgt):
+        raise ValueError(f"the two models quantize different layers ({sorted(set(gen) ^ set(tgt))[:3]} ...); "
+                         "compare models of one architecture")
+    return list(tgt)
+
+
+def layer_fidelity(generated: dict, target: dict) -> pd.DataFrame:
+    """One row per quantized layer: how the generated layer differs from the target's.
+
+    `codes_equal` fraction of equal codes; `code_mae` mean |code difference| in steps; `scale_rel_err`
+    mean |S_gen - S_tgt| / S_tgt; `zero_mae` mean |Z difference|; `weight_rel_err` ||W_gen - W_tgt|| /
+    ||W_tgt|| of the dequantized weights (what the network computes with).
+    """
+    rows = []
+    for i, name in enumerate(_common(generated, target)):
+        g, t = generated[name], target[name]
+        wg, wt = dequantize(g), dequantize(t)
+        rows.append({"layer": name, "layer_index": i, "numel": t.codes.numel(),
+                     "codes_equal": float((g.codes == t.codes).float().mean()),
+                     "code_mae": float((g.codes.float() - t.codes.float()).abs().mean()),
+                     "scale_rel_err": float(((g.scale - t.scale).abs() / t.scale).mean()),
+                     "zero_mae": float((g.zero - t.zero).abs().mean()),
+                     "weight_rel_err": float((wg - wt).norm() / wt.norm().clamp_min(1e-12))})
+    return pd.DataFrame(rows)
+
+
+def sensitivity(gen_a: dict, gen_b: dict, target_a: dict, target_b: dict) -> pd.DataFrame:
+    """Per layer: ||G(a) - G(b)|| / ||T(a) - T(b)|| of dequantized weights and the cosine between the two
+    differences (both NaN where the target does not move).
+
+    `target_moves` is ||T(a) - T(b)|| / ||T(a)||, so a reader can tell a frozen layer (0) from one that
+    changes between checkpoints.
+    """
+    rows = []
+    for name in _common(gen_a, target_a):
+        dg = (dequantize(gen_a[name]) - dequantize(gen_b[name])).reshape(-1)
+        ta = dequantize(target_a[name])
+        dt = (ta - dequantize(target_b[name])).reshape(-1)
+        moves = dt.norm() > 0
+        rows.append({"layer": name, "target_moves": float(dt.norm() / ta.norm().clamp_min(1e-12)),
+                     "sensitivity": float(dg.norm() / dt.norm()) if moves else float("nan"),
+                     "alignment": float(torch.dot(dg, dt) / (dg.norm() * dt.norm()).clamp_min(1e-30)) if moves else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def flat_weights(qsd: dict) -> torch.Tensor:
+    """Every dequantized weight of a quantized model in one float64 vector (layers in name order)."""
+    return torch.cat([dequantize(qsd[k]).double().reshape(-1) for k in sorted(_quantized(qsd))])
+
+
+def nearest_distances(generated: list[torch.Tensor], own: list[torch.Tensor], train: list[torch.Tensor]) -> pd.DataFrame:
+    """For each generated model (flat weights): distance to its own target and to the nearest training target.
+
+    Distances are relative to the mean norm of the training targets. A replica of the training set has
+    `to_nearest_train` ~ 0 and `to_own` > `to_nearest_train`; a faithful quantizer of new checkpoints has
+    `to_own` far below `to_nearest_train`. `train_spacing` (one number, repeated) is the median distance of
+    a training target to its nearest other training target: how far apart genuinely different models are.
+    """
+    if not train:
+        raise ValueError("nearest_distances needs at least one training target")
+    T = torch.stack(train)
+    scale = T.norm(dim=1).mean().clamp_min(1e-12)
+    spacing = float("nan")
+    if len(train) > 1:
+        d = torch.cdist(T, T)
+        d.fill_diagonal_(float("inf"))
+        spacing = float(d.min(1).values.median() / scale)
+    rows = []
+    for i, (g, t) in enumerate(zip(generated, own, strict=True)):
+        to_train = (T - g).norm(dim=1)
+        j = int(to_train.argmin())
+        rows.append({"model": i, "to_own": float((g - t).norm() / scale), "to_nearest_train": float(to_train[j] / scale),
+                     "nearest_train": j, "train_spacing": spacing})
+    return pd.DataFrame(rows)
+
+
+def error_iou(pred_a: torch.Tensor, pred_b: torch.Tensor, labels: torch.Tensor) -> float:
+    """IoU of the sets of test samples two models misclassify (1: the same mistakes; NaN: neither errs)."""
+    if not pred_a.shape == pred_b.shape == labels.shape:
+        raise ValueError(f"predictions and labels must have one shape, got {pred_a.shape}, {pred_b.shape}, {labels.shape}")
+    ea, eb = pred_a != labels, pred_b != labels
+    union = (ea | eb).sum()
+    return float((ea & eb).sum() / union) if union else float("nan")
