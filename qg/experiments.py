@@ -326,7 +326,8 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
             "d_model": gen_cfg.get("d_model") or exp.config(setting, "tokenizer")["token_size"],
             "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
             "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),
-            "code_mae_worst": layers.code_mae.max(), "scale_rel_err": layers.scale_rel_err.mean(),
+            "code_mae_worst": layers.code_mae.max(), "worst_layer": layers.code_mae.idxmax(),
+            "scale_rel_err": layers.scale_rel_err.mean(),
             "gen": acc["gen"], "ptq": acc["ptq"], "gen_minus_ptq": acc["gen"] - acc["ptq"]}
 
 

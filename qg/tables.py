@@ -365,18 +365,18 @@ def fidelity_figure(diag: dict[str, pd.DataFrame]):
 
 def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
     """The convergence study (`experiments.convergence_row` rows): tidy rows and a Markdown table per pair."""
-    keys = ["arch", "task", "variant", "bits", "granularity", "split", "skip", "d_model", "steps"]
+    keys = ["arch", "task", "variant", "bits", "granularity", "split", "skip", "d_model", "steps", "worst_layer"]
     tidy = rows.melt(id_vars=keys, var_name="metric").assign(table="convergence", profile=profile["name"], commit=commit)
     md = rows.drop(columns=["split", "bits", "granularity"]).rename(columns={
-        "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =", "code_mae": "code err", "code_mae_worst": "worst layer",
-        "scale_rel_err": "S err", "train_seconds": "train (s)", "final_loss": "final loss", "n_params": "params"})
-    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer": 2, "S err": 4, "train (s)": 0,
+        "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =", "code_mae": "code err", "code_mae_worst": "worst layer err",
+        "worst_layer": "worst layer", "scale_rel_err": "S err", "train_seconds": "train (s)", "final_loss": "final loss", "n_params": "params"})
+    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "S err": 4, "train (s)": 0,
                    "final loss": 5, "gen": 2, "ptq": 2})
     c = profile["convergence"]
     return tidy, _markdown(md, f"Convergence: the generator against training steps, width and head ({c['bits']}-bit "
                            f"{c['granularity']}-wise, {SPLIT_LABELS[rows.split.iloc[0]]})", profile, [
         "Fidelity against the generator's PTQ target of the same checkpoint, mean over checkpoints: `codes =` equal "
-        "codes, `code err` mean |code difference| in steps over layers (`worst layer` the largest), `S err` relative "
+        "codes, `code err` mean |code difference| in steps over layers (`worst layer` the largest, and which), `S err` relative "
         "error of S. `skip`: the head (`none` is the paper's, see qg.generator). Train time on the machine in the "
         "provenance file."])
 
