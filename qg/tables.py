@@ -286,6 +286,7 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
     gen, tgt = (near[near.model == m].groupby(keys).mean(numeric_only=True) for m in ("gen", "target"))
     out = per_layer.groupby(keys).agg(codes_equal=("codes_equal", "mean"), code_mae=("code_mae", "mean"),
                                       code_mae_worst=("code_mae", "max"), scale_rel_err=("scale_rel_err", "mean"))
+    out = out.join(per_layer.loc[per_layer.groupby(keys).code_mae.idxmax()].set_index(keys).layer.rename("worst_layer"))
     out = out.join(moving.groupby(keys).agg(sensitivity_min=("sensitivity", "min"), alignment_min=("alignment", "min")))
     out = out.join(frozen.groupby(keys).agg(frozen_copy=("codes_equal", "mean")))
     out = out.join(pd.DataFrame({"to_own": gen.to_own, "to_nearest_train": gen.to_nearest_train,
@@ -294,19 +295,19 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
     split = near.split.iloc[0]
     d = diff[(diff.split == split) & (diff.source == "ptq") & (diff.condition == "") & (diff.variant == "")]
     out = out.join(d.groupby(keys).accuracy.mean().rename("gen_minus_ptq")).reset_index()
-    tidy = out.melt(id_vars=keys, var_name="metric").assign(table="fidelity", split=split, method="gen",
+    tidy = out.melt(id_vars=keys + ["worst_layer"], var_name="metric").assign(table="fidelity", split=split, method="gen",
                                                            profile=profile["name"], commit=commit)
     md = out.rename(columns={"granularity": "gran.", "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =",
-                             "code_mae": "code err", "code_mae_worst": "worst layer", "scale_rel_err": "S err",
+                             "code_mae": "code err", "code_mae_worst": "worst layer err", "worst_layer": "worst layer", "scale_rel_err": "S err",
                              "sensitivity_min": "sens. (min)", "alignment_min": "align. (min)", "frozen_copy": "frozen copy",
                              "to_own": "d(own)", "to_nearest_train": "d(train)", "target_to_nearest_train": "d(train) of target",
                              "iou_nearest_train": "IoU train", "target_iou_nearest_train": "IoU train of target", "iou_own": "IoU own"})
-    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer": 2, "S err": 4, "sens. (min)": 2,
+    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "S err": 4, "sens. (min)": 2,
                    "align. (min)": 2, "frozen copy": 3, "d(own)": 4, "d(train)": 4, "d(train) of target": 4,
                    "IoU train": 2, "IoU train of target": 2, "IoU own": 2})
     return tidy, _markdown(md, f"Fidelity and memorisation of the Table 1 generators ({SPLIT_LABELS[split]})", profile, [
         "Against the generator's target (PTQ) of the same checkpoint: `codes =` fraction of equal integer codes; "
-        "`code err` mean |code difference| in quantization steps over layers (`worst layer`: the largest); `S err` mean "
+        "`code err` mean |code difference| in quantization steps over layers (`worst layer`: the largest, and which); `S err` mean "
         "relative error of S.",
         "`sens.`: ||G(a) − G(b)|| / ||T(a) − T(b)|| and `align.`: cosine between the two, per layer whose target moves "
         "between consecutive held-out checkpoints, the smallest over layers (1 = follows its input, 0 = ignores it); "
