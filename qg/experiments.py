@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .collect import accuracy
-from .fidelity import error_iou, flat_weights, layer_fidelity, nearest_distances, sensitivity
+from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
 from .data import batches, held
 from .generator import GeneratorConfig, QuantGen
 from .io import params_key, read_json, write_json
@@ -305,12 +305,13 @@ def main_settings(profile: dict) -> dict[str, list[Setting]]:
 def convergence_settings(profile: dict) -> list[Setting]:
     """The convergence study of 02_train: every (architecture, task) at one spec, once per variant of the
     profile's `convergence` block (label -> overrides of tokenizer / generator / train settings: more steps,
-    another width, the paper's head). A variant equal to the defaults is the Table 1 generator, not a new one."""
-    c = profile.get("convergence")
-    if not c:
+    the paper's head, another width). A variant equal to the defaults is the Table 1 generator, not a new one;
+    no block (or no variants) means no study."""
+    c = profile.get("convergence") or {}
+    if not c.get("variants"):
         return []
     spec = spec_from(c["bits"], c["granularity"], profile["quant"])
-    return [Setting(a, t, [spec], overrides=copy.deepcopy(overrides), label=label)
+    return [Setting(a, t, [spec], overrides=copy.deepcopy(overrides or {}), label=label)
             for a, t in pairs(profile) for label, overrides in c["variants"].items()]
 
 
@@ -395,10 +396,10 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
     if not memorisation:
         return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag)}
     train_files = [exp.target(setting, spec, c) for c in splits["trained"]]
-    train = [flat_weights(read_quantized(p)[0]) for p in train_files]
+    train = [read_quantized(p)[0] for p in train_files]
     near = []
     for model, files, g in (("gen", [exp.generated(setting, spec, c, quantgen) for c in ckpts], gen), ("target", None, own)):
-        d = nearest_distances([flat_weights(q) for q in g], [flat_weights(q) for q in own], train)
+        d = nearest_distances(g, own, train)
         for i, row in d.iterrows():
             pred, labels = exp.predictions(files[i] if files else exp.target(setting, spec, ckpts[i]))
             pred_train, _ = exp.predictions(train_files[int(row.nearest_train)])

@@ -81,34 +81,49 @@ def sensitivity(gen_a: dict, gen_b: dict, target_a: dict, target_b: dict) -> pd.
     return pd.DataFrame(rows)
 
 
-def flat_weights(qsd: dict) -> torch.Tensor:
-    """Every dequantized weight of a quantized model in one float64 vector (layers in name order)."""
-    return torch.cat([dequantize(qsd[k]).double().reshape(-1) for k in sorted(_quantized(qsd))])
+def _squared_distances(models: list[dict], refs: list[dict]) -> torch.Tensor:
+    """(len(models), len(refs)) squared distances of dequantized weights, summed layer by layer in float64.
+
+    One layer of every reference is held at a time, so 40 training targets of a ViT-Base cost a few of its
+    layers in memory, not 40 copies of the model.
+    """
+    out = torch.zeros(len(models), len(refs), dtype=torch.float64)
+    for name in sorted(_quantized(refs[0])):
+        R = torch.stack([dequantize(r[name]).double().reshape(-1) for r in refs])
+        for i, m in enumerate(models):
+            out[i] += (R - dequantize(m[name]).double().reshape(-1)).pow(2).sum(1)
+    return out
 
 
-def nearest_distances(generated: list[torch.Tensor], own: list[torch.Tensor], train: list[torch.Tensor]) -> pd.DataFrame:
-    """For each generated model (flat weights): distance to its own target and to the nearest training target.
+def _norm(qsd: dict) -> float:
+    return sum(float(dequantize(q).double().pow(2).sum()) for q in _quantized(qsd).values()) ** 0.5
 
-    Distances are relative to the mean norm of the training targets. A replica of the training set has
+
+def nearest_distances(generated: list[dict], own: list[dict], train: list[dict]) -> pd.DataFrame:
+    """For each generated model: distance to its own target and to the nearest training target.
+
+    All arguments are quantized state_dicts of one architecture. Distances (of the dequantized weights) are
+    relative to the mean norm of the training targets. A replica of the training set has
     `to_nearest_train` ~ 0 and `to_own` > `to_nearest_train`; a faithful quantizer of new checkpoints has
     `to_own` far below `to_nearest_train`. `train_spacing` (one number, repeated) is the median distance of
     a training target to its nearest other training target: how far apart genuinely different models are.
     """
     if not train:
         raise ValueError("nearest_distances needs at least one training target")
-    T = torch.stack(train)
-    scale = T.norm(dim=1).mean().clamp_min(1e-12)
+    if len(generated) != len(own):
+        raise ValueError(f"{len(generated)} generated models for {len(own)} own targets; pass one target per model")
+    scale = max(sum(_norm(t) for t in train) / len(train), 1e-12)
     spacing = float("nan")
     if len(train) > 1:
-        d = torch.cdist(T, T)
+        d = _squared_distances(train, train).sqrt()
         d.fill_diagonal_(float("inf"))
-        spacing = float(d.min(1).values.median() / scale)
+        spacing = float(d.min(1).values.median()) / scale
+    to_train = _squared_distances(generated, train).sqrt()
     rows = []
-    for i, (g, t) in enumerate(zip(generated, own, strict=True)):
-        to_train = (T - g).norm(dim=1)
-        j = int(to_train.argmin())
-        rows.append({"model": i, "to_own": float((g - t).norm() / scale), "to_nearest_train": float(to_train[j] / scale),
-                     "nearest_train": j, "train_spacing": spacing})
+    for i, (g, t) in enumerate(zip(generated, own)):
+        j = int(to_train[i].argmin())
+        rows.append({"model": i, "to_own": float(_squared_distances([g], [t])[0, 0].sqrt()) / scale,
+                     "to_nearest_train": float(to_train[i, j]) / scale, "nearest_train": j, "train_spacing": spacing})
     return pd.DataFrame(rows)
 
 

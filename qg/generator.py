@@ -246,7 +246,10 @@ class QuantGen:
                                     "train one with notebooks/02_train.ipynb or qg.train")
         info = read_json(directory / "generator.json")
         tokenizer = Tokenizer.load(directory)
-        cfg = GeneratorConfig(**info["config"])
+        try:
+            cfg = GeneratorConfig(**info["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{directory}/generator.json does not describe a generator this version of qg builds: {e}") from e
         if (cfg.n_tokens, cfg.token_size) != tokenizer.shape:
             raise ValueError(f"{directory}: generator expects {cfg.n_tokens} tokens of {cfg.token_size}, "
                              f"its tokenizer makes {tokenizer.shape}; the directory mixes files of two runs")

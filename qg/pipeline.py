@@ -84,7 +84,10 @@ def profile_problems(profile: dict) -> list[str]:
     problems += [f"{where} uses {block['arch']}/{block['task']}, which 01_collect does not make (it makes "
                  f"{[f'{a}/{t}' for a, t in collected]})"
                  for where, block in wanted.items() if block and (block["arch"], block["task"]) not in collected]
-    for label, overrides in profile.get("convergence", {}).get("variants", {}).items():
+    convergence = profile.get("convergence") or {}
+    if convergence.get("variants") and not {"bits", "granularity"} <= set(convergence):
+        problems.append("convergence needs `bits` and `granularity` beside its `variants`")
+    for label, overrides in (convergence.get("variants") or {}).items():
         unknown = sorted(set(overrides or {}) - {"tokenizer", "generator", "train"})
         if unknown:
             problems.append(f"convergence.variants.{label} overrides {unknown}; only tokenizer, generator and train can change")

@@ -173,8 +173,17 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
         f"G: one generator for channel and group at {gbits} bits."])
 
 
+def generator_note(profile: dict) -> str:
+    """Which generator `Gen` is in a profile's tables: the paper's head, or ours (skip / log-S tokens)."""
+    skip, log_scale = profile["generator"].get("skip", "none"), profile["tokenizer"].get("log_scale", False)
+    if skip == "none" and not log_scale:
+        return "Gen: the paper's generator (MSE head, linear S tokens)."
+    return (f"Gen: our generator (head `skip: {skip}`{', log-S tokens' if log_scale else ''}; the paper's is `skip: none` "
+            "with linear S tokens, compared in 02_train's convergence study); the paper's rows are its own generator.")
+
+
 def _markdown(df: pd.DataFrame, title: str, profile: dict, notes: list[str]) -> str:
-    return markdown(df, title, [*notes, f"Profile `{profile['name']}`; splits: "
+    return markdown(df, title, [*notes, generator_note(profile), f"Profile `{profile['name']}`; splits: "
                                 + "; ".join(f"{v}" for v in SPLIT_LABELS.values()) + "."])
 
 
@@ -319,8 +328,9 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
 
 
 def fidelity_figure(diag: dict[str, pd.DataFrame]):
-    """Three panels: code error per layer (8 bits and the lowest), input sensitivity vs alignment per layer,
-    and distance to the own target vs to the nearest training target."""
+    """Three panels: code error against bits (mean over layers and the worst layer, group-wise), input
+    sensitivity against alignment per moving layer, and distance to the own target against distance to the
+    nearest training target (beside each target's own distance to the nearest training target)."""
     layers, sens, near = (diag[k].assign(pair=lambda d: d.arch + "/" + d.task) for k in ("layers", "sensitivity", "nearest"))
     group = layers[layers.granularity == "group"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
@@ -348,9 +358,9 @@ def fidelity_figure(diag: dict[str, pd.DataFrame]):
     ax.grid(alpha=0.3)
     ax = axes[2]
     gen = near[near.model == "gen"].groupby(["pair", "bits"])[["to_own", "to_nearest_train"]].mean().reset_index()
-    tgt = near[near.model == "target"].groupby(["pair"])[["to_nearest_train"]].mean()
+    tgt = near[near.model == "target"].groupby(["pair"])[["to_nearest_train"]].mean()  # hardly depends on bits
     sns.scatterplot(data=gen, x="to_nearest_train", y="to_own", hue="pair", style="pair", size="bits", sizes=(15, 80), ax=ax)
-    top = max(gen.to_own.max(), gen.to_nearest_train.max()) * 1.1
+    top = max(gen.to_own.max(), gen.to_nearest_train.max(), tgt.to_nearest_train.max()) * 1.1
     ax.plot([0, top], [0, top], color="k", lw=0.8, ls="--")
     ax.text(top * 0.55, top * 0.6, "replica side:\ncloser to a training target", fontsize=7, rotation=0)
     for i, (pair, row) in enumerate(tgt.iterrows()):
@@ -374,7 +384,7 @@ def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[p
     md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "S err": 4, "train (s)": 0,
                    "final loss": 5, "gen": 2, "ptq": 2})
     c = profile["convergence"]
-    return tidy, _markdown(md, f"Convergence: the generator against training steps, width and head ({c['bits']}-bit "
+    return tidy, _markdown(md, f"Convergence: the generator against its training budget and head ({c['bits']}-bit "
                            f"{c['granularity']}-wise, {SPLIT_LABELS[rows.split.iloc[0]]})", profile, [
         "Fidelity against the generator's PTQ target of the same checkpoint, mean over checkpoints: `codes =` equal "
         "codes, `code err` mean |code difference| in steps over layers (`worst layer` the largest, and which), `S err` relative "

@@ -32,6 +32,7 @@ from .quant import MIN_SCALE, QTensor, QuantSpec, is_quantized_weight
 
 PADDING_MODES = ("gaussian", "zero", "one")
 LOSS_WEIGHTINGS = ("element", "segment")
+MAX_LOG_SCALE = 80.0  # a diverged generated log S decodes to a huge but finite S, never inf
 KINDS = ("weight", "scale", "zero")
 
 
@@ -256,7 +257,7 @@ class Tokenizer:
         for li, (name, shape) in enumerate(self.layout.shapes):
             pshape = spec.param_shape(shape)
             codes = torch.round(parts[(li, "weight")]).clamp(spec.qmin, spec.qmax).to(torch.int8).reshape(shape)
-            scale = parts[(li, "scale")].exp() if self.log_scale else parts[(li, "scale")]
+            scale = parts[(li, "scale")].clamp(max=MAX_LOG_SCALE).exp() if self.log_scale else parts[(li, "scale")]
             scale = scale.clamp_min(MIN_SCALE).reshape(pshape)
             zero = torch.round(parts[(li, "zero")]).clamp(spec.qmin, spec.qmax).reshape(pshape)
             out[name] = QTensor(codes, scale, zero, spec)

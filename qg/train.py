@@ -57,6 +57,7 @@ class TokenPairs:
     cond: torch.Tensor
     masks: torch.Tensor
     conditions: list[str]
+    loss_weighting: str = "element"
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]],
@@ -77,7 +78,7 @@ class TokenPairs:
                 cond.append(c)
         masks = torch.stack([tokenizer.loss_weights(s, loss_weighting) for s in specs])
         names = [s.name for s in specs] if conditional else []
-        return cls(x, torch.stack(ys), torch.tensor(src), torch.tensor(cond), masks, names)
+        return cls(x, torch.stack(ys), torch.tensor(src), torch.tensor(cond), masks, names, loss_weighting)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -89,13 +90,14 @@ class TokenPairs:
 
     def save(self, path) -> None:
         save_safetensors({"x": self.x, "y": self.y, "src": self.src, "cond": self.cond, "masks": self.masks},
-                         path, {"conditions": ",".join(self.conditions)})
+                         path, {"conditions": ",".join(self.conditions), "loss_weighting": self.loss_weighting})
 
     @classmethod
     def load(cls, path) -> "TokenPairs":
         t, meta = read_safetensors(path)
         names = meta.get("conditions", "")
-        return cls(t["x"], t["y"], t["src"], t["cond"], t["masks"], names.split(",") if names else [])
+        return cls(t["x"], t["y"], t["src"], t["cond"], t["masks"], names.split(",") if names else [],
+                   meta.get("loss_weighting", "element"))
 
 
 def _world() -> tuple[int, int]:
@@ -133,6 +135,12 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     rank, world = _world()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if data.loss_weighting != cfg.loss_weighting:
+        raise ValueError(f"the training pairs carry {data.loss_weighting!r} loss weights but the run asks for "
+                         f"{cfg.loss_weighting!r}; rebuild them with TokenPairs.build(..., loss_weighting={cfg.loss_weighting!r})")
+    if not cfg.mask_padding and cfg.loss_weighting != "element":
+        raise ValueError("mask_padding=False trains on every position with equal weight, which drops the "
+                         f"{cfg.loss_weighting!r} loss weights: keep mask_padding=True or use loss_weighting='element'")
     model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -142,7 +150,7 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)
         run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
-        if state.get("run") != run:
+        if _completed(state.get("run")) != run:
             raise ValueError(f"{state_path} holds a run with other settings ({state.get('run')}); "
                              "resume only the same run: pick a new output directory or pass resume=False")
         model.load_state_dict(state["model"])
@@ -181,6 +189,14 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     return {"steps": len(losses), "final_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed,
             "peak_memory_mb": peak_memory_mb(device), "activation_mb": activation_mb, "world_size": world, "device": str(device),
             "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
+
+
+def _completed(run: dict | None) -> dict | None:
+    """A stored run's settings with the defaults of fields added since it was saved filled in."""
+    try:
+        return {"generator": GeneratorConfig(**run["generator"]).to_dict(), "train": asdict(TrainConfig(**run["train"]))}
+    except (KeyError, TypeError, ValueError):
+        return run
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:

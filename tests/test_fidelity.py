@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from qg.fidelity import error_iou, flat_weights, layer_fidelity, nearest_distances, sensitivity
-from qg.quant import QTensor, QuantSpec, quantize_state_dict
+from qg.fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
+from qg.quant import QTensor, QuantSpec, dequantize, quantize_state_dict
 
 SPEC = QuantSpec(8, "group", group_size=16)
 
@@ -56,14 +56,25 @@ def test_sensitivity_of_a_frozen_layer_is_undefined():
 
 
 def test_nearest_distances_tell_a_replica_from_a_faithful_quantizer():
-    train = [flat_weights(m) for m in models(5, seed=1)]
-    new = [flat_weights(m) for m in models(3, seed=2)]
+    train, new = models(5, seed=1), models(3, seed=2)
     faithful = nearest_distances(new, new, train)
     assert (faithful.to_own == 0).all() and (faithful.to_nearest_train > 0).all()
     replica = nearest_distances([train[3]] * 3, new, train)  # returns training model 3 whatever it is given
     assert (replica.to_nearest_train == 0).all() and (replica.nearest_train == 3).all()
     assert (replica.to_own > 0).all()
     assert faithful.train_spacing.iloc[0] > 0
+
+
+def test_nearest_distances_are_euclidean_distances_of_the_dequantized_weights():
+    (a,), train = models(1, seed=3), models(4, seed=4)
+    flat = lambda q: torch.cat([dequantize(q[k]).double().reshape(-1) for k in sorted(k for k in q if k.endswith("weight"))])
+    scale = torch.stack([flat(t).norm() for t in train]).mean()
+    d = nearest_distances([a], [train[0]], train).iloc[0]
+    direct = torch.stack([(flat(a) - flat(t)).norm() for t in train]) / scale
+    assert d.to_nearest_train == pytest.approx(float(direct.min())) and d.nearest_train == int(direct.argmin())
+    assert d.to_own == pytest.approx(float(direct[0]))
+    with pytest.raises(ValueError, match="one target per model"):
+        nearest_distances([a], [], train)
 
 
 def test_error_iou():

@@ -190,3 +190,29 @@ def test_log_scale_tokens_round_trip_and_segment_weights():
     assert max(totals) == pytest.approx(min(totals))  # every (layer, kind) segment weighs the same
     with pytest.raises(ValueError, match="loss weighting"):
         tok.loss_weights(SPEC, "balanced")
+
+
+def test_a_run_saved_before_new_settings_existed_resumes(tmp_path):
+    """A train_state.pt whose stored settings lack fields added later (skip, loss_weighting) still resumes."""
+    tok, data, _ = tiny_data()
+    cfg = TrainConfig(steps=6, batch_size=2, ckpt_every=3)
+    torch.manual_seed(0)
+    train(Generator(tiny_config(tok), tok.layout.positions()), data, cfg, tmp_path, stop_after=3)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    del state["run"]["generator"]["skip"], state["run"]["train"]["loss_weighting"]
+    torch.save(state, tmp_path / "train_state.pt")
+    rec = train(Generator(tiny_config(tok), tok.layout.positions()), data, cfg, tmp_path)
+    assert rec["steps"] == 6
+
+
+def test_loss_weights_must_match_the_run(tmp_path):
+    tok, data, sds = tiny_data()
+    model = Generator(tiny_config(tok), tok.layout.positions())
+    with pytest.raises(ValueError, match="rebuild them"):
+        train(model, data, TrainConfig(steps=1, batch_size=2, loss_weighting="segment"), tmp_path)
+    qs = {SPEC: [quantize_state_dict(sd, SPEC) for sd in sds]}
+    weighted = TokenPairs.build(tok, sds, qs, loss_weighting="segment")
+    weighted.save(tmp_path / "pairs.safetensors")
+    assert TokenPairs.load(tmp_path / "pairs.safetensors").loss_weighting == "segment"
+    with pytest.raises(ValueError, match="mask_padding=False"):
+        train(model, weighted, TrainConfig(steps=1, batch_size=2, loss_weighting="segment", mask_padding=False), tmp_path)
