@@ -162,8 +162,23 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
         print(f"[qg.pipeline] {name} (profile {profile})", flush=True)
         papermill.execute_notebook(str(source), str(out_dir / f"{name}.ipynb"), parameters=params,
                                    cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=True)
+        _relative_paths(out_dir / f"{name}.ipynb")
         done.append(out_dir / f"{name}.ipynb")
     return done
+
+
+def _relative_paths(executed: Path) -> None:
+    """papermill records the notebook's absolute input and output paths: keep them relative to the repository."""
+    import nbformat
+
+    from .report import portable
+
+    nb = nbformat.read(executed, 4)
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            meta[key] = portable(meta[key])
+    nbformat.write(nb, executed)
 
 
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"

@@ -8,6 +8,7 @@ saved with fixed metadata so the same data gives the same bytes.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -40,10 +41,19 @@ def cell(mean: float, std: float | None = None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if std is None or pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def portable(path) -> str:
+    """`path` relative to $QG_OUTPUT or the repository (where results live), so no machine's folders are recorded."""
+    path = Path(path).resolve()
+    for root in (os.environ.get("QG_OUTPUT"), Path(__file__).resolve().parent.parent):
+        if root and path.is_relative_to(Path(root).resolve()):
+            return str(path.relative_to(Path(root).resolve()))
+    return path.name
+
+
 def provenance(profile: dict, commit: str, inputs: list[Path] = (), extra: dict | None = None) -> dict:
     """What produced a results file: profile and its parameters, code commit, input hashes, software."""
     return {"profile": profile["name"], "parameters": profile, "commit": commit,
-            "inputs": {str(p): file_sha256(p) for p in sorted(map(Path, inputs)) if Path(p).is_file()},
+            "inputs": {portable(p): file_sha256(p) for p in sorted(map(Path, inputs)) if Path(p).is_file()},
             "software": {"python": platform.python_version(), "torch": torch.__version__,
                          "pandas": pd.__version__, "matplotlib": matplotlib.__version__},
             "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
