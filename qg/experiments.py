@@ -386,8 +386,9 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
     quantgen = exp.generator(setting)
     splits = exp.splits(setting.arch, setting.task)
     ckpts = pick(splits[split], exp.profile["eval"].get("per_split"))
-    gen = [read_quantized(exp.generated(setting, spec, c, quantgen))[0] for c in ckpts]
-    own = [read_quantized(exp.target(setting, spec, c))[0] for c in ckpts]
+    gen_files = [exp.generated(setting, spec, c, quantgen) for c in ckpts]
+    own_files = [exp.target(setting, spec, c) for c in ckpts]
+    gen, own = ([read_quantized(p)[0] for p in files] for files in (gen_files, own_files))
     tag = {"arch": setting.arch, "task": setting.task, "setting": setting.name, "source": setting.source,
            "bits": spec.bits, "granularity": spec.granularity, "split": split}
     layers = pd.concat([layer_fidelity(g, t).assign(checkpoint=c.stem) for g, t, c in zip(gen, own, ckpts)])
@@ -398,12 +399,12 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
     train_files = [exp.target(setting, spec, c) for c in splits["trained"]]
     train = [read_quantized(p)[0] for p in train_files]
     near = []
-    for model, files, g in (("gen", [exp.generated(setting, spec, c, quantgen) for c in ckpts], gen), ("target", None, own)):
+    for model, files, g in (("gen", gen_files, gen), ("target", own_files, own)):
         d = nearest_distances(g, own, train)
         for i, row in d.iterrows():
-            pred, labels = exp.predictions(files[i] if files else exp.target(setting, spec, ckpts[i]))
+            pred, labels = exp.predictions(files[i])
             pred_train, _ = exp.predictions(train_files[int(row.nearest_train)])
-            pred_own, _ = exp.predictions(exp.target(setting, spec, ckpts[i]))
+            pred_own, _ = exp.predictions(own_files[i])
             near.append({**row.to_dict(), "model": model, "checkpoint": ckpts[i].stem,
                          "iou_nearest_train": error_iou(pred, pred_train, labels), "iou_own": error_iou(pred, pred_own, labels)})
     return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag), "nearest": pd.DataFrame(near).assign(**tag)}
