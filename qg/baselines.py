@@ -17,14 +17,14 @@ import dataclasses
 
 import torch
 
-from .quant import MIN_SCALE, QTensor, QuantSpec, _grouped, _ungrouped, check_finite, is_quantized_weight, quantize, quantize_with
+from .quant import MIN_SCALE, QTensor, QuantSpec, grouped, ungrouped, check_finite, is_quantized_weight, quantize, quantize_with
 
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 11)
 
 
 def mse_clip(w: torch.Tensor, spec: QuantSpec) -> QTensor:
     """Symmetric RTN with, per row or group, the clipping ratio of `CLIP_RATIOS` that minimises ||w - w_hat||^2."""
-    g, _ = _grouped(w, spec)
+    g, _ = grouped(w, spec)
     amax = g.abs().amax(-1).clamp_min(MIN_SCALE)
     best_err = best_scale = None
     for ratio in CLIP_RATIOS:
@@ -43,7 +43,7 @@ def hqq(w: torch.Tensor, spec: QuantSpec) -> QTensor:
     """HQQ with the `hqq` package's solver on our groups; codes and zero stored shifted by 2^(N-1) (int8)."""
     from hqq.core.optimize import optimize_weights_proximal_legacy
 
-    g, length = _grouped(w, spec)
+    g, length = grouped(w, spec)
     rows, groups, glen = g.shape
     flat = g.reshape(-1, glen)
     top = 2**spec.bits - 1
@@ -54,7 +54,7 @@ def hqq(w: torch.Tensor, spec: QuantSpec) -> QTensor:
                                                               device="cpu")
     shift = 2 ** (spec.bits - 1)
     codes = (codes - shift).round().to(torch.int8).reshape(rows, groups, glen)
-    return QTensor(_ungrouped(codes, length, w.shape), (1.0 / inv_scale).float().reshape(rows, groups),
+    return QTensor(ungrouped(codes, length, w.shape), (1.0 / inv_scale).float().reshape(rows, groups),
                    (zero.float() - shift).reshape(rows, groups), spec)
 
 

@@ -23,11 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .collect import accuracy
 from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
 from .data import batches, held
 from .generator import GeneratorConfig, QuantGen
-from .io import params_key, read_json, write_json
+from .io import CorruptFileError, params_key, read_safetensors, save_safetensors
 from .models import ModelSpec, build_model, load_checkpoint, load_model_file, load_weights, predict, resolve_device
 from .pipeline import Paths, ablation_setup, git_commit, pairs, require, selected
 from .baselines import quantize_model
@@ -87,7 +86,6 @@ class Experiment:
         self.commit = git_commit()
         self.device = resolve_device(profile.get("device"))
         self._test_sets: dict = {}
-        self._predictions: dict = {}
 
     # ------------------------------------------------------------------ checkpoints and targets
     def task_entry(self, arch: str, task: str) -> dict:
@@ -229,22 +227,29 @@ class Experiment:
         return self._test_sets[key]
 
     def score(self, path: Path) -> float:
-        """Top-1 accuracy (%) of a checkpoint or quantized file, evaluated from the file (cached beside it)."""
-        test_key = params_key({"test_subset": self.profile["eval"].get("test_subset"), "seed": self.profile["seed"]})
-        cache = path.with_name(path.name + f".eval-{test_key}.json")
-        if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
-            return read_json(cache)["accuracy"]
-        sd, spec, _ = load_model_file(path)
-        acc = accuracy(spec, sd, self.test_set(spec), self.device)
-        write_json(cache, {"accuracy": acc, "file": path.name})
-        return acc
+        """Top-1 accuracy (%) of a checkpoint or quantized file on the profile's test subset."""
+        pred, labels = self.predictions(path)
+        return 100.0 * int((pred == labels).sum()) / len(labels)
 
     def predictions(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset (memoised)."""
-        if path not in self._predictions:
-            sd, spec, _ = load_model_file(path)
-            self._predictions[path] = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
-        return self._predictions[path]
+        """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset.
+
+        Evaluated from the file once and cached beside it (`<file>.pred-<key>.safetensors`, keyed by the test
+        subset and seed), so accuracies and the memorisation tests' error overlaps share one evaluation.
+        A cache older than its file, or unreadable, is recomputed.
+        """
+        test_key = params_key({"test_subset": self.profile["eval"].get("test_subset"), "seed": self.profile["seed"]})
+        cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
+        if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
+            try:
+                t = read_safetensors(cache)[0]
+                return t["pred"].long(), t["labels"].long()
+            except (CorruptFileError, KeyError):
+                pass  # a damaged cache is only a cache: evaluate again below
+        sd, spec, _ = load_model_file(path)
+        pred, labels = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
+        save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, cache, {"file": path.name})
+        return pred, labels
 
     def evaluate(self, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
                  splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
@@ -316,9 +321,12 @@ def convergence_settings(profile: dict) -> list[Setting]:
 
 
 def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run") -> dict:
-    """One variant of the convergence study: its cost, final loss, fidelity and Gen − PTQ on `split`."""
+    """One variant of the convergence study: its cost, final loss, fidelity and Gen − PTQ on `split`, and for
+    the layer with the largest code error, how much of it is a wrong range per group (`worst_gain_err`,
+    `worst_scale_err`) and how much is per element (`worst_local_err`, see `qg.fidelity.layer_fidelity`)."""
     spec, record = setting.specs[0], exp.generator(setting).record
     layers = diagnose(exp, setting, spec, split, memorisation=False)["layers"].groupby("layer").mean(numeric_only=True)
+    worst = layers.code_mae.idxmax()
     ev = exp.evaluate(setting, ("ptq", "gen"), splits=(split,))
     acc = ev.groupby("method").accuracy.mean()
     gen_cfg, train_cfg = exp.config(setting, "generator"), exp.config(setting, "train")
@@ -327,8 +335,9 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
             "d_model": gen_cfg.get("d_model") or exp.config(setting, "tokenizer")["token_size"],
             "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
             "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),
-            "code_mae_worst": layers.code_mae.max(), "worst_layer": layers.code_mae.idxmax(),
-            "scale_rel_err": layers.scale_rel_err.mean(),
+            "code_mae_worst": layers.code_mae.max(), "worst_layer": worst,
+            "worst_gain_err": layers.group_gain_err[worst], "worst_local_err": layers.code_mae_local[worst],
+            "scale_rel_err": layers.scale_rel_err.mean(), "worst_scale_err": layers.scale_rel_err[worst],
             "gen": acc["gen"], "ptq": acc["ptq"], "gen_minus_ptq": acc["gen"] - acc["ptq"]}
 
 

@@ -6,7 +6,9 @@ is known:
 
 * **Per-layer fidelity** (`layer_fidelity`): against the target quantizer's output for the same
   checkpoint, the fraction of integer codes that are equal, the mean code error in quantization steps,
-  the relative error of S, the error of Z and the relative error of the dequantized weight.
+  the relative error of S, the error of Z and the relative error of the dequantized weight; and the code
+  error split in two: the part a per-group gain and offset explains (the generator got the group's range
+  wrong, e.g. its max|w|, and every code of the group is off by the same factor) and the per-element rest.
 * **Input sensitivity** (`sensitivity`): for two checkpoints a and b,
 
       s = ||G(a) - G(b)|| / ||T(a) - T(b)||      (dequantized weights of one layer)
@@ -27,7 +29,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from .quant import QTensor, dequantize
+from .quant import QTensor, dequantize, grouped
 
 
 def _quantized(qsd: dict) -> dict[str, QTensor]:
@@ -42,23 +44,40 @@ def _common(generated: dict, target: dict) -> list[str]:
     return list(tgt)
 
 
+def _group_fit(generated: QTensor, target: QTensor) -> tuple[float, float]:
+    """Fit each group's generated codes as a * target + b (codes taken from their zero points, least
+    squares); return the mean |a - 1| and the mean |code error| left after the fit."""
+    u = grouped(target.codes.float(), target.spec)[0] - target.zero.unsqueeze(-1)
+    v = grouped(generated.codes.float(), target.spec)[0] - generated.zero.unsqueeze(-1)
+    du, dv = u - u.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
+    var = du.pow(2).sum(-1, keepdim=True)
+    a = torch.where(var > 0, (du * dv).sum(-1, keepdim=True) / var.clamp_min(1e-12), torch.ones_like(var))
+    rest = dv - a * du
+    return float((a - 1).abs().mean()), float(rest.abs().mean())
+
+
 def layer_fidelity(generated: dict, target: dict) -> pd.DataFrame:
     """One row per quantized layer: how the generated layer differs from the target's.
 
     `codes_equal` fraction of equal codes; `code_mae` mean |code difference| in steps; `scale_rel_err`
     mean |S_gen - S_tgt| / S_tgt; `zero_mae` mean |Z difference|; `weight_rel_err` ||W_gen - W_tgt|| /
-    ||W_tgt|| of the dequantized weights (what the network computes with).
+    ||W_tgt|| of the dequantized weights (what the network computes with). `group_gain_err` and
+    `code_mae_local` split the code error: fitting each group's codes as gain x target + offset, the mean
+    |gain - 1| and the mean |code error| the fit leaves (the per-element part; equal to `code_mae` when the
+    error is all per element, near 0 when it is all a wrong range per group).
     """
     rows = []
     for i, name in enumerate(_common(generated, target)):
         g, t = generated[name], target[name]
         wg, wt = dequantize(g), dequantize(t)
+        gain_err, local = _group_fit(g, t)
         rows.append({"layer": name, "layer_index": i, "numel": t.codes.numel(),
                      "codes_equal": float((g.codes == t.codes).float().mean()),
                      "code_mae": float((g.codes.float() - t.codes.float()).abs().mean()),
                      "scale_rel_err": float(((g.scale - t.scale).abs() / t.scale).mean()),
                      "zero_mae": float((g.zero - t.zero).abs().mean()),
-                     "weight_rel_err": float((wg - wt).norm() / wt.norm().clamp_min(1e-12))})
+                     "weight_rel_err": float((wg - wt).norm() / wt.norm().clamp_min(1e-12)),
+                     "group_gain_err": gain_err, "code_mae_local": local})
     return pd.DataFrame(rows)
 
 

@@ -110,7 +110,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"tensor {name!r} has {bad} NaN/inf values; fix or re-export the checkpoint before quantizing")
 
 
-def _grouped(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+def grouped(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     """View w as (rows, groups, group_len), edge-padding the short last group of each row.
 
     Edge padding repeats a row's last value, so it changes neither max|r| nor min/max of that group.
@@ -126,13 +126,13 @@ def _grouped(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
     return rows.reshape(rows.shape[0], groups, glen), length
 
 
-def _ungrouped(g: torch.Tensor, length: int, shape) -> torch.Tensor:
+def ungrouped(g: torch.Tensor, length: int, shape) -> torch.Tensor:
     return g.reshape(g.shape[0], -1)[:, :length].reshape(shape)
 
 
 def quant_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scale and zero point of `w` for `spec`, each of shape (rows, groups)."""
-    g, _ = _grouped(w, spec)
+    g, _ = grouped(w, spec)
     if spec.scheme == "symmetric":
         scale = g.abs().amax(-1).clamp_min(MIN_SCALE) / spec.qmax
         zero = torch.zeros_like(scale)
@@ -145,10 +145,10 @@ def quant_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> QTensor:
     """Codes of `w` under given (S, Z): round(w / S) + Z, clamped to the spec's code range."""
-    g, length = _grouped(w, spec)
+    g, length = grouped(w, spec)
     codes = torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
     codes = codes.clamp(spec.qmin, spec.qmax).to(torch.int8)
-    return QTensor(_ungrouped(codes, length, w.shape), scale.float(), zero.float(), spec)
+    return QTensor(ungrouped(codes, length, w.shape), scale.float(), zero.float(), spec)
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
@@ -162,9 +162,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
 
 def dequantize(q: QTensor) -> torch.Tensor:
     """Float32 weight S * (codes - Z), each group's (S, Z) broadcast over its values."""
-    g, length = _grouped(q.codes, q.spec)
+    g, length = grouped(q.codes, q.spec)
     w = q.scale.unsqueeze(-1) * (g - q.zero.unsqueeze(-1))
-    return _ungrouped(w, length, q.codes.shape)
+    return ungrouped(w, length, q.codes.shape)
 
 
 class _RoundSTE(torch.autograd.Function):

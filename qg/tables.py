@@ -295,7 +295,8 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
     gen, tgt = (near[near.model == m].groupby(keys).mean(numeric_only=True) for m in ("gen", "target"))
     out = per_layer.groupby(keys).agg(codes_equal=("codes_equal", "mean"), code_mae=("code_mae", "mean"),
                                       code_mae_worst=("code_mae", "max"), scale_rel_err=("scale_rel_err", "mean"))
-    out = out.join(per_layer.loc[per_layer.groupby(keys).code_mae.idxmax()].set_index(keys).layer.rename("worst_layer"))
+    worst = per_layer.loc[per_layer.groupby(keys).code_mae.idxmax()].set_index(keys)
+    out = out.join(worst.layer.rename("worst_layer")).join(worst.group_gain_err.rename("worst_gain_err"))
     out = out.join(moving.groupby(keys).agg(sensitivity_min=("sensitivity", "min"), alignment_min=("alignment", "min")))
     out = out.join(frozen.groupby(keys).agg(frozen_copy=("codes_equal", "mean")))
     out = out.join(pd.DataFrame({"to_own": gen.to_own, "to_nearest_train": gen.to_nearest_train,
@@ -308,16 +309,16 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
                                                            profile=profile["name"], commit=commit)
     md = out.rename(columns={"granularity": "gran.", "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =",
                              "code_mae": "code err", "code_mae_worst": "worst layer err", "worst_layer": "worst layer", "scale_rel_err": "S err",
-                             "sensitivity_min": "sens. (min)", "alignment_min": "align. (min)", "frozen_copy": "frozen copy",
+                             "worst_gain_err": "its gain err", "sensitivity_min": "sens. (min)", "alignment_min": "align. (min)", "frozen_copy": "frozen copy",
                              "to_own": "d(own)", "to_nearest_train": "d(train)", "target_to_nearest_train": "d(train) of target",
                              "iou_nearest_train": "IoU train", "target_iou_nearest_train": "IoU train of target", "iou_own": "IoU own"})
-    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "S err": 4, "sens. (min)": 2,
+    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "its gain err": 3, "S err": 4, "sens. (min)": 2,
                    "align. (min)": 2, "frozen copy": 3, "d(own)": 4, "d(train)": 4, "d(train) of target": 4,
                    "IoU train": 2, "IoU train of target": 2, "IoU own": 2})
     return tidy, _markdown(md, f"Fidelity and memorisation of the Table 1 generators ({SPLIT_LABELS[split]})", profile, [
         "Against the generator's target (PTQ) of the same checkpoint: `codes =` fraction of equal integer codes; "
-        "`code err` mean |code difference| in quantization steps over layers (`worst layer`: the largest, and which); `S err` mean "
-        "relative error of S.",
+        "`code err` mean |code difference| in quantization steps over layers (`worst layer`: the largest, and which; `its gain "
+        "err`: mean |a - 1| of its groups' fit a x target + b, a wrong range per group); `S err` mean relative error of S.",
         "`sens.`: ||G(a) − G(b)|| / ||T(a) − T(b)|| and `align.`: cosine between the two, per layer whose target moves "
         "between consecutive held-out checkpoints, the smallest over layers (1 = follows its input, 0 = ignores it); "
         "`frozen copy`: codes equal on layers whose target never moves (nothing to follow: a copy is the answer).",
@@ -380,29 +381,37 @@ def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[p
     tidy = rows.melt(id_vars=keys, var_name="metric").assign(table="convergence", profile=profile["name"], commit=commit)
     md = rows.drop(columns=["split", "bits", "granularity"]).rename(columns={
         "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =", "code_mae": "code err", "code_mae_worst": "worst layer err",
-        "worst_layer": "worst layer", "scale_rel_err": "S err", "train_seconds": "train (s)", "final_loss": "final loss", "n_params": "params"})
-    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "S err": 4, "train (s)": 0,
-                   "final loss": 5, "gen": 2, "ptq": 2})
+        "worst_layer": "worst layer", "worst_gain_err": "its gain err", "worst_local_err": "its local err",
+        "worst_scale_err": "its S err", "scale_rel_err": "S err", "train_seconds": "train (s)", "final_loss": "final loss",
+        "n_params": "params"})
+    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "its gain err": 3, "its local err": 2,
+                   "its S err": 3, "S err": 4, "train (s)": 0, "final loss": 5, "gen": 2, "ptq": 2})
     c = profile["convergence"]
     return tidy, _markdown(md, f"Convergence: the generator against its training budget and head ({c['bits']}-bit "
                            f"{c['granularity']}-wise, {SPLIT_LABELS[rows.split.iloc[0]]})", profile, [
         "Fidelity against the generator's PTQ target of the same checkpoint, mean over checkpoints: `codes =` equal "
         "codes, `code err` mean |code difference| in steps over layers (`worst layer` the largest, and which), `S err` relative "
-        "error of S. `skip`: the head (`none` is the paper's, see qg.generator). Train time on the machine in the "
-        "provenance file."])
+        "error of S. For the worst layer, its code error split in two (qg.fidelity.layer_fidelity): `its gain err` "
+        "mean |a - 1| when each group's generated codes are fitted as a x target + b (a wrong range of the group), "
+        "`its local err` the code error the fit leaves (per element); `its S err` its relative S error. "
+        "`skip`: the head (`none` is the paper's, see qg.generator). Train time on the machine in the provenance file."])
 
 
 def convergence_figure(rows: pd.DataFrame):
-    """Code error (mean and worst layer) and Gen − PTQ for every variant, one line per (arch, task)."""
-    rows = rows.assign(pair=rows.arch + "/" + rows.task)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for metric, ax, title in (("code_mae", axes[0], "code error against the target (steps)"),
-                              ("gen_minus_ptq", axes[1], "Gen − PTQ (points, held-out run)")):
+    """Code error (mean and worst layer), the worst layer's per-group gain error, and Gen − PTQ for every
+    variant, one colour per (arch, task)."""
+    rows = rows.assign(pair=rows.arch + "/" + rows.task, worst_gain_pct=100 * rows.worst_gain_err)
+    panels = (("code_mae", "code error against the target (steps)", 1),
+              ("worst_gain_pct", "worst layer: per-group gain error (%)", None),
+              ("gen_minus_ptq", "Gen − PTQ (points, held-out run)", 0))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    for (metric, title, ref), ax in zip(panels, axes):
         for (pair, g), color in zip(rows.groupby("pair", sort=False), sns.color_palette("tab10")):
             ax.plot(g.variant, g[metric], "o-", color=color, label=pair)
             if metric == "code_mae":
                 ax.plot(g.variant, g.code_mae_worst, "v:", color=color, label=f"{pair} (worst layer)")
-        ax.axhline(1 if metric == "code_mae" else 0, color="k", lw=0.8, ls="--")
+        if ref is not None:
+            ax.axhline(ref, color="k", lw=0.8, ls="--")
         ax.set(title=title, xlabel="")
         ax.tick_params(axis="x", rotation=25)
         ax.grid(alpha=0.3)

@@ -35,6 +35,25 @@ def test_layer_fidelity_of_a_copy_and_of_a_shifted_copy():
     assert f.scale_rel_err.sub(0.1).abs().max() < 1e-5
 
 
+def test_code_error_splits_into_a_wrong_group_range_and_per_element_noise():
+    (t,) = models(1)
+    g = torch.Generator().manual_seed(3)
+
+    def remade(fn):
+        return {k: QTensor(fn(v.codes.float()).round().clamp(SPEC.qmin, SPEC.qmax).to(torch.int8), v.scale, v.zero, v.spec)
+                if isinstance(v, QTensor) else v for k, v in t.items()}
+
+    # every code 10 % too small: all of the error is the group's gain, nothing is left per element
+    gain = layer_fidelity(remade(lambda c: 0.9 * c), t)
+    assert gain.group_gain_err.sub(0.1).abs().max() < 0.01 and (gain.code_mae_local < 0.35).all()
+    assert (gain.code_mae > 2).all()
+    # independent noise of +-3 steps: the gain is right, the error is all per element
+    noise = layer_fidelity(remade(lambda c: c + torch.randint(-3, 4, c.shape, generator=g).float()), t)
+    assert (noise.group_gain_err < 0.05).all() and (noise.code_mae_local > 0.8 * noise.code_mae).all()
+    exact = layer_fidelity(t, t)
+    assert (exact.group_gain_err < 1e-6).all() and (exact.code_mae_local < 1e-6).all()
+
+
 def test_sensitivity_is_one_for_a_copier_and_zero_for_a_constant():
     a, b = models(2)
     copy = sensitivity(a, b, a, b)

@@ -151,3 +151,22 @@ def test_figures_are_deterministic(tmp_path):
     a = report.save_figure(tables.figure3(runs, "vit", "full"), tmp_path / "a.png")
     b = report.save_figure(tables.figure3(runs, "vit", "full"), tmp_path / "b.png")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_score_and_predictions_share_one_cached_evaluation(tmp_path):
+    P = pipeline.load_profile("smoke")
+    paths = pipeline.Paths.of("smoke", tmp_path)
+    write_json(paths.artifacts / "collect" / "manifest.json", {"archs": {}})
+    spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "runA-x" / "ckpt_000.safetensors"
+    save_checkpoint(ckpt, state_dict_of(build_model(spec_model)), spec_model)
+    exp = Experiment(P, paths)
+    pred, labels = exp.predictions(ckpt)
+    assert pred.shape == labels.shape and pred.dtype == torch.long
+    assert exp.score(ckpt) == pytest.approx(100.0 * (pred == labels).float().mean().item())
+    cache = next(ckpt.parent.glob("ckpt_000.safetensors.pred-*.safetensors"))
+    # a damaged cache is evaluated again, to the same answer, and rewritten
+    cache.write_bytes(b"not a safetensors file")
+    again, _ = Experiment(P, paths).predictions(ckpt)
+    assert torch.equal(again, pred) and cache.stat().st_size > 100
