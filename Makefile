@@ -10,14 +10,16 @@ PROFILE   ?= cpu
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
 FMNIST    ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install data test reproduce checks lab bench clean
+.PHONY: install data test unit lint reproduce checks lab bench lock clean clean-cache
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exact versions from requirements.lock (refresh it with `make lock`), then qg itself without touching them.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (qg)" > /dev/null
 	touch $@
 
@@ -33,9 +35,16 @@ data:
 		     "holding train-images-idx3-ubyte.gz and the other three IDX files."; exit 1; \
 	fi
 
-# Unit tests, then every notebook on the smoke profile under nbval (pyproject's pytest options).
-test: install data
+# Lint, unit tests, then every notebook on the smoke profile under nbval (pyproject's pytest options).
+test: install data lint
 	TQDM_DISABLE=1 $(PY) -m pytest
+
+# The unit tests alone (a few minutes; no notebook runs).
+unit: install data
+	TQDM_DISABLE=1 $(PY) -m pytest tests
+
+lint: install
+	$(PY) -m ruff check qg tests
 
 # Every notebook in order with papermill: tables in results/$(PROFILE)/, figures in figures/$(PROFILE)/.
 reproduce: install data
@@ -51,5 +60,17 @@ lab: install data
 bench: install
 	$(PY) -m qg.bench
 
+# Re-resolve pyproject's ranges in a scratch venv and pin what they give (torch stays $(TORCH)).
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install -q $(TORCH) && .lock-venv/bin/pip install -q -e '.[dev]'
+	echo "# Exact versions make install uses; torch, torchvision and their CUDA stack come from TORCH. Refresh: make lock" > requirements.lock
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' >> requirements.lock
+	rm -rf .lock-venv
+
+# `clean` keeps the cache of checkpoints, generators and quantized files (hours of work); `clean-cache` removes it.
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf .pytest_cache build qg.egg-info
+
+clean-cache:
+	rm -rf artifacts

@@ -1,14 +1,24 @@
 """QuantGen reproduction: generate quantized weights (codes, scale S, zero point Z) from full-precision ones.
 
-Modules, one concept each:
-  data        datasets (Fashion-MNIST, digits, CIFAR, ImageNet folder)
-  models      timm target models from a JSON-able description; train / fine-tune / evaluate
-  quant       quantizer (QuantSpec, quantize, dequantize) and the quantized safetensors format
-  tokenizer   checkpoints <-> fixed-width token sequences, with a layout and position embedding
-  mamba2      pure-PyTorch Mamba-2 mixer, state_dict-compatible with mamba_ssm.Mamba2
-  diffusion   RPG-style diffusion head (1D conv denoiser + DDPM/DDIM), for the ablation
-  generator   the QuantGen generator (backbone + embeddings + head) and its files
-  train       the training loop (AdamW + cosine, resumable, DDP)
+Modules, one job each; each imports only modules above it in this list:
+  io           the cache rule, atomic writes, checked safetensors reads, content hashes
+  profiles     a run's settings (params/<name>.yaml) and where its files live
+  report       tidy tables, provenance (commit, inputs), deterministic figures
+  paper        the paper's own numbers, printed beside ours
+  data         datasets (Fashion-MNIST, digits, CIFAR, ImageNet folder)
+  quant        quantizer (QuantSpec, quantize, dequantize) and the quantized safetensors format
+  mamba2       pure-PyTorch Mamba-2 mixer, state_dict-compatible with mamba_ssm.Mamba2
+  diffusion    RPG-style diffusion head (1D conv denoiser + DDPM/DDIM), for the ablation
+  models       timm target models from a JSON-able description; train / fine-tune / evaluate
+  baselines    data-free quantizers beside PTQ (asymmetric RTN, MSE clipping, HQQ)
+  tokenizer    checkpoints <-> fixed-width token sequences, with a layout and position embedding
+  fidelity     how faithful a generated quantized model is, and whether it follows its input
+  generator    the QuantGen generator (mixer blocks + embeddings + head) and its files
+  train        the training loop (AdamW + cosine, resumable, DDP)
+  collect      collecting checkpoints and QAT targets (01_collect), and reading them back
+  experiments  the generators each table needs, every method's quantized file, scores
+  tables       the paper's tables and figures from per-checkpoint scores
+  pipeline     the papermill runner; __main__ the command line; bench the speed benchmark
 """
 
 __version__ = "0.1.0"

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .collect import accuracy
 from .data import batches
 from .generator import QuantGen
 from .io import CorruptFileError
-from .models import load_checkpoint, load_model_file, resolve_device
+from .models import accuracy, load_checkpoint, load_model_file, resolve_device
 from .quant import GRANULARITIES, QuantSpec, save_quantized
 
 

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from .quant import MIN_SCALE, QTensor, QuantSpec, grouped, ungrouped, check_finite, is_quantized_weight, quantize, quantize_with
+from .quant import MIN_SCALE, QTensor, QuantSpec, grouped, quantize, quantize_state_dict, quantize_with, ungrouped
 
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 11)
 
@@ -68,8 +68,4 @@ def quantize_model(sd: dict[str, torch.Tensor], spec: QuantSpec, method: str = "
         raise ValueError(f"unknown quantization method {method!r}; one of {sorted(METHODS)}")
     fn, scheme = METHODS[method]
     spec = dataclasses.replace(spec, scheme=scheme) if scheme else spec
-    out = {}
-    for name, t in sd.items():
-        check_finite(name, t)
-        out[name] = fn(t, spec) if is_quantized_weight(name, t) else t
-    return out, spec
+    return quantize_state_dict(sd, spec, fn), spec

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from .generator import Block, GeneratorConfig
-from .mamba2 import Mamba2, ssd_scan, ssd_sequential
+from .mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequential
 from .train import saved_activation_mb
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = p.parse_args(argv)
     common = (args.lengths, args.batch, args.d_model, args.repeats, args.device)
     rows = bench_scan(*common) + bench_backbones(*common)
-    if args.device.startswith("cuda") and Mamba2(args.d_model).kernels_available:
+    if args.device.startswith("cuda") and kernels_available():
         rows += bench_kernels(*common)
     df = pd.DataFrame(rows).assign(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else
                                    f"cpu ({os.cpu_count()} cores)", commit=_commit(), d_model=args.d_model, batch=args.batch)

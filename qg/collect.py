@@ -27,9 +27,19 @@ import torch
 
 from .data import batches, dataset_info
 from .io import file_sha256, params_key, read_json, write_json
-from .models import (ModelSpec, build_model, check_pretrained_file, evaluate, fit, load_checkpoint, load_weights,
-                     pretrained_norm, pretrained_weights, save_checkpoint, state_dict_of)
-from .pipeline import selected
+from .models import (
+    ModelSpec,
+    build_model,
+    check_pretrained_file,
+    fit,
+    load_checkpoint,
+    load_weights,
+    pretrained_norm,
+    pretrained_weights,
+    save_checkpoint,
+    state_dict_of,
+)
+from .profiles import require, selected
 from .quant import QuantSpec, quantize_state_dict, save_quantized
 
 
@@ -44,12 +54,6 @@ class TrainSpec:
     weight_decay: float = 0.05
     head_only: bool = False
     train_subset: int | None = None
-
-
-def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test, device: str = "cpu") -> float:
-    """Top-1 accuracy (%) of weights `sd` for model `spec` on the batches of `test` (see `qg.data.batches`)."""
-    model = load_weights(build_model(spec), sd)
-    return evaluate(model, test, device)
 
 
 def _run_dir(root: Path, kind: str, params: dict) -> Path:
@@ -188,7 +192,8 @@ def pretrained_start(spec: ModelSpec, file, root) -> tuple[ModelSpec, Path]:
 
 def collect(archs: dict, pretrain: dict | None, tasks: dict, n_checkpoints: int, n_heldout_run: int, seed: int,
             root, qat: dict | None = None, quant: dict | None = None, device: str = "cpu") -> dict:
-    """Pretrain every architecture, then collect every task (and its QAT targets): the manifest 02_train reads.
+    """Pretrain every architecture, then collect every task (and its QAT targets): the manifest 02_train reads
+    (`root/manifest.json`, its file paths relative to `root`; read it back with `Collected`).
 
     `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data; optional: a
     `pretrained_file` of weights for offline use, and `tasks`, the tasks it takes part in, default all).
@@ -210,20 +215,89 @@ def collect(archs: dict, pretrain: dict | None, tasks: dict, n_checkpoints: int,
                                         device=device)
             path, seconds = paths[-1], record["seconds"]
         pretrained = load_checkpoint(path)[0]
-        entry = {"pretrained": str(path), "pretrain_seconds": seconds, "tasks": {}}
+        entry = {"pretrained": _relative(path, root), "pretrain_seconds": seconds, "tasks": {}}
         for task_name, task in tasks.items():
             if task_name not in arch.get("tasks", tasks):  # an archs entry may list the tasks it takes part in
                 continue
             classes = dataset_info(task["dataset"])["num_classes"]
             task_spec = ModelSpec(spec.arch, {**spec.kwargs, "num_classes": classes}, task["dataset"], spec.norm)
             task_dir = root / arch_name / task_name
-            entry["tasks"][task_name] = collect_task(task_spec, pretrained, TrainSpec(**task), n_checkpoints,
-                                                     n_heldout_run, seed, task_dir, device)
+            task_entry = collect_task(task_spec, pretrained, TrainSpec(**task), n_checkpoints, n_heldout_run, seed,
+                                      task_dir, device)
             if qat and selected(qat, arch_name, task_name):
                 specs = [QuantSpec(b, qat["granularity"], **(quant or {})) for b in qat["bits"]]
                 training = QATSpec(**{k: v for k, v in qat.items() if k not in ("bits", "granularity", "archs", "tasks")})
-                entry["tasks"][task_name]["qat"] = collect_qat(entry["tasks"][task_name], specs, training, seed,
-                                                               task_dir, device)
+                task_entry["qat"] = collect_qat(task_entry, specs, training, seed, task_dir, device)
+            entry["tasks"][task_name] = _relative_entry(task_entry, root)
         manifest["archs"][arch_name] = entry
     write_json(root / "manifest.json", manifest)
     return manifest
+
+
+def _relative(path, root: Path) -> str:
+    return str(Path(path).relative_to(root))
+
+
+def _relative_entry(entry: dict, root: Path) -> dict:
+    """A task's manifest entry with its checkpoint and QAT files relative to the collect folder, so the
+    artifact tree can move (to another checkout, another $QG_OUTPUT) without changing what it names."""
+    out = {**entry, **{run: [_relative(p, root) for p in entry[run]] for run in ("runA", "runB")}}
+    if "qat" in entry:
+        out["qat"] = {spec: {run: [_relative(p, root) for p in files] for run, files in runs.items()}
+                      for spec, runs in entry["qat"].items()}
+    return out
+
+
+class Collected:
+    """What 01_collect made, read back from its manifest: each (architecture, task)'s checkpoints, their
+    splits and QAT targets, as paths under the collect folder wherever that folder now lives.
+
+    Splits (the honest part): run A's checkpoints are split into `trained` (the generator learns from them)
+    and `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never trained on); run B, a
+    second fine-tuning with another seed, is `heldout_run`. The paper evaluates on `trained` only.
+    """
+
+    def __init__(self, root: Path, heldout_every: int):
+        self.root = Path(root)
+        self.manifest = require(self.root / "manifest.json", "01_collect", "the checkpoints and QAT targets")
+        self.heldout_every = heldout_every
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (architecture, task) pairs collected."""
+        return [(a, t) for a, e in self.manifest["archs"].items() for t in e["tasks"]]
+
+    def entry(self, arch: str, task: str) -> dict:
+        """The manifest entry of one (architecture, task), as 01_collect wrote it (paths relative)."""
+        try:
+            return self.manifest["archs"][arch]["tasks"][task]
+        except KeyError:
+            raise ValueError(f"01_collect made no {arch}/{task} for this profile; it has "
+                             f"{[f'{a}/{t}' for a, t in self.pairs()]} (rerun 01_collect after editing the profile)") from None
+
+    def path(self, name: str) -> Path:
+        """A file named in the manifest (older manifests hold absolute paths, which pass through)."""
+        return self.root / name
+
+    def run(self, arch: str, task: str, run: str) -> list[Path]:
+        """The checkpoints of run A or run B of one (architecture, task)."""
+        return [self.path(p) for p in self.entry(arch, task)[run]]
+
+    def splits(self, arch: str, task: str) -> dict[str, list[Path]]:
+        """Checkpoint files of each split (see the class docstring)."""
+        run_a, every = self.run(arch, task, "runA"), self.heldout_every
+        return {"trained": [p for i, p in enumerate(run_a) if i % every != every - 1],
+                "heldout_ckpt": [p for i, p in enumerate(run_a) if i % every == every - 1],
+                "heldout_run": self.run(arch, task, "runB")}
+
+    def qat(self, arch: str, task: str, spec: QuantSpec, checkpoint: Path) -> Path:
+        """The QAT target of one checkpoint."""
+        entry = self.entry(arch, task)
+        if spec.name not in entry.get("qat", {}):
+            raise ValueError(f"01_collect made no QAT targets for {spec.name}; the profile's qat.bits decides which")
+        files = {ckpt: self.path(q) for run in ("runA", "runB")
+                 for ckpt, q in zip(self.run(arch, task, run), entry["qat"][spec.name][run])}
+        return files[Path(checkpoint)]
+
+    def relative(self, path: Path) -> str:
+        """A collected file's name relative to the collect folder: what cache keys and seeds are made of."""
+        return _relative(path, self.root)

@@ -218,7 +218,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 def _idx_error(path: Path, problem: str) -> CorruptFileError:
-    fix = (f"reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`"
+    fix = ("reinstall it with `sudo apt-get install --reinstall dataset-fashion-mnist`"
            if path.parent == DEBIAN_FASHION_MNIST else "delete it and download or copy it again")
     return CorruptFileError(f"{path} {problem}: the file is truncated or corrupt; {fix}")
 
@@ -438,7 +438,8 @@ def batches(name: str, split: str, img_size: int, batch_size: int, shuffle: bool
     (Fashion-MNIST, digits, CIFAR at small input sizes) is decoded once into one tensor and batched from
     memory by a `TensorLoader`, several times faster than per-item loading. Anything else (ImageNet's
     folders, CIFAR resized to 224 px: 30 GB as floats) is streamed from disk by a DataLoader with
-    `num_workers` processes (a fixed number, since ImageNet's random crops are drawn per worker). Both paths draw the same images (`subset` examples chosen by `subset_seed`,
+    `num_workers` processes (a fixed number, since ImageNet's random crops are drawn per worker).
+    Both paths draw the same images (`subset` examples chosen by `subset_seed`,
     default `seed`) and reshuffle every epoch deterministically from `seed`, each in its own order. `norm` =
     (mean, std) normalises with the model's statistics (a pretrained timm model's own) instead of the dataset's.
     """

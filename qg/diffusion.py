@@ -32,22 +32,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def _randn(shape, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise drawn from `generator` on its own device, moved to `device`."""
-    where = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+def _randn(shape, rng: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise drawn from `rng` on its own device, moved to `device`."""
+    where = rng.device if rng is not None else device
+    return torch.randn(shape, generator=rng, device=where, dtype=dtype).to(device)
 
 
-def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """n integers uniform on [0, high), drawn from `generator` on its own device, moved to `device`."""
-    where = generator.device if generator is not None else device
-    return torch.randint(high, (n,), generator=generator, device=where).to(device)
+def _randint(high: int, n: int, rng: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """n integers uniform on [0, high), drawn from `rng` on its own device, moved to `device`."""
+    where = rng.device if rng is not None else device
+    return torch.randint(high, (n,), generator=rng, device=where).to(device)
 
 
-def _randperm(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """A random permutation of range(n), drawn from `generator` on its own device, moved to `device`."""
-    where = generator.device if generator is not None else device
-    return torch.randperm(n, generator=generator, device=where).to(device)
+def _randperm(n: int, rng: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A random permutation of range(n), drawn from `rng` on its own device, moved to `device`."""
+    where = rng.device if rng is not None else device
+    return torch.randperm(n, generator=rng, device=where).to(device)
 
 
 class _ConvLayer(nn.Module):
@@ -146,7 +146,7 @@ class DiffusionHead(nn.Module):
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def loss(self, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
-             n_tokens: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             n_tokens: int | None = None, rng: torch.Generator | None = None) -> torch.Tensor:
         """Mean squared error between predicted and true noise on a random subset of token positions.
 
         x0 (B, L, token_size) target tokens, cond (B, L, cond_dim) the backbone's output. `mask` (bool or
@@ -156,10 +156,10 @@ class DiffusionHead(nn.Module):
         """
         w = None if mask is None else mask.to(x0.dtype).expand_as(x0).reshape(-1, self.token_size)
         x0, cond = x0.reshape(-1, self.token_size), cond.reshape(-1, cond.shape[-1])
-        idx = self._pick_tokens(w, x0.shape[0], n_tokens or self.diffusion_batch, generator, x0.device)
+        idx = self._pick_tokens(w, x0.shape[0], n_tokens or self.diffusion_batch, rng, x0.device)
         x0, cond = x0[idx], cond[idx]
-        t = _randint(self.n_steps, x0.shape[0], generator, x0.device)
-        noise = _randn(x0.shape, generator, x0.device, x0.dtype)
+        t = _randint(self.n_steps, x0.shape[0], rng, x0.device)
+        noise = _randn(x0.shape, rng, x0.device, x0.dtype)
         if w is not None:
             w = w[idx]
             x0 = torch.where(w > 0, x0, torch.zeros_like(x0))
@@ -168,16 +168,16 @@ class DiffusionHead(nn.Module):
 
     @staticmethod
     def _pick_tokens(w: torch.Tensor | None, n_rows: int, n_tokens: int | None,
-                     generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+                     rng: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """Indices of the rows to train on: all rows with a real value, or a random `n_tokens` of them."""
         rows = torch.arange(n_rows, device=device) if w is None else (w > 0).any(-1).nonzero()[:, 0]
         if n_tokens is None or n_tokens >= len(rows):
             return rows
-        return rows[_randperm(len(rows), generator, device)[:n_tokens]]
+        return rows[_randperm(len(rows), rng, device)[:n_tokens]]
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int | None = None, method: str | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               rng: torch.Generator | None = None) -> torch.Tensor:
         """Tokens (B, L, token_size) generated for conditions cond (B, L, cond_dim).
 
         method "ddpm": ancestral sampling over all n_steps with the posterior variance (RPG's DDPMSampler).
@@ -189,19 +189,19 @@ class DiffusionHead(nn.Module):
             method, steps = self.sampler, steps or self.sample_steps
         self._check_sampler(method, steps)
         flat = cond.reshape(-1, cond.shape[-1])
-        x = _randn((flat.shape[0], self.token_size), generator, flat.device, flat.dtype)
+        x = _randn((flat.shape[0], self.token_size), rng, flat.device, flat.dtype)
         was_training = self.training
         self.eval()  # BatchNorm must use its running statistics, and sampling must not update them
         try:
             if method == "ddpm":
-                x = self._ddpm(x, flat, generator)
+                x = self._ddpm(x, flat, rng)
             else:
-                x = self._ddim(x, flat, steps or self.n_steps, eta, generator)
+                x = self._ddim(x, flat, steps or self.n_steps, eta, rng)
         finally:
             self.train(was_training)
         return x.reshape(*cond.shape[:-1], self.token_size)
 
-    def _ddpm(self, x: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _ddpm(self, x: torch.Tensor, cond: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
         """x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, for t = T-1 .. 0."""
         abar = self.alphas_cumprod
         for step in reversed(range(self.n_steps)):
@@ -211,11 +211,11 @@ class DiffusionHead(nn.Module):
             x = (x - beta / (1 - abar[step]).sqrt() * eps) / (1 - beta).sqrt()
             if step > 0:
                 var = beta * (1 - abar[step - 1]) / (1 - abar[step])
-                x = x + var.sqrt() * _randn(x.shape, generator, x.device, x.dtype)
+                x = x + var.sqrt() * _randn(x.shape, rng, x.device, x.dtype)
         return x
 
     def _ddim(self, x: torch.Tensor, cond: torch.Tensor, steps: int, eta: float,
-              generator: torch.Generator | None) -> torch.Tensor:
+              rng: torch.Generator | None) -> torch.Tensor:
         """DDIM (Song et al. 2021, Eq. 12) from t = T-1 down to t = 0 in `steps` evenly spaced steps; the last
         step goes to abar = 1, i.e. returns the predicted x0."""
         ts = torch.linspace(self.n_steps - 1, 0, steps).round().long().tolist()
@@ -228,5 +228,5 @@ class DiffusionHead(nn.Module):
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
             x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
             if eta > 0:
-                x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
+                x = x + sigma * _randn(x.shape, rng, x.device, x.dtype)
         return x

@@ -23,18 +23,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
-from .data import batches, held
-from .generator import GeneratorConfig, QuantGen
-from .io import CorruptFileError, params_key, read_safetensors, save_safetensors
-from .models import ModelSpec, build_model, load_checkpoint, load_model_file, load_weights, predict, resolve_device
-from .pipeline import Paths, ablation_setup, git_commit, pairs, require, selected
 from .baselines import quantize_model
-from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
+from .collect import Collected
+from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
+from .generator import GeneratorConfig, QuantGen
+from .io import cached, params_key
+from .models import load_checkpoint
+from .profiles import Paths, ablation_setup, pairs, selected
+from .quant import QuantSpec, is_quantized_weight, read_quantized, read_quantized_meta, save_quantized
+from .report import git_commit
+from .scoring import Scorer
 from .tokenizer import Tokenizer
 from .train import TokenPairs, TrainConfig, fit_generator
 
 SPLITS = ("trained", "heldout_ckpt", "heldout_run")
+CONTROLS = ("noise", "soup")  # PTQ of a modified input (Experiment.control)
 SOURCES = ("ptq", "qat")
 
 
@@ -62,6 +65,17 @@ class Setting:
         what = f"cond-{self.condition}" if self.condition else self.specs[0].name
         return "-".join([self.arch, self.task, self.source, what])
 
+    def config(self, profile: dict, part: str) -> dict:
+        """The profile's `tokenizer`, `generator` or `train` settings for this generator, updated in turn by
+        `conditional_train` (conditional generators), the architecture's own entry (ViT-Base's larger tokens)
+        and the setting's overrides (ablations, convergence variants)."""
+        conf = copy.deepcopy(profile[part])
+        if self.condition and part == "train":
+            conf.update(profile.get("conditional_train", {}))
+        conf.update(profile["archs"][self.arch].get(part, {}))
+        conf.update(self.overrides.get(part, {}))
+        return conf
+
 
 def spec_from(bits: int, granularity: str, quant: dict) -> QuantSpec:
     """A QuantSpec with the profile's group size and scheme."""
@@ -81,102 +95,67 @@ class Experiment:
     def __init__(self, profile: dict, paths: Paths | None = None):
         self.profile = profile
         self.paths = (paths or Paths.of(profile["name"])).make()
-        self.manifest = require(self.paths.artifacts / "collect" / "manifest.json", "01_collect",
-                                "the checkpoints and QAT targets")
+        self.collected = Collected(self.paths.artifacts / "collect", profile["checkpoints"]["heldout_every"])
         self.commit = git_commit()
-        self.device = resolve_device(profile.get("device"))
-        self._test_sets: dict = {}
+        self.scorer = Scorer(profile)
+        self.device = self.scorer.device
 
-    # ------------------------------------------------------------------ checkpoints and targets
-    def task_entry(self, arch: str, task: str) -> dict:
-        try:
-            return self.manifest["archs"][arch]["tasks"][task]
-        except KeyError:
-            raise ValueError(f"01_collect made no {arch}/{task} for this profile; "
-                             f"it has {self._available()} (rerun 01_collect after editing the profile)") from None
-
-    def _available(self) -> list[str]:
-        return [f"{a}/{t}" for a, e in self.manifest["archs"].items() for t in e["tasks"]]
-
-    def splits(self, arch: str, task: str) -> dict[str, list[Path]]:
-        """Checkpoint files of each split (see the module docstring)."""
-        entry, every = self.task_entry(arch, task), self.profile["checkpoints"]["heldout_every"]
-        run_a = [Path(p) for p in entry["runA"]]
-        return {"trained": [p for i, p in enumerate(run_a) if i % every != every - 1],
-                "heldout_ckpt": [p for i, p in enumerate(run_a) if i % every == every - 1],
-                "heldout_run": [Path(p) for p in entry["runB"]]}
-
+    # ------------------------------------------------------------------ targets and quantized files
     def target(self, setting: Setting, spec: QuantSpec, checkpoint: Path) -> Path:
         """The quantized file the generator is trained to produce for `checkpoint` (PTQ or QAT)."""
         if setting.source == "ptq":
             return self.quantized(checkpoint, spec, "ptq")
-        entry = self.task_entry(setting.arch, setting.task)
-        if spec.name not in entry.get("qat", {}):
-            raise ValueError(f"01_collect made no QAT targets for {spec.name}; the profile's qat.bits decides which")
-        runs = {str(p): q for run in ("runA", "runB") for p, q in zip(entry[run], entry["qat"][spec.name][run])}
-        return Path(runs[str(checkpoint)])
+        return self.collected.qat(setting.arch, setting.task, spec, checkpoint)
 
     def quantized(self, checkpoint: Path, spec: QuantSpec, method: str = "ptq") -> Path:
-        """A data-free quantization of a checkpoint (`qg.baselines.METHODS`, or the `noise` control), as a
-        cached quantized file with its wall time."""
+        """A data-free quantization of a checkpoint (`qg.baselines.METHODS`), as a cached quantized file with
+        its wall time."""
         out = self.paths.artifacts / "quantized" / method / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
-        if not out.is_file():
-            sd, model_spec, _ = load_checkpoint(checkpoint)
-            if method == "noise":
-                sd, method_used = self.perturbed(sd, checkpoint), "ptq"
-            else:
-                method_used = method
-            start = time.perf_counter()
-            qsd, file_spec = quantize_model(sd, spec, method_used)
-            save_quantized(out, qsd, file_spec, {"model": model_spec.to_dict(), "method": method, "source": str(checkpoint),
-                                                 "seconds": time.perf_counter() - start})
-        return out
+        return cached(out, lambda path: self._quantize(path, [checkpoint], spec, method, lambda sds: sds[0]))
 
-    def perturbed(self, sd: dict, checkpoint: Path) -> dict:
-        """The `noise` control: each quantized weight plus seeded Gaussian noise of `controls.noise` x its std.
+    def control(self, name: str, spec: QuantSpec, checkpoints: list[Path]) -> Path:
+        """A control (`CONTROLS`): PTQ of an input made from `checkpoints`, as a cached quantized file.
 
-        If Gen's gain over PTQ came from a regularising perturbation rather than a learned quantizer, PTQ of
-        a slightly perturbed checkpoint would show it too.
+        `noise` (one checkpoint): each quantized weight plus seeded Gaussian noise of `controls.noise` x its
+        std. If Gen's gain over PTQ came from a regularising perturbation rather than a learned quantizer, PTQ
+        of a slightly perturbed checkpoint would show it too.
+        `soup` (the generator's training checkpoints): their average. A generator trained with MSE on many
+        checkpoints may learn it; if PTQ of the average scores like Gen, Gen's gain is weight averaging.
         """
+        if name not in CONTROLS:
+            raise ValueError(f"unknown control {name!r}; one of {list(CONTROLS)}")
+        first = checkpoints[0]
+        stem = first.stem if name == "noise" else f"soup-{len(checkpoints)}"
+        params = ({"sigma": self.profile["controls"]["noise"], "seed": self.profile["seed"]} if name == "noise" else
+                  {"checkpoints": [self.collected.relative(p) for p in checkpoints]})
+        out = (self.paths.artifacts / "quantized" / f"{name}-{params_key(params)}" / spec.name / first.parent.name
+               / f"{stem}.safetensors")
+        make_input = (lambda sds: self._perturbed(sds[0], first)) if name == "noise" else _average
+        return cached(out, lambda path: self._quantize(path, checkpoints, spec, name, make_input))
+
+    def _quantize(self, out: Path, checkpoints: list[Path], spec: QuantSpec, method: str, make_input) -> None:
+        """Write the quantization of `make_input(state_dicts of checkpoints)` to `out` (PTQ for a control)."""
+        loaded = [load_checkpoint(p) for p in checkpoints]
+        sd = make_input([state_dict for state_dict, _, _ in loaded])
+        start = time.perf_counter()
+        qsd, file_spec = quantize_model(sd, spec, "ptq" if method in CONTROLS else method)
+        save_quantized(out, qsd, file_spec, {"model": loaded[0][1].to_dict(), "method": method,
+                                             "source": [self.collected.relative(p) for p in checkpoints],
+                                             "seconds": time.perf_counter() - start})
+
+    def _perturbed(self, sd: dict, checkpoint: Path) -> dict:
         sigma = self.profile["controls"]["noise"]
-        gen = torch.Generator().manual_seed(self.profile["seed"] + int(params_key({"c": str(checkpoint)})[:6], 16))
+        name = self.collected.relative(checkpoint)  # not the absolute path: the same noise wherever the tree lives
+        gen = torch.Generator().manual_seed(self.profile["seed"] + int(params_key({"c": name})[:6], 16))
         return {k: v + sigma * v.std() * torch.randn(v.shape, generator=gen) if is_quantized_weight(k, v) else v
                 for k, v in sd.items()}
 
-    def soup(self, arch: str, task: str, spec: QuantSpec) -> Path:
-        """The `soup` control: PTQ of the average of the generator's training checkpoints (one model).
-
-        A generator trained with MSE on many checkpoints may learn their average; if PTQ of that average
-        scores like Gen, Gen's gain is weight averaging, not quantization.
-        """
-        ckpts = self.splits(arch, task)["trained"]
-        out = self.paths.artifacts / "quantized" / "soup" / spec.name / ckpts[0].parent.name / f"soup-{len(ckpts)}.safetensors"
-        if not out.is_file():
-            sds = [load_checkpoint(p)[0] for p in ckpts]
-            model_spec = load_checkpoint(ckpts[0])[1]
-            mean = {k: torch.stack([sd[k].float() for sd in sds]).mean(0) for k in sds[0]}
-            qsd, file_spec = quantize_model(mean, spec, "ptq")
-            save_quantized(out, qsd, file_spec, {"model": model_spec.to_dict(), "method": "soup", "seconds": 0.0,
-                                                 "source": [str(p) for p in ckpts]})
-        return out
-
     # ------------------------------------------------------------------ generators
-    def config(self, setting: Setting, part: str) -> dict:
-        """The profile's `tokenizer`, `generator` or `train` settings, updated in turn by `conditional_train`
-        (conditional generators), the architecture's own entry (ViT-Base's larger tokens) and the setting's
-        overrides (ablations)."""
-        conf = copy.deepcopy(self.profile[part])
-        if setting.condition and part == "train":
-            conf.update(self.profile.get("conditional_train", {}))
-        conf.update(self.profile["archs"][setting.arch].get(part, {}))
-        conf.update(setting.overrides.get(part, {}))
-        return conf
-
     def generator_dir(self, setting: Setting) -> Path:
         params = {"setting": setting.name, "specs": [s.to_dict() for s in setting.specs],
-                  "tokenizer": self.config(setting, "tokenizer"), "generator": self.config(setting, "generator"),
-                  "train": self.config(setting, "train"), "seed": self.profile["seed"],
-                  "data": [str(p) for p in self.splits(setting.arch, setting.task)["trained"]]}
+                  "tokenizer": setting.config(self.profile, "tokenizer"), "generator": setting.config(self.profile, "generator"),
+                  "train": setting.config(self.profile, "train"), "seed": self.profile["seed"],
+                  "data": [self.collected.relative(p) for p in self.collected.splits(setting.arch, setting.task)["trained"]]}
         return self.paths.artifacts / "generators" / f"{setting.name}-{params_key(params)}"
 
     def generator(self, setting: Setting) -> QuantGen:
@@ -184,19 +163,19 @@ class Experiment:
         out = self.generator_dir(setting)
         if (out / "generator.json").is_file():
             return QuantGen.load(out, self.device)
-        train_ckpts = self.splits(setting.arch, setting.task)["trained"]
+        train_ckpts = self.collected.splits(setting.arch, setting.task)["trained"]
         fp = [load_checkpoint(p)[0] for p in train_ckpts]
         targets = {spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
                    for spec in setting.specs}
-        tok = self.config(setting, "tokenizer")
+        tok = setting.config(self.profile, "tokenizer")
         tokenizer = Tokenizer.fit(fp, targets, tok["token_size"], tok.get("padding", "gaussian"), self.profile["seed"],
                                   tok.get("log_scale", False))
-        train_cfg = TrainConfig(seed=self.profile["seed"], **self.config(setting, "train"))
+        train_cfg = TrainConfig(seed=self.profile["seed"], **setting.config(self.profile, "train"))
         data = TokenPairs.build(tokenizer, fp, targets, conditional=setting.condition is not None,
                                 loss_weighting=train_cfg.loss_weighting)
         n_tokens, token_size = tokenizer.shape
         gen_cfg = GeneratorConfig(token_size=token_size, n_tokens=n_tokens, conditions=data.conditions,
-                                  **self.config(setting, "generator"))
+                                  **setting.config(self.profile, "generator"))
         quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=self.device)
         quantgen.record.update(setting=setting.name, n_train_checkpoints=len(train_ckpts))
         quantgen.save(out)
@@ -205,51 +184,28 @@ class Experiment:
     def generated(self, setting: Setting, spec: QuantSpec, checkpoint: Path, quantgen: QuantGen | None = None) -> Path:
         """The generator's quantized model of a checkpoint, as a cached quantized file with its wall time."""
         gdir = self.generator_dir(setting)
-        out = gdir / "quantized" / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
-        if not out.is_file():
-            quantgen = quantgen or self.generator(setting)
+
+        def make(path: Path) -> None:
             sd, model_spec, _ = load_checkpoint(checkpoint)
-            qsd, seconds = quantgen.quantize(sd, spec, seed=self.profile["seed"])
-            save_quantized(out, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "source": str(checkpoint),
-                                            "generator": gdir.name, "seconds": seconds})
-        return out
+            qsd, seconds = (quantgen or self.generator(setting)).quantize(sd, spec, seed=self.profile["seed"])
+            save_quantized(path, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "generator": gdir.name,
+                                             "source": [self.collected.relative(checkpoint)], "seconds": seconds})
 
-    # ------------------------------------------------------------------ scoring
-    def test_set(self, spec: ModelSpec):
-        """Batches of the seeded test subset every model of this profile is scored on: held in memory when it
-        fits in `eval.hold_mb` (default 8192), else streamed from disk for each model."""
-        key = (spec.dataset, spec.img_size, spec.norm)
-        if key not in self._test_sets:
-            ev = self.profile["eval"]
-            loader = batches(spec.dataset, "test", spec.img_size, ev.get("batch_size", 1000),
-                             subset=ev.get("test_subset"), seed=self.profile["seed"], norm=spec.norm)
-            self._test_sets[key] = held(loader, ev.get("hold_mb", 8192))
-        return self._test_sets[key]
+        return cached(gdir / "quantized" / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors", make)
 
-    def score(self, path: Path) -> float:
-        """Top-1 accuracy (%) of a checkpoint or quantized file on the profile's test subset."""
-        pred, labels = self.predictions(path)
-        return 100.0 * int((pred == labels).sum()) / len(labels)
-
-    def predictions(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset.
-
-        Evaluated from the file once and cached beside it (`<file>.pred-<key>.safetensors`, keyed by the test
-        subset and seed), so accuracies and the memorisation tests' error overlaps share one evaluation.
-        A cache older than its file, or unreadable, is recomputed.
-        """
-        test_key = params_key({"test_subset": self.profile["eval"].get("test_subset"), "seed": self.profile["seed"]})
-        cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
-        if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
-            try:
-                t = read_safetensors(cache)[0]
-                return t["pred"].long(), t["labels"].long()
-            except (CorruptFileError, KeyError):
-                pass  # a damaged cache is only a cache: evaluate again below
-        sd, spec, _ = load_model_file(path)
-        pred, labels = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
-        save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, cache, {"file": path.name})
-        return pred, labels
+    def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
+                   quantgen: QuantGen | None = None) -> Path:
+        """The file a method makes of a checkpoint: the checkpoint itself (`fp`), its QAT target (`qat`), the
+        generator's model (`gen`), a control (`CONTROLS`) or a data-free quantizer's (`qg.baselines.METHODS`)."""
+        if method == "fp":
+            return checkpoint
+        if method == "qat":
+            return self.target(setting, spec, checkpoint)
+        if method == "gen":
+            return self.generated(setting, spec, checkpoint, quantgen)
+        if method in CONTROLS:
+            return self.control(method, spec, [checkpoint])
+        return self.quantized(checkpoint, spec, method)
 
     def evaluate(self, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
                  splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
@@ -257,24 +213,20 @@ class Experiment:
         quantgen = self.generator(setting) if "gen" in methods else None
         per_split = self.profile["eval"].get("per_split")
         rows = []
-        for split, ckpts in self.splits(setting.arch, setting.task).items():
+        for split, ckpts in self.collected.splits(setting.arch, setting.task).items():
             if split not in splits:
                 continue
             for ckpt in pick(ckpts, per_split):
                 for spec in setting.specs:
                     for method in methods:
-                        if method == "fp":
-                            path, seconds = ckpt, 0.0
-                        else:
-                            path = (self.target(setting, spec, ckpt) if method == "qat" else
-                                    self.generated(setting, spec, ckpt, quantgen) if method == "gen" else
-                                    self.quantized(ckpt, spec, method))
-                            seconds = read_quantized(path)[2]["seconds"]
-                        rows.append(self._row(setting, spec, split, ckpt, method, self.score(path), seconds))
+                        path = self.model_file(setting, spec, ckpt, method, quantgen)
+                        seconds = 0.0 if method == "fp" else read_quantized_meta(path)[1]["seconds"]
+                        rows.append(self._row(setting, spec, split, ckpt, method, self.scorer.score(path), seconds))
         return pd.DataFrame(rows)
 
     def _row(self, setting, spec, split, ckpt, method, acc, seconds) -> dict:
-        return {"arch": setting.arch, "task": setting.task, "dataset": self.task_entry(setting.arch, setting.task)["task"]["dataset"],
+        dataset = self.collected.entry(setting.arch, setting.task)["task"]["dataset"]
+        return {"arch": setting.arch, "task": setting.task, "dataset": dataset,
                 "setting": setting.name, "source": setting.source, "condition": setting.condition or "",
                 "variant": setting.label, "method": method, "bits": spec.bits, "granularity": spec.granularity,
                 "split": split, "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}", "accuracy": acc, "seconds": seconds}
@@ -329,10 +281,10 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
     worst = layers.code_mae.idxmax()
     ev = exp.evaluate(setting, ("ptq", "gen"), splits=(split,))
     acc = ev.groupby("method").accuracy.mean()
-    gen_cfg, train_cfg = exp.config(setting, "generator"), exp.config(setting, "train")
+    gen_cfg, train_cfg = setting.config(exp.profile, "generator"), setting.config(exp.profile, "train")
     return {"arch": setting.arch, "task": setting.task, "variant": setting.label, "bits": spec.bits,
             "granularity": spec.granularity, "split": split, "skip": gen_cfg.get("skip", "none"),
-            "d_model": gen_cfg.get("d_model") or exp.config(setting, "tokenizer")["token_size"],
+            "d_model": gen_cfg.get("d_model") or setting.config(exp.profile, "tokenizer")["token_size"],
             "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
             "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),
             "code_mae_worst": layers.code_mae.max(), "worst_layer": worst,
@@ -393,7 +345,7 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
     (`memorisation=False` skips this part, which needs every training target and two evaluations per model).
     """
     quantgen = exp.generator(setting)
-    splits = exp.splits(setting.arch, setting.task)
+    splits = exp.collected.splits(setting.arch, setting.task)
     ckpts = pick(splits[split], exp.profile["eval"].get("per_split"))
     gen_files = [exp.generated(setting, spec, c, quantgen) for c in ckpts]
     own_files = [exp.target(setting, spec, c) for c in ckpts]
@@ -411,9 +363,14 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
     for model, files, g in (("gen", gen_files, gen), ("target", own_files, own)):
         d = nearest_distances(g, own, train)
         for i, row in d.iterrows():
-            pred, labels = exp.predictions(files[i])
-            pred_train, _ = exp.predictions(train_files[int(row.nearest_train)])
-            pred_own, _ = exp.predictions(own_files[i])
+            pred, labels = exp.scorer.predictions(files[i])
+            pred_train, _ = exp.scorer.predictions(train_files[int(row.nearest_train)])
+            pred_own, _ = exp.scorer.predictions(own_files[i])
             near.append({**row.to_dict(), "model": model, "checkpoint": ckpts[i].stem,
                          "iou_nearest_train": error_iou(pred, pred_train, labels), "iou_own": error_iou(pred, pred_own, labels)})
     return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag), "nearest": pd.DataFrame(near).assign(**tag)}
+
+
+def _average(sds: list[dict]) -> dict:
+    """The element-wise mean of state_dicts of one architecture (the soup)."""
+    return {k: torch.stack([sd[k].float() for sd in sds]).mean(0) for k in sds[0]}

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .diffusion import DiffusionHead
 from .io import read_json, read_safetensors, save_safetensors, write_json
@@ -33,7 +32,6 @@ from .mamba2 import Mamba2
 from .quant import QTensor, QuantSpec, check_finite
 from .tokenizer import Tokenizer, sinusoidal_2d
 
-BACKBONES = ("mamba2", "lstm", "transformer")
 HEADS = ("mse", "diffusion")
 SKIPS = ("none", "add", "gain")
 
@@ -62,8 +60,8 @@ class GeneratorConfig:
     skip: str = "none"  # "none" (the paper's head), "add" or "gain": the output relative to the input (ours)
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone not in MIXERS:
+            raise ValueError(f"backbone must be one of {list(MIXERS)}, got {self.backbone!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.d_model is None:
@@ -78,32 +76,45 @@ class GeneratorConfig:
         return asdict(self)
 
 
+class LSTMMixer(nn.LSTM):
+    """A one-layer LSTM over the token sequence, as a mixer: (b, l, d) -> (b, l, d)."""
+
+    def __init__(self, d_model: int):
+        super().__init__(d_model, d_model, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]  # the outputs, not the final (h, c)
+
+
+class CausalSelfAttention(nn.MultiheadAttention):
+    """Multi-head self-attention in which token t sees tokens <= t, as a mixer: (b, l, d) -> (b, l, d)."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__(d_model, n_heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=x.dtype)
+        return super().forward(x, x, x, attn_mask=causal, need_weights=False, is_causal=True)[0]
+
+
+MIXERS = {  # backbone -> its sequence mixer; every one maps (b, l, d_model) -> (b, l, d_model)
+    "mamba2": lambda cfg: Mamba2(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                                 headdim=cfg.headdim, chunk_size=cfg.chunk_size),
+    "lstm": lambda cfg: LSTMMixer(cfg.d_model),
+    "transformer": lambda cfg: CausalSelfAttention(cfg.d_model, cfg.n_heads),
+}
+
+
 class Block(nn.Module):
-    """Pre-norm residual block around one sequence mixer: x + mixer(norm(x))."""
+    """Pre-norm residual block around one sequence mixer."""
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
-        d = cfg.d_model
-        self.norm = nn.LayerNorm(d)
-        self.kind = cfg.backbone
-        if cfg.backbone == "mamba2":
-            self.mixer = Mamba2(d, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
-                                headdim=cfg.headdim, chunk_size=cfg.chunk_size)
-        elif cfg.backbone == "lstm":
-            self.mixer = nn.LSTM(d, d, batch_first=True)
-        else:
-            self.mixer = nn.MultiheadAttention(d, cfg.n_heads, batch_first=True)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.mixer = MIXERS[cfg.backbone](cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        if self.kind == "mamba2":
-            h = self.mixer(h)
-        elif self.kind == "lstm":
-            h = self.mixer(h)[0]
-        else:
-            causal = nn.Transformer.generate_square_subsequent_mask(h.shape[1], device=h.device, dtype=h.dtype)
-            h = self.mixer(h, h, h, attn_mask=causal, need_weights=False, is_causal=True)[0]
-        return x + h
+        return x + self.mixer(self.norm(x))
 
 
 class Generator(nn.Module):
@@ -166,12 +177,12 @@ class Generator(nn.Module):
             x = block(x)
         return self.norm_out(x)
 
-    def forward(self, tokens, target, onehot=None, mask=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, tokens, target, onehot=None, mask=None, rng: torch.Generator | None = None) -> torch.Tensor:
         """Training loss: MSE to the target tokens, weighted by `mask` (False or 0 on padding, which is
         excluded), or the diffusion loss. (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
         feats = self.features(tokens, onehot)
         if self.cfg.head == "diffusion":
-            return self.diffusion.loss(target, feats, mask=mask, generator=generator)
+            return self.diffusion.loss(target, feats, mask=mask, rng=rng)
         err = (self.head_out(tokens, feats) - target) ** 2
         if mask is None:
             return err.mean()
@@ -179,11 +190,11 @@ class Generator(nn.Module):
         return (err * mask).sum() / mask.sum().clamp_min(1)
 
     @torch.no_grad()
-    def generate(self, tokens, onehot=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(self, tokens, onehot=None, rng: torch.Generator | None = None) -> torch.Tensor:
         """Predicted quantized tokens: one forward pass (MSE head) or the diffusion head's sampler."""
         feats = self.features(tokens, onehot)
         if self.cfg.head == "diffusion":
-            return self.diffusion.sample(feats, generator=generator)
+            return self.diffusion.sample(feats, rng=rng)
         return self.head_out(tokens, feats)
 
     def head_out(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -226,7 +237,7 @@ class QuantGen:
         device = self.model.pos_emb.device
         tokens = self.tokenizer.encode_fp(fp_sd).unsqueeze(0).to(device)
         onehot = self.model.condition_vector(self.spec_condition(spec))
-        out = self.model.generate(tokens, onehot, generator=torch.Generator(device).manual_seed(seed))
+        out = self.model.generate(tokens, onehot, rng=torch.Generator(device).manual_seed(seed))
         generated = self.tokenizer.decode_quantized(out[0].cpu(), spec)  # .cpu() waits for a GPU to finish
         qsd: dict[str, QTensor | torch.Tensor] = {k: generated.get(k, v) for k, v in fp_sd.items()}
         return qsd, time.perf_counter() - start

@@ -30,21 +30,27 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
+def _replacing(path: Path):
+    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""
+    with _replacing(Path(path)) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -68,17 +74,8 @@ def read_json(path: str | os.PathLike) -> dict:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Save tensors (made contiguous, detached, on CPU) to a safetensors file, atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(Path(path)) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -96,6 +93,29 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             "It may be truncated or written by another tool; regenerate it or restore a good copy."
         ) from e
     return tensors, metadata
+
+
+def cached(path: str | os.PathLike, make) -> Path:
+    """The cache rule every artifact follows: a file named by the parameters (and input content) that
+    determine it is made once. Returns `path`, first calling `make(path)` to write it when it does not exist
+    (`make` writes through `atomic_write` / `save_safetensors`, so an interrupted run leaves no file)."""
+    path = Path(path)
+    if not path.is_file():
+        make(path)
+    return path
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, from its header alone (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                               "regenerate it or restore a good copy") from e
 
 
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:

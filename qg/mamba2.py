@@ -35,8 +35,21 @@ except Exception:  # noqa: BLE001
     _kernel_conv = None
 
 
+def segsum_naive(x: torch.Tensor) -> torch.Tensor:
+    """What `segsum` computes, written plainly: cumsum[i] - cumsum[j]. Exact in exact arithmetic, but the
+    difference of two large running sums loses precision (ssd_minimal's `segsum_unstable`)."""
+    T = x.size(-1)
+    cs = torch.cumsum(x, dim=-1)
+    out = cs[..., :, None] - cs[..., None, :]
+    return out.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device)), -torch.inf)
+
+
 def segsum(x: torch.Tensor) -> torch.Tensor:
-    """(..., T) -> (..., T, T) with out[i, j] = sum(x[j+1..i]) for j <= i and -inf above the diagonal."""
+    """(..., T) -> (..., T, T) with out[i, j] = sum(x[j+1..i]) for j <= i and -inf above the diagonal.
+
+    exp(segsum(dt * A))[i, j] is the decay of the state from step j to step i. Summed directly over each
+    segment (a masked cumsum) rather than as a difference of prefix sums (`segsum_naive`), so it stays exact
+    for long segments."""
     T = x.size(-1)
     x = x[..., None].expand(*x.shape, T)
     x = x.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), -1), 0)
@@ -62,22 +75,25 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_states=None):
     B, C = (t.reshape(b, c, chunk_size, g, -1) for t in (B, C))
     A = (dt * A).reshape(b, c, chunk_size, g, r).permute(0, 3, 4, 1, 2)  # (b, g, r, c, l)
     A_cumsum = torch.cumsum(A, dim=-1)
-    # 1. outputs within each chunk (the diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) decay(s->l) X_s
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
-    L = torch.exp(segsum(A))
+    # The sequence map y = M X is a semiseparable matrix M[l, s] = C_l . B_s decay(s -> l), cut into chunks:
+    # diagonal blocks are computed as they are (attention-like), off-diagonal blocks through their low-rank
+    # factorisation  C (left) x decay between chunks (middle) x B (right).
+    # 1. diagonal blocks, the outputs from inputs of the same chunk: y_l = sum_{s<=l} (C_l . B_s) decay(s->l) X_s
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)                              # (b, c, g, l, s)
+    L = torch.exp(segsum(A))                                                   # (b, g, r, c, l, s) decay(s->l)
     y_diag = torch.einsum("bcgls,bgrcls,bcsgrp->bclgrp", CB, L, X)
-    # 2. the state at the end of each chunk, from that chunk's inputs
-    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)
-    states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B, decay_states, X)
-    # 3. the recurrence between chunks
+    # 2. right factor (B terms): the state each chunk leaves behind, from its own inputs alone
+    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)                    # (b, g, r, c, l) decay(l->chunk end)
+    states = torch.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B, decay_states, X)   # (b, c, g, r, p, n)
+    # 3. middle factor (A terms): the recurrence between chunks, giving the true state at every chunk boundary
     if initial_states is None:
         initial_states = torch.zeros_like(states[:, :1])
     else:
         initial_states = initial_states.reshape(b, 1, g, r, p, -1)
-    states = torch.cat([initial_states, states], dim=1)
-    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, g, r, c + 1, c + 1)
-    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)[:, :-1]
-    # 4. each chunk's incoming state, read out at every position
+    states = torch.cat([initial_states, states], dim=1)                        # (b, c + 1, g, r, p, n)
+    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[..., -1], (1, 0))))         # (b, g, r, c + 1, c + 1)
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)[:, :-1]  # state entering each chunk
+    # 4. left factor (C terms): each chunk's incoming state, decayed and read out at every position
     y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C, states, torch.exp(A_cumsum))
     y = (y_diag + y_off).reshape(b, c * chunk_size, h, p)[:, :length]
     return y if D is None else y + x[:, :length] * (D[:, None] if D.ndim == 1 else D)
@@ -176,10 +192,6 @@ class Mamba2(nn.Module):
                                      group_size=self.d_ssm // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
-    @property
-    def kernels_available(self) -> bool:
-        return kernels_available()
-
     def _kernels(self, u: torch.Tensor) -> bool:
         if self.use_kernels is False or not u.is_cuda:
             return False
@@ -189,34 +201,55 @@ class Mamba2(nn.Module):
         return kernels_available()
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
-        kernels = self._kernels(u)
-        length = u.shape[1]
-        d_mlp = (self.in_proj.out_features - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
-        z0, x0, z, xBC, dt = torch.split(self.in_proj(u), [d_mlp, d_mlp, self.d_ssm,
-                                                           self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], -1)
-        if kernels:
-            xBC = _kernel_conv(xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu").transpose(1, 2)
-        else:
-            xBC = self.act(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2))
-        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
-        b = u.shape[0]
-        x = x.reshape(b, length, self.nheads, self.headdim)
-        B, C = (t.reshape(b, length, self.ngroups, self.d_state) for t in (B, C))
-        A = -torch.exp(self.A_log.float())
-        D = self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        """u (b, l, d_model) -> (b, l, d_model): the PyTorch path below, or mamba-ssm's kernels on CUDA."""
+        if self._kernels(u):
+            return self._forward_kernels(u)
+        b, length, _ = u.shape
+        z0, x0, z, xBC, dt = self._in_proj(u)        # (b, l, d_mlp) x 2, (b, l, d_ssm), (b, l, d_ssm + 2 g n), (b, l, h)
+        xBC = self.act(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2))  # causal depthwise conv in time
+        x, B, C = self._heads(xBC)                   # (b, l, h, p), (b, l, g, n), (b, l, g, n)
+        A = -torch.exp(self.A_log.float())           # (h,) negative: every state decays
         gate = None if self.rmsnorm else z.reshape(b, length, self.nheads, self.headdim)
-        if kernels:
-            limit = {} if self.dt_limit == (0.0, float("inf")) else {"dt_limit": self.dt_limit}
-            y = _kernel_scan(x, dt, A, B, C, chunk_size=self.chunk_size, D=D, z=gate, dt_bias=self.dt_bias,
-                             dt_softplus=True, **limit)
-        else:
-            y = self._torch_scan(x, dt, A, B, C, D, gate)
-        y = y.reshape(b, length, self.d_ssm)
+        y = self._torch_scan(x, dt, A, B, C, self._D(), gate).reshape(b, length, self.d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)                      # RMSNorm of y * silu(z), per group
+        return self._out(z0, x0, y)
+
+    def _forward_kernels(self, u: torch.Tensor) -> torch.Tensor:
+        """The same computation through causal-conv1d's and mamba-ssm's fused CUDA kernels."""
+        b, length, _ = u.shape
+        z0, x0, z, xBC, dt = self._in_proj(u)
+        xBC = _kernel_conv(xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu").transpose(1, 2)
+        x, B, C = self._heads(xBC)
+        gate = None if self.rmsnorm else z.reshape(b, length, self.nheads, self.headdim)
+        limit = {} if self.dt_limit == (0.0, float("inf")) else {"dt_limit": self.dt_limit}
+        y = _kernel_scan(x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size, D=self._D(), z=gate,
+                         dt_bias=self.dt_bias, dt_softplus=True, **limit).reshape(b, length, self.d_ssm)
         if self.rmsnorm:
             y = _kernel_rmsnorm(y, self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
-                                norm_before_gate=self.norm_before_gate) if kernels else self.norm(y, z)
-        if d_mlp > 0:
+                                norm_before_gate=self.norm_before_gate)
+        return self._out(z0, x0, y)
+
+    def _in_proj(self, u: torch.Tensor) -> list[torch.Tensor]:
+        """in_proj(u) split into [z0, x0 | z | xBC | dt] (z0, x0 empty unless d_ssm < d_inner)."""
+        d_mlp = (self.in_proj.out_features - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
+        sizes = [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads]
+        return torch.split(self.in_proj(u), sizes, -1)
+
+    def _heads(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """xBC (b, l, d_ssm + 2 g n) -> x per head (b, l, h, p) and B, C per group (b, l, g, n)."""
+        b, length, _ = xBC.shape
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        return (x.reshape(b, length, self.nheads, self.headdim),
+                B.reshape(b, length, self.ngroups, self.d_state), C.reshape(b, length, self.ngroups, self.d_state))
+
+    def _D(self) -> torch.Tensor:
+        """The skip D x_t: one weight per head, or per channel when D_has_hdim."""
+        return self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+
+    def _out(self, z0: torch.Tensor, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """out_proj of [silu(z0) * x0, y]: the gated-MLP channels (if any) beside the SSM's."""
+        if z0.shape[-1]:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 

@@ -241,3 +241,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
     """Top-1 accuracy in percent."""
     pred, labels = predict(model, loader, device)
     return 100.0 * int((pred == labels).sum()) / len(labels)
+
+
+def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test, device: str = "cpu") -> float:
+    """Top-1 accuracy (%) of weights `sd` for model `spec` on the batches of `test` (see `qg.data.batches`)."""
+    return evaluate(load_weights(build_model(spec), sd), test, device)

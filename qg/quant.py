@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .io import CorruptFileError, read_safetensors, save_safetensors
+from .io import CorruptFileError, read_safetensors, read_safetensors_metadata, save_safetensors
 
 GRANULARITIES = ("channel", "group")
 SCHEMES = ("symmetric", "asymmetric")
@@ -184,12 +184,13 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return _RoundSTE.apply(w, spec)
 
 
-def quantize_state_dict(sd: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, QTensor | torch.Tensor]:
-    """Quantize every weight `is_quantized_weight` selects; copy the other tensors unchanged."""
+def quantize_state_dict(sd: dict[str, torch.Tensor], spec: QuantSpec, quantizer=quantize) -> dict[str, QTensor | torch.Tensor]:
+    """Quantize every weight `is_quantized_weight` selects with `quantizer(w, spec)` (round-to-nearest by
+    default; `qg.baselines` passes its own); copy the other tensors unchanged. NaN or inf weights are refused."""
     out = {}
     for name, t in sd.items():
         check_finite(name, t)
-        out[name] = quantize(t, spec) if is_quantized_weight(name, t) else t
+        out[name] = quantizer(t, spec) if is_quantized_weight(name, t) else t
     return out
 
 
@@ -215,16 +216,27 @@ def save_quantized(path, qsd: dict[str, QTensor | torch.Tensor], spec: QuantSpec
     save_safetensors(tensors, path, metadata)
 
 
-def read_quantized(path) -> tuple[dict[str, QTensor | torch.Tensor], QuantSpec, dict]:
-    """Read a quantized model file as QTensors (codes, S, Z) plus float tensors, its spec and metadata."""
-    tensors, metadata = read_safetensors(path)
+def _checked_header(path, metadata: dict) -> QuantSpec:
     if metadata.get("format") != FORMAT_NAME:
         raise CorruptFileError(f"{path} is not a {FORMAT_NAME} file (format={metadata.get('format')!r}); "
                                "write it with qg.quant.save_quantized")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CorruptFileError(f"{path} has format version {metadata.get('format_version')!r}; "
                                f"this qg reads version {FORMAT_VERSION}")
-    spec = QuantSpec.from_dict(json.loads(metadata["spec"]))
+    return QuantSpec.from_dict(json.loads(metadata["spec"]))
+
+
+def read_quantized_meta(path) -> tuple[QuantSpec, dict]:
+    """The spec and metadata of a quantized model file (its wall time, source, method), read from the header
+    without loading a tensor."""
+    metadata = read_safetensors_metadata(path)
+    return _checked_header(path, metadata), json.loads(metadata.get("meta", "{}"))
+
+
+def read_quantized(path) -> tuple[dict[str, QTensor | torch.Tensor], QuantSpec, dict]:
+    """Read a quantized model file as QTensors (codes, S, Z) plus float tensors, its spec and metadata."""
+    tensors, metadata = read_safetensors(path)
+    spec = _checked_header(path, metadata)
     qsd: dict[str, QTensor | torch.Tensor] = {}
     for key, t in tensors.items():
         if key.endswith((".scale", ".zero")) and key.rsplit(".", 1)[0] + ".qweight" in tensors:

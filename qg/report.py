@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,7 @@ import pandas as pd
 import torch
 
 from .io import atomic_write, file_sha256, write_json
+from .profiles import ROOT
 
 GROUP_KEYS = ["arch", "task", "dataset", "source", "condition", "variant", "method", "bits", "granularity", "split"]
 SPLIT_LABELS = {"trained": "trained-on ckpts (paper's protocol)", "heldout_ckpt": "held-out ckpts",
@@ -44,10 +46,18 @@ def cell(mean: float, std: float | None = None, digits: int = 2) -> str:
 def portable(path) -> str:
     """`path` relative to $QG_OUTPUT or the repository (where results live), so no machine's folders are recorded."""
     path = Path(path).resolve()
-    for root in (os.environ.get("QG_OUTPUT"), Path(__file__).resolve().parent.parent):
+    for root in (os.environ.get("QG_OUTPUT"), ROOT):
         if root and path.is_relative_to(Path(root).resolve()):
             return str(path.relative_to(Path(root).resolve()))
     return path.name
+
+
+def git_commit() -> str:
+    """The code's commit, with `-dirty` when tracked files under qg/, notebooks/ or params/ have changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--", "qg", "notebooks", "params") else "")
 
 
 def provenance(profile: dict, commit: str, inputs: list[Path] = (), extra: dict | None = None) -> dict:

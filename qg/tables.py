@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 
 from . import paper
-from .pipeline import ablation_setup
+from .profiles import ablation_setup
 from .report import SPLIT_LABELS, cell, markdown, summarize
 
 METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "rtn-asym": "RTN asym", "mse-clip": "RTN + MSE clip", "hqq": "HQQ",
@@ -217,14 +217,20 @@ def figure3(runs: pd.DataFrame, arch: str, task: str):
     return grid.figure
 
 
-PAPER_ABLATION_NOTES = {
-    "padding": "Paper, Table 6 (ImageNet-1K ViT-Tiny, 8-bit): PTQ 74.83; zero 74.57; one 72.94; Gaussian 75.42.",
-    "head": "Paper, Table 5 (ImageNet-1K ViT-Tiny, 8-bit): PTQ 74.83; + diffusion: fail; - diffusion 75.42.",
-    "backbone": "Paper, Table 10 (ImageNet-1K ViT-Tiny; accuracy %, training hours, GB on a GPU): "
-                "LSTM 0.10 / 14.5 h / 4.03 GB; Transformer 0.18 / 3.78 h / 3.53 GB; Mamba 75.42 / 3.67 h / 3.05 GB.",
-    "token_size": "Paper, Table 4 (ImageNet-1K ViT-Base, group-wise, 8..3 bits): PTQ 84.56 84.54 84.54 84.44 84.06 81.81; "
-                  "token 8192: 83.92 58.25 54.76 59.04 55.32 56.56; token 16384: 84.70 84.70 84.61 84.64 84.32 82.17.",
-}
+def _pairs(table: dict) -> str:
+    return "; ".join(f"{k} {v}" for k, v in table.items())
+
+
+def paper_ablation_note(factor: str) -> str:
+    """The paper's own numbers for one ablation (from `qg.paper`), as the note under our table."""
+    if factor == "token_size":
+        rows = "; ".join(f"{k}: {' '.join(f'{x:.2f}' for x in v)}" for k, v in paper.TABLE4.items())
+        return f"Paper, Table 4 (ImageNet-1K ViT-Base, group-wise, 8..3 bits): {rows}."
+    if factor == "backbone":
+        rows = "; ".join(f"{k} {a:.2f} / {h} h / {gb} GB" for k, (a, h, gb) in paper.TABLE10.items())
+        return f"Paper, Table 10 (ImageNet-1K ViT-Tiny; accuracy %, training hours, GB on a GPU): {rows}."
+    table, number = {"padding": (paper.TABLE6, 6), "head": (paper.TABLE5, 5)}[factor]
+    return f"Paper, Table {number} (ImageNet-1K ViT-Tiny, 8-bit): {_pairs(table)}."
 
 
 def ablation_table(runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
@@ -255,27 +261,31 @@ def ablation_table(runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile
     gen_seconds = runs[runs.method == "gen"].groupby("variant").seconds.mean()
     for variant, g in costs.groupby("variant", sort=False):
         rows.append({"variant": variant, "split": "cost (per generator)",
-                     "train (s)": f"{g.train_seconds.mean():.1f}", "generate (s/model)": f"{gen_seconds.get(variant, float('nan')):.3f}",
+                     "train (s)": f"{g.train_seconds.mean():.1f}",
+                     "generate (s/model)": f"{gen_seconds.get(variant, float('nan')):.3f}",
                      "activation (MB)": f"{g.activation_mb.mean():.1f}", "params": f"{int(g.n_params.mean()):,}",
                      "final loss": f"{g.final_loss.mean():.4g}"})
     md = pd.DataFrame(rows).fillna("")
     a = ablation_setup(profile, factor)
     return tidy, _markdown(md, f"Ablation of the {factor.replace('_', ' ')} ({a['arch']}, {a['task']}, {a['granularity']}-wise; "
                            "top-1 %, mean ± std over checkpoints)", profile, [
-        PAPER_ABLATION_NOTES[factor],
+        paper_ablation_note(factor),
         "activation (MB): tensors autograd saves for one training step (batch of the profile), a deterministic "
         "stand-in for peak training memory; times are wall-clock on the machine in the provenance file."])
 
 
-def loss_curves(curves: dict[str, pd.DataFrame], title: str):
-    """Smoothed training loss of each variant (label -> loss.csv frame), log scale."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def loss_curves(curves: dict[str, pd.DataFrame], title: str, ax=None, legend_max: int = 12):
+    """Smoothed training loss of each generator (label -> loss.csv frame), log scale, on `ax` or a new
+    figure; the legend is left out beyond `legend_max` lines. Returns the figure."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
     for label, curve in curves.items():
         ax.plot(curve.step, curve.loss.rolling(10, min_periods=1).mean(), lw=1.2, label=label)
     ax.set(title=title, xlabel="step", ylabel="training loss (smoothed)", yscale="log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
+    if len(curves) <= legend_max:
+        ax.legend(fontsize=7)
+    return ax.figure
 
 
 def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
@@ -308,12 +318,14 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
     tidy = out.melt(id_vars=keys + ["worst_layer"], var_name="metric").assign(table="fidelity", split=split, method="gen",
                                                            profile=profile["name"], commit=commit)
     md = out.rename(columns={"granularity": "gran.", "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =",
-                             "code_mae": "code err", "code_mae_worst": "worst layer err", "worst_layer": "worst layer", "scale_rel_err": "S err",
-                             "worst_gain_err": "its gain err", "sensitivity_min": "sens. (min)", "alignment_min": "align. (min)", "frozen_copy": "frozen copy",
+                             "code_mae": "code err", "code_mae_worst": "worst layer err", "worst_layer": "worst layer",
+                             "scale_rel_err": "S err", "worst_gain_err": "its gain err", "sensitivity_min": "sens. (min)",
+                             "alignment_min": "align. (min)", "frozen_copy": "frozen copy",
                              "to_own": "d(own)", "to_nearest_train": "d(train)", "target_to_nearest_train": "d(train) of target",
-                             "iou_nearest_train": "IoU train", "target_iou_nearest_train": "IoU train of target", "iou_own": "IoU own"})
-    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "its gain err": 3, "S err": 4, "sens. (min)": 2,
-                   "align. (min)": 2, "frozen copy": 3, "d(own)": 4, "d(train)": 4, "d(train) of target": 4,
+                             "iou_nearest_train": "IoU train", "target_iou_nearest_train": "IoU train of target",
+                             "iou_own": "IoU own"})
+    md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "its gain err": 3, "S err": 4,
+                   "sens. (min)": 2, "align. (min)": 2, "frozen copy": 3, "d(own)": 4, "d(train)": 4, "d(train) of target": 4,
                    "IoU train": 2, "IoU train of target": 2, "IoU own": 2})
     return tidy, _markdown(md, f"Fidelity and memorisation of the Table 1 generators ({SPLIT_LABELS[split]})", profile, [
         "Against the generator's target (PTQ) of the same checkpoint: `codes =` fraction of equal integer codes; "

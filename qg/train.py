@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .generator import Generator, GeneratorConfig, QuantGen
-from .io import atomic_write, read_json, read_safetensors, save_safetensors, write_json
+from .io import atomic_write, read_json, read_safetensors, save_safetensors
 from .quant import QuantSpec
 from .tokenizer import Tokenizer
 
@@ -133,42 +133,29 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     """
     out_dir = Path(out_dir)
     rank, world = _world()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    if data.loss_weighting != cfg.loss_weighting:
-        raise ValueError(f"the training pairs carry {data.loss_weighting!r} loss weights but the run asks for "
-                         f"{cfg.loss_weighting!r}; rebuild them with TokenPairs.build(..., loss_weighting={cfg.loss_weighting!r})")
-    if not cfg.mask_padding and cfg.loss_weighting != "element":
-        raise ValueError("mask_padding=False trains on every position with equal weight, which drops the "
-                         f"{cfg.loss_weighting!r} loss weights: keep mask_padding=True or use loss_weighting='element'")
+    _check_run(data, cfg, world)
     model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
     state_path = out_dir / "train_state.pt"
-    step, losses, elapsed, activation_mb = 0, [], 0.0, float("nan")
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
-        if _completed(state.get("run")) != run:
-            raise ValueError(f"{state_path} holds a run with other settings ({state.get('run')}); "
-                             "resume only the same run: pick a new output directory or pass resume=False")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
-    n_cond = len(model.cfg.conditions)
+    step, losses, elapsed = _resume(state_path, model, opt, sched, cfg, device) if resume else (0, [], 0.0)
+    activation_mb, n_cond = float("nan"), len(model.cfg.conditions)
     start, last = time.perf_counter(), min(cfg.steps, stop_after or cfg.steps)
     bar = tqdm(range(step, last), initial=step, total=cfg.steps, desc="generator",
                disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))
     for step in bar:
-        gen = _step_generator(cfg.seed, step)
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)[rank::world]
-        x, y, onehot, mask = data.batch(idx, n_cond)
-        x, y, mask = x.to(device), y.to(device), mask.to(device)
-        onehot = onehot.to(device) if onehot is not None else None
-        activation_mb, loss = saved_activation_mb(
-            lambda: net(x, y, onehot, mask if cfg.mask_padding else None, generator=_step_generator(cfg.seed, step, rank + 1)))
+        # the batch: the same examples for every process count, each process taking its share
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=_step_generator(cfg.seed, step))[rank::world]
+        x, y, onehot, mask = (t.to(device) if t is not None else None for t in data.batch(idx, n_cond))
+
+        def forward():
+            return net(x, y, onehot, mask if cfg.mask_padding else None, rng=_step_generator(cfg.seed, step, rank + 1))
+
+        if math.isnan(activation_mb):  # measured once, on the first step of this process
+            activation_mb, loss = saved_activation_mb(forward)
+        else:
+            loss = forward()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -187,8 +174,36 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     if rank == 0:
         _write_curve(out_dir / "loss.csv", losses, cfg)
     return {"steps": len(losses), "final_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed,
-            "peak_memory_mb": peak_memory_mb(device), "activation_mb": activation_mb, "world_size": world, "device": str(device),
-            "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
+            "peak_memory_mb": peak_memory_mb(device), "activation_mb": activation_mb, "world_size": world,
+            "device": str(device), "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
+
+
+def _check_run(data: TokenPairs, cfg: TrainConfig, world: int) -> None:
+    """Refuse settings that cannot train as asked, before any work."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if data.loss_weighting != cfg.loss_weighting:
+        raise ValueError(f"the training pairs carry {data.loss_weighting!r} loss weights but the run asks for "
+                         f"{cfg.loss_weighting!r}; rebuild them with "
+                         f"TokenPairs.build(..., loss_weighting={cfg.loss_weighting!r})")
+    if not cfg.mask_padding and cfg.loss_weighting != "element":
+        raise ValueError("mask_padding=False trains on every position with equal weight, which drops the "
+                         f"{cfg.loss_weighting!r} loss weights: keep mask_padding=True or use loss_weighting='element'")
+
+
+def _resume(state_path: Path, model, opt, sched, cfg: TrainConfig, device) -> tuple[int, list[float], float]:
+    """Load the last checkpoint of this same run into model, optimiser and schedule: (step, losses, seconds)."""
+    if not state_path.is_file():
+        return 0, [], 0.0
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
+    if _completed(state.get("run")) != run:
+        raise ValueError(f"{state_path} holds a run with other settings ({state.get('run')}); "
+                         "resume only the same run: pick a new output directory or pass resume=False")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return state["step"], state["losses"], state["elapsed"]
 
 
 def _completed(run: dict | None) -> dict | None:

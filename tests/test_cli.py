@@ -1,6 +1,7 @@
 """`python -m qg quantize` / `evaluate`: the way to use a trained generator on your own checkpoint."""
 
 import pytest
+from conftest import TINY_MIXER, TINY_VIT, checkpoints
 
 from qg.__main__ import main
 from qg.generator import GeneratorConfig
@@ -8,8 +9,6 @@ from qg.models import ModelSpec, save_checkpoint
 from qg.quant import QuantSpec, quantize_state_dict, read_quantized
 from qg.tokenizer import Tokenizer
 from qg.train import TokenPairs, TrainConfig, fit_generator
-
-from conftest import TINY_MIXER, TINY_VIT, checkpoints
 
 SPEC = QuantSpec(4, "group", 16)
 

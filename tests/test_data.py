@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-
 from fakes import cifar_batch, write_cifar, write_cifar10, write_fashion_mnist, write_idx, write_imagenet
+
 from qg import data
 from qg.io import CorruptFileError
 

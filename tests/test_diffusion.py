@@ -23,11 +23,11 @@ def test_shapes_for_any_token_size(token_size):
 
     head = small_head(token_size, 10, n_steps=50)
     x0, cond = torch.randn(2, 3, token_size), torch.randn(2, 3, 10)
-    loss = head.loss(x0, cond, n_tokens=4, generator=gen(0))
+    loss = head.loss(x0, cond, n_tokens=4, rng=gen(0))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    assert head.sample(cond, generator=gen(0)).shape == (2, 3, token_size)
-    assert head.sample(cond, steps=7, method="ddim", generator=gen(0)).shape == (2, 3, token_size)
+    assert head.sample(cond, rng=gen(0)).shape == (2, 3, token_size)
+    assert head.sample(cond, steps=7, method="ddim", rng=gen(0)).shape == (2, 3, token_size)
 
 
 def test_bad_arguments_are_refused():
@@ -74,10 +74,10 @@ def test_masked_loss_ignores_masked_positions():
     mask[1, 4] = False  # an all-padding token
     changed = x0.clone()
     changed[~mask] = 1000.0
-    assert head.loss(x0, cond, mask, generator=gen(3)) == head.loss(changed, cond, mask, generator=gen(3))
-    assert head.loss(x0, cond, mask, n_tokens=3, generator=gen(3)) == head.loss(changed, cond, mask, n_tokens=3,
-                                                                                generator=gen(3))
-    assert head.loss(x0, cond, generator=gen(3)) != head.loss(changed, cond, generator=gen(3))
+    assert head.loss(x0, cond, mask, rng=gen(3)) == head.loss(changed, cond, mask, rng=gen(3))
+    assert head.loss(x0, cond, mask, n_tokens=3, rng=gen(3)) == head.loss(changed, cond, mask, n_tokens=3,
+                                                                                rng=gen(3))
+    assert head.loss(x0, cond, rng=gen(3)) != head.loss(changed, cond, rng=gen(3))
 
 
 def test_token_subset_only_uses_n_tokens_positions():
@@ -85,9 +85,9 @@ def test_token_subset_only_uses_n_tokens_positions():
     x0, cond = torch.randn(2, 5, 24), torch.randn(2, 5, 12)
     seen = []
     head.net.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
-    head.loss(x0, cond, generator=gen(0))
-    head.loss(x0, cond, n_tokens=7, generator=gen(0))
-    head.loss(x0, cond, n_tokens=100, generator=gen(0))
+    head.loss(x0, cond, rng=gen(0))
+    head.loss(x0, cond, n_tokens=7, rng=gen(0))
+    head.loss(x0, cond, n_tokens=100, rng=gen(0))
     assert seen == [3, 7, 10]
 
 
@@ -95,9 +95,9 @@ def test_sampling_is_deterministic_given_a_generator():
     head = small_head(n_steps=100)
     cond = torch.randn(2, 3, 12)
     for kwargs in (dict(), dict(method="ddim", steps=10), dict(method="ddim", steps=10, eta=1.0)):
-        a, b = head.sample(cond, generator=gen(7), **kwargs), head.sample(cond, generator=gen(7), **kwargs)
+        a, b = head.sample(cond, rng=gen(7), **kwargs), head.sample(cond, rng=gen(7), **kwargs)
         assert torch.equal(a, b)
-        assert not torch.equal(a, head.sample(cond, generator=gen(8), **kwargs))
+        assert not torch.equal(a, head.sample(cond, rng=gen(8), **kwargs))
     assert head.training  # sampling restores the mode it found
 
 
@@ -108,7 +108,7 @@ def test_state_dict_round_trips_strictly():
     torch.nn.init.normal_(other.net.cond_proj.weight)
     other.load_state_dict(head.state_dict(), strict=True)
     cond = torch.randn(1, 3, 12)
-    assert torch.equal(head.sample(cond, generator=gen(0)), other.sample(cond, generator=gen(0)))
+    assert torch.equal(head.sample(cond, rng=gen(0)), other.sample(cond, rng=gen(0)))
 
 
 def test_tiny_head_overfits_four_tokens():
@@ -125,7 +125,7 @@ def test_tiny_head_overfits_four_tokens():
     batch = dict(x0=x0.expand(copies, -1, -1), cond=cond.expand(copies, -1, -1))
     losses = []
     for step in range(steps):
-        loss = head.loss(**batch, generator=gen(step))
+        loss = head.loss(**batch, rng=gen(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -134,7 +134,7 @@ def test_tiny_head_overfits_four_tokens():
     assert np.mean(losses[-50:]) < np.mean(losses[:10]) / 10
 
     draws = 8  # several initial noises per target: a rare draw may drift, the typical one must not
-    out = head.sample(cond.expand(draws, -1, -1), method="ddim", steps=50, generator=gen(1))
+    out = head.sample(cond.expand(draws, -1, -1), method="ddim", steps=50, rng=gen(1))
     rel = (out - x0).norm(dim=-1) / x0.norm(dim=-1)  # (draws, 4)
     assert rel.median(0).values.max() < 0.3, rel
     assert (rel < 0.3).float().mean() >= 0.75, rel

@@ -86,7 +86,9 @@ def test_nearest_distances_tell_a_replica_from_a_faithful_quantizer():
 
 def test_nearest_distances_are_euclidean_distances_of_the_dequantized_weights():
     (a,), train = models(1, seed=3), models(4, seed=4)
-    flat = lambda q: torch.cat([dequantize(q[k]).double().reshape(-1) for k in sorted(k for k in q if k.endswith("weight"))])
+    def flat(q):
+        return torch.cat([dequantize(q[k]).double().reshape(-1) for k in sorted(k for k in q if k.endswith("weight"))])
+
     scale = torch.stack([flat(t).norm() for t in train]).mean()
     d = nearest_distances([a], [train[0]], train).iloc[0]
     direct = torch.stack([(flat(a) - flat(t)).norm() for t in train]) / scale

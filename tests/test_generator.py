@@ -52,7 +52,7 @@ def test_diffusion_head_learns_tiny_pairs(tmp_path):
     mask = mask.bool()
 
     def sample_error():
-        out = model.generate(x, generator=torch.Generator().manual_seed(0))
+        out = model.generate(x, rng=torch.Generator().manual_seed(0))
         return ((out - y)[mask].pow(2).mean() / y[mask].pow(2).mean()).item()
 
     before = sample_error()

@@ -124,3 +124,12 @@ def test_bfloat16_runs_in_float32_inside():
 def test_cpu_never_needs_kernels():
     m = Mamba2(64, use_kernels=None)
     assert not m._kernels(torch.zeros(1, 2, 64))
+
+
+def test_stable_segsum_is_the_difference_of_prefix_sums():
+    x = torch.randn(3, 17, dtype=torch.float64)
+    stable, naive = mamba2.segsum(x), mamba2.segsum_naive(x)
+    finite = torch.isfinite(naive)
+    assert torch.equal(finite, torch.isfinite(stable)) and finite.sum() == 3 * 17 * 18 // 2
+    assert torch.allclose(stable[finite], naive[finite], atol=1e-12)
+    assert torch.allclose(stable[0, 5, 2], x[0, 3:6].sum())  # sum of x[j+1..i] for i = 5, j = 2

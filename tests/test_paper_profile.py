@@ -7,33 +7,29 @@ tasks, ViT-Base's larger tokens, QAT only for ViT-Tiny on ImageNet, a per-factor
 shrinks only the sizes, then runs every notebook on it with papermill, as `make reproduce` would.
 """
 
-import copy
-import os
 
 import pandas as pd
 import pytest
 import timm
 import torch
 import yaml
+from fakes import write_cifar, write_imagenet
 from safetensors.torch import load_file
 
-from fakes import write_cifar, write_imagenet
-from qg import pipeline
+from qg import pipeline, profiles
 from qg.data import DATASET_INFO
 from qg.experiments import Experiment, main_settings
-from qg.pipeline import ablation_setup, pairs
 from qg.generator import Generator, GeneratorConfig
-from qg.io import save_safetensors
-from qg.io import read_json
-from qg.models import (ModelSpec, build_model, load_checkpoint, pretrained_norm, pretrained_weights, resolve_device,
-                       state_dict_of)
+from qg.io import read_json, save_safetensors
+from qg.models import ModelSpec, build_model, load_checkpoint, pretrained_norm, pretrained_weights, resolve_device, state_dict_of
+from qg.profiles import ablation_setup, pairs
 from qg.quant import is_quantized_weight
 
 PAPER_GENERATOR_PARAMS = {8192: 1018e6, 16384: 3076e6}  # the paper's Table 7 (Base, Large)
 
 
 def test_paper_profile_names_the_papers_setup():
-    P = pipeline.load_profile("paper")
+    P = profiles.load_profile("paper")
     assert P["pretrain"] is None and P["device"] == "cuda"
     assert {a["arch"] for a in P["archs"].values()} == {"vit_tiny_patch16_224", "vit_small_patch16_224",
                                                          "vit_base_patch16_224", "mixer_b16_224"}
@@ -60,7 +56,7 @@ def test_paper_profile_names_the_papers_setup():
 @pytest.mark.parametrize("arch, token_size", [("vit_tiny", 8192), ("vit_base", 16384)])
 def test_paper_profile_generators_are_the_papers_size(arch, token_size):
     """Built on the meta device (no memory): 2 Mamba-2 layers as wide as the token, near Table 7's counts."""
-    P = pipeline.load_profile("paper")
+    P = profiles.load_profile("paper")
     tokenizer = {**P["tokenizer"], **P["archs"][arch].get("tokenizer", {})}
     assert tokenizer["token_size"] == token_size
     with torch.device("meta"):
@@ -105,7 +101,7 @@ def test_device_names():
 
 
 def test_a_profile_whose_names_do_not_line_up_is_refused(tmp_path):
-    P = pipeline.load_profile("paper")
+    P = profiles.load_profile("paper")
     del P["name"]
     P["archs"]["vit_tiny"]["tasks"] = ["imagenet", "cifar1O"]
     P["qat"]["archs"] = "vit_tiny"
@@ -113,7 +109,7 @@ def test_a_profile_whose_names_do_not_line_up_is_refused(tmp_path):
     P["ablation"]["per_factor"]["tokensize"] = {"arch": "vit_base"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(P))
     with pytest.raises(ValueError) as err:
-        pipeline.load_profile(str(tmp_path / "bad.yaml"))
+        profiles.load_profile(str(tmp_path / "bad.yaml"))
     for problem in ("archs.vit_tiny.tasks names ['cifar1O']", "qat.archs must be a list", "figure3 uses vit_tiny/cifar100_",
                     "ablation.per_factor.tokensize is not an ablation"):
         assert problem in str(err.value)
@@ -121,7 +117,7 @@ def test_a_profile_whose_names_do_not_line_up_is_refused(tmp_path):
 
 def tiny_paper_profile(tmp_path) -> dict:
     """params/paper.yaml with every size shrunk; structure, model names and data formats kept."""
-    P = pipeline.load_profile("paper")
+    P = profiles.load_profile("paper")
     del P["name"]
     tiny_vit = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
     P["device"] = "auto"
@@ -170,27 +166,27 @@ def test_paper_profile_runs_every_notebook_on_tiny_fake_data(fake_data):
     executed = pipeline.run(str(profile))
     assert [p.stem for p in executed] == list(pipeline.NOTEBOOKS)
 
-    paths = pipeline.Paths.of("paper-tiny")
+    paths = profiles.Paths.of("paper-tiny")
     assert paths.results == fake_data / "out" / "results" / "paper-tiny"
-    exp = Experiment(pipeline.load_profile(str(profile)), paths)
-    collected = {(a, t) for a, e in exp.manifest["archs"].items() for t in e["tasks"]}
+    exp = Experiment(profiles.load_profile(str(profile)), paths)
+    collected = {(a, t) for a, e in exp.collected.manifest["archs"].items() for t in e["tasks"]}
     assert collected == {("vit_tiny", "imagenet"), ("vit_tiny", "cifar10"), ("mlp_mixer", "cifar100"),
                          ("vit_base", "imagenet")}
     # task models take their dataset's classes; the head-only task keeps the pretrained file's features
     # trained on the profile's device; inputs normalised as the pretrained weights expect (timm's ViT: 0.5/0.5)
     for (arch, task), classes in {("vit_tiny", "imagenet"): 1000, ("vit_tiny", "cifar10"): 10,
                                   ("mlp_mixer", "cifar100"): 100}.items():
-        ckpt = exp.splits(arch, task)["heldout_run"][0]
+        ckpt = exp.collected.splits(arch, task)["heldout_run"][0]
         _, spec, _ = load_checkpoint(ckpt)
         assert spec.arch == P["archs"][arch]["arch"] and spec.kwargs["num_classes"] == classes
         assert spec.dataset == task  # the paper profile names each task after its dataset
         assert spec.norm == (((0.5,) * 3,) * 2 if arch == "vit_tiny" else None)
         assert read_json(ckpt.parent / "run.json")["device"] == exp.device
     features = load_file(P["archs"]["vit_tiny"]["pretrained_file"])
-    head_task, _, _ = load_checkpoint(exp.splits("vit_tiny", "cifar10")["trained"][0])
+    head_task, _, _ = load_checkpoint(exp.collected.splits("vit_tiny", "cifar10")["trained"][0])
     assert all(torch.equal(head_task[k], v) for k, v in features.items() if not k.startswith("head."))
     # QAT targets only where the profile asks; ViT-Base's generator uses its own token size
-    assert [a for a, e in exp.manifest["archs"].items() for t in e["tasks"].values() if "qat" in t] == ["vit_tiny"]
+    assert [a for a, e in exp.collected.manifest["archs"].items() for t in e["tasks"].values() if "qat" in t] == ["vit_tiny"]
     tokens = {s.arch: exp.generator(s).tokenizer.shape[1] for s in main_settings(exp.profile)["table1"]}
     assert tokens == {"vit_tiny": 32, "mlp_mixer": 32, "vit_base": 64}
     table1 = pd.read_csv(paths.results / "table1.csv")

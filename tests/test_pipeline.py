@@ -7,19 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_VIT
 
-from qg import collect, paper, pipeline, report, tables
+from qg import collect, paper, pipeline, profiles, report, tables
 from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, main_settings, pick
 from qg.io import write_json
 from qg.models import ModelSpec, build_model, load_model_file, save_checkpoint, state_dict_of
 from qg.quant import QuantSpec, read_quantized
 
-from conftest import TINY_VIT
-
 
 @pytest.mark.parametrize("name", ["smoke", "cpu"])
 def test_profiles_load_and_name_every_table(name):
-    P = pipeline.load_profile(name)
+    P = profiles.load_profile(name)
     settings = main_settings(P)
     assert P["name"] == name and set(settings) == {"table1", "figure3", "table2", "table3"}
     pairs = len(P["archs"]) * len(P["tasks"])
@@ -32,26 +31,26 @@ def test_profiles_load_and_name_every_table(name):
 
 def test_unknown_profile_and_notebook_are_clear_errors():
     with pytest.raises(FileNotFoundError, match="known profiles"):
-        pipeline.load_profile("nope")
+        profiles.load_profile("nope")
     with pytest.raises(ValueError, match="unknown notebook"):
         pipeline.run("smoke", ["99_missing"])
 
 
 def test_unknown_papermill_parameter_is_refused():
     with pytest.raises(ValueError, match="has no parameter"):
-        pipeline.check_parameters(pipeline.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke", "profle": "x"})
-    pipeline.check_parameters(pipeline.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke"})
+        pipeline.check_parameters(profiles.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke", "profle": "x"})
+    pipeline.check_parameters(profiles.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke"})
 
 
 def test_missing_upstream_says_which_notebook_to_run(tmp_path):
-    P = pipeline.load_profile("smoke")
+    P = profiles.load_profile("smoke")
     with pytest.raises(FileNotFoundError, match="01_collect"):
-        Experiment(P, pipeline.Paths.of("smoke", tmp_path))
+        Experiment(P, profiles.Paths.of("smoke", tmp_path))
 
 
 def test_notebooks_declare_only_the_profile_parameter_and_use_python3():
     for name in pipeline.NOTEBOOKS:
-        nb = nbformat.read(pipeline.ROOT / "notebooks" / f"{name}.ipynb", 4)
+        nb = nbformat.read(profiles.ROOT / "notebooks" / f"{name}.ipynb", 4)
         assert nb.metadata.kernelspec.name == "python3"
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(params) == 1 and params[0].source.startswith('profile = "smoke"')
@@ -81,18 +80,18 @@ def test_qat_target_is_a_quantized_file_with_its_time(tmp_path):
 
 
 def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
-    P = {**pipeline.load_profile("smoke"), "checkpoints": {"n": 10, "heldout_every": 5, "heldout_run": 2}}
-    paths = pipeline.Paths.of("smoke", tmp_path)
+    P = {**profiles.load_profile("smoke"), "checkpoints": {"n": 10, "heldout_every": 5, "heldout_run": 2}}
+    paths = profiles.Paths.of("smoke", tmp_path)
     run_a = [str(tmp_path / "runA" / f"ckpt_{i:03d}.safetensors") for i in range(10)]
     run_b = [str(tmp_path / "runB" / f"ckpt_{i:03d}.safetensors") for i in range(2)]
     write_json(paths.artifacts / "collect" / "manifest.json",
                {"archs": {"vit": {"tasks": {"full": {"runA": run_a, "runB": run_b, "task": {"dataset": "fashion_mnist"}}}}}})
-    splits = Experiment(P, paths).splits("vit", "full")
+    splits = Experiment(P, paths).collected.splits("vit", "full")
     assert [p.name for p in splits["heldout_ckpt"]] == ["ckpt_004.safetensors", "ckpt_009.safetensors"]
     assert len(splits["trained"]) == 8 and not set(splits["trained"]) & set(splits["heldout_ckpt"])
     assert [str(p) for p in splits["heldout_run"]] == run_b
     with pytest.raises(ValueError, match="made no mixer/full"):
-        Experiment(P, paths).splits("mixer", "full")
+        Experiment(P, paths).collected.splits("mixer", "full")
 
 
 def test_pick_is_even_and_total():
@@ -123,7 +122,7 @@ def _fake_runs(seed=0):
 
 
 def test_table1_has_paper_rows_and_paired_difference():
-    P = pipeline.load_profile("smoke")
+    P = profiles.load_profile("smoke")
     tidy, md = tables.table1(_fake_runs(), P, "abc")
     assert {"table", "method", "bits", "granularity", "split", "value", "std", "n", "profile", "commit"} <= set(tidy.columns)
     diff = tidy[(tidy.method == "gen-ptq") & (tidy.bits == 4)]
@@ -135,13 +134,14 @@ def test_table1_has_paper_rows_and_paired_difference():
 
 def test_write_table_records_provenance(tmp_path, monkeypatch):
     monkeypatch.setenv("QG_OUTPUT", str(tmp_path))
-    P = pipeline.load_profile("smoke")
+    P = profiles.load_profile("smoke")
     tidy, md = tables.table1(_fake_runs(), P, "abc")
     inp = tmp_path / "input.txt"
     inp.write_text("x")
     report.write_table(tmp_path, "table1", tidy, md, report.provenance(P, "abc", [inp]))
     prov = json.loads((tmp_path / "table1.json").read_text())
-    assert prov["commit"] == "abc" and prov["parameters"]["name"] == "smoke" and list(prov["inputs"]) == ["input.txt"]  # relative to QG_OUTPUT
+    assert prov["commit"] == "abc" and prov["parameters"]["name"] == "smoke"
+    assert list(prov["inputs"]) == ["input.txt"]  # relative to QG_OUTPUT
     assert pd.read_csv(tmp_path / "table1.csv").shape[0] == len(tidy)
     assert (tmp_path / "table1.md").read_text().startswith("### Table 1")
 
@@ -154,19 +154,55 @@ def test_figures_are_deterministic(tmp_path):
 
 
 def test_score_and_predictions_share_one_cached_evaluation(tmp_path):
-    P = pipeline.load_profile("smoke")
-    paths = pipeline.Paths.of("smoke", tmp_path)
+    P = profiles.load_profile("smoke")
+    paths = profiles.Paths.of("smoke", tmp_path)
     write_json(paths.artifacts / "collect" / "manifest.json", {"archs": {}})
     spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
     torch.manual_seed(0)
     ckpt = tmp_path / "runA-x" / "ckpt_000.safetensors"
     save_checkpoint(ckpt, state_dict_of(build_model(spec_model)), spec_model)
     exp = Experiment(P, paths)
-    pred, labels = exp.predictions(ckpt)
+    pred, labels = exp.scorer.predictions(ckpt)
     assert pred.shape == labels.shape and pred.dtype == torch.long
-    assert exp.score(ckpt) == pytest.approx(100.0 * (pred == labels).float().mean().item())
+    assert exp.scorer.score(ckpt) == pytest.approx(100.0 * (pred == labels).float().mean().item())
     cache = next(ckpt.parent.glob("ckpt_000.safetensors.pred-*.safetensors"))
     # a damaged cache is evaluated again, to the same answer, and rewritten
     cache.write_bytes(b"not a safetensors file")
-    again, _ = Experiment(P, paths).predictions(ckpt)
+    again, _ = Experiment(P, paths).scorer.predictions(ckpt)
     assert torch.equal(again, pred) and cache.stat().st_size > 100
+
+
+def test_a_moved_artifact_tree_is_reused_and_its_noise_control_unchanged(tmp_path):
+    """Cache keys and seeds name collected files relative to the collect folder, so moving the whole tree (another
+    checkout, another QG_OUTPUT) recomputes nothing and makes the same controls."""
+    import shutil
+
+    P = profiles.load_profile("smoke")
+    spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    collect_dir = profiles.Paths.of("smoke", tmp_path / "a").artifacts / "collect"
+    names = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 5), ("runB", 2))}
+    torch.manual_seed(0)
+    for name in names["runA"] + names["runB"]:
+        save_checkpoint(collect_dir / name, state_dict_of(build_model(spec_model)), spec_model)
+    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": {**names, "task": {"dataset": "digits"}}}}}})
+    spec, setting = QuantSpec(4, "group", 16), Setting("vit", "full", [QuantSpec(4, "group", 16)])
+
+    def files(root):
+        exp = Experiment(P, profiles.Paths.of("smoke", root))
+        ckpt = exp.collected.splits("vit", "full")["heldout_run"][0]
+        made = {"ptq": exp.quantized(ckpt, spec), "noise": exp.control("noise", spec, [ckpt]),
+                "soup": exp.control("soup", spec, exp.collected.splits("vit", "full")["trained"])}
+        return exp, {k: p.relative_to(exp.paths.artifacts) for k, p in made.items()}, made
+
+    exp_a, rel_a, made_a = files(tmp_path / "a")
+    gen_dir_a = exp_a.generator_dir(setting).relative_to(exp_a.paths.artifacts)
+    stamps = {k: p.stat().st_mtime_ns for k, p in made_a.items()}
+    noise_codes = {k: v.codes for k, v in read_quantized(made_a["noise"])[0].items() if hasattr(v, "codes")}
+    shutil.move(tmp_path / "a", tmp_path / "b")
+
+    exp_b, rel_b, made_b = files(tmp_path / "b")
+    assert rel_b == rel_a and exp_b.generator_dir(setting).relative_to(exp_b.paths.artifacts) == gen_dir_a
+    assert {k: p.stat().st_mtime_ns for k, p in made_b.items()} == stamps  # read back, not made again
+    made_b["noise"].unlink()  # made afresh in the new place: the same noise
+    again = read_quantized(files(tmp_path / "b")[2]["noise"])[0]
+    assert all(torch.equal(again[k].codes, c) for k, c in noise_codes.items())

@@ -2,13 +2,21 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_VIT, checkpoints
 
 from qg.io import CorruptFileError
 from qg.models import build_model, load_weights
-from qg.quant import (QuantSpec, dequantize, fake_quantize, is_quantized_weight, load_quantized, quantize,
-                      quantize_state_dict, read_quantized, save_quantized)
-
-from conftest import TINY_VIT, checkpoints
+from qg.quant import (
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    is_quantized_weight,
+    load_quantized,
+    quantize,
+    quantize_state_dict,
+    read_quantized,
+    save_quantized,
+)
 
 ALL_SPECS = [QuantSpec(b, g, 64, s) for b in range(2, 9) for g in ("channel", "group") for s in ("symmetric", "asymmetric")]
 

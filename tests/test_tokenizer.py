@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_MIXER, TINY_VIT, checkpoints
 
 from qg.quant import QuantSpec, quantize_state_dict
 from qg.tokenizer import Layout, Tokenizer, sinusoidal_2d
-
-from conftest import TINY_MIXER, TINY_VIT, checkpoints
 
 
 def fitted(spec_m, specs, token_size, padding="gaussian", n=3):

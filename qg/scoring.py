@@ -1,0 +1,61 @@
+"""Scoring model files: top-1 accuracy on a profile's seeded test subset, from the file alone.
+
+Every checkpoint and quantized file is evaluated once; its predicted classes (and the labels) are cached
+beside it, so accuracies and the memorisation tests' error overlaps (`qg.fidelity.error_iou`) share one
+evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import batches, held
+from .io import CorruptFileError, params_key, read_safetensors, save_safetensors
+from .models import ModelSpec, build_model, load_model_file, load_weights, predict, resolve_device
+
+
+class Scorer:
+    """Predictions and accuracy of model files on one profile's test subset (`eval` block, `seed`)."""
+
+    def __init__(self, profile: dict):
+        self.eval, self.seed = profile["eval"], profile["seed"]
+        self.device = resolve_device(profile.get("device"))
+        self._test_sets: dict = {}
+
+    def test_set(self, spec: ModelSpec):
+        """Batches of the seeded test subset every model of this profile is scored on: held in memory when it
+        fits in `eval.hold_mb` (default 8192), else streamed from disk for each model."""
+        key = (spec.dataset, spec.img_size, spec.norm)
+        if key not in self._test_sets:
+            ev = self.eval
+            loader = batches(spec.dataset, "test", spec.img_size, ev.get("batch_size", 1000),
+                             subset=ev.get("test_subset"), seed=self.seed, norm=spec.norm)
+            self._test_sets[key] = held(loader, ev.get("hold_mb", 8192))
+        return self._test_sets[key]
+
+    def score(self, path: Path) -> float:
+        """Top-1 accuracy (%) of a checkpoint or quantized file on the profile's test subset."""
+        pred, labels = self.predictions(path)
+        return 100.0 * int((pred == labels).sum()) / len(labels)
+
+    def predictions(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset.
+
+        Evaluated from the file once and cached beside it (`<file>.pred-<key>.safetensors`, keyed by the test
+        subset and seed), so accuracies and the memorisation tests' error overlaps share one evaluation.
+        A cache older than its file, or unreadable, is recomputed.
+        """
+        test_key = params_key({"test_subset": self.eval.get("test_subset"), "seed": self.seed})
+        cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
+        if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
+            try:
+                t = read_safetensors(cache)[0]
+                return t["pred"].long(), t["labels"].long()
+            except (CorruptFileError, KeyError):
+                pass  # a damaged cache is only a cache: evaluate again below
+        sd, spec, _ = load_model_file(path)
+        pred, labels = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
+        save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, cache, {"file": path.name})
+        return pred, labels
