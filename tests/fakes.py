@@ -1,13 +1,29 @@
-"""Tiny fake datasets in the real on-disk formats, for tests of the data paths (no download anywhere)."""
+"""Test helpers: tiny timm target models and their checkpoints, and tiny fake datasets in the real on-disk
+formats, for tests of the data paths (no download anywhere)."""
 
 import gzip
 import pickle
 import struct
 
 import numpy as np
+import torch
 from PIL import Image
 
 from qg import data
+from qg.models import ModelSpec, build_model, state_dict_of
+
+TINY_VIT = ModelSpec("VisionTransformer", dict(img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                                               embed_dim=32, depth=2, num_heads=2))
+TINY_MIXER = ModelSpec("MlpMixer", dict(img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                                        embed_dim=32, num_blocks=2))
+
+
+def checkpoints(spec: ModelSpec, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`n` distinct checkpoints of one model: a random init plus small seeded perturbations."""
+    torch.manual_seed(seed)
+    base = state_dict_of(build_model(spec))
+    gen = torch.Generator().manual_seed(seed + 1)
+    return [{k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(n)]
 
 
 def write_idx(path, array):

@@ -1,7 +1,7 @@
 """`python -m qg quantize` / `evaluate`: the way to use a trained generator on your own checkpoint."""
 
 import pytest
-from conftest import TINY_MIXER, TINY_VIT, checkpoints
+from fakes import TINY_MIXER, TINY_VIT, checkpoints
 
 from qg.__main__ import main
 from qg.generator import GeneratorConfig

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_VIT
+from fakes import TINY_VIT
 
 from qg import collect, paper, pipeline, profiles, report, tables
 from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, main_settings, pick

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VIT, checkpoints
+from fakes import TINY_VIT, checkpoints
 
 from qg.io import CorruptFileError
 from qg.models import build_model, load_weights
@@ -156,7 +156,7 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
 
 
 def test_checkpoint_for_another_architecture_is_refused():
-    from conftest import TINY_MIXER
+    from fakes import TINY_MIXER
     with pytest.raises(ValueError, match="(?s)does not match the VisionTransformer architecture.*missing"):
         load_weights(build_model(TINY_VIT), checkpoints(TINY_MIXER, 1)[0])
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_MIXER, TINY_VIT, checkpoints
+from fakes import TINY_MIXER, TINY_VIT, checkpoints
 
 from qg.quant import QuantSpec, quantize_state_dict
 from qg.tokenizer import Layout, Tokenizer, sinusoidal_2d
