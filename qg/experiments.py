@@ -125,12 +125,16 @@ class Experiment:
         if name not in CONTROLS:
             raise ValueError(f"unknown control {name!r}; one of {list(CONTROLS)}")
         first = checkpoints[0]
-        stem = first.stem if name == "noise" else f"soup-{len(checkpoints)}"
-        params = ({"sigma": self.profile["controls"]["noise"], "seed": self.profile["seed"]} if name == "noise" else
-                  {"checkpoints": [self.collected.relative(p) for p in checkpoints]})
+        if name == "noise":
+            stem, params = first.stem, {"sigma": self.profile["controls"]["noise"], "seed": self.profile["seed"]}
+
+            def make_input(sds):
+                return self._perturbed(sds[0], first)
+        else:
+            stem, params = f"soup-{len(checkpoints)}", {"checkpoints": [self.collected.relative(p) for p in checkpoints]}
+            make_input = _average
         out = (self.paths.artifacts / "quantized" / f"{name}-{params_key(params)}" / spec.name / first.parent.name
                / f"{stem}.safetensors")
-        make_input = (lambda sds: self._perturbed(sds[0], first)) if name == "noise" else _average
         return cached(out, lambda path: self._quantize(path, checkpoints, spec, name, make_input))
 
     def _quantize(self, out: Path, checkpoints: list[Path], spec: QuantSpec, method: str, make_input) -> None:
@@ -196,14 +200,15 @@ class Experiment:
     def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
                    quantgen: QuantGen | None = None) -> Path:
         """The file a method makes of a checkpoint: the checkpoint itself (`fp`), its QAT target (`qat`), the
-        generator's model (`gen`), a control (`CONTROLS`) or a data-free quantizer's (`qg.baselines.METHODS`)."""
+        generator's model (`gen`), the `noise` control or a data-free quantizer's (`qg.baselines.METHODS`).
+        The soup is one model per (architecture, task), not per checkpoint: `control("soup", ...)`."""
         if method == "fp":
             return checkpoint
         if method == "qat":
             return self.target(setting, spec, checkpoint)
         if method == "gen":
             return self.generated(setting, spec, checkpoint, quantgen)
-        if method in CONTROLS:
+        if method == "noise":
             return self.control(method, spec, [checkpoint])
         return self.quantized(checkpoint, spec, method)
 

@@ -78,21 +78,22 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         save_file(tensors, tmp, metadata=metadata)
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load every tensor and the metadata of a safetensors file, with clear errors for bad files."""
+def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor (none with `tensors=False`: the header alone) and the metadata of a safetensors
+    file, with clear errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
         raise CorruptFileError(
             f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). "
             "It may be truncated or written by another tool; regenerate it or restore a good copy."
         ) from e
-    return tensors, metadata
+    return loaded, metadata
 
 
 def cached(path: str | os.PathLike, make) -> Path:
@@ -103,19 +104,6 @@ def cached(path: str | os.PathLike, make) -> Path:
     if not path.is_file():
         make(path)
     return path
-
-
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a safetensors file, from its header alone (no tensor is read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:
-        raise CorruptFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                               "regenerate it or restore a good copy") from e
 
 
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:

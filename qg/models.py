@@ -237,10 +237,14 @@ def predict(model: nn.Module, loader: Iterable, device: str = "cpu") -> tuple[to
     return torch.cat(preds), torch.cat(labels)
 
 
+def top1(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent of predicted classes against labels."""
+    return 100.0 * int((pred == labels).sum()) / len(labels)
+
+
 def evaluate(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
     """Top-1 accuracy in percent."""
-    pred, labels = predict(model, loader, device)
-    return 100.0 * int((pred == labels).sum()) / len(labels)
+    return top1(*predict(model, loader, device))
 
 
 def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test, device: str = "cpu") -> float:

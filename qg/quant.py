@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .io import CorruptFileError, read_safetensors, read_safetensors_metadata, save_safetensors
+from .io import CorruptFileError, read_safetensors, save_safetensors
 
 GRANULARITIES = ("channel", "group")
 SCHEMES = ("symmetric", "asymmetric")
@@ -229,7 +229,7 @@ def _checked_header(path, metadata: dict) -> QuantSpec:
 def read_quantized_meta(path) -> tuple[QuantSpec, dict]:
     """The spec and metadata of a quantized model file (its wall time, source, method), read from the header
     without loading a tensor."""
-    metadata = read_safetensors_metadata(path)
+    metadata = read_safetensors(path, tensors=False)[1]
     return _checked_header(path, metadata), json.loads(metadata.get("meta", "{}"))
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .data import batches, held
 from .io import CorruptFileError, params_key, read_safetensors, save_safetensors
-from .models import ModelSpec, build_model, load_model_file, load_weights, predict, resolve_device
+from .models import ModelSpec, build_model, load_model_file, load_weights, predict, resolve_device, top1
 
 
 class Scorer:
@@ -37,8 +37,7 @@ class Scorer:
 
     def score(self, path: Path) -> float:
         """Top-1 accuracy (%) of a checkpoint or quantized file on the profile's test subset."""
-        pred, labels = self.predictions(path)
-        return 100.0 * int((pred == labels).sum()) / len(labels)
+        return top1(*self.predictions(path))
 
     def predictions(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset.
