@@ -173,13 +173,13 @@ class Experiment:
                    for spec in setting.specs}
         tok = setting.config(self.profile, "tokenizer")
         tokenizer = Tokenizer.fit(fp, targets, tok["token_size"], tok.get("padding", "gaussian"), self.profile["seed"],
-                                  tok.get("log_scale", False))
+                                  tok.get("log_scale", False), tok.get("target", "direct"))
         train_cfg = TrainConfig(seed=self.profile["seed"], **setting.config(self.profile, "train"))
         data = TokenPairs.build(tokenizer, fp, targets, conditional=setting.condition is not None,
                                 loss_weighting=train_cfg.loss_weighting)
         n_tokens, token_size = tokenizer.shape
         gen_cfg = GeneratorConfig(token_size=token_size, n_tokens=n_tokens, conditions=data.conditions,
-                                  **setting.config(self.profile, "generator"))
+                                  target=tokenizer.target, **setting.config(self.profile, "generator"))
         quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=self.device)
         quantgen.record.update(setting=setting.name, n_train_checkpoints=len(train_ckpts))
         quantgen.save(out)

@@ -5,12 +5,16 @@
              causal self-attention (the Table 10 ablation), as in mamba_ssm's MixerModel
     head   = final norm + Linear back to the token width, trained with MSE on the target tokens (the
              paper's), or RPG's diffusion head conditioned on the body's output (the Table 5 ablation)
-    skip   = ours, optional: the MSE head's output is taken relative to the fp weight tokens x (only where
-             x holds real weights): `add`   y = Linear(h) + x
-                                    `gain`  y = Linear(h) + x * (1 + Linear'(h))   (Linear' starts at zero)
-             A normalised code is the normalised weight times a factor of its group (1 / S, up to the
-             layer's statistics), so `gain` lets the body predict that factor instead of rebuilding every
-             code value; `none` is the paper's head.
+    skip   = ours, optional: the MSE head's output is taken relative to the tokenizer's base tokens b
+             (`Tokenizer.base_tokens`, zero where no weight sits):
+                                    `add`   y = Linear(h) + b
+                                    `gain`  y = Linear(h) + b * (1 + Linear'(h))   (Linear' starts at zero)
+             With the direct target b is the fp weight tokens: a normalised code is the normalised weight
+             times a factor of its group (1 / S, up to the layer's statistics), so `gain` lets the body
+             predict that factor instead of rebuilding every code value; `none` is the paper's head.
+    target = `direct` (the paper's) or `residual` (ours, `qg.tokenizer`): the output is each code's offset
+             from round-to-nearest, b the rounding remainder, and the output layer starts at zero, so an
+             untrained generator decodes to RTN (PTQ) exactly and learns only where to depart from it.
 
 d_model defaults to the token size as in RPG; a narrower width adds input/output projections.
 A trained generator lives in a directory: `generator.safetensors` (weights), `generator.json` (config,
@@ -30,7 +34,7 @@ from .diffusion import DiffusionHead
 from .io import read_json, read_safetensors, save_safetensors, write_json
 from .mamba2 import Mamba2
 from .quant import QTensor, QuantSpec, check_finite
-from .tokenizer import Tokenizer, sinusoidal_2d
+from .tokenizer import TARGETS, Tokenizer, sinusoidal_2d
 
 HEADS = ("mse", "diffusion")
 SKIPS = ("none", "add", "gain")
@@ -58,6 +62,7 @@ class GeneratorConfig:
     head: str = "mse"
     diffusion: dict = field(default_factory=dict)  # DiffusionHead kwargs, e.g. {"n_steps": 1000}
     skip: str = "none"  # "none" (the paper's head), "add" or "gain": the output relative to the input (ours)
+    target: str = "direct"  # the tokenizer's: "direct" (the paper's) or "residual" (offsets from RTN, ours)
 
     def __post_init__(self):
         if self.backbone not in MIXERS:
@@ -71,6 +76,11 @@ class GeneratorConfig:
         if self.skip != "none" and self.head != "mse":
             raise ValueError(f"skip={self.skip!r} relates the MSE head's output to its input; the diffusion head has none: "
                              "set skip: none beside head: diffusion")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target == "residual" and self.head != "mse":
+            raise ValueError("the residual target starts from RTN through a zeroed MSE head; the diffusion head "
+                             "samples from noise: use head: mse with target: residual")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,17 +130,12 @@ class Block(nn.Module):
 class Generator(nn.Module):
     """Maps (batch, n_tokens, token_size) fp tokens to predicted quantized tokens of the same shape."""
 
-    def __init__(self, cfg: GeneratorConfig, positions: torch.Tensor, weight_mask: torch.Tensor | None = None):
+    def __init__(self, cfg: GeneratorConfig, positions: torch.Tensor):
         super().__init__()
         if positions.shape != (cfg.n_tokens, 2):
             raise ValueError(f"positions must be ({cfg.n_tokens}, 2) for this config, got {tuple(positions.shape)}")
-        if cfg.skip != "none" and (weight_mask is None or weight_mask.shape != (cfg.n_tokens, cfg.token_size)):
-            raise ValueError(f"skip={cfg.skip!r} needs the ({cfg.n_tokens}, {cfg.token_size}) mask of fp weight values "
-                             "(Tokenizer.layout.value_mask(spec, 'fp')); build it with Generator.for_tokenizer")
         self.cfg = cfg
         self.register_buffer("pos_emb", sinusoidal_2d(positions, cfg.token_size), persistent=False)
-        if cfg.skip != "none":  # where the input holds real weights (elsewhere it holds padding, not copied)
-            self.register_buffer("skip_mask", weight_mask.float(), persistent=False)
         self.cond_proj = nn.Linear(len(cfg.conditions), cfg.token_size, bias=False) if cfg.conditions else None
         narrow = cfg.d_model != cfg.token_size
         self.proj_in = nn.Linear(cfg.token_size, cfg.d_model) if narrow else nn.Identity()
@@ -138,6 +143,9 @@ class Generator(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.d_model)
         if cfg.head == "mse":
             self.proj_out = nn.Linear(cfg.d_model, cfg.token_size)
+            if cfg.target == "residual":  # offsets start at zero: the untrained generator is RTN
+                nn.init.zeros_(self.proj_out.weight)
+                nn.init.zeros_(self.proj_out.bias)
             if cfg.skip == "gain":
                 self.proj_gain = nn.Linear(cfg.d_model, cfg.token_size)
                 nn.init.zeros_(self.proj_gain.weight)
@@ -147,8 +155,11 @@ class Generator(nn.Module):
 
     @classmethod
     def for_tokenizer(cls, cfg: GeneratorConfig, tokenizer: Tokenizer) -> "Generator":
-        """A generator laid out for `tokenizer`'s sequences (positions and, with skip, the weight mask)."""
-        return cls(cfg, tokenizer.layout.positions(), tokenizer.layout.value_mask(tokenizer.specs[0], "fp"))
+        """A generator laid out for `tokenizer`'s sequences, refused if their targets differ."""
+        if cfg.target != tokenizer.target:
+            raise ValueError(f"the generator is configured for the {cfg.target!r} target, its tokenizer encodes "
+                             f"{tokenizer.target!r}: set GeneratorConfig(target=tokenizer.target)")
+        return cls(cfg, tokenizer.layout.positions())
 
     def condition_vector(self, condition: str | None, batch: int = 1) -> torch.Tensor | None:
         """One-hot row for a condition name (None for an unconditional generator)."""
@@ -177,33 +188,37 @@ class Generator(nn.Module):
             x = block(x)
         return self.norm_out(x)
 
-    def forward(self, tokens, target, onehot=None, mask=None, rng: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, tokens, target, onehot=None, mask=None, base=None, rng: torch.Generator | None = None) -> torch.Tensor:
         """Training loss: MSE to the target tokens, weighted by `mask` (False or 0 on padding, which is
-        excluded), or the diffusion loss. (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
+        excluded), or the diffusion loss. `base`: the tokenizer's base tokens, needed with a skip.
+        (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
         feats = self.features(tokens, onehot)
         if self.cfg.head == "diffusion":
             return self.diffusion.loss(target, feats, mask=mask, rng=rng)
-        err = (self.head_out(tokens, feats) - target) ** 2
+        err = (self.head_out(feats, base) - target) ** 2
         if mask is None:
             return err.mean()
         mask = mask.to(err.dtype).expand_as(err)
         return (err * mask).sum() / mask.sum().clamp_min(1)
 
     @torch.no_grad()
-    def generate(self, tokens, onehot=None, rng: torch.Generator | None = None) -> torch.Tensor:
+    def generate(self, tokens, onehot=None, base=None, rng: torch.Generator | None = None) -> torch.Tensor:
         """Predicted quantized tokens: one forward pass (MSE head) or the diffusion head's sampler."""
         feats = self.features(tokens, onehot)
         if self.cfg.head == "diffusion":
             return self.diffusion.sample(feats, rng=rng)
-        return self.head_out(tokens, feats)
+        return self.head_out(feats, base)
 
-    def head_out(self, tokens: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """The MSE head: Linear(features), relative to the fp weight tokens as `skip` says."""
+    def head_out(self, feats: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        """The MSE head: Linear(features), relative to the base tokens as `skip` says."""
         out = self.proj_out(feats)
         if self.cfg.skip == "none":
             return out
-        x = tokens * self.skip_mask
-        return out + (x * (1 + self.proj_gain(feats)) if self.cfg.skip == "gain" else x)
+        if base is None or base.shape[1:] != out.shape[1:]:
+            raise ValueError(f"skip={self.cfg.skip!r} needs the tokenizer's base tokens (batch, {self.cfg.n_tokens}, "
+                             f"{self.cfg.token_size}) (Tokenizer.base_tokens), got "
+                             f"{None if base is None else tuple(base.shape)}")
+        return out + (base * (1 + self.proj_gain(feats)) if self.cfg.skip == "gain" else base)
 
 
 class QuantGen:
@@ -237,8 +252,9 @@ class QuantGen:
         device = self.model.pos_emb.device
         tokens = self.tokenizer.encode_fp(fp_sd).unsqueeze(0).to(device)
         onehot = self.model.condition_vector(self.spec_condition(spec))
-        out = self.model.generate(tokens, onehot, rng=torch.Generator(device).manual_seed(seed))
-        generated = self.tokenizer.decode_quantized(out[0].cpu(), spec)  # .cpu() waits for a GPU to finish
+        base = self.tokenizer.base_tokens(fp_sd, spec).unsqueeze(0).to(device) if self.model.cfg.skip != "none" else None
+        out = self.model.generate(tokens, onehot, base, rng=torch.Generator(device).manual_seed(seed))
+        generated = self.tokenizer.decode_quantized(out[0].cpu(), spec, fp_sd)  # .cpu() waits for a GPU to finish
         qsd: dict[str, QTensor | torch.Tensor] = {k: generated.get(k, v) for k, v in fp_sd.items()}
         return qsd, time.perf_counter() - start
 

@@ -14,6 +14,18 @@ the tail of a layer's last token, the input side's placeholders - is filled by t
 With `log_scale` (ours) the S tokens hold log S, normalised the same way: an error in a token is then
 a relative error of S, the same for a layer's small and large scales, and the decoded S is always positive.
 
+The `target` says what the quantized side holds:
+
+    direct    (the paper's) codes, S (or log S) and Z themselves, normalised by their mean and std
+    residual  (ours) their departure from round-to-nearest (RTN) of the same checkpoint's fp weights:
+              code offsets q - q_rtn, log(S / S_rtn) and Z - Z_rtn, each divided by its root mean square
+              (no mean shift), so all-zero tokens decode to RTN itself: an untrained generator *is* PTQ, and
+              what it learns is where a better quantizer (QAT) departs from rounding.
+
+`base_tokens` is what a generator's head is relative to (`skip`): the fp weight tokens (direct) or, for
+residual, the RTN rounding remainders w / S + Z - q_rtn in the code offsets' units, the input a rounding
+decision needs and the one thing the body cannot compute for itself (a group's max|w|).
+
 A layout serves one or several quantization specs (a conditional generator covers several): S/Z segments
 are sized for the spec with the most groups, and each spec has its own statistics. The position of a
 token is (layer index, token index within its layer), embedded by `sinusoidal_2d`.
@@ -28,12 +40,13 @@ from pathlib import Path
 import torch
 
 from .io import read_json, read_safetensors, save_safetensors, write_json
-from .quant import MIN_SCALE, QTensor, QuantSpec, is_quantized_weight
+from .quant import MIN_SCALE, QTensor, QuantSpec, grouped, is_quantized_weight, quantize, ungrouped
 
 PADDING_MODES = ("gaussian", "zero", "one")
 LOSS_WEIGHTINGS = ("element", "segment")
 MAX_LOG_SCALE = 80.0  # a diverged generated log S decodes to a huge but finite S, never inf
 KINDS = ("weight", "scale", "zero")
+TARGETS = ("direct", "residual")
 
 
 @dataclass(frozen=True)
@@ -144,30 +157,54 @@ def _mean_std(values: list[torch.Tensor]) -> tuple[float, float]:
     return float(means), float(stds) if stds > 1e-8 else 1.0
 
 
-def _parts(qt: QTensor, log_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The values a quantized layer's tokens hold: codes, S (or log S) and Z, as floats."""
-    scale = qt.scale.float()
-    return qt.codes.float(), scale.clamp_min(MIN_SCALE).log() if log_scale else scale, qt.zero.float()
+def _rms(values: list[torch.Tensor]) -> tuple[float, float]:
+    """(0, root mean square over checkpoints): a residual's scale, with no mean shift so that 0 stays 0."""
+    rms = float(torch.stack([v.double().pow(2).mean() for v in values]).mean().sqrt())
+    return 0.0, rms if rms > 1e-8 else 1.0
+
+
+def _log(scale: torch.Tensor) -> torch.Tensor:
+    return scale.float().clamp_min(MIN_SCALE).log()
+
+
+def _parts(qt: QTensor, log_scale: bool, rtn: QTensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The values a quantized layer's tokens hold, as floats: codes, S (or log S) and Z, or, given `rtn`
+    (the residual target), their departures from it: q - q_rtn, log(S / S_rtn), Z - Z_rtn."""
+    if rtn is not None:
+        return qt.codes.float() - rtn.codes.float(), _log(qt.scale) - _log(rtn.scale), qt.zero.float() - rtn.zero.float()
+    return qt.codes.float(), _log(qt.scale) if log_scale else qt.scale.float(), qt.zero.float()
+
+
+def remainder(w: torch.Tensor, rtn: QTensor) -> torch.Tensor:
+    """Where each weight sits between codes: w / S + Z - q_rtn, in [-0.5, 0.5] unless clamped (code units)."""
+    g, length = grouped(w, rtn.spec)
+    exact = g / rtn.scale.unsqueeze(-1) + rtn.zero.unsqueeze(-1)
+    return ungrouped(exact, length, w.shape) - rtn.codes.float()
 
 
 class Tokenizer:
     """Encodes fp checkpoints and quantized checkpoints into token sequences and decodes generated tokens."""
 
     def __init__(self, layout: Layout, fp_stats: torch.Tensor, q_stats: dict[str, torch.Tensor],
-                 padding: str = "gaussian", seed: int = 0, log_scale: bool = False):
+                 padding: str = "gaussian", seed: int = 0, log_scale: bool = False, target: str = "direct"):
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.layout, self.fp_stats, self.q_stats = layout, fp_stats, q_stats
-        self.padding, self.seed, self.log_scale = padding, seed, log_scale
+        self.padding, self.seed, self.log_scale, self.target = padding, seed, log_scale, target
         self._canvas = {side: self._fill(self.seed + i) for i, side in enumerate(("fp", "quantized"))}
 
     @classmethod
     def fit(cls, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]], token_size: int,
-            padding: str = "gaussian", seed: int = 0, log_scale: bool = False) -> "Tokenizer":
+            padding: str = "gaussian", seed: int = 0, log_scale: bool = False, target: str = "direct") -> "Tokenizer":
         """Build the layout and fit normalisation statistics on training checkpoints only.
 
-        `quantized` maps each spec the tokenizer serves to quantized state_dicts (`quantize_state_dict`).
+        `quantized` maps each spec the tokenizer serves to quantized state_dicts (`quantize_state_dict`),
+        aligned with `fp_checkpoints` (the residual target is taken relative to RTN of each one).
         """
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if not fp_checkpoints:
             raise ValueError("Tokenizer.fit needs at least one full-precision checkpoint")
         layout = Layout.from_state_dict(fp_checkpoints[0], list(quantized), token_size)
@@ -179,12 +216,17 @@ class Tokenizer:
         for spec, qsds in quantized.items():
             if not qsds:
                 raise ValueError(f"no quantized checkpoints for {spec.name}")
+            if len(qsds) != len(fp_checkpoints):
+                raise ValueError(f"{spec.name}: {len(qsds)} quantized checkpoints for {len(fp_checkpoints)} fp ones; "
+                                 "they must be aligned pairs")
             rows = []
             for n in names:
-                parts = [_parts(q[n], log_scale) for q in qsds]
-                rows.append([_mean_std([p[k] for p in parts]) for k in range(len(KINDS))])
+                rtn = [quantize(sd[n].float(), spec) if target == "residual" else None for sd in fp_checkpoints]
+                parts = [_parts(q[n], log_scale, r) for q, r in zip(qsds, rtn)]
+                stat = _rms if target == "residual" else _mean_std
+                rows.append([stat([p[k] for p in parts]) for k in range(len(KINDS))])
             q_stats[spec.name] = torch.tensor(rows)  # (layers, 3 kinds, [mean, std])
-        return cls(layout, fp_stats, q_stats, padding, seed, log_scale)
+        return cls(layout, fp_stats, q_stats, padding, seed, log_scale, target)
 
     @property
     def specs(self) -> list[QuantSpec]:
@@ -229,39 +271,70 @@ class Tokenizer:
             values[(li, "weight")] = (sd[name].float().reshape(-1) - mean) / std
         return self._write("fp", values)
 
-    def encode_quantized(self, qsd: dict, spec: QuantSpec) -> torch.Tensor:
-        """Tokens of a quantized checkpoint: normalised codes, then S and Z of each layer."""
+    def _rtn(self, fp_sd: dict | None, spec: QuantSpec) -> dict[str, QTensor | None]:
+        """RTN of each quantized layer of `fp_sd` under `spec` (the residual target's origin; None if direct)."""
+        names = [n for n, _ in self.layout.shapes]
+        if self.target == "direct":
+            return dict.fromkeys(names)
+        if fp_sd is None:
+            raise ValueError("this tokenizer's target is residual, relative to round-to-nearest of the full-precision "
+                             "checkpoint: pass its state_dict as fp_sd")
+        self.layout.check(fp_sd, "the full-precision checkpoint")
+        return {n: quantize(fp_sd[n].float(), spec) for n in names}
+
+    def encode_quantized(self, qsd: dict, spec: QuantSpec, fp_sd: dict | None = None) -> torch.Tensor:
+        """Tokens of a quantized checkpoint: normalised codes, then S and Z of each layer (with the residual
+        target, their departures from RTN of `fp_sd`, the checkpoint it quantizes)."""
         stats = self.q_stats[self._spec(spec).name]
         self.layout.check(qsd, "quantized checkpoint")
+        rtn = self._rtn(fp_sd, spec)
         values = {}
         for li, (name, _) in enumerate(self.layout.shapes):
             qt = qsd[name]
             if qt.spec != spec:
                 raise ValueError(f"{name} is quantized as {qt.spec.name}, expected {spec.name}")
-            for k, (kind, t) in enumerate(zip(KINDS, _parts(qt, self.log_scale))):
+            for k, (kind, t) in enumerate(zip(KINDS, _parts(qt, self.log_scale, rtn[name]))):
                 mean, std = stats[li, k].tolist()
                 values[(li, kind)] = (t.float().reshape(-1) - mean) / std
         return self._write("quantized", values)
 
-    def decode_quantized(self, tokens: torch.Tensor, spec: QuantSpec) -> dict[str, QTensor]:
-        """Generated tokens -> QTensors: codes rounded and clamped to the bit range, S kept positive, Z rounded."""
+    def decode_quantized(self, tokens: torch.Tensor, spec: QuantSpec, fp_sd: dict | None = None) -> dict[str, QTensor]:
+        """Generated tokens -> QTensors: codes rounded and clamped to the bit range, S kept positive, Z rounded
+        (with the residual target, as offsets from RTN of `fp_sd`, the checkpoint being quantized)."""
         stats = self.q_stats[self._spec(spec).name]
         if tuple(tokens.shape) != self.shape:
             raise ValueError(f"expected tokens of shape {self.shape}, got {tuple(tokens.shape)}")
         tokens = tokens.detach().float().cpu()
+        rtn = self._rtn(fp_sd, spec)
         parts: dict[tuple[int, str], torch.Tensor] = {}
         for seg in self.layout.segments:
             mean, std = stats[seg.layer_index, KINDS.index(seg.kind)].tolist()
             parts[(seg.layer_index, seg.kind)] = self._read(tokens, seg, self.layout.numel(seg, spec)) * std + mean
         out = {}
         for li, (name, shape) in enumerate(self.layout.shapes):
-            pshape = spec.param_shape(shape)
-            codes = torch.round(parts[(li, "weight")]).clamp(spec.qmin, spec.qmax).to(torch.int8).reshape(shape)
-            scale = parts[(li, "scale")].clamp(max=MAX_LOG_SCALE).exp() if self.log_scale else parts[(li, "scale")]
-            scale = scale.clamp_min(MIN_SCALE).reshape(pshape)
-            zero = torch.round(parts[(li, "zero")]).clamp(spec.qmin, spec.qmax).reshape(pshape)
-            out[name] = QTensor(codes, scale, zero, spec)
+            pshape, base = spec.param_shape(shape), rtn[name]
+            codes, scale, zero = (parts[(li, kind)].reshape(shape if kind == "weight" else pshape) for kind in KINDS)
+            codes, zero = torch.round(codes), torch.round(zero)
+            if base is not None:  # residual: offsets from RTN, S a log ratio to RTN's (a zero ratio keeps S exact)
+                codes, zero = codes + base.codes, zero + base.zero
+                scale = base.scale * scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE).exp()
+            elif self.log_scale:
+                scale = scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE).exp()
+            out[name] = QTensor(codes.clamp(spec.qmin, spec.qmax).to(torch.int8), scale.clamp_min(MIN_SCALE),
+                                zero.clamp(spec.qmin, spec.qmax), spec)
         return out
+
+    def base_tokens(self, fp_sd: dict, spec: QuantSpec) -> torch.Tensor:
+        """What a generator's output is relative to (its `skip`), zero where no weight sits: the fp weight
+        tokens (direct target) or the RTN remainders in the code offsets' units (residual target), so that
+        copying them decodes to the input's own RTN codes."""
+        if self.target == "direct":
+            return self.encode_fp(fp_sd) * self.layout.value_mask(spec, "fp")
+        stats = self.q_stats[self._spec(spec).name]
+        rtn = self._rtn(fp_sd, spec)
+        values = {(li, "weight"): remainder(fp_sd[name].float(), rtn[name]).reshape(-1) / stats[li, 0, 1]
+                  for li, (name, _) in enumerate(self.layout.shapes)}
+        return self._write("quantized", values) * self.layout.value_mask(spec, "fp")
 
     def decode_fp(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Full-precision tokens -> the quantizable weights they hold (inverse of `encode_fp`)."""
@@ -303,7 +376,7 @@ class Tokenizer:
         tensors = {"fp_stats": self.fp_stats, **{f"q_stats/{k}": v for k, v in self.q_stats.items()}}
         save_safetensors(tensors, directory / "tokenizer.safetensors")
         write_json(directory / "tokenizer.json", {"layout": self.layout.to_dict(), "padding": self.padding, "seed": self.seed,
-                                                  "log_scale": self.log_scale})
+                                                  "log_scale": self.log_scale, "target": self.target})
 
     @classmethod
     def load(cls, directory) -> "Tokenizer":
@@ -312,4 +385,4 @@ class Tokenizer:
         tensors, _ = read_safetensors(directory / "tokenizer.safetensors")
         q_stats = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("q_stats/")}
         return cls(Layout.from_dict(config["layout"]), tensors["fp_stats"], q_stats, config["padding"], config["seed"],
-                   config.get("log_scale", False))
+                   config.get("log_scale", False), config.get("target", "direct"))

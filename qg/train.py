@@ -47,12 +47,14 @@ class TrainConfig:
 
 @dataclass
 class TokenPairs:
-    """Training pairs: fp tokens `x` (one row per fp checkpoint), target tokens `y`, which fp row each
-    target comes from (`src`), its condition index (`cond`) and the loss weights of each condition
-    (`masks`: 0 on padding; see `Tokenizer.loss_weights`)."""
+    """Training pairs: fp tokens `x` (one row per fp checkpoint), target tokens `y`, the base tokens the
+    head's skip starts from (`base`, one row per target: `Tokenizer.base_tokens`), which fp row each target
+    comes from (`src`), its condition index (`cond`) and the loss weights of each condition (`masks`: 0 on
+    padding; see `Tokenizer.loss_weights`)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    base: torch.Tensor
     src: torch.Tensor
     cond: torch.Tensor
     masks: torch.Tensor
@@ -67,36 +69,42 @@ class TokenPairs:
         if len(specs) > 1 and not conditional:
             raise ValueError("several specs need a conditional generator (conditional=True), or one generator each")
         x = torch.stack([tokenizer.encode_fp(sd) for sd in fp_checkpoints])
-        ys, src, cond = [], [], []
+        ys, bases, src, cond = [], [], [], []
         for c, spec in enumerate(specs):
             if len(quantized[spec]) != len(fp_checkpoints):
                 raise ValueError(f"{spec.name}: {len(quantized[spec])} quantized checkpoints for "
                                  f"{len(fp_checkpoints)} fp ones; they must be aligned pairs")
-            for i, qsd in enumerate(quantized[spec]):
-                ys.append(tokenizer.encode_quantized(qsd, spec))
+            for i, (sd, qsd) in enumerate(zip(fp_checkpoints, quantized[spec])):
+                ys.append(tokenizer.encode_quantized(qsd, spec, sd))
+                bases.append(tokenizer.base_tokens(sd, spec))
                 src.append(i)
                 cond.append(c)
         masks = torch.stack([tokenizer.loss_weights(s, loss_weighting) for s in specs])
         names = [s.name for s in specs] if conditional else []
-        return cls(x, torch.stack(ys), torch.tensor(src), torch.tensor(cond), masks, names, loss_weighting)
+        return cls(x, torch.stack(ys), torch.stack(bases), torch.tensor(src), torch.tensor(cond), masks, names,
+                   loss_weighting)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def batch(self, idx: torch.Tensor, n_conditions: int):
-        """(fp tokens, target tokens, one-hot or None, loss weights) for sample indices `idx`."""
+        """(fp tokens, target tokens, one-hot or None, loss weights, base tokens) for sample indices `idx`."""
         onehot = torch.nn.functional.one_hot(self.cond[idx], n_conditions).float() if n_conditions else None
-        return self.x[self.src[idx]], self.y[idx], onehot, self.masks[self.cond[idx]]
+        return self.x[self.src[idx]], self.y[idx], onehot, self.masks[self.cond[idx]], self.base[idx]
 
     def save(self, path) -> None:
-        save_safetensors({"x": self.x, "y": self.y, "src": self.src, "cond": self.cond, "masks": self.masks},
+        save_safetensors({"x": self.x, "y": self.y, "base": self.base, "src": self.src, "cond": self.cond,
+                          "masks": self.masks},
                          path, {"conditions": ",".join(self.conditions), "loss_weighting": self.loss_weighting})
 
     @classmethod
     def load(cls, path) -> "TokenPairs":
         t, meta = read_safetensors(path)
+        if "base" not in t:
+            raise ValueError(f"{path} was written before training pairs carried base tokens; rebuild it with "
+                             "TokenPairs.build(...).save(path)")
         names = meta.get("conditions", "")
-        return cls(t["x"], t["y"], t["src"], t["cond"], t["masks"], names.split(",") if names else [],
+        return cls(t["x"], t["y"], t["base"], t["src"], t["cond"], t["masks"], names.split(",") if names else [],
                    meta.get("loss_weighting", "element"))
 
 
@@ -147,10 +155,10 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     for step in bar:
         # the batch: the same examples for every process count, each process taking its share
         idx = torch.randint(len(data), (cfg.batch_size,), generator=_step_generator(cfg.seed, step))[rank::world]
-        x, y, onehot, mask = (t.to(device) if t is not None else None for t in data.batch(idx, n_cond))
+        x, y, onehot, mask, base = (t.to(device) if t is not None else None for t in data.batch(idx, n_cond))
 
         def forward():
-            return net(x, y, onehot, mask if cfg.mask_padding else None, rng=_step_generator(cfg.seed, step, rank + 1))
+            return net(x, y, onehot, mask if cfg.mask_padding else None, base, rng=_step_generator(cfg.seed, step, rank + 1))
 
         if math.isnan(activation_mb):  # measured once, on the first step of this process
             activation_mb, loss = saved_activation_mb(forward)
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     data = TokenPairs.load(Path(args.data) / "pairs.safetensors")
     overrides = read_json(args.config) if args.config else {}
     gen_cfg = GeneratorConfig(**{"token_size": tokenizer.shape[1], "n_tokens": tokenizer.shape[0],
-                                 "conditions": data.conditions, **overrides.get("generator", {})})
+                                 "conditions": data.conditions, "target": tokenizer.target, **overrides.get("generator", {})})
     cfg = TrainConfig(**overrides.get("train", {}))
     if args.steps:
         cfg.steps = args.steps

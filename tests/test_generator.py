@@ -48,7 +48,7 @@ def test_diffusion_head_learns_tiny_pairs(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(tok, head="diffusion", diffusion={"n_steps": 100})
     model = Generator(cfg, tok.layout.positions())
-    x, y, _, mask = data.batch(torch.arange(2), 0)
+    x, y, _, mask, _ = data.batch(torch.arange(2), 0)
     mask = mask.bool()
 
     def sample_error():
@@ -159,19 +159,19 @@ def test_skip_generator_starts_as_its_input_on_weights(tmp_path, skip):
     model = Generator.for_tokenizer(tiny_config(tok, skip=skip), tok)
     torch.nn.init.zeros_(model.proj_out.weight)
     torch.nn.init.zeros_(model.proj_out.bias)
-    x = data.x[:1]
-    out = model.generate(x)
+    x, base = data.x[:1], data.base[:1]
+    out = model.generate(x, base=base)
     weights = tok.layout.value_mask(SPEC, "fp")
     assert torch.equal(out[0][weights], x[0][weights]) and (out[0][~weights] == 0).all()
-    with pytest.raises(ValueError, match="weight values"):
-        Generator(tiny_config(tok, skip=skip), tok.layout.positions())
+    with pytest.raises(ValueError, match="base tokens"):
+        model.generate(x)
     with pytest.raises(ValueError, match="diffusion head"):
         tiny_config(tok, skip=skip, head="diffusion")
     with pytest.raises(ValueError, match="skip must be one of"):
         tiny_config(tok, skip="mul")
     rec = fit_generator(tok, data, tiny_config(tok, skip=skip), TrainConfig(steps=3, batch_size=2, ckpt_every=10), tmp_path)
     back = QuantGen.load(tmp_path)
-    assert back.model.cfg.skip == skip and torch.equal(back.model.generate(x), rec.model.generate(x))
+    assert back.model.cfg.skip == skip and torch.equal(back.model.generate(x, base=base), rec.model.generate(x, base=base))
 
 
 def test_log_scale_tokens_round_trip_and_segment_weights():
@@ -216,3 +216,91 @@ def test_loss_weights_must_match_the_run(tmp_path):
     assert TokenPairs.load(tmp_path / "pairs.safetensors").loss_weighting == "segment"
     with pytest.raises(ValueError, match="mask_padding=False"):
         train(model, weighted, TrainConfig(steps=1, batch_size=2, loss_weighting="segment", mask_padding=False), tmp_path)
+
+
+def residual_data(specs=(SPEC,), n=3, targets=None):
+    """A residual tokenizer and pairs; `targets(sd, spec)` makes each target (default: RTN, i.e. PTQ)."""
+    sds = tiny_checkpoints(n)
+    qs = {s: [targets(sd, s) if targets else quantize_state_dict(sd, s) for sd in sds] for s in specs}
+    tok = Tokenizer.fit(sds, qs, 32, target="residual")
+    return tok, TokenPairs.build(tok, sds, qs, conditional=len(specs) > 1), sds, qs
+
+
+@pytest.mark.parametrize("skip", ["none", "add", "gain"])
+def test_an_untrained_residual_generator_is_ptq(skip):
+    """Zeroed offsets decode to round-to-nearest of the input: codes, S and Z exactly PTQ's."""
+    specs = (QuantSpec(3, "group", group_size=16), QuantSpec(8, "channel"), QuantSpec(4, "group", 16, "asymmetric"))
+    tok, data, sds, qs = residual_data(specs)
+    assert (data.y * data.masks[data.cond]).abs().max() == 0  # PTQ targets: no real value departs from RTN
+    torch.manual_seed(0)
+    gen = QuantGen(Generator.for_tokenizer(tiny_config(tok, skip=skip, target="residual", conditions=data.conditions), tok), tok)
+    for spec in specs:
+        qsd, _ = gen.quantize(sds[1], spec)
+        for name, qt in qs[spec][1].items():
+            if isinstance(qt, QTensor):
+                assert torch.equal(qsd[name].codes, qt.codes) and torch.equal(qsd[name].scale, qt.scale), (spec, name)
+                assert torch.equal(qsd[name].zero, qt.zero), (spec, name)
+    with pytest.raises(ValueError, match="target"):
+        Generator.for_tokenizer(tiny_config(tok, skip=skip, conditions=data.conditions), tok)
+    with pytest.raises(ValueError, match="diffusion"):
+        tiny_config(tok, target="residual", head="diffusion")
+
+
+def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
+    """A target that departs from RTN (codes +1 where w/S sits above the middle, S x 1.1) is encoded as
+    offsets / log ratios scaled by their RMS and decoded back exactly; S decodes through exp, always > 0."""
+    from qg.quant import quantize, quantize_with
+    from qg.tokenizer import remainder
+
+    def shifted(sd, spec):
+        out = {}
+        for k, w in sd.items():
+            if w.ndim < 2:
+                out[k] = w
+                continue
+            rtn = quantize(w, spec)
+            up = (remainder(w, rtn) > 0.25).to(torch.int8)
+            q = quantize_with(w, rtn.scale * 1.1, rtn.zero, spec)
+            out[k] = QTensor((rtn.codes + up).clamp(spec.qmin, spec.qmax), q.scale, q.zero, spec)
+        return out
+
+    tok, data, sds, qs = residual_data(targets=shifted)
+    for sd, qsd in zip(sds, qs[SPEC]):
+        tokens = tok.encode_quantized(qsd, SPEC, sd)
+        for name, qt in tok.decode_quantized(tokens, SPEC, sd).items():
+            assert torch.equal(qt.codes, qsd[name].codes), name
+            torch.testing.assert_close(qt.scale, qsd[name].scale, rtol=1e-5, atol=0)
+    stats = tok.q_stats[SPEC.name]
+    assert (stats[:, :, 0] == 0).all()  # no mean shift: zero tokens stay RTN
+    assert torch.allclose(stats[:, 1, 1], torch.tensor(1.1).log(), rtol=1e-4)  # RMS of log(S / S_rtn)
+    r = tok.base_tokens(sds[0], SPEC)[tok.layout.value_mask(SPEC, "fp")] * stats[0, 0, 1]
+    assert r.abs().max() <= 0.5 + 1e-5  # remainders of RTN, in code units
+    huge = tok.decode_quantized(torch.full(tok.shape, 1e4), SPEC, sds[0])
+    assert all(torch.isfinite(q.scale).all() and (q.scale > 0).all() for q in huge.values())
+    with pytest.raises(ValueError, match="pass its state_dict"):
+        tok.decode_quantized(tokens, SPEC)
+    with pytest.raises(ValueError, match="target must be one of"):
+        Tokenizer.fit(sds, qs, 32, target="delta")
+
+
+def test_a_residual_generator_learns_a_departure_from_rtn(tmp_path):
+    """Targets that round up wherever the remainder exceeds 0.25: the gain skip on the remainder can express
+    round(r + 0.25), so a short training run recovers most of the changed codes that RTN gets wrong."""
+    from qg.quant import quantize
+    from qg.tokenizer import remainder
+
+    def up(sd, spec):
+        return {k: QTensor((quantize(w, spec).codes + (remainder(w, quantize(w, spec)) > 0.25).to(torch.int8))
+                           .clamp(spec.qmin, spec.qmax), quantize(w, spec).scale, quantize(w, spec).zero, spec)
+                if w.ndim >= 2 else w for k, w in sd.items()}
+
+    tok, data, sds, qs = residual_data(targets=up, n=4)
+    torch.manual_seed(0)
+    cfg = tiny_config(tok, skip="gain", target="residual")
+    gen = fit_generator(tok, data, cfg, TrainConfig(steps=300, batch_size=2, lr=3e-3, ckpt_every=1000), tmp_path)
+    qsd, _ = gen.quantize(sds[0], SPEC)
+    target, rtn = qs[SPEC][0], quantize_state_dict(sds[0], SPEC)
+    moved = {k: target[k].codes != rtn[k].codes for k in target if isinstance(target[k], QTensor)}
+    right = sum(int((qsd[k].codes == target[k].codes)[m].sum()) for k, m in moved.items())
+    assert right / sum(int(m.sum()) for m in moved.values()) > 0.6
+    assert QuantGen.load(tmp_path).tokenizer.target == "residual"

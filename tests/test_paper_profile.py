@@ -63,8 +63,7 @@ def test_paper_profile_generators_are_the_papers_size(arch, token_size):
         target = build_model(ModelSpec.from_dict(P["archs"][arch]))
         n_weights = sum(p.numel() for n, p in target.named_parameters() if is_quantized_weight(n, p))
         cfg = GeneratorConfig(token_size=token_size, n_tokens=-(-n_weights // token_size), **P["generator"])
-        weights = torch.ones(cfg.n_tokens, cfg.token_size, dtype=torch.bool)
-        n_params = sum(p.numel() for p in Generator(cfg, torch.zeros(cfg.n_tokens, 2, dtype=torch.long), weights).parameters())
+        n_params = sum(p.numel() for p in Generator(cfg, torch.zeros(cfg.n_tokens, 2, dtype=torch.long)).parameters())
     assert cfg.d_model == token_size
     assert 0.75 < n_params / PAPER_GENERATOR_PARAMS[token_size] < 1.25, n_params
 
