@@ -33,7 +33,7 @@ from .profiles import Paths, ablation_setup, pairs, selected
 from .quant import QuantSpec, is_quantized_weight, read_quantized, read_quantized_meta, save_quantized
 from .report import git_commit
 from .scoring import Scorer
-from .tokenizer import Tokenizer
+from .tokenizer import TARGETS, Tokenizer
 from .train import TokenPairs, TrainConfig, fit_generator
 
 SPLITS = ("trained", "heldout_ckpt", "heldout_run")
@@ -299,12 +299,25 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
 
 
 ABLATIONS = {
-    # factor -> how one variant value overrides the profile (the ablation notebooks 04-07)
+    # factor -> how one variant value overrides the profile (the ablation notebooks 04-07, and 08's target)
+    "target": lambda v: {"tokenizer": {"target": v}} if v != "direct" else {},
     "padding": lambda v: {"tokenizer": {"padding": v}},
     "head": lambda v: {"generator": v},
     "backbone": lambda v: {"generator": {"backbone": v}},
     "token_size": lambda v: {"tokenizer": {"token_size": v}, "generator": {"d_model": v}},  # RPG: width = token
 }
+
+
+def amortized_settings(profile: dict) -> list[Setting]:
+    """08_residual_qat: for every (architecture, task) with QAT targets and each of `amortized_qat.bits`, one
+    generator per target (`direct`, the paper's; `residual`, offsets from RTN) and per source (PTQ targets: the
+    correctness check, where the right answer is to change nothing; QAT targets: amortized QAT). The direct
+    ones are Tables 1 and 2's generators, read from the cache."""
+    qat = profile["qat"]
+    return [Setting(a, t, [spec_from(b, qat["granularity"], profile["quant"])], source,
+                    overrides=ABLATIONS["target"](target), label=target)
+            for a, t in pairs(profile) if selected(qat, a, t) for b in (profile.get("amortized_qat") or {}).get("bits", [])
+            for source in SOURCES for target in TARGETS]
 
 
 def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Setting]:
@@ -356,7 +369,7 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
     own_files = [exp.target(setting, spec, c) for c in ckpts]
     gen, own = ([read_quantized(p)[0] for p in files] for files in (gen_files, own_files))
     tag = {"arch": setting.arch, "task": setting.task, "setting": setting.name, "source": setting.source,
-           "bits": spec.bits, "granularity": spec.granularity, "split": split}
+           "variant": setting.label, "bits": spec.bits, "granularity": spec.granularity, "split": split}
     layers = pd.concat([layer_fidelity(g, t).assign(checkpoint=c.stem) for g, t, c in zip(gen, own, ckpts)])
     sens = pd.concat([sensitivity(gen[i], gen[i + 1], own[i], own[i + 1]).assign(pair=i) for i in range(len(ckpts) - 1)]
                      or [pd.DataFrame(columns=["layer", "target_moves", "sensitivity", "alignment", "pair"])])

@@ -188,14 +188,19 @@ class Generator(nn.Module):
             x = block(x)
         return self.norm_out(x)
 
-    def forward(self, tokens, target, onehot=None, mask=None, base=None, rng: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, tokens, target, onehot=None, mask=None, base=None, tolerance=None,
+                rng: torch.Generator | None = None) -> torch.Tensor:
         """Training loss: MSE to the target tokens, weighted by `mask` (False or 0 on padding, which is
-        excluded), or the diffusion loss. `base`: the tokenizer's base tokens, needed with a skip.
+        excluded), or the diffusion loss. `base`: the tokenizer's base tokens, needed with a skip;
+        `tolerance`: a dead zone per position (`Tokenizer.loss_tolerance`), inside which an error costs nothing.
         (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
         feats = self.features(tokens, onehot)
         if self.cfg.head == "diffusion":
             return self.diffusion.loss(target, feats, mask=mask, rng=rng)
-        err = (self.head_out(feats, base) - target) ** 2
+        err = self.head_out(feats, base) - target
+        if tolerance is not None:
+            err = torch.relu(err.abs() - tolerance)
+        err = err ** 2
         if mask is None:
             return err.mean()
         mask = mask.to(err.dtype).expand_as(err)

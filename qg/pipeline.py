@@ -21,7 +21,7 @@ from pathlib import Path
 from .profiles import ROOT, Paths, load_profile
 
 NOTEBOOKS = ("01_collect", "02_train", "03_generate", "04_ablate_padding", "05_ablate_diffusion",
-             "06_ablate_backbone", "07_ablate_token_size")
+             "06_ablate_backbone", "07_ablate_token_size", "08_residual_qat")
 
 
 def check_parameters(notebook: Path, parameters: dict) -> None:

@@ -75,6 +75,10 @@ def profile_problems(profile: dict) -> list[str]:
     problems += [f"{where} uses {block['arch']}/{block['task']}, which 01_collect does not make (it makes "
                  f"{[f'{a}/{t}' for a, t in collected]})"
                  for where, block in wanted.items() if block and (block["arch"], block["task"]) not in collected]
+    amortized = profile.get("amortized_qat") or {}
+    missing = sorted(set(amortized.get("bits", [])) - set(profile.get("qat", {}).get("bits", [])))
+    if missing:
+        problems.append(f"amortized_qat.bits {missing} have no QAT targets: add them to qat.bits (01_collect makes them)")
     convergence = profile.get("convergence") or {}
     if convergence.get("variants") and not {"bits", "granularity"} <= set(convergence):
         problems.append("convergence needs `bits` and `granularity` beside its `variants`")

@@ -312,14 +312,16 @@ def loss_curves(curves: dict[str, pd.DataFrame], title: str, ax=None, legend_max
     return ax.figure
 
 
-def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
-    """One row per (arch, task, spec) of `Experiment.diagnose` frames: is the generated model its target?
+def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: dict, commit: str,
+                   generators: str = "the Table 1 generators") -> tuple[pd.DataFrame, str]:
+    """One row per generator (arch, task, source, variant, spec) of `Experiment.diagnose` frames: is the
+    generated model its target?
 
     Beside Gen − PTQ on the same checkpoints: codes equal to the target's, mean code error (the worst
     layer's too) in steps, S error, input sensitivity and alignment on the layers whose target moves between
     checkpoints, the exact-copy rate of the layers whose target never moves, and the memorisation test.
     """
-    keys = ["arch", "task", "bits", "granularity"]
+    keys = ["arch", "task", "source", "variant", "bits", "granularity"]
     layers, sens, near = diag["layers"], diag["sensitivity"], diag["nearest"]
     per_layer = layers.groupby(keys + ["layer"]).mean(numeric_only=True).reset_index()
     moves = sens.groupby(keys + ["layer"]).target_moves.mean().reset_index()
@@ -337,7 +339,7 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
                                  "target_to_nearest_train": tgt.to_nearest_train, "iou_nearest_train": gen.iou_nearest_train,
                                  "target_iou_nearest_train": tgt.iou_nearest_train, "iou_own": gen.iou_own}))
     split = near.split.iloc[0]
-    d = diff[(diff.split == split) & (diff.source == "ptq") & (diff.condition == "") & (diff.variant == "")]
+    d = diff[(diff.split == split) & (diff.condition == "")]
     out = out.join(d.groupby(keys).accuracy.mean().rename("gen_minus_ptq")).reset_index()
     tidy = out.melt(id_vars=keys + ["worst_layer"], var_name="metric").assign(table="fidelity", split=split, method="gen",
                                                            profile=profile["name"], commit=commit)
@@ -351,8 +353,10 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
     md = md.round({"Gen − PTQ": 2, "codes =": 3, "code err": 2, "worst layer err": 2, "its gain err": 3, "S err": 4,
                    "sens. (min)": 2, "align. (min)": 2, "frozen copy": 3, "d(own)": 4, "d(train)": 4, "d(train) of target": 4,
                    "IoU train": 2, "IoU train of target": 2, "IoU own": 2})
-    return tidy, _markdown(md, f"Fidelity and memorisation of the Table 1 generators ({SPLIT_LABELS[split]})", profile, [
-        "Against the generator's target (PTQ) of the same checkpoint: `codes =` fraction of equal integer codes; "
+    md = md.drop(columns=[c for c in ("source", "variant") if md[c].nunique() == 1 and md[c].iloc[0] in ("ptq", "")])
+    return tidy, _markdown(md, f"Fidelity and memorisation of {generators} ({SPLIT_LABELS[split]})", profile, [
+        "Against the generator's target (PTQ, or QAT for `source` qat) of the same checkpoint: `codes =` fraction of "
+        "equal integer codes; "
         "`code err` mean |code difference| in quantization steps over layers (`worst layer`: the largest, and which; `its gain "
         "err`: mean |a - 1| of its groups' fit a x target + b, a wrong range per group); `S err` mean relative error of S.",
         "`sens.`: ||G(a) − G(b)|| / ||T(a) − T(b)|| and `align.`: cosine between the two, per layer whose target moves "
@@ -455,3 +459,73 @@ def convergence_figure(rows: pd.DataFrame):
     axes[0].set_yscale("log")
     fig.tight_layout()
     return fig
+
+
+def _amortized_column(method: str, source: str, variant: str) -> str:
+    """The column of an amortized-QAT row: a baseline, or Gen by target (direct / residual) and source."""
+    return f"Gen {variant} ({source.upper()})" if method == "gen" else METHOD_LABELS[method]
+
+
+AMORTIZED_DIFFS = (("Gen residual (PTQ)", "PTQ"), ("Gen direct (QAT)", "HQQ"), ("Gen residual (QAT)", "HQQ"),
+                   ("Gen direct (QAT)", "QAT"), ("Gen residual (QAT)", "QAT"))
+
+
+def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (arch, task, bits, split, checkpoint), one column per method (baselines once, Gen by target
+    and source) and the paired differences of `AMORTIZED_DIFFS` as `A − B`."""
+    keys = ["arch", "task", "bits", "granularity", "split", "checkpoint"]
+    runs = runs.assign(column=[_amortized_column(m, s, v) for m, s, v in zip(runs.method, runs.source, runs.variant)])
+    wide = runs.pivot_table(index=keys, columns="column", values="accuracy", aggfunc="first").reset_index()
+    for a, b in AMORTIZED_DIFFS:
+        if {a, b} <= set(wide.columns):
+            wide[f"{a} − {b}"] = wide[a] - wide[b]
+    return wide
+
+
+def amortized_table(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+    """Amortized QAT: FP32, PTQ, HQQ, QAT and the generators of both targets and both sources, per pair, bit-width
+    and split, with the paired differences that answer the questions (is residual-on-PTQ PTQ? does Gen-on-QAT
+    beat HQQ, and how close does it come to QAT itself?)."""
+    wide = amortized_wide(runs)
+    keys = ["arch", "task", "bits", "granularity", "split"]
+    columns = [c for c in wide.columns if c not in keys + ["checkpoint"]]
+    tidy = wide.melt(id_vars=keys + ["checkpoint"], value_vars=columns, var_name="method", value_name="accuracy")
+    tidy = tidy.groupby(keys + ["method"], dropna=False).accuracy.agg(value="mean", std="std", n="count").reset_index()
+    tidy = tidy.assign(table="amortized_qat", std=tidy["std"].fillna(0.0), profile=profile["name"], commit=commit,
+                       metric=["paired_difference" if " − " in m else "top1_accuracy" for m in tidy.method])
+    order = ["FP32", "PTQ", "HQQ", "QAT", "Gen direct (PTQ)", "Gen residual (PTQ)", "Gen direct (QAT)", "Gen residual (QAT)"]
+    shown = [c for c in order if c in columns] + [f"{a} − {b}" for a, b in AMORTIZED_DIFFS if f"{a} − {b}" in columns]
+    rows = []
+    for (task, arch, bits, split), g in _ordered(tidy).groupby(["task", "arch", "bits", "split"], sort=False):
+        by = g.set_index("method")
+        rows.append({"task": task, "arch": arch, "bits": bits, "split": SPLIT_LABELS[split],
+                     **{c: cell(by.value.get(c), by["std"].get(c) if " − " in c else None) for c in shown}})
+    md = pd.DataFrame(rows).sort_values(["task", "arch", "bits"], ascending=[True, True, False], kind="stable")
+    return tidy, _markdown(md, f"Amortized QAT: one data-free forward pass against QAT and HQQ "
+                           f"({profile['qat']['granularity']}-wise; top-1 %, mean over checkpoints)", profile, [
+        "Gen direct: the paper's target (codes, S, Z); Gen residual: offsets from round-to-nearest of the same checkpoint "
+        "(ours, qg.tokenizer); (PTQ) / (QAT): trained on PTQ or QAT targets. Gen residual (PTQ) − PTQ is a correctness "
+        "check: an untrained residual generator is PTQ, and trained on PTQ targets it should stay there.",
+        "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; QAT fine-tunes each model "
+        f"on data ({profile['qat']['steps']} steps); Gen needs neither at inference."])
+
+
+def amortized_figure(runs: pd.DataFrame, split: str = "heldout_run"):
+    """Each method's accuracy minus PTQ's on the same checkpoints against bits, one panel per (arch, task)."""
+    wide = amortized_wide(runs)
+    wide = wide[wide.split == split]
+    methods = [c for c in ("HQQ", "QAT", "Gen direct (QAT)", "Gen residual (QAT)", "Gen residual (PTQ)") if c in wide]
+    long = wide.melt(id_vars=["arch", "task", "bits", "checkpoint"], value_vars=methods, var_name="method")
+    long["value"] = long["value"] - long.merge(wide, on=["arch", "task", "bits", "checkpoint"], how="left")["PTQ"].values
+    long["pair"] = long.arch + "/" + long.task
+    grid = sns.relplot(data=long, x="bits", y="value", hue="method", style="method", col="pair", kind="line",
+                       markers=True, dashes=False, errorbar="sd", height=3.0, aspect=1.05, facet_kws={"sharey": False})
+    for ax in grid.axes.flat:
+        ax.axhline(0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(sorted(long.bits.unique()))
+        ax.grid(alpha=0.3)
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("bits (group-wise)", "accuracy − PTQ (points)")
+    grid.figure.suptitle(f"Amortized QAT on the {SPLIT_LABELS[split]}: gain over PTQ on the same checkpoints (0 = PTQ)",
+                         y=1.04)
+    return grid.figure

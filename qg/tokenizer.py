@@ -47,6 +47,7 @@ LOSS_WEIGHTINGS = ("element", "segment")
 MAX_LOG_SCALE = 80.0  # a diverged generated log S decodes to a huge but finite S, never inf
 KINDS = ("weight", "scale", "zero")
 TARGETS = ("direct", "residual")
+ROUNDING_MARGIN = 0.1  # code units: how far past a rounding boundary a departing residual offset must be predicted
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,28 @@ class Tokenizer:
                 mean, std = self.fp_stats[seg.layer_index].tolist()
                 out[name] = (self._read(tokens, seg, math.prod(shape)) * std + mean).reshape(shape)
         return out
+
+    def loss_tolerance(self, target: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+        """Half-width of the loss's dead zone at each position of a target sequence (None for the direct target).
+
+        With the residual target, an integer offset (code or Z) is right when the prediction rounds to it, so
+        the loss counts only the distance beyond the rounding boundary: 0.5 (in code units) where the target
+        keeps RTN's value - a tie rounds to 0, so RTN itself costs nothing and PTQ targets train nothing away -
+        and 0.5 - ROUNDING_MARGIN where it departs, so a prediction has to cross the boundary, not stop on it.
+        S's log ratio is continuous: no dead zone.
+        """
+        if self.target == "direct":
+            return None
+        stats, ts = self.q_stats[self._spec(spec).name], self.layout.token_size
+        flat, tol = target.reshape(-1), torch.zeros(target.numel())
+        for seg in self.layout.segments:
+            if seg.kind == "scale":
+                continue
+            std = float(stats[seg.layer_index, KINDS.index(seg.kind), 1])
+            at = slice(seg.start * ts, seg.start * ts + self.layout.numel(seg, spec))
+            departs = (flat[at] * std).abs() > 0.5
+            tol[at] = torch.where(departs, 0.5 - ROUNDING_MARGIN, 0.5) / std
+        return tol.view_as(target)
 
     def loss_mask(self, spec: QuantSpec) -> torch.Tensor:
         """Target positions that hold real values under `spec` (padding excluded from the loss)."""

@@ -49,8 +49,9 @@ class TrainConfig:
 class TokenPairs:
     """Training pairs: fp tokens `x` (one row per fp checkpoint), target tokens `y`, the base tokens the
     head's skip starts from (`base`, one row per target: `Tokenizer.base_tokens`), which fp row each target
-    comes from (`src`), its condition index (`cond`) and the loss weights of each condition (`masks`: 0 on
-    padding; see `Tokenizer.loss_weights`)."""
+    comes from (`src`), its condition index (`cond`), the loss weights of each condition (`masks`: 0 on
+    padding; see `Tokenizer.loss_weights`) and, for the residual target, each target's dead zone
+    (`tolerance`: `Tokenizer.loss_tolerance`; None for the direct target)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -60,6 +61,7 @@ class TokenPairs:
     masks: torch.Tensor
     conditions: list[str]
     loss_weighting: str = "element"
+    tolerance: torch.Tensor | None = None
 
     @classmethod
     def build(cls, tokenizer: Tokenizer, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]],
@@ -69,7 +71,7 @@ class TokenPairs:
         if len(specs) > 1 and not conditional:
             raise ValueError("several specs need a conditional generator (conditional=True), or one generator each")
         x = torch.stack([tokenizer.encode_fp(sd) for sd in fp_checkpoints])
-        ys, bases, src, cond = [], [], [], []
+        ys, bases, tols, src, cond = [], [], [], [], []
         for c, spec in enumerate(specs):
             if len(quantized[spec]) != len(fp_checkpoints):
                 raise ValueError(f"{spec.name}: {len(quantized[spec])} quantized checkpoints for "
@@ -77,25 +79,30 @@ class TokenPairs:
             for i, (sd, qsd) in enumerate(zip(fp_checkpoints, quantized[spec])):
                 ys.append(tokenizer.encode_quantized(qsd, spec, sd))
                 bases.append(tokenizer.base_tokens(sd, spec))
+                tols.append(tokenizer.loss_tolerance(ys[-1], spec))
                 src.append(i)
                 cond.append(c)
         masks = torch.stack([tokenizer.loss_weights(s, loss_weighting) for s in specs])
         names = [s.name for s in specs] if conditional else []
         return cls(x, torch.stack(ys), torch.stack(bases), torch.tensor(src), torch.tensor(cond), masks, names,
-                   loss_weighting)
+                   loss_weighting, None if tols[0] is None else torch.stack(tols))
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def batch(self, idx: torch.Tensor, n_conditions: int):
-        """(fp tokens, target tokens, one-hot or None, loss weights, base tokens) for sample indices `idx`."""
+    def batch(self, idx: torch.Tensor, n_conditions: int) -> dict[str, torch.Tensor | None]:
+        """The `Generator.forward` arguments for sample indices `idx`: fp tokens, target tokens, one-hot
+        condition (or None), loss weights, base tokens and dead zone (or None)."""
         onehot = torch.nn.functional.one_hot(self.cond[idx], n_conditions).float() if n_conditions else None
-        return self.x[self.src[idx]], self.y[idx], onehot, self.masks[self.cond[idx]], self.base[idx]
+        return {"tokens": self.x[self.src[idx]], "target": self.y[idx], "onehot": onehot,
+                "mask": self.masks[self.cond[idx]], "base": self.base[idx],
+                "tolerance": None if self.tolerance is None else self.tolerance[idx]}
 
     def save(self, path) -> None:
-        save_safetensors({"x": self.x, "y": self.y, "base": self.base, "src": self.src, "cond": self.cond,
-                          "masks": self.masks},
-                         path, {"conditions": ",".join(self.conditions), "loss_weighting": self.loss_weighting})
+        tensors = {"x": self.x, "y": self.y, "base": self.base, "src": self.src, "cond": self.cond, "masks": self.masks}
+        if self.tolerance is not None:
+            tensors["tolerance"] = self.tolerance
+        save_safetensors(tensors, path, {"conditions": ",".join(self.conditions), "loss_weighting": self.loss_weighting})
 
     @classmethod
     def load(cls, path) -> "TokenPairs":
@@ -105,7 +112,7 @@ class TokenPairs:
                              "TokenPairs.build(...).save(path)")
         names = meta.get("conditions", "")
         return cls(t["x"], t["y"], t["base"], t["src"], t["cond"], t["masks"], names.split(",") if names else [],
-                   meta.get("loss_weighting", "element"))
+                   meta.get("loss_weighting", "element"), t.get("tolerance"))
 
 
 def _world() -> tuple[int, int]:
@@ -155,10 +162,12 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     for step in bar:
         # the batch: the same examples for every process count, each process taking its share
         idx = torch.randint(len(data), (cfg.batch_size,), generator=_step_generator(cfg.seed, step))[rank::world]
-        x, y, onehot, mask, base = (t.to(device) if t is not None else None for t in data.batch(idx, n_cond))
+        batch = {k: t.to(device) if t is not None else None for k, t in data.batch(idx, n_cond).items()}
+        if not cfg.mask_padding:
+            batch["mask"] = None
 
         def forward():
-            return net(x, y, onehot, mask if cfg.mask_padding else None, base, rng=_step_generator(cfg.seed, step, rank + 1))
+            return net(**batch, rng=_step_generator(cfg.seed, step, rank + 1))
 
         if math.isnan(activation_mb):  # measured once, on the first step of this process
             activation_mb, loss = saved_activation_mb(forward)

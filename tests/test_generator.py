@@ -48,8 +48,8 @@ def test_diffusion_head_learns_tiny_pairs(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(tok, head="diffusion", diffusion={"n_steps": 100})
     model = Generator(cfg, tok.layout.positions())
-    x, y, _, mask, _ = data.batch(torch.arange(2), 0)
-    mask = mask.bool()
+    batch = data.batch(torch.arange(2), 0)
+    x, y, mask = batch["tokens"], batch["target"], batch["mask"].bool()
 
     def sample_error():
         out = model.generate(x, rng=torch.Generator().manual_seed(0))
@@ -240,6 +240,8 @@ def test_an_untrained_residual_generator_is_ptq(skip):
             if isinstance(qt, QTensor):
                 assert torch.equal(qsd[name].codes, qt.codes) and torch.equal(qsd[name].scale, qt.scale), (spec, name)
                 assert torch.equal(qsd[name].zero, qt.zero), (spec, name)
+    batch = data.batch(torch.arange(len(data)), len(data.conditions))
+    assert gen.model(**batch).item() == 0  # RTN is inside every dead zone: PTQ targets train nothing away
     with pytest.raises(ValueError, match="target"):
         Generator.for_tokenizer(tiny_config(tok, skip=skip, conditions=data.conditions), tok)
     with pytest.raises(ValueError, match="diffusion"):
@@ -275,6 +277,11 @@ def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
     assert torch.allclose(stats[:, 1, 1], torch.tensor(1.1).log(), rtol=1e-4)  # RMS of log(S / S_rtn)
     r = tok.base_tokens(sds[0], SPEC)[tok.layout.value_mask(SPEC, "fp")] * stats[0, 0, 1]
     assert r.abs().max() <= 0.5 + 1e-5  # remainders of RTN, in code units
+    tol, codes = tok.loss_tolerance(tokens, SPEC) * stats[0, 0, 1], tokens * stats[0, 0, 1]
+    first = slice(0, tok.layout.numel(tok.layout.segments[0], SPEC))  # the first layer's code offsets
+    departs = codes.view(-1)[first].abs() > 0.5
+    moved, kept = tol.view(-1)[first][departs], tol.view(-1)[first][~departs]
+    assert departs.any() and torch.allclose(moved, torch.full_like(moved, 0.4)) and torch.allclose(kept, torch.full_like(kept, 0.5))
     huge = tok.decode_quantized(torch.full(tok.shape, 1e4), SPEC, sds[0])
     assert all(torch.isfinite(q.scale).all() and (q.scale > 0).all() for q in huge.values())
     with pytest.raises(ValueError, match="pass its state_dict"):
