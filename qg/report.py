@@ -60,9 +60,18 @@ def git_commit() -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--", "qg", "notebooks", "params") else "")
 
 
+def _portable_values(value):
+    """`value` with every absolute path string in it made `portable` (a profile may name a weights file)."""
+    if isinstance(value, dict):
+        return {k: _portable_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable_values(v) for v in value]
+    return portable(value) if isinstance(value, str) and os.path.isabs(value) else value
+
+
 def provenance(profile: dict, commit: str, inputs: list[Path] = (), extra: dict | None = None) -> dict:
     """What produced a results file: profile and its parameters, code commit, input hashes, software."""
-    return {"profile": profile["name"], "parameters": profile, "commit": commit,
+    return {"profile": profile["name"], "parameters": _portable_values(profile), "commit": commit,
             "inputs": {portable(p): file_sha256(p) for p in sorted(map(Path, inputs)) if Path(p).is_file()},
             "software": {"python": platform.python_version(), "torch": torch.__version__,
                          "pandas": pd.__version__, "matplotlib": matplotlib.__version__},

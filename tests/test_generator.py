@@ -281,7 +281,8 @@ def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
     first = slice(0, tok.layout.numel(tok.layout.segments[0], SPEC))  # the first layer's code offsets
     departs = codes.view(-1)[first].abs() > 0.5
     moved, kept = tol.view(-1)[first][departs], tol.view(-1)[first][~departs]
-    assert departs.any() and torch.allclose(moved, torch.full_like(moved, 0.4)) and torch.allclose(kept, torch.full_like(kept, 0.5))
+    assert departs.any() and torch.allclose(moved, torch.full_like(moved, 0.4))
+    assert torch.allclose(kept, torch.full_like(kept, 0.5))
     huge = tok.decode_quantized(torch.full(tok.shape, 1e4), SPEC, sds[0])
     assert all(torch.isfinite(q.scale).all() and (q.scale > 0).all() for q in huge.values())
     with pytest.raises(ValueError, match="pass its state_dict"):

@@ -7,6 +7,7 @@ tasks, ViT-Base's larger tokens, QAT only for ViT-Tiny on ImageNet, a per-factor
 shrinks only the sizes, then runs every notebook on it with papermill, as `make reproduce` would.
 """
 
+import json
 
 import pandas as pd
 import pytest
@@ -194,3 +195,17 @@ def test_paper_profile_runs_every_notebook_on_tiny_fake_data(fake_data):
     for name in ("table2", "table3", "ablation_token_size", "ablation_backbone"):
         assert (paths.results / f"{name}.csv").is_file(), name
     assert (paths.figures / "figure1.png").is_file() and (paths.figures / "figure3.png").is_file()
+    for name in ("amortized_qat", "fidelity_residual"):
+        assert (paths.results / f"{name}.csv").is_file(), name
+    # every executed notebook displays each figure it saves, and no output names this machine's folders
+    for executed_nb in executed:
+        nb = json.loads(executed_nb.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code" and "save_figure(" in "".join(cell["source"]):
+                shown = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+                assert shown, f"{executed_nb.name}: a cell saves a figure it does not display:\n{''.join(cell['source'])[:200]}"
+        paths_run = {k: nb["metadata"]["papermill"][k] for k in ("input_path", "output_path")}
+        outputs = json.dumps([c.get("outputs", []) for c in nb["cells"]]) + json.dumps(paths_run)
+        assert str(fake_data) not in outputs, f"{executed_nb.name} records an absolute path"  # (the profile given as a file aside)
+    for written in [*paths.results.glob("*.csv"), *paths.results.glob("*.json"), *paths.results.glob("*.md")]:
+        assert str(fake_data) not in written.read_text(), f"{written.name} records an absolute path"
