@@ -206,6 +206,6 @@ def test_paper_profile_runs_every_notebook_on_tiny_fake_data(fake_data):
                 assert shown, f"{executed_nb.name}: a cell saves a figure it does not display:\n{''.join(cell['source'])[:200]}"
         paths_run = {k: nb["metadata"]["papermill"][k] for k in ("input_path", "output_path")}
         outputs = json.dumps([c.get("outputs", []) for c in nb["cells"]]) + json.dumps(paths_run)
-        assert str(fake_data) not in outputs, f"{executed_nb.name} records an absolute path"  # (the profile given as a file aside)
+        assert str(fake_data) not in outputs, f"{executed_nb.name} records an absolute path"  # (bar the profile file)
     for written in [*paths.results.glob("*.csv"), *paths.results.glob("*.json"), *paths.results.glob("*.md")]:
         assert str(fake_data) not in written.read_text(), f"{written.name} records an absolute path"
