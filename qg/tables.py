@@ -343,6 +343,11 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
     out = out.join(d.groupby(keys).accuracy.mean().rename("gen_minus_ptq")).reset_index()
     tidy = out.melt(id_vars=keys + ["worst_layer"], var_name="metric").assign(table="fidelity", split=split, method="gen",
                                                            profile=profile["name"], commit=commit)
+    return tidy, _fidelity_markdown(out, split, profile, generators)
+
+
+def _fidelity_markdown(out: pd.DataFrame, split: str, profile: dict, generators: str) -> str:
+    """`fidelity_table`'s Markdown: short column names, rounded, with the notes that define each measure."""
     md = out.rename(columns={"granularity": "gran.", "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =",
                              "code_mae": "code err", "code_mae_worst": "worst layer err", "worst_layer": "worst layer",
                              "scale_rel_err": "S err", "worst_gain_err": "its gain err", "sensitivity_min": "sens. (min)",
@@ -354,7 +359,7 @@ def fidelity_table(diag: dict[str, pd.DataFrame], diff: pd.DataFrame, profile: d
                    "sens. (min)": 2, "align. (min)": 2, "frozen copy": 3, "d(own)": 4, "d(train)": 4, "d(train) of target": 4,
                    "IoU train": 2, "IoU train of target": 2, "IoU own": 2})
     md = md.drop(columns=[c for c in ("source", "variant") if md[c].nunique() == 1 and md[c].iloc[0] in ("ptq", "")])
-    return tidy, _markdown(md, f"Fidelity and memorisation of {generators} ({SPLIT_LABELS[split]})", profile, [
+    return _markdown(md, f"Fidelity and memorisation of {generators} ({SPLIT_LABELS[split]})", profile, [
         "Against the generator's target (PTQ, or QAT for `source` qat) of the same checkpoint: `codes =` fraction of "
         "equal integer codes; "
         "`code err` mean |code difference| in quantization steps over layers (`worst layer`: the largest, and which; `its gain "

@@ -160,11 +160,7 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     bar = tqdm(range(step, last), initial=step, total=cfg.steps, desc="generator",
                disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))
     for step in bar:
-        # the batch: the same examples for every process count, each process taking its share
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=_step_generator(cfg.seed, step))[rank::world]
-        batch = {k: t.to(device) if t is not None else None for k, t in data.batch(idx, n_cond).items()}
-        if not cfg.mask_padding:
-            batch["mask"] = None
+        batch = _batch(data, cfg, step, rank, world, n_cond, device)
 
         def forward():
             return net(**batch, rng=_step_generator(cfg.seed, step, rank + 1))
@@ -173,12 +169,7 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
             activation_mb, loss = saved_activation_mb(forward)
         else:
             loss = forward()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
+        _update(loss, model, opt, sched, cfg)
         losses.append(_mean_over_ranks(loss.detach(), world))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
         done = step + 1
@@ -193,6 +184,25 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     return {"steps": len(losses), "final_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed,
             "peak_memory_mb": peak_memory_mb(device), "activation_mb": activation_mb, "world_size": world,
             "device": str(device), "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
+
+
+def _batch(data: TokenPairs, cfg: TrainConfig, step: int, rank: int, world: int, n_cond: int, device) -> dict:
+    """Step `step`'s batch: the same examples for every process count, each process taking its share."""
+    idx = torch.randint(len(data), (cfg.batch_size,), generator=_step_generator(cfg.seed, step))[rank::world]
+    batch = {k: t.to(device) if t is not None else None for k, t in data.batch(idx, n_cond).items()}
+    if not cfg.mask_padding:
+        batch["mask"] = None
+    return batch
+
+
+def _update(loss: torch.Tensor, model, opt, sched, cfg: TrainConfig) -> None:
+    """One optimiser step on `loss`: backward, gradient clipping, AdamW, the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
 
 
 def _check_run(data: TokenPairs, cfg: TrainConfig, world: int) -> None:
