@@ -552,3 +552,22 @@ def ablation_findings(runs: pd.DataFrame, factor: str, split: str = "heldout_run
         lines.append(f"{bits}-bit, Gen − PTQ on the {SPLIT_LABELS[split]}: {each}; best {best}, worst {worst}, "
                      f"gap {gap:.2f} points ({verdict})")
     return lines + [paper_ablation_note(factor)]
+
+
+def gen_minus_ptq_figure(diff: pd.DataFrame):
+    """Paired Gen − PTQ per checkpoint (`paired_difference` rows) against bits, one panel per granularity,
+    the three splits side by side in their protocol order."""
+    diff = diff.assign(split=diff.split.map(SPLIT_LABELS))
+    grans = [g for g in ("group", "channel") if g in set(diff.granularity)]
+    fig, axes = plt.subplots(1, len(grans), figsize=(6.5 * len(grans), 3.6), squeeze=False, sharey=True)
+    for ax, gran in zip(axes[0], grans):
+        sel = diff[diff.granularity == gran]
+        sns.boxplot(data=sel, x="bits", y="accuracy", hue="split", hue_order=list(SPLIT_LABELS.values()),
+                    order=sorted(sel.bits.unique()), fliersize=2, ax=ax)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(title=f"{gran}-wise", xlabel="bits", ylabel="Gen − PTQ, same checkpoint (points)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, title=None)
+    fig.suptitle("Where Gen wins (> 0) and loses (< 0) against PTQ, every generator of Tables 1-3 and Figure 3")
+    fig.tight_layout()
+    return fig
