@@ -82,7 +82,7 @@ def spec_from(bits: int, granularity: str, quant: dict) -> QuantSpec:
     return QuantSpec(bits, granularity, quant.get("group_size", 64), quant.get("scheme", "symmetric"))
 
 
-def pick(items: list, n: int | None) -> list:
+def evenly_spaced(items: list, n: int | None) -> list:
     """`n` items evenly spaced over `items` (all of them when n is None or larger)."""
     if n is None or n >= len(items):
         return list(items)
@@ -221,7 +221,7 @@ class Experiment:
         for split, ckpts in self.collected.splits(setting.arch, setting.task).items():
             if split not in splits:
                 continue
-            for ckpt in pick(ckpts, per_split):
+            for ckpt in evenly_spaced(ckpts, per_split):
                 for spec in setting.specs:
                     for method in methods:
                         path = self.model_file(setting, spec, ckpt, method, quantgen)
@@ -364,7 +364,7 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
     """
     quantgen = exp.generator(setting)
     splits = exp.collected.splits(setting.arch, setting.task)
-    ckpts = pick(splits[split], exp.profile["eval"].get("per_split"))
+    ckpts = evenly_spaced(splits[split], exp.profile["eval"].get("per_split"))
     gen_files = [exp.generated(setting, spec, c, quantgen) for c in ckpts]
     own_files = [exp.target(setting, spec, c) for c in ckpts]
     gen, own = ([read_quantized(p)[0] for p in files] for files in (gen_files, own_files))

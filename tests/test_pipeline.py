@@ -10,7 +10,7 @@ import torch
 from fakes import TINY_VIT
 
 from qg import collect, paper, pipeline, profiles, report, tables
-from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, main_settings, pick
+from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, evenly_spaced, main_settings
 from qg.io import write_json
 from qg.models import ModelSpec, build_model, load_model_file, save_checkpoint, state_dict_of
 from qg.quant import QuantSpec, read_quantized
@@ -95,8 +95,8 @@ def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
 
 
 def test_pick_is_even_and_total():
-    assert pick(list(range(10)), 3) == [0, 4, 9] or pick(list(range(10)), 3) == [0, 5, 9]
-    assert pick([1, 2], 5) == [1, 2] and pick([1, 2, 3], None) == [1, 2, 3]
+    assert evenly_spaced(list(range(10)), 3) == [0, 4, 9] or evenly_spaced(list(range(10)), 3) == [0, 5, 9]
+    assert evenly_spaced([1, 2], 5) == [1, 2] and evenly_spaced([1, 2, 3], None) == [1, 2, 3]
 
 
 def test_setting_validation():
