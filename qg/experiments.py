@@ -94,7 +94,7 @@ class Experiment:
 
     def __init__(self, profile: dict, paths: Paths | None = None):
         self.profile = profile
-        self.paths = (paths or Paths.of(profile["name"])).make()
+        self.paths = (paths or Paths.for_profile(profile)).make()
         self.collected = Collected(self.paths.artifacts / "collect", profile["checkpoints"]["heldout_every"])
         self.commit = git_commit()
         self.scorer = Scorer(profile)

@@ -1,10 +1,11 @@
 """The reproduction as a pipeline: a papermill runner that executes the notebooks in order.
 
-Every notebook takes one papermill parameter, `profile` (see `qg.profiles`), and reads the rest from the YAML,
-so one file says what a run did.
+Every notebook takes two papermill parameters, `profile` (see `qg.profiles`) and `overrides` (a mapping merged
+into it, `{}` by default), and reads the rest from the YAML, so one file and one mapping say what a run did.
 
     python -m qg.pipeline --profile cpu                  # every notebook, in order
     python -m qg.pipeline --profile smoke 01_collect     # one step
+    python -m qg.pipeline --profile cpu --overrides "{train: {steps: 600}}" 02_train 03_generate   # a sweep point
 
 Executed notebooks go to `results/notebooks/<profile>/`, tables to `results/<profile>/`, figures to
 `figures/<profile>/`, cached artifacts to `artifacts/<profile>/` (each keyed by the parameters that made it,
@@ -17,6 +18,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import yaml
 
 from .profiles import ROOT, Paths, load_profile
 
@@ -38,19 +41,19 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
     """Execute notebooks in order with papermill; returns the executed copies' paths."""
     import papermill
 
-    load_profile(profile)  # fail before starting a kernel if the profile does not exist
+    params = {"profile": profile, **(parameters or {})}
+    loaded = load_profile(profile, params.get("overrides"))  # fail before starting a kernel if the profile is wrong
     names = notebooks or [n for n in NOTEBOOKS if (ROOT / "notebooks" / f"{n}.ipynb").is_file()]
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise ValueError(f"unknown notebook(s) {unknown}; the pipeline's notebooks are {list(NOTEBOOKS)}")
-    params = {"profile": profile, **(parameters or {})}
-    out_dir = Paths.of(profile).notebooks
+    out_dir = Paths.for_profile(loaded).notebooks
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
     for name in names:
         source = ROOT / "notebooks" / f"{name}.ipynb"
         check_parameters(source, params)
-        print(f"[qg.pipeline] {name} (profile {profile})", flush=True)
+        print(f"[qg.pipeline] {name} (profile {loaded['name']})", flush=True)
         papermill.execute_notebook(str(source), str(out_dir / f"{name}.ipynb"), parameters=params,
                                    cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=True)
         _relative_paths(out_dir / f"{name}.ipynb")
@@ -108,11 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params/<profile>.yaml")
     p.add_argument("notebooks", nargs="*", help=f"which notebooks (default: all of {list(NOTEBOOKS)})")
+    p.add_argument("--overrides", type=yaml.safe_load, default=None,
+                   help="a YAML mapping merged into the profile, e.g. \"{train: {steps: 600}}\"")
     p.add_argument("--store-checks", action="store_true",
                    help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)")
     args = p.parse_args(argv)
     try:
-        run(args.profile, args.notebooks or None)
+        run(args.profile, args.notebooks or None, {"overrides": args.overrides} if args.overrides else None)
         if args.store_checks:
             for path in store_checks(args.profile, args.notebooks or None):
                 print(f"[qg.pipeline] stored checked outputs in {path.relative_to(ROOT)}")

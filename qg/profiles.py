@@ -17,19 +17,35 @@ from pathlib import Path
 
 import yaml
 
-from .io import read_json
+from .io import params_key, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_profile(name: str) -> dict:
-    """The settings of profile `name` from `params/<name>.yaml` (a path to a YAML file also works)."""
+# What 01_collect makes from: overriding these would change the checkpoints under the shared cache's manifest,
+# so a variant of them is a profile file of its own, not an override.
+COLLECT_KEYS = ("seed", "archs", "pretrain", "tasks", "checkpoints", "quant", "qat")
+
+
+def load_profile(name: str, overrides: dict | None = None) -> dict:
+    """The settings of profile `name` from `params/<name>.yaml` (a path to a YAML file also works), with
+    `overrides` merged in (nested dicts key by key; the papermill way to sweep a value without editing files).
+
+    An overridden profile is named `<name>+<key of the overrides>`: its tables, figures and executed notebooks
+    go to their own folders, while its artifacts share `<name>`'s cache (every artifact is keyed by the
+    parameters that made it, so only what the overrides change is recomputed). `overrides` is recorded in
+    the profile, hence in every provenance file.
+    """
     path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "params" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
         raise FileNotFoundError(f"no profile {name!r} ({path} does not exist); known profiles: {known}")
     profile = yaml.safe_load(path.read_text())
-    profile["name"] = path.stem
+    profile["name"] = profile["cache"] = path.stem
+    if overrides:
+        _check_overrides(profile, overrides, path)
+        profile = _merged(profile, overrides)
+        profile["overrides"], profile["name"] = overrides, f"{path.stem}+{params_key(overrides)[:8]}"
     problems = profile_problems(profile)
     if problems:
         raise ValueError(f"profile {path} does not line up:\n" + "\n".join(f"  {p}" for p in problems))
@@ -52,6 +68,27 @@ def ablation_setup(profile: dict, factor: str) -> dict:
     `per_factor` entry for that factor (the paper ablates token size on ViT-Base, the rest on ViT-Tiny)."""
     a = profile["ablation"]
     return {**{k: a[k] for k in ("arch", "task", "bits", "granularity")}, **a.get("per_factor", {}).get(factor, {})}
+
+
+def _check_overrides(profile: dict, overrides: dict, path: Path) -> None:
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a mapping such as {{train: {{steps: 600}}}}, got {overrides!r}")
+    blocks = set(profile) - {"name", "cache"}
+    unknown = sorted(set(overrides) - blocks)
+    if unknown:
+        raise ValueError(f"overrides name {unknown}, which profile {path.stem} does not have; its blocks: {sorted(blocks)}")
+    collect = sorted(set(overrides) & set(COLLECT_KEYS))
+    if collect:
+        raise ValueError(f"overrides of {collect} change what 01_collect makes; copy {path} to a new profile file "
+                         "instead (its artifacts then live in their own cache)")
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in: nested mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def profile_problems(profile: dict) -> list[str]:
@@ -99,12 +136,18 @@ class Paths:
     notebooks: Path
 
     @classmethod
-    def of(cls, profile: str, root: Path | None = None) -> "Paths":
-        """Paths of a profile under `root`: $QG_OUTPUT when set (a scratch disk, a test's folder), else the repo."""
+    def of(cls, profile: str, root: Path | None = None, cache: str | None = None) -> "Paths":
+        """Paths of a profile under `root`: $QG_OUTPUT when set (a scratch disk, a test's folder), else the repo;
+        artifacts under `cache` (another profile's, for an overridden one) when given."""
         root = Path(root or os.environ.get("QG_OUTPUT") or ROOT)
         profile = Path(profile).stem
-        return cls(root / "artifacts" / profile, root / "results" / profile, root / "figures" / profile,
+        return cls(root / "artifacts" / (cache or profile), root / "results" / profile, root / "figures" / profile,
                    root / "results" / "notebooks" / profile)
+
+    @classmethod
+    def for_profile(cls, profile: dict, root: Path | None = None) -> "Paths":
+        """Paths of a loaded profile: its own results, the cache of the profile file it came from."""
+        return cls.of(profile["name"], root, profile.get("cache"))
 
     def make(self) -> "Paths":
         for p in (self.artifacts, self.results, self.figures):

@@ -48,12 +48,15 @@ def test_missing_upstream_says_which_notebook_to_run(tmp_path):
         Experiment(P, profiles.Paths.of("smoke", tmp_path))
 
 
-def test_notebooks_declare_only_the_profile_parameter_and_use_python3():
+def test_notebooks_declare_the_profile_and_overrides_parameters_and_use_python3():
+    import papermill
+
     for name in pipeline.NOTEBOOKS:
         nb = nbformat.read(profiles.ROOT / "notebooks" / f"{name}.ipynb", 4)
         assert nb.metadata.kernelspec.name == "python3"
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(params) == 1 and params[0].source.startswith('profile = "smoke"')
+        assert set(papermill.inspect_notebook(str(profiles.ROOT / "notebooks" / f"{name}.ipynb"))) == {"profile", "overrides"}
         assert any(c.source.startswith(pipeline.CHECK_MARK) for c in nb.cells), f"{name} has no checked cell"
 
 
@@ -206,3 +209,21 @@ def test_a_moved_artifact_tree_is_reused_and_its_noise_control_unchanged(tmp_pat
     made_b["noise"].unlink()  # made afresh in the new place: the same noise
     again = read_quantized(files(tmp_path / "b")[2]["noise"])[0]
     assert all(torch.equal(again[k].codes, c) for k, c in noise_codes.items())
+
+
+def test_overrides_merge_into_the_profile_and_keep_its_cache(tmp_path):
+    """An overridden profile changes what it says, keeps the base profile's cache, writes its results apart,
+    and refuses overrides that name nothing or that would change what 01_collect makes."""
+    base = profiles.load_profile("smoke")
+    P = profiles.load_profile("smoke", {"train": {"steps": 7}, "eval": {"per_split": 1}})
+    assert P["train"] == {**base["train"], "steps": 7} and P["eval"]["per_split"] == 1 and P["tokenizer"] == base["tokenizer"]
+    assert P["name"].startswith("smoke+") and P["overrides"] == {"train": {"steps": 7}, "eval": {"per_split": 1}}
+    paths, base_paths = profiles.Paths.for_profile(P, tmp_path), profiles.Paths.for_profile(base, tmp_path)
+    assert paths.artifacts == base_paths.artifacts and paths.results != base_paths.results
+    assert profiles.load_profile("smoke", {"train": {"steps": 7}})["name"] != P["name"]
+    with pytest.raises(ValueError, match="does not have"):
+        profiles.load_profile("smoke", {"trian": {"steps": 7}})
+    with pytest.raises(ValueError, match="01_collect"):
+        profiles.load_profile("smoke", {"checkpoints": {"n": 3}})
+    with pytest.raises(ValueError, match="has no parameter"):
+        pipeline.check_parameters(profiles.ROOT / "notebooks" / "02_train.ipynb", {"profile": "smoke", "overide": {}})
