@@ -139,7 +139,7 @@ def table2(runs: pd.DataFrame, records: dict, profile: dict, commit: str, n_mode
     for method, vals in paper.TABLE2.items():
         rows.append({"task": "full", "arch": "vit", "method": f"{method} (paper, ImageNet-1K ViT-Tiny)", "split": "paper",
                      **{f"{b}-bit acc (%)": f"{a:.2f} / {t} min" for b, (a, t) in sorted(vals.items(), reverse=True)}})
-    md = pd.DataFrame(rows).sort_values(["task", "arch"], kind="stable")
+    md = pd.DataFrame(rows).sort_values(["task", "arch"], kind="stable").fillna("NA")  # the paper has no 3-bit QAT
     return tidy, _markdown(md, f"Table 2: QAT vs Gen trained on QAT targets ({profile['qat']['granularity']}-wise)", profile, [
         f"Time rows: minutes to quantize {n_models} models. QAT = {n_models} x the measured QAT run per model. "
         "'Gen (as the paper counts)' = generator training + one forward pass per model; "
