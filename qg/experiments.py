@@ -199,13 +199,14 @@ class Experiment:
 
     def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
                    quantgen: QuantGen | None = None) -> Path:
-        """The file a method makes of a checkpoint: the checkpoint itself (`fp`), its QAT target (`qat`), the
-        generator's model (`gen`), the `noise` control or a data-free quantizer's (`qg.baselines.METHODS`).
-        The soup is one model per (architecture, task), not per checkpoint: `control("soup", ...)`."""
+        """The file a method makes of a checkpoint: the checkpoint itself (`fp`), its QAT model (`qat`, whatever
+        the generator's targets), the generator's model (`gen`), the `noise` control or a data-free quantizer's
+        (`qg.baselines.METHODS`). The soup is one model per (architecture, task), not per checkpoint:
+        `control("soup", ...)`."""
         if method == "fp":
             return checkpoint
         if method == "qat":
-            return self.target(setting, spec, checkpoint)
+            return self.collected.qat(setting.arch, setting.task, spec, checkpoint)
         if method == "gen":
             return self.generated(setting, spec, checkpoint, quantgen)
         if method == "noise":
