@@ -227,3 +227,20 @@ def test_overrides_merge_into_the_profile_and_keep_its_cache(tmp_path):
         profiles.load_profile("smoke", {"checkpoints": {"n": 3}})
     with pytest.raises(ValueError, match="has no parameter"):
         pipeline.check_parameters(profiles.ROOT / "notebooks" / "02_train.ipynb", {"profile": "smoke", "overide": {}})
+
+
+def test_the_qat_method_is_the_qat_model_whatever_the_generators_targets(tmp_path):
+    """`model_file(..., "qat")` is 01_collect's QAT file of the checkpoint for a PTQ-target setting too (08 scores
+    QAT beside generators of both sources)."""
+    P = profiles.load_profile("smoke")
+    spec = QuantSpec(4, "group", 64)
+    collect_dir = profiles.Paths.of("smoke", tmp_path).artifacts / "collect"
+    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 5), ("runB", 2))}
+    qat = {spec.name: {run: [f.replace("ckpt_", "qat_") for f in files] for run, files in runs.items()}}
+    task = {**runs, "qat": qat, "task": {"dataset": "digits"}}
+    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": task}}}})
+    exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
+    ckpt = exp.collected.splits("vit", "full")["heldout_run"][1]
+    for source in ("ptq", "qat"):
+        setting = Setting("vit", "full", [spec], source=source)
+        assert exp.model_file(setting, spec, ckpt, "qat") == collect_dir / "vit/full/runB-k/qat_001.safetensors"
