@@ -187,21 +187,26 @@ def _markdown(df: pd.DataFrame, title: str, profile: dict, notes: list[str]) -> 
                                 + "; ".join(f"{v}" for v in SPLIT_LABELS.values()) + "."])
 
 
-def figure1(runs: pd.DataFrame, records: dict, arch: str, task: str, max_models: int = 100):
-    """Total time to quantize n models: QAT grows linearly; Gen pays training once, then ~nothing per model."""
-    n = np.arange(1, max_models + 1)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+def figure1(runs: pd.DataFrame, records: dict, arch: str, task: str, max_models: int = 1000):
+    """Total time to quantize n models: QAT grows linearly; Gen pays training once, then ~nothing per model.
+    Colour by method, line style by bit-width, log axes (the quantities span decades)."""
+    n = np.unique(np.geomspace(1, max_models, 200).round())
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
     sel = runs[(runs.arch == arch) & (runs.task == task)]
+    colors = dict(zip(("QAT", "Gen (training + one pass per model)", "Gen + the QAT runs of its targets"),
+                      sns.color_palette("tab10")))
     for (bits, setting), g in sel.groupby(["bits", "setting"]):
         t_qat, t_gen = g.loc[g.method == "qat", "seconds"].mean(), g.loc[g.method == "gen", "seconds"].mean()
-        rec = records[setting]
-        ax.plot(n, n * t_qat / 60, label=f"QAT {bits}-bit")
-        ax.plot(n, (rec["train_seconds"] + n * t_gen) / 60, "--", label=f"Gen {bits}-bit (training + inference)")
-        ax.plot(n, (rec["train_seconds"] + rec["n_train_checkpoints"] * t_qat + n * t_gen) / 60, ":",
-                label=f"Gen {bits}-bit (+ its QAT targets)")
-    ax.set(xlabel="number of target models", ylabel="total time (min)", title=f"Figure 1: QAT vs Gen ({arch}, {task})")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+        rec, style = records[setting], {8: "-", 4: "--", 3: ":"}.get(int(bits), "-.")
+        for label, minutes in (("QAT", n * t_qat / 60),
+                               ("Gen (training + one pass per model)", (rec["train_seconds"] + n * t_gen) / 60),
+                               ("Gen + the QAT runs of its targets",
+                                (rec["train_seconds"] + rec["n_train_checkpoints"] * t_qat + n * t_gen) / 60)):
+            ax.plot(n, minutes, style, color=colors[label], label=f"{label}, {bits}-bit")
+    ax.set(xscale="log", yscale="log", xlabel="number of target models", ylabel="total time (min)",
+           title=f"Figure 1: QAT vs Gen ({arch}, {task})")
+    ax.legend(fontsize=6.5, ncol=1)
+    ax.grid(alpha=0.3, which="both")
     return fig
 
 
