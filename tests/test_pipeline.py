@@ -60,13 +60,14 @@ def test_notebooks_declare_the_profile_and_overrides_parameters_and_use_python3(
         assert any(c.source.startswith(pipeline.CHECK_MARK) for c in nb.cells), f"{name} has no checked cell"
 
 
-def test_qat_target_is_a_quantized_file_with_its_time(tmp_path):
+@pytest.mark.parametrize("bits", [3, 4])  # 3 bits: the amortized-QAT table's lowest
+def test_qat_target_is_a_quantized_file_with_its_time(tmp_path, bits):
     spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
     torch.manual_seed(0)
     sd = state_dict_of(build_model(spec_model))
     ckpt = tmp_path / "runA-x" / "ckpt_000.safetensors"
     save_checkpoint(ckpt, sd, spec_model)
-    q = QuantSpec(4, "group", 16)
+    q = QuantSpec(bits, "group", 16)
     task = collect.TrainSpec("digits", 1, 1e-3, batch_size=64)
     out = collect.qat_target(ckpt, q, collect.QATSpec(steps=3, lr=1e-3, batch_size=64), task, 0, tmp_path / "qat")
     qsd, spec, meta = read_quantized(out)
