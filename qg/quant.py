@@ -151,6 +151,13 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     return QTensor(ungrouped(codes, length, w.shape), scale.float(), zero.float(), spec)
 
 
+def remainder(w: torch.Tensor, rtn: QTensor) -> torch.Tensor:
+    """Where each weight sits between codes: w / S + Z - q_rtn, in [-0.5, 0.5] unless clamped (code units)."""
+    g, length = grouped(w, rtn.spec)
+    exact = g / rtn.scale.unsqueeze(-1) + rtn.zero.unsqueeze(-1)
+    return ungrouped(exact, length, w.shape) - rtn.codes.float()
+
+
 def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
     """Round-to-nearest (RTN) quantization of one weight tensor (the PTQ baseline)."""
     if w.ndim < 2:

@@ -525,8 +525,8 @@ def amortized_figure(runs: pd.DataFrame, split: str = "heldout_run"):
     wide = amortized_wide(runs)
     wide = wide[wide.split == split]
     methods = [c for c in ("HQQ", "QAT", "Gen direct (QAT)", "Gen residual (QAT)", "Gen residual (PTQ)") if c in wide]
+    wide = wide.assign(**{m: wide[m] - wide.PTQ for m in methods})  # paired: the same checkpoint's PTQ
     long = wide.melt(id_vars=["arch", "task", "bits", "checkpoint"], value_vars=methods, var_name="method")
-    long["value"] = long["value"] - long.merge(wide, on=["arch", "task", "bits", "checkpoint"], how="left")["PTQ"].values
     long["pair"] = long.arch + "/" + long.task
     grid = sns.relplot(data=long, x="bits", y="value", hue="method", style="method", col="pair", kind="line",
                        markers=True, dashes=False, errorbar="sd", height=3.0, aspect=1.05, facet_kws={"sharey": False})

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .io import read_json, read_safetensors, save_safetensors, write_json
-from .quant import MIN_SCALE, QTensor, QuantSpec, grouped, is_quantized_weight, quantize, ungrouped
+from .quant import MIN_SCALE, QTensor, QuantSpec, is_quantized_weight, quantize, remainder
 
 PADDING_MODES = ("gaussian", "zero", "one")
 LOSS_WEIGHTINGS = ("element", "segment")
@@ -164,6 +164,11 @@ def _rms(values: list[torch.Tensor]) -> tuple[float, float]:
     return 0.0, rms if rms > 1e-8 else 1.0
 
 
+def _rtn(fp_sd: dict, names: list[str], spec: QuantSpec) -> dict[str, QTensor]:
+    """Round-to-nearest of the named layers of a full-precision checkpoint: the residual target's origin."""
+    return {n: quantize(fp_sd[n].float(), spec) for n in names}
+
+
 def _log(scale: torch.Tensor) -> torch.Tensor:
     return scale.float().clamp_min(MIN_SCALE).log()
 
@@ -174,13 +179,6 @@ def _parts(qt: QTensor, log_scale: bool, rtn: QTensor | None = None) -> tuple[to
     if rtn is not None:
         return qt.codes.float() - rtn.codes.float(), _log(qt.scale) - _log(rtn.scale), qt.zero.float() - rtn.zero.float()
     return qt.codes.float(), _log(qt.scale) if log_scale else qt.scale.float(), qt.zero.float()
-
-
-def remainder(w: torch.Tensor, rtn: QTensor) -> torch.Tensor:
-    """Where each weight sits between codes: w / S + Z - q_rtn, in [-0.5, 0.5] unless clamped (code units)."""
-    g, length = grouped(w, rtn.spec)
-    exact = g / rtn.scale.unsqueeze(-1) + rtn.zero.unsqueeze(-1)
-    return ungrouped(exact, length, w.shape) - rtn.codes.float()
 
 
 class Tokenizer:
@@ -220,11 +218,11 @@ class Tokenizer:
             if len(qsds) != len(fp_checkpoints):
                 raise ValueError(f"{spec.name}: {len(qsds)} quantized checkpoints for {len(fp_checkpoints)} fp ones; "
                                  "they must be aligned pairs")
+            rtns = [_rtn(sd, names, spec) if target == "residual" else dict.fromkeys(names) for sd in fp_checkpoints]
+            stat = _rms if target == "residual" else _mean_std
             rows = []
             for n in names:
-                rtn = [quantize(sd[n].float(), spec) if target == "residual" else None for sd in fp_checkpoints]
-                parts = [_parts(q[n], log_scale, r) for q, r in zip(qsds, rtn)]
-                stat = _rms if target == "residual" else _mean_std
+                parts = [_parts(q[n], log_scale, r[n]) for q, r in zip(qsds, rtns)]
                 rows.append([stat([p[k] for p in parts]) for k in range(len(KINDS))])
             q_stats[spec.name] = torch.tensor(rows)  # (layers, 3 kinds, [mean, std])
         return cls(layout, fp_stats, q_stats, padding, seed, log_scale, target)
@@ -281,7 +279,7 @@ class Tokenizer:
             raise ValueError("this tokenizer's target is residual, relative to round-to-nearest of the full-precision "
                              "checkpoint: pass its state_dict as fp_sd")
         self.layout.check(fp_sd, "the full-precision checkpoint")
-        return {n: quantize(fp_sd[n].float(), spec) for n in names}
+        return _rtn(fp_sd, names, spec)
 
     def encode_quantized(self, qsd: dict, spec: QuantSpec, fp_sd: dict | None = None) -> torch.Tensor:
         """Tokens of a quantized checkpoint: normalised codes, then S and Z of each layer (with the residual

@@ -251,8 +251,7 @@ def test_an_untrained_residual_generator_is_ptq(skip):
 def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
     """A target that departs from RTN (codes +1 where w/S sits above the middle, S x 1.1) is encoded as
     offsets / log ratios scaled by their RMS and decoded back exactly; S decodes through exp, always > 0."""
-    from qg.quant import quantize, quantize_with
-    from qg.tokenizer import remainder
+    from qg.quant import quantize, quantize_with, remainder
 
     def shifted(sd, spec):
         out = {}
@@ -294,8 +293,7 @@ def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
 def test_a_residual_generator_learns_a_departure_from_rtn(tmp_path):
     """Targets that round up wherever the remainder exceeds 0.25: the gain skip on the remainder can express
     round(r + 0.25), so a short training run recovers most of the changed codes that RTN gets wrong."""
-    from qg.quant import quantize
-    from qg.tokenizer import remainder
+    from qg.quant import quantize, remainder
 
     def up(sd, spec):
         return {k: QTensor((quantize(w, spec).codes + (remainder(w, quantize(w, spec)) > 0.25).to(torch.int8))
