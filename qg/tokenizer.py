@@ -299,7 +299,7 @@ class Tokenizer:
 
     def decode_quantized(self, tokens: torch.Tensor, spec: QuantSpec, fp_sd: dict | None = None) -> dict[str, QTensor]:
         """Generated tokens -> QTensors: codes rounded and clamped to the bit range, S kept positive, Z rounded
-        (with the residual target, as offsets from RTN of `fp_sd`, the checkpoint being quantized)."""
+        (0 for a symmetric spec; with the residual target, as offsets from RTN of `fp_sd`, the checkpoint being quantized)."""
         stats = self.q_stats[self._spec(spec).name]
         if tuple(tokens.shape) != self.shape:
             raise ValueError(f"expected tokens of shape {self.shape}, got {tuple(tokens.shape)}")
@@ -314,6 +314,8 @@ class Tokenizer:
             pshape, base = spec.param_shape(shape), rtn[name]
             codes, scale, zero = (parts[(li, kind)].reshape(shape if kind == "weight" else pshape) for kind in KINDS)
             codes, zero = torch.round(codes), torch.round(zero)
+            if spec.scheme == "symmetric":  # Eq. 1 has no zero point: Z = 0 by definition, never generated
+                zero = torch.zeros_like(zero)
             if base is not None:  # residual: offsets from RTN, S a log ratio to RTN's (a zero ratio keeps S exact)
                 codes, zero = codes + base.codes, zero + base.zero
                 scale = base.scale * scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE).exp()

@@ -111,3 +111,13 @@ def test_sinusoidal_2d():
     assert torch.equal(emb[0, :8], emb[1, :8]) and not torch.equal(emb[0, 8:], emb[1, 8:])
     assert torch.equal(emb[0, 8:], emb[2, 8:]) and not torch.equal(emb[0, :8], emb[2, :8])
     assert emb.abs().max() <= 1
+
+
+def test_symmetric_decode_has_no_zero_point():
+    """Eq. 1 has no zero point: whatever a generator writes in the Z tokens, a symmetric file carries Z = 0
+    (issue 19 found non-zero Z in ~20 % of groups of generated symmetric files)."""
+    sym, asym = QuantSpec(4, "group"), QuantSpec(4, "group", scheme="asymmetric")
+    tok, _, _ = fitted(TINY_VIT, [sym, asym], 100, n=2)
+    noise = torch.randn(tok.shape, generator=torch.Generator().manual_seed(0)) * 5
+    assert all(int(qt.zero.abs().sum()) == 0 for qt in tok.decode_quantized(noise, sym).values())
+    assert any(int(qt.zero.abs().sum()) > 0 for qt in tok.decode_quantized(noise, asym).values())
