@@ -16,7 +16,9 @@ Modules, one job each; each imports only modules above it in this list:
   generator    the QuantGen generator (mixer blocks + embeddings + head) and its files
   train        the training loop (AdamW + cosine, resumable, DDP)
   collect      collecting checkpoints and QAT targets (01_collect), and reading them back
-  experiments  the generators each table needs, every method's quantized file, scores
+  scoring      top-1 of a model file on the profile's test subset, predictions cached beside the file
+  experiments  the generators each table needs and every method's quantized file (PTQ, controls, Gen)
+  evaluation   scoring the experiments into tidy rows: evaluate, diagnose, convergence, ablations
   tables       the paper's tables and figures from per-checkpoint scores
   pipeline     the papermill runner; __main__ the command line; bench the speed benchmark
 """

@@ -1,4 +1,4 @@
-"""The experiments behind the tables: which generators to train, on what, and how every method is scored.
+"""The experiments behind the tables: which generators to train, on what, and the model files they make.
 
 A `Setting` is one generator: an (architecture, task), the quantization spec(s) it produces, where its
 targets come from (`ptq`: round-to-nearest of each checkpoint; `qat`: the QAT targets 01_collect made) and,
@@ -8,8 +8,8 @@ Splits (the honest part): run A's checkpoints are split into `trained` (the gene
 `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never trained on); run B, a
 second fine-tuning with another seed, is `heldout_run`. The paper evaluates on `trained` only.
 
-Every quantized model (PTQ, QAT, generated) is written as a quantized file and scored from the file;
-files, generators and accuracies are cached under the profile's artifacts, named by their parameters.
+Every quantized model (PTQ, QAT, generated, a control) is written as a quantized file, cached under the
+profile's artifacts and named by its parameters; `qg.evaluation` scores the files into the tables' rows.
 """
 
 from __future__ import annotations
@@ -20,17 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .baselines import quantize_model
 from .collect import Collected
-from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
 from .generator import GeneratorConfig, QuantGen
 from .io import cached, params_key
 from .models import load_checkpoint
 from .profiles import Paths, ablation_setup, pairs, selected
-from .quant import QuantSpec, is_quantized_weight, read_quantized, read_quantized_meta, save_quantized
+from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
 from .report import git_commit
 from .scoring import Scorer
 from .tokenizer import TARGETS, Tokenizer
@@ -213,30 +211,6 @@ class Experiment:
             return self.control(method, spec, [checkpoint])
         return self.quantized(checkpoint, spec, method)
 
-    def evaluate(self, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
-                 splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
-        """One row per (method, spec, split, checkpoint): accuracy and the seconds that model took."""
-        quantgen = self.generator(setting) if "gen" in methods else None
-        per_split = self.profile["eval"].get("per_split")
-        rows = []
-        for split, ckpts in self.collected.splits(setting.arch, setting.task).items():
-            if split not in splits:
-                continue
-            for ckpt in evenly_spaced(ckpts, per_split):
-                for spec in setting.specs:
-                    for method in methods:
-                        path = self.model_file(setting, spec, ckpt, method, quantgen)
-                        seconds = 0.0 if method == "fp" else read_quantized_meta(path)[1]["seconds"]
-                        rows.append(self._row(setting, spec, split, ckpt, method, self.scorer.score(path), seconds))
-        return pd.DataFrame(rows)
-
-    def _row(self, setting, spec, split, ckpt, method, acc, seconds) -> dict:
-        dataset = self.collected.entry(setting.arch, setting.task)["task"]["dataset"]
-        return {"arch": setting.arch, "task": setting.task, "dataset": dataset,
-                "setting": setting.name, "source": setting.source, "condition": setting.condition or "",
-                "variant": setting.label, "method": method, "bits": spec.bits, "granularity": spec.granularity,
-                "split": split, "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}", "accuracy": acc, "seconds": seconds}
-
 
 def main_settings(profile: dict) -> dict[str, list[Setting]]:
     """The generators Tables 1-3 and Figure 3 need, by the table that first needs them.
@@ -278,27 +252,6 @@ def convergence_settings(profile: dict) -> list[Setting]:
             for a, t in pairs(profile) for label, overrides in c["variants"].items()]
 
 
-def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run") -> dict:
-    """One variant of the convergence study: its cost, final loss, fidelity and Gen − PTQ on `split`, and for
-    the layer with the largest code error, how much of it is a wrong range per group (`worst_gain_err`,
-    `worst_scale_err`) and how much is per element (`worst_local_err`, see `qg.fidelity.layer_fidelity`)."""
-    spec, record = setting.specs[0], exp.generator(setting).record
-    layers = diagnose(exp, setting, spec, split, memorisation=False)["layers"].groupby("layer").mean(numeric_only=True)
-    worst = layers.code_mae.idxmax()
-    ev = exp.evaluate(setting, ("ptq", "gen"), splits=(split,))
-    acc = ev.groupby("method").accuracy.mean()
-    gen_cfg, train_cfg = setting.config(exp.profile, "generator"), setting.config(exp.profile, "train")
-    return {"arch": setting.arch, "task": setting.task, "variant": setting.label, "bits": spec.bits,
-            "granularity": spec.granularity, "split": split, "skip": gen_cfg.get("skip", "none"),
-            "d_model": gen_cfg.get("d_model") or setting.config(exp.profile, "tokenizer")["token_size"],
-            "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
-            "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),
-            "code_mae_worst": layers.code_mae.max(), "worst_layer": worst,
-            "worst_gain_err": layers.group_gain_err[worst], "worst_local_err": layers.code_mae_local[worst],
-            "scale_rel_err": layers.scale_rel_err.mean(), "worst_scale_err": layers.scale_rel_err[worst],
-            "gen": acc["gen"], "ptq": acc["ptq"], "gen_minus_ptq": acc["gen"] - acc["ptq"]}
-
-
 ABLATIONS = {
     # factor -> how one variant value overrides the profile (the ablation notebooks 04-07, and 08's target)
     "target": lambda v: {"tokenizer": {"target": v}} if v != "direct" else {},
@@ -333,61 +286,6 @@ def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Settin
     return [Setting(a["arch"], a["task"], [spec_from(b, a["granularity"], profile["quant"])],
                     overrides=ABLATIONS[factor](value), label=str(label))
             for label, value in variants.items() for b in a["bits"]]
-
-
-def run_ablation(exp: Experiment, factor: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
-    """Train (or read back) and evaluate every variant of one ablation.
-
-    Returns the per-checkpoint evaluations (PTQ and Gen), one cost row per generator (training seconds,
-    activation MB, parameters, final loss) and each generator's loss curve.
-    """
-    from .models import progress
-
-    runs, costs, curves = [], [], {}
-    for s in progress(ablation_settings(exp.profile, factor, exp.profile["ablation"][factor]), desc=factor):
-        record = exp.generator(s).record
-        runs.append(exp.evaluate(s, ("ptq", "gen")))
-        costs.append({"variant": s.label, "bits": s.specs[0].bits,
-                      **{k: record.get(k, float("nan")) for k in ("train_seconds", "activation_mb", "n_params", "final_loss")}})
-        curves[f"{s.label}, {s.specs[0].name}"] = pd.read_csv(exp.generator_dir(s) / "loss.csv")
-    return pd.concat(runs, ignore_index=True), pd.DataFrame(costs), curves
-
-
-def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "heldout_run",
-             memorisation: bool = True) -> dict[str, pd.DataFrame]:
-    """Fidelity, input sensitivity and memorisation of one generator on the checkpoints of one split.
-
-    Compared with the generator's own targets (PTQ or QAT of the same checkpoint), `qg.fidelity`'s measures:
-    `layers` per (checkpoint, layer); `sensitivity` per (pair of consecutive checkpoints, layer); `nearest`
-    per checkpoint, for the generated model and, as the reference a faithful quantizer would match, for the
-    target itself: distances to the nearest training target and the error IoU with that training model
-    (`memorisation=False` skips this part, which needs every training target and two evaluations per model).
-    """
-    quantgen = exp.generator(setting)
-    splits = exp.collected.splits(setting.arch, setting.task)
-    ckpts = evenly_spaced(splits[split], exp.profile["eval"].get("per_split"))
-    gen_files = [exp.generated(setting, spec, c, quantgen) for c in ckpts]
-    own_files = [exp.target(setting, spec, c) for c in ckpts]
-    gen, own = ([read_quantized(p)[0] for p in files] for files in (gen_files, own_files))
-    tag = {"arch": setting.arch, "task": setting.task, "setting": setting.name, "source": setting.source,
-           "variant": setting.label, "bits": spec.bits, "granularity": spec.granularity, "split": split}
-    layers = pd.concat([layer_fidelity(g, t).assign(checkpoint=c.stem) for g, t, c in zip(gen, own, ckpts)])
-    sens = pd.concat([sensitivity(gen[i], gen[i + 1], own[i], own[i + 1]).assign(pair=i) for i in range(len(ckpts) - 1)]
-                     or [pd.DataFrame(columns=["layer", "target_moves", "sensitivity", "alignment", "pair"])])
-    if not memorisation:
-        return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag)}
-    train_files = [exp.target(setting, spec, c) for c in splits["trained"]]
-    train = [read_quantized(p)[0] for p in train_files]
-    near = []
-    for model, files, g in (("gen", gen_files, gen), ("target", own_files, own)):
-        d = nearest_distances(g, own, train)
-        for i, row in d.iterrows():
-            pred, labels = exp.scorer.predictions(files[i])
-            pred_train, _ = exp.scorer.predictions(train_files[int(row.nearest_train)])
-            pred_own, _ = exp.scorer.predictions(own_files[i])
-            near.append({**row.to_dict(), "model": model, "checkpoint": ckpts[i].stem,
-                         "iou_nearest_train": error_iou(pred, pred_train, labels), "iou_own": error_iou(pred, pred_own, labels)})
-    return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag), "nearest": pd.DataFrame(near).assign(**tag)}
 
 
 def _average(sds: list[dict]) -> dict:

@@ -1,4 +1,4 @@
-"""The paper's tables and figures, rebuilt from per-checkpoint evaluations (`Experiment.evaluate` rows).
+"""The paper's tables and figures, rebuilt from per-checkpoint evaluations (`qg.evaluation.evaluate` rows).
 
 Each `tableN` returns (tidy DataFrame, Markdown) for `report.write_table`; each `figureN` returns a
 matplotlib figure for `report.save_figure`. Markdown tables are shaped like the paper's, with our three
@@ -426,7 +426,7 @@ def fidelity_figure(diag: dict[str, pd.DataFrame]):
 
 
 def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
-    """The convergence study (`experiments.convergence_row` rows): tidy rows and a Markdown table per pair."""
+    """The convergence study (`evaluation.convergence_row` rows): tidy rows and a Markdown table per pair."""
     keys = ["arch", "task", "variant", "bits", "granularity", "split", "skip", "d_model", "steps", "worst_layer"]
     tidy = rows.melt(id_vars=keys, var_name="metric").assign(table="convergence", profile=profile["name"], commit=commit)
     md = rows.drop(columns=["split", "bits", "granularity"]).rename(columns={

@@ -111,7 +111,7 @@ def test_setting_validation():
 
 
 def _fake_runs(seed=0):
-    """Per-checkpoint rows like Experiment.evaluate's, for two bit-widths and all splits."""
+    """Per-checkpoint rows like qg.evaluation.evaluate's, for two bit-widths and all splits."""
     rng = np.random.default_rng(seed)
     rows = []
     for bits, gran in ((8, "group"), (4, "group"), (8, "channel")):
