@@ -1,8 +1,7 @@
 """QuantGen reproduction: generate quantized weights (codes, scale S, zero point Z) from full-precision ones.
 
 Modules, one job each; each imports only modules above it in this list:
-  io           the cache rule, atomic writes, checked safetensors reads, content hashes
-  profiles     a run's settings (params/<name>.yaml) and where its files live
+  io           the cache rule, atomic writes, checked safetensors reads, content hashes; ROOT
   report       tidy tables, provenance (commit, inputs), deterministic figures
   paper        the paper's own numbers, printed beside ours
   data         datasets (Fashion-MNIST, digits, CIFAR, ImageNet folder)
@@ -15,6 +14,8 @@ Modules, one job each; each imports only modules above it in this list:
   fidelity     how faithful a generated quantized model is, and whether it follows its input
   generator    the QuantGen generator (mixer blocks + embeddings + head) and its files
   train        the training loop (AdamW + cosine, resumable, DDP)
+  schema       the profile schema: every key's type, range and meaning (pydantic)
+  profiles     a run's settings (params/<name>.yaml), validated, and where its files live
   collect      collecting checkpoints and QAT targets (01_collect), and reading them back
   scoring      top-1 of a model file on the profile's test subset, predictions cached beside the file
   experiments  the generators each table needs and every method's quantized file (PTQ, controls, Gen)

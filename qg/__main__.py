@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import torch
 
 from .data import batches
 from .generator import QuantGen
 from .io import CorruptFileError
-from .models import accuracy, load_checkpoint, load_model_file, resolve_device
+from .models import accuracy, check_model_size, load_checkpoint, load_model_description, load_model_file, resolve_device
 from .quant import GRANULARITIES, QuantSpec, save_quantized
 
 
 def quantize(args) -> None:
     quantgen = QuantGen.load(args.generator, resolve_device(args.device))
+    _check_output(Path(args.output), inputs=[Path(args.checkpoint)], protected=Path(args.generator), force=args.force)
     trained = quantgen.specs
     group_size = args.group_size or trained[0].group_size
     spec = QuantSpec(args.bits, args.granularity, group_size, args.scheme or trained[0].scheme)
+    check_model_size(load_model_description(args.checkpoint))
     sd, model_spec, _ = load_checkpoint(args.checkpoint)
     qsd, seconds = quantgen.quantize(sd, spec, seed=args.seed)
     save_quantized(args.output, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "source": str(args.checkpoint),
@@ -33,14 +38,44 @@ def quantize(args) -> None:
     print(f"wrote {args.output}: {spec.name}, generated in {seconds:.3f} s")
 
 
+def _check_output(out: Path, inputs: list[Path], protected: Path, force: bool) -> None:
+    """Refuse an output that would destroy an input (the checkpoint, anything inside the generator directory),
+    a path that cannot be a file, or an existing file unless --force: before any work is done."""
+    target = out.resolve()
+    if any(target == p.resolve() for p in inputs) or target.is_relative_to(protected.resolve()):
+        raise ValueError(f"output {out} would overwrite an input (the checkpoint or the generator in {protected}); "
+                         "write the quantized model elsewhere")
+    if out.is_dir():
+        raise ValueError(f"output {out} is a directory: give a file name, e.g. {out / 'model.safetensors'}")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"output {out}: {parent} is a file, not a directory")
+    if out.exists() and not force:
+        raise ValueError(f"output {out} exists; pass --force to replace it")
+
+
 def evaluate(args) -> None:
+    check_model_size(load_model_description(args.file))
     sd, model_spec, meta = load_model_file(args.file)
+    bad = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        message = (f"{args.file} has NaN/inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                   f"{' ...' if len(bad) > 3 else ''}): its accuracy means nothing")
+        if not args.allow_nonfinite:
+            raise ValueError(message + "; pass --allow-nonfinite to score it anyway")
+        print(f"warning: {message}", file=sys.stderr)
     test = batches(model_spec.dataset, "test", model_spec.img_size, 250, subset=args.test_subset, seed=args.seed,
                    norm=model_spec.norm)
     acc = accuracy(model_spec, sd, test, resolve_device(args.device))
     what = f"{meta.get('method', 'fp')} model" if "method" in meta else "checkpoint"
     print(f"{args.file}: {what} of {model_spec.arch} on {model_spec.dataset} test ({len(test.dataset)} images): "
           f"top-1 {acc:.2f}%")
+
+
+def _positive(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,20 +86,22 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--checkpoint", required=True, help="full-precision checkpoint (.safetensors with a qg model description)")
     q.add_argument("--bits", type=int, required=True, help="bit-width the generator was trained for (2..8)")
     q.add_argument("--granularity", choices=GRANULARITIES, required=True)
-    q.add_argument("--group-size", type=int, help="default: the generator's")
+    q.add_argument("--group-size", type=_positive, help="default: the generator's")
     q.add_argument("--scheme", choices=("symmetric", "asymmetric"), help="default: the generator's")
     q.add_argument("--seed", type=int, default=0, help="seed of the padding noise and any sampler")
     q.add_argument("-o", "--output", required=True, help="quantized model file to write (.safetensors)")
+    q.add_argument("--force", action="store_true", help="replace the output file if it exists")
     e = sub.add_parser("evaluate", help="top-1 accuracy of a quantized model file or a checkpoint")
     e.add_argument("file")
-    e.add_argument("--test-subset", type=int, help="evaluate on a seeded subset of this many test images")
+    e.add_argument("--test-subset", type=_positive, help="evaluate on a seeded subset of this many test images")
+    e.add_argument("--allow-nonfinite", action="store_true", help="score a model with NaN/inf weights (warns)")
     e.add_argument("--seed", type=int, default=0)
     for sp in (q, e):
         sp.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)")
     args = p.parse_args(argv)
     try:
         {"quantize": quantize, "evaluate": evaluate}[args.command](args)
-    except (ValueError, FileNotFoundError, CorruptFileError) as err:
+    except (ValueError, OSError, CorruptFileError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: params/, notebooks/, and results/ unless QG_OUTPUT
+
 
 class CorruptFileError(ValueError):
     """A file exists but cannot be read as what it claims to be."""
@@ -69,6 +71,18 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CorruptFileError(f"{path} is not valid JSON ({e}); delete it and rerun the step that wrote it") from e
+
+
+def metadata_json(path, metadata: dict[str, str], key: str, default: str | None = None):
+    """A JSON entry of a safetensors file's metadata (model description, spec, run metadata), naming the file
+    and the entry when it is missing or not JSON."""
+    if key not in metadata and default is None:
+        raise CorruptFileError(f"{path} has no `{key}` entry in its metadata; write it with qg's save functions")
+    try:
+        return json.loads(metadata.get(key, default))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CorruptFileError(f"{path}: metadata entry `{key}` is not valid JSON ({e}); the file is damaged: "
+                               "rewrite it with qg (or delete it and rerun the step that made it)") from e
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

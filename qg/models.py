@@ -20,7 +20,7 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
-from .io import CorruptFileError, read_safetensors, save_safetensors
+from .io import CorruptFileError, metadata_json, read_safetensors, save_safetensors
 from .quant import FORMAT_NAME, QuantSpec, fake_quantize, is_quantized_weight, load_quantized
 
 TIMM_CLASSES = {"VisionTransformer": VisionTransformer, "MlpMixer": MlpMixer}
@@ -210,7 +210,32 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], ModelSpec, dict]:
     sd, metadata = read_safetensors(path)
     if "model" not in metadata:
         raise CorruptFileError(f"{path} has no model description in its metadata; write it with qg.models.save_checkpoint")
-    return sd, ModelSpec.from_dict(json.loads(metadata["model"])), json.loads(metadata.get("meta", "{}"))
+    return sd, ModelSpec.from_dict(metadata_json(path, metadata, "model")), metadata_json(path, metadata, "meta", "{}")
+
+
+MAX_MODEL_PARAMS = 2_000_000_000  # 8 GB of float32; the paper's largest target (ViT-Base) has 86M
+
+
+def load_model_description(path) -> ModelSpec:
+    """The ModelSpec a checkpoint or quantized model file declares, from its header alone."""
+    metadata = read_safetensors(path, tensors=False)[1]
+    if metadata.get("format") == FORMAT_NAME:
+        model = metadata_json(path, metadata, "meta", "{}").get("model")
+        if model is None:
+            raise CorruptFileError(f"{path} has no model description; write it with a `model` entry in its meta")
+        return ModelSpec.from_dict(model)
+    return ModelSpec.from_dict(metadata_json(path, metadata, "model"))
+
+
+def check_model_size(spec: ModelSpec, limit: int = MAX_MODEL_PARAMS) -> ModelSpec:
+    """Refuse a model description (from a file a user hands us) larger than `limit` parameters, counted on
+    PyTorch's meta device, before anything is allocated."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(spec).parameters())
+    if n > limit:
+        raise ValueError(f"the model description ({spec.arch}, {spec.kwargs}) has {n:,} parameters, over the "
+                         f"limit of {limit:,}: the file's description is damaged or not a model qg trains")
+    return spec
 
 
 def load_model_file(path) -> tuple[dict[str, torch.Tensor], ModelSpec, dict]:

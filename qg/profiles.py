@@ -6,21 +6,21 @@ one (`load_profile`, `profile_problems`), answers what it covers (`pairs`, `sele
 says where its files go (`Paths`): cached artifacts (checkpoints, generators, quantized files) in
 `artifacts/<profile>/`, tables in `results/<profile>/`, figures in `figures/<profile>/`, executed notebooks in
 `results/notebooks/<profile>/`, in the repository or under $QG_OUTPUT when it is set. The runner that
-executes the notebooks is `qg.pipeline`.
+executes the notebooks is `qg.pipeline`. What each key means, its type and range: `qg.schema`.
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .io import params_key, read_json
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from .io import ROOT, params_key, read_json
+from .schema import validated
 
 # What 01_collect makes from: overriding these would change the checkpoints under the shared cache's manifest,
 # so a variant of them is a profile file of its own, not an override.
@@ -40,16 +40,41 @@ def load_profile(name: str, overrides: dict | None = None) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))
         raise FileNotFoundError(f"no profile {name!r} ({path} does not exist); known profiles: {known}")
-    profile = yaml.safe_load(path.read_text())
+    try:
+        profile = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"profile {path} is not valid YAML: {e}") from None
+    profile = validated(profile, str(path))
     profile["name"] = profile["cache"] = path.stem
     if overrides:
         _check_overrides(profile, overrides, path)
-        profile = _merged(profile, overrides)
+        profile = validated(_merged(profile, overrides), f"{path} with overrides {overrides}")
         profile["overrides"], profile["name"] = overrides, f"{path.stem}+{params_key(overrides)[:8]}"
     problems = profile_problems(profile)
     if problems:
         raise ValueError(f"profile {path} does not line up:\n" + "\n".join(f"  {p}" for p in problems))
     return profile
+
+
+def refuse_undeclared(history: list[str]) -> None:
+    """In a notebook, `refuse_undeclared(In)`: a papermill parameter the `parameters` cell does not declare is
+    an error (papermill run directly only warns, and the notebook would run without it; `qg.pipeline` checks
+    before it starts). `history` is IPython's input history: the parameters cell is the first code cell,
+    papermill's injected cell starts with `# Parameters`. Nothing is injected in JupyterLab: nothing to check."""
+    cells = [c for c in history if c.strip()]
+    injected = [c for c in cells if c.lstrip().startswith("# Parameters")]
+    if not injected:
+        return
+    declared, given = _assigned(cells[0]), _assigned(injected[-1])
+    unknown = sorted(given - declared)
+    if unknown:
+        raise ValueError(f"unknown notebook parameter(s) {unknown}: this notebook declares {sorted(declared)} "
+                         "(pass settings as overrides, e.g. -y 'overrides: {train: {steps: 600}}')")
+
+
+def _assigned(source: str) -> set[str]:
+    return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets
+            if isinstance(t, ast.Name)}
 
 
 def pairs(profile: dict) -> list[tuple[str, str]]:
@@ -76,7 +101,10 @@ def _check_overrides(profile: dict, overrides: dict, path: Path) -> None:
     blocks = set(profile) - {"name", "cache"}
     unknown = sorted(set(overrides) - blocks)
     if unknown:
-        raise ValueError(f"overrides name {unknown}, which profile {path.stem} does not have; its blocks: {sorted(blocks)}")
+        near = {u: difflib.get_close_matches(u, blocks, n=1, cutoff=0.7) for u in unknown}
+        hints = "".join(f" (`{u}`: did you mean `{n[0]}`?)" for u, n in near.items() if n)
+        raise ValueError(f"overrides name {unknown}, which profile {path.stem} does not have{hints}; "
+                         f"its blocks: {sorted(blocks)}")
     collect = sorted(set(overrides) & set(COLLECT_KEYS))
     if collect:
         raise ValueError(f"overrides of {collect} change what 01_collect makes; copy {path} to a new profile file "
@@ -98,10 +126,8 @@ def profile_problems(profile: dict) -> list[str]:
     lists += [(f"{b}.{k}", profile.get(b, {}).get(k), valid) for b in ("qat", "table3")
               for k, valid in (("archs", archs), ("tasks", tasks))]
     problems = []
-    for where, value, valid in lists:
-        if value is not None and not isinstance(value, list):
-            problems.append(f"{where} must be a list of names, got {value!r}")
-        elif value is not None and not set(value) <= set(valid):
+    for where, value, valid in lists:  # types and ranges are the schema's (qg.schema); names are checked here
+        if value is not None and not set(value) <= set(valid):
             problems.append(f"{where} names {sorted(set(value) - set(valid))}, not among {valid}")
     ablation = profile.get("ablation", {})
     factors = [k for k, v in ablation.items() if isinstance(v, dict) and k != "per_factor"]

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .io import CorruptFileError, read_safetensors, save_safetensors
+from .io import CorruptFileError, metadata_json, read_safetensors, save_safetensors
 
 GRANULARITIES = ("channel", "group")
 SCHEMES = ("symmetric", "asymmetric")
@@ -230,14 +230,14 @@ def _checked_header(path, metadata: dict) -> QuantSpec:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CorruptFileError(f"{path} has format version {metadata.get('format_version')!r}; "
                                f"this qg reads version {FORMAT_VERSION}")
-    return QuantSpec.from_dict(json.loads(metadata["spec"]))
+    return QuantSpec.from_dict(metadata_json(path, metadata, "spec"))
 
 
 def read_quantized_meta(path) -> tuple[QuantSpec, dict]:
     """The spec and metadata of a quantized model file (its wall time, source, method), read from the header
     without loading a tensor."""
     metadata = read_safetensors(path, tensors=False)[1]
-    return _checked_header(path, metadata), json.loads(metadata.get("meta", "{}"))
+    return _checked_header(path, metadata), metadata_json(path, metadata, "meta", "{}")
 
 
 def read_quantized(path) -> tuple[dict[str, QTensor | torch.Tensor], QuantSpec, dict]:
@@ -257,10 +257,32 @@ def read_quantized(path) -> tuple[dict[str, QTensor | torch.Tensor], QuantSpec, 
             if tuple(scale.shape) != spec.param_shape(t.shape) or scale.shape != zero.shape:
                 raise CorruptFileError(f"{path}: {name} has scale {tuple(scale.shape)} / zero {tuple(zero.shape)}, "
                                        f"expected {spec.param_shape(t.shape)} for {spec.name}")
-            qsd[name] = QTensor(t, scale, zero, spec)
+            qsd[name] = _checked_values(path, name, QTensor(t, scale, zero, spec))
         else:
             qsd[key] = t
-    return qsd, spec, json.loads(metadata.get("meta", "{}"))
+    return qsd, spec, metadata_json(path, metadata, "meta", "{}")
+
+
+def _checked_values(path, name: str, qt: QTensor) -> QTensor:
+    """Refuse what the scheme cannot hold: codes outside its range, scales that are not finite and positive,
+    a zero point that is not finite (asymmetric: HQQ's is a float) or not 0 (symmetric, which has none)."""
+    spec, problems = qt.spec, []
+    if qt.codes.dtype != torch.int8 or not _within(qt.codes, spec):
+        problems.append(f"codes outside {spec.qmin}..{spec.qmax}")
+    if not (torch.isfinite(qt.scale).all() and (qt.scale > 0).all()):
+        problems.append("scales that are not finite and positive")
+    if not torch.isfinite(qt.zero).all():
+        problems.append("zero points that are not finite")
+    elif spec.scheme == "symmetric" and bool((qt.zero != 0).any()):
+        problems.append("a non-zero zero point (the symmetric scheme has none)")
+    if problems:
+        raise CorruptFileError(f"{path}: {name} has {' and '.join(problems)} for {spec.name}; the file is damaged or "
+                               "was not written by qg: quantize the checkpoint again")
+    return qt
+
+
+def _within(t: torch.Tensor, spec: QuantSpec) -> bool:
+    return t.numel() == 0 or spec.qmin <= float(t.min()) and float(t.max()) <= spec.qmax
 
 
 def load_quantized(path) -> tuple[dict[str, torch.Tensor], QuantSpec, dict]:

@@ -17,8 +17,7 @@ import matplotlib
 import pandas as pd
 import torch
 
-from .io import atomic_write, file_sha256, write_json
-from .profiles import ROOT
+from .io import ROOT, atomic_write, file_sha256, write_json
 
 GROUP_KEYS = ["arch", "task", "dataset", "source", "condition", "variant", "method", "bits", "granularity", "split"]
 SPLIT_LABELS = {"trained": "trained-on ckpts (paper's protocol)", "heldout_ckpt": "held-out ckpts",

@@ -66,3 +66,75 @@ def test_missing_files_are_named(tmp_path):
               "-o", str(tmp_path / "q.safetensors")])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["evaluate", str(tmp_path / "missing.safetensors")])
+
+
+def _quantize_args(generator_dir, checkpoint, out, *extra):
+    return ["quantize", "--generator", str(generator_dir), "--checkpoint", str(checkpoint), "--bits", "4",
+            "--granularity", "group", "-o", str(out), *extra]
+
+
+def test_quantize_never_destroys_its_input(generator_dir, tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    before = ckpt.read_bytes(), {p.name: p.read_bytes() for p in generator_dir.iterdir() if p.is_file()}
+    for out, message in ((ckpt, "would overwrite an input"), (generator_dir / "weights.safetensors", "would overwrite"),
+                         (generator_dir, "would overwrite"), (tmp_path, "is a directory"),
+                         (ckpt / "q.safetensors", "is a file, not a directory")):
+        with pytest.raises(SystemExit, match=message):
+            main(_quantize_args(generator_dir, ckpt, out))
+    assert (ckpt.read_bytes(), {p.name: p.read_bytes() for p in generator_dir.iterdir() if p.is_file()}) == before
+    out = tmp_path / "q.safetensors"
+    main(_quantize_args(generator_dir, ckpt, out))
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        main(_quantize_args(generator_dir, ckpt, out))
+    main(_quantize_args(generator_dir, ckpt, out, "--force"))
+
+
+def test_group_size_must_be_positive(generator_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(_quantize_args(generator_dir, _checkpoint(tmp_path), tmp_path / "q.safetensors", "--group-size", "0"))
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def _damaged(src, dst, tensors=None, metadata=None):
+    """A copy of a safetensors file with some tensors or metadata entries replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    save_file({**t, **(tensors(t) if tensors else {})}, str(dst), {**meta, **(metadata or {})})
+    return dst
+
+
+def test_evaluate_refuses_damaged_files(generator_dir, tmp_path, capsys):
+    import torch
+
+    good = tmp_path / "q.safetensors"
+    main(_quantize_args(generator_dir, _checkpoint(tmp_path), good))
+    name = next(k for k in read_quantized(good)[0] if k.endswith(".weight"))
+    cases = [
+        (lambda t: {f"{name}.scale": torch.full_like(t[f"{name}.scale"], float("nan"))}, None, "scales that are not finite"),
+        (lambda t: {f"{name}.qweight": torch.full_like(t[f"{name}.qweight"], 127)}, None, "codes outside -7..7"),
+        (lambda t: {f"{name}.zero": torch.ones_like(t[f"{name}.zero"])}, None, "non-zero zero point"),
+        (None, {"meta": "{not json"}, "metadata entry `meta` is not valid JSON"),
+    ]
+    for i, (tensors, metadata, message) in enumerate(cases):
+        with pytest.raises(SystemExit, match=message):
+            main(["evaluate", str(_damaged(good, tmp_path / f"bad{i}.safetensors", tensors, metadata))])
+
+
+def test_evaluate_refuses_nan_weights_and_huge_descriptions(tmp_path, capsys):
+    import json
+
+    import torch
+
+    ckpt = _checkpoint(tmp_path)
+    nan = _damaged(ckpt, tmp_path / "nan.safetensors", lambda t: {k: torch.full_like(v, float("nan"))
+                                                                   for k, v in t.items() if k.endswith("head.bias")})
+    with pytest.raises(SystemExit, match="NaN/inf values in 1 tensor.*--allow-nonfinite"):
+        main(["evaluate", str(nan)])
+    main(["evaluate", str(nan), "--allow-nonfinite", "--test-subset", "20"])
+    assert "warning" in capsys.readouterr().err
+    huge = {"arch": TINY_VIT.arch, "kwargs": {**TINY_VIT.kwargs, "embed_dim": 200000, "depth": 64}, "dataset": "digits"}
+    with pytest.raises(SystemExit, match="over the limit"):
+        main(["evaluate", str(_damaged(ckpt, tmp_path / "huge.safetensors", metadata={"model": json.dumps(huge)}))])

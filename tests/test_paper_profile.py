@@ -104,14 +104,19 @@ def test_a_profile_whose_names_do_not_line_up_is_refused(tmp_path):
     P = profiles.load_profile("paper")
     del P["name"]
     P["archs"]["vit_tiny"]["tasks"] = ["imagenet", "cifar1O"]
-    P["qat"]["archs"] = "vit_tiny"
     P["figure3"]["task"] = "cifar100_"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(P))
+    with pytest.raises(ValueError) as err:
+        profiles.load_profile(str(tmp_path / "bad.yaml"))
+    for problem in ("archs.vit_tiny.tasks names ['cifar1O']", "figure3 uses vit_tiny/cifar100_"):
+        assert problem in str(err.value)
+    # wrong types and unknown factors are the schema's, reported before the names are cross-checked
+    P["qat"]["archs"] = "vit_tiny"
     P["ablation"]["per_factor"]["tokensize"] = {"arch": "vit_base"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(P))
     with pytest.raises(ValueError) as err:
         profiles.load_profile(str(tmp_path / "bad.yaml"))
-    for problem in ("archs.vit_tiny.tasks names ['cifar1O']", "qat.archs must be a list", "figure3 uses vit_tiny/cifar100_",
-                    "ablation.per_factor.tokensize is not an ablation"):
+    for problem in ("qat.archs: Input should be a valid list", "ablation.per_factor.tokensize"):
         assert problem in str(err.value)
 
 

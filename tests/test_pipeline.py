@@ -245,3 +245,38 @@ def test_the_qat_method_is_the_qat_model_whatever_the_generators_targets(tmp_pat
     for source in ("ptq", "qat"):
         setting = Setting("vit", "full", [spec], source=source)
         assert exp.model_file(setting, spec, ckpt, "qat") == collect_dir / "vit/full/runB-k/qat_001.safetensors"
+
+
+def test_imports_run_down_the_module_list():
+    """qg/__init__.py lists the modules so that each imports only modules above it: check every import."""
+    import ast
+    import re
+
+    import qg
+
+    order = re.findall(r"^  (\w+) ", qg.__doc__, flags=re.M)
+    for name in order:
+        tree = ast.parse((profiles.ROOT / "qg" / f"{name}.py").read_text())
+        used = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+        used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and not n.module
+                 for a in n.names}
+        below = sorted(u for u in used if u in order and order.index(u) >= order.index(name))
+        assert not below, f"qg.{name} imports {below}, listed at or below it in qg/__init__.py"
+
+
+def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path):
+    """papermill run directly (not through qg.pipeline) with a misspelt name stops in the setup cell."""
+    params = 'profile = "smoke"\noverrides = {}'
+    profiles.refuse_undeclared(["", params, "%load_ext autoreload"])  # JupyterLab: nothing injected
+    profiles.refuse_undeclared([params, '# Parameters\nprofile = "cpu"\n'])
+    with pytest.raises(ValueError, match=r"unknown notebook parameter\(s\) \['profle'\]"):
+        profiles.refuse_undeclared([params, '# Parameters\nprofle = "cpu"\n'])
+    for name in pipeline.NOTEBOOKS:  # every notebook calls it before it reads its profile
+        setup = nbformat.read(profiles.ROOT / "notebooks" / f"{name}.ipynb", 4).cells
+        source = next(c.source for c in setup if "load_profile(profile, overrides)" in c.source)
+        assert source.index("refuse_undeclared(In)") < source.index("load_profile(profile, overrides)"), name
+    import papermill
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown notebook parameter"):
+        papermill.execute_notebook(str(profiles.ROOT / "notebooks" / "01_collect.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"profle": "cpu"}, kernel_name="python3", progress_bar=False,
+                                   cwd=str(profiles.ROOT / "notebooks"))
