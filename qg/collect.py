@@ -14,11 +14,12 @@ quantize N models with QAT" is what the generator is compared against (Table 2, 
 
 Every run is cached under a directory named by the hash of everything that determines it, and marked
 complete by `run.json`, written last and atomically: a finished run is never recomputed, an interrupted
-one is redone.
+one is redone, and one whose checkpoints no longer match their recorded hashes (or are gone) is trained again.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .data import batches, dataset_info
-from .io import file_sha256, params_key, read_json, write_json
+from .io import cached, file_sha256, params_key, read_json, record_hash, verified, write_json
 from .models import (
     ModelSpec,
     build_model,
@@ -72,7 +73,11 @@ def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, 
     out = _run_dir(root, label, params)
     if (out / "run.json").is_file():
         record = read_json(out / "run.json")
-        return [out / name for name in record["checkpoints"]], record
+        paths = [out / name for name in record["checkpoints"]]
+        if all([verified(p) for p in paths]):  # a list: check (and warn on) every checkpoint
+            return paths, record
+        print(f"[qg] warning: {out.name} lost a checkpoint; training the run again", file=sys.stderr, flush=True)
+        (out / "run.json").unlink()
     torch.manual_seed(seed)
     model = build_model(spec)
     if start is not None:
@@ -92,6 +97,7 @@ def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, 
         if step in save_at:
             name = f"ckpt_{len(saved):03d}.safetensors"
             save_checkpoint(out / name, state_dict_of(m), spec, {"step": step, "seed": seed, "label": label})
+            record_hash(out / name)
             saved.append(name)
 
     start_time = time.perf_counter()
@@ -152,9 +158,12 @@ def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec,
     """
     key = params_key({"ckpt": file_sha256(checkpoint), "spec": spec.to_dict(), "qat": asdict(qat),
                       "task": asdict(task), "seed": seed})
-    out = Path(root) / spec.name / f"{Path(checkpoint).stem}-{key}.safetensors"
-    if out.is_file():
-        return out
+    return cached(Path(root) / spec.name / f"{Path(checkpoint).stem}-{key}.safetensors",
+                  lambda out: _fine_tune_qat(out, checkpoint, spec, qat, task, seed, device))
+
+
+def _fine_tune_qat(out: Path, checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec, seed: int,
+                   device: str) -> None:
     sd, model_spec, meta = load_checkpoint(checkpoint)
     model = load_weights(build_model(model_spec), sd)
     loader = batches(task.dataset, "train", model_spec.img_size, qat.batch_size, shuffle=True, subset=task.train_subset,
@@ -166,7 +175,6 @@ def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec,
     save_quantized(out, quantize_state_dict(state_dict_of(model), spec), spec,
                    {"model": model_spec.to_dict(), "method": "qat", "source": str(checkpoint), "seconds": seconds,
                     "fp_meta": meta, "device": device})
-    return out
 
 
 def collect_qat(task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root, device: str = "cpu") -> dict:
@@ -184,9 +192,8 @@ def pretrained_start(spec: ModelSpec, file, root) -> tuple[ModelSpec, Path]:
         check_pretrained_file(file)
     spec = replace(spec, norm=spec.norm or pretrained_norm(spec.arch))
     key = params_key({"model": spec.to_dict(), "file": file_sha256(file) if file is not None else "timm hub"})
-    out = Path(root) / f"pretrained-{key}.safetensors"
-    if not out.is_file():
-        save_checkpoint(out, pretrained_weights(spec, file), spec, {"source": str(file or "timm hub")})
+    out = cached(Path(root) / f"pretrained-{key}.safetensors",
+                 lambda path: save_checkpoint(path, pretrained_weights(spec, file), spec, {"source": str(file or "timm hub")}))
     return spec, out
 
 

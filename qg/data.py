@@ -10,11 +10,10 @@ Nothing is downloaded unless asked for and possible: the CPU profile runs on Fas
 package `dataset-fashion-mnist`) and digits (shipped inside scikit-learn), both available offline; the
 paper profile reads CIFAR and ImageNet from the standard on-disk layouts.
 
-Where the files are looked for, for every dataset read from disk:
-  1. the `root` argument, when given;
-  2. the folder named by the environment variable `QG_DATA`;
-  3. for Fashion-MNIST only, the Debian package's folder `DEBIAN_FASHION_MNIST`;
-  4. the default cache `~/.cache/qg` (where a Fashion-MNIST download goes when `QG_DATA` is unset).
+Where the files are looked for, for every dataset read from disk: the `root` argument, when given; else the
+folder named by the environment variable `QG_DATA`, when set (only there: a named folder that lacks the
+files is an error, not a reason to read another copy); else, for Fashion-MNIST, the Debian package's folder
+`DEBIAN_FASHION_MNIST`, then the default cache `~/.cache/qg` (where a download goes when `QG_DATA` is unset).
 Each dataset's own folder may sit directly in one of these or in its usual sub-folder (`fashion-mnist/` or
 torchvision's `FashionMNIST/raw/`, `cifar-10-batches-py/`, `cifar-100-python/`, `imagenet/`).
 """
@@ -111,18 +110,27 @@ class ImageTensorDataset(Dataset):
 
 
 def _in_memory(name: str, pixels: np.ndarray, labels, max_value: float) -> ImageTensorDataset:
-    info = DATASET_INFO[name]
+    """An in-memory dataset, refusing images of another size or labels outside the dataset's classes."""
+    info, labels = DATASET_INFO[name], np.asarray(labels)
+    side = info["img_size"]
+    if tuple(pixels.shape[-2:]) != (side, side):
+        raise CorruptFileError(f"{name} images are {pixels.shape[-2]}x{pixels.shape[-1]}, expected {side}x{side}: "
+                               "the files are not this dataset; point QG_DATA at the real files")
+    if len(labels) and (labels.min() < 0 or labels.max() >= info["num_classes"]):
+        raise CorruptFileError(f"{name} labels span {labels.min()}..{labels.max()}, outside its classes "
+                               f"0..{info['num_classes'] - 1}: the label file is damaged or of another dataset")
     return ImageTensorDataset(torch.tensor(pixels), torch.tensor(labels),
                               max_value, info["mean"], info["std"])
 
 
 def _search_roots(root, extra: tuple[Path, ...] = ()) -> list[Path]:
-    """Folders to search, in order: `root`, $QG_DATA, `extra`, the default cache; without repeats."""
-    found = [Path(root) if root is not None else None,
-             Path(os.environ["QG_DATA"]) if os.environ.get("QG_DATA") else None,
-             *extra, DEFAULT_CACHE]
-    roots = [p.expanduser() for p in found if p is not None]
-    return list(dict.fromkeys(roots))
+    """Folders to search: `root` when given, else $QG_DATA when set, else `extra` and the default cache.
+
+    A folder the user named is the only one searched: one that lacks the files is an error, never a reason
+    to evaluate on another copy of the data found elsewhere."""
+    named = root if root is not None else os.environ.get("QG_DATA") or None
+    roots = [Path(named)] if named else [*extra, DEFAULT_CACHE]
+    return list(dict.fromkeys(p.expanduser() for p in roots))
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

@@ -163,7 +163,7 @@ class Experiment:
     def generator(self, setting: Setting) -> QuantGen:
         """The trained generator of a setting: read back when cached, trained (resumably) when not."""
         out = self.generator_dir(setting)
-        if (out / "generator.json").is_file():
+        if QuantGen.complete(out):
             return QuantGen.load(out, self.device)
         train_ckpts = self.collected.splits(setting.arch, setting.task)["trained"]
         fp = [load_checkpoint(p)[0] for p in train_ckpts]

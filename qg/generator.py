@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion import DiffusionHead
-from .io import read_json, read_safetensors, save_safetensors, write_json
+from .io import read_json, read_safetensors, record_hash, save_safetensors, verified, write_json
 from .mamba2 import Mamba2
 from .quant import QTensor, QuantSpec, check_finite
 from .tokenizer import TARGETS, Tokenizer, sinusoidal_2d
@@ -263,11 +263,22 @@ class QuantGen:
         qsd: dict[str, QTensor | torch.Tensor] = {k: generated.get(k, v) for k, v in fp_sd.items()}
         return qsd, time.perf_counter() - start
 
+    FILES = ("tokenizer.json", "tokenizer.safetensors", "generator.safetensors", "generator.json")
+
     def save(self, directory) -> None:
+        """Write the generator directory (`FILES`; generator.json last: it marks the directory complete), each
+        file's hash beside it."""
         directory = Path(directory)
         self.tokenizer.save(directory)
         save_safetensors(self.model.state_dict(), directory / "generator.safetensors")
         write_json(directory / "generator.json", {"config": self.model.cfg.to_dict(), "record": self.record})
+        for name in self.FILES:
+            record_hash(directory / name)
+
+    @classmethod
+    def complete(cls, directory) -> bool:
+        """Whether a generator directory is whole: every file there and holding what was written (`verified`)."""
+        return all([verified(Path(directory) / name) for name in cls.FILES])  # a list: check (and warn on) each
 
     @classmethod
     def load(cls, directory, device: str = "cpu") -> "QuantGen":

@@ -2,15 +2,20 @@
 
 Every artifact the pipeline writes goes through `atomic_write` so an interrupted run never leaves a
 half-written file that a later run would trust; every safetensors read goes through `read_safetensors`
-so a corrupt or truncated file is reported by name with what to do about it.
+so a corrupt or truncated file is reported by name with what to do about it. `cached` is the one rule for
+derived artifacts: named by their parameters, made once, their SHA-256 recorded beside them and checked on
+every later use, so a damaged artifact is rebuilt from its inputs instead of trusted.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+STALE_TMP_SECONDS = 600
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: params/, notebooks/, and results/ unless QG_OUTPUT
 
 
@@ -34,6 +40,8 @@ def _umask() -> int:
 @contextmanager
 def _replacing(path: Path):
     """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; remove it or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -44,6 +52,9 @@ def _replacing(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a write that was killed
+        if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:  # not another process's write in flight
+            stale.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -113,11 +124,43 @@ def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dic
 def cached(path: str | os.PathLike, make) -> Path:
     """The cache rule every artifact follows: a file named by the parameters (and input content) that
     determine it is made once. Returns `path`, first calling `make(path)` to write it when it does not exist
-    (`make` writes through `atomic_write` / `save_safetensors`, so an interrupted run leaves no file)."""
+    or no longer holds what was written (`verified`); `make` writes through `atomic_write` /
+    `save_safetensors`, so an interrupted run leaves no file. The made file's hash is recorded beside it."""
     path = Path(path)
-    if not path.is_file():
+    if not verified(path):
         make(path)
+        record_hash(path)
     return path
+
+
+HASH_SUFFIX = ".sha256"
+
+
+def record_hash(path: str | os.PathLike) -> None:
+    """Record the SHA-256 of a derived artifact in `<file>.sha256`, which `verified` checks on every read."""
+    path = Path(path)
+    with atomic_write(path.with_name(path.name + HASH_SUFFIX), "w") as f:
+        f.write(file_sha256(path, length=64) + "\n")
+
+
+def verified(path: str | os.PathLike) -> bool:
+    """Whether a cached artifact is there and holds the bytes that were written. A file whose content no longer
+    matches its recorded hash (flipped bytes, truncation) is removed with one warning line, for the caller to
+    rebuild it. A file from before hashes were recorded is adopted: its hash is recorded now."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + HASH_SUFFIX)
+    if not path.is_file():
+        return False
+    if not sidecar.is_file():
+        record_hash(path)
+        return True
+    if sidecar.read_text().strip() == file_sha256(path, length=64):
+        return True
+    print(f"[qg] warning: {path} does not match its recorded hash (damaged or changed); rebuilding it",
+          file=sys.stderr, flush=True)
+    path.unlink()
+    sidecar.unlink()
+    return False
 
 
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:

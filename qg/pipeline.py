@@ -41,8 +41,11 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
     """Execute notebooks in order with papermill; returns the executed copies' paths."""
     import papermill
 
+    if profile.endswith((".yaml", ".yml")):  # the kernels run in notebooks/: a relative path must not change meaning
+        profile = str(Path(profile).resolve())
     params = {"profile": profile, **(parameters or {})}
     loaded = load_profile(profile, params.get("overrides"))  # fail before starting a kernel if the profile is wrong
+    _kernel_environment()
     names = notebooks or [n for n in NOTEBOOKS if (ROOT / "notebooks" / f"{n}.ipynb").is_file()]
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
@@ -54,11 +57,29 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
         source = ROOT / "notebooks" / f"{name}.ipynb"
         check_parameters(source, params)
         print(f"[qg.pipeline] {name} (profile {loaded['name']})", flush=True)
-        papermill.execute_notebook(str(source), str(out_dir / f"{name}.ipynb"), parameters=params,
-                                   cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=True)
+        try:
+            papermill.execute_notebook(str(source), str(out_dir / f"{name}.ipynb"), parameters=params,
+                                       cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=True)
+        except papermill.PapermillExecutionError as e:  # the cell's own message, not 100 lines of traceback
+            raise NotebookError(f"{name} stopped in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                                f"  the executed notebook, with the traceback: {out_dir / f'{name}.ipynb'}") from None
         _relative_paths(out_dir / f"{name}.ipynb")
         done.append(out_dir / f"{name}.ipynb")
     return done
+
+
+class NotebookError(RuntimeError):
+    """A notebook of the pipeline raised: its message, and where the executed notebook with the traceback is."""
+
+
+def _kernel_environment() -> None:
+    """What the kernels inherit: QG_OUTPUT made absolute (they run in notebooks/, where a relative one would
+    point elsewhere) and this checkout first on PYTHONPATH (so they import its qg, not another checkout's
+    editable install)."""
+    if os.environ.get("QG_OUTPUT"):
+        os.environ["QG_OUTPUT"] = str(Path(os.environ["QG_OUTPUT"]).resolve())
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *rest])
 
 
 def _relative_paths(executed: Path) -> None:
@@ -121,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.store_checks:
             for path in store_checks(args.profile, args.notebooks or None):
                 print(f"[qg.pipeline] stored checked outputs in {path.relative_to(ROOT)}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, NotebookError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -165,7 +165,7 @@ class Paths:
     def of(cls, profile: str, root: Path | None = None, cache: str | None = None) -> "Paths":
         """Paths of a profile under `root`: $QG_OUTPUT when set (a scratch disk, a test's folder), else the repo;
         artifacts under `cache` (another profile's, for an overridden one) when given."""
-        root = Path(root or os.environ.get("QG_OUTPUT") or ROOT)
+        root = Path(root or os.environ.get("QG_OUTPUT") or ROOT).resolve()
         profile = Path(profile).stem
         return cls(root / "artifacts" / (cache or profile), root / "results" / profile, root / "figures" / profile,
                    root / "results" / "notebooks" / profile)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import batches, held
-from .io import CorruptFileError, params_key, read_safetensors, save_safetensors
+from .io import CorruptFileError, params_key, read_safetensors, record_hash, save_safetensors, verified
 from .models import ModelSpec, build_model, load_model_file, load_weights, predict, resolve_device, top1
 
 
@@ -44,11 +44,11 @@ class Scorer:
 
         Evaluated from the file once and cached beside it (`<file>.pred-<key>.safetensors`, keyed by the test
         subset and seed), so accuracies and the memorisation tests' error overlaps share one evaluation.
-        A cache older than its file, or unreadable, is recomputed.
+        A cache older than its file, unreadable or not matching its recorded hash, is recomputed.
         """
         test_key = params_key({"test_subset": self.eval.get("test_subset"), "seed": self.seed})
         cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
-        if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
+        if verified(cache) and cache.stat().st_mtime >= path.stat().st_mtime:
             try:
                 t = read_safetensors(cache)[0]
                 return t["pred"].long(), t["labels"].long()
@@ -57,4 +57,5 @@ class Scorer:
         sd, spec, _ = load_model_file(path)
         pred, labels = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
         save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, cache, {"file": path.name})
+        record_hash(cache)
         return pred, labels

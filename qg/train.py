@@ -17,6 +17,7 @@ import csv
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,7 +223,12 @@ def _resume(state_path: Path, model, opt, sched, cfg: TrainConfig, device) -> tu
     """Load the last checkpoint of this same run into model, optimiser and schedule: (step, losses, seconds)."""
     if not state_path.is_file():
         return 0, [], 0.0
-    state = torch.load(state_path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError) as e:  # truncated or damaged: it is only a resume point (a pickle is refused)
+        print(f"[qg] warning: {state_path} is unreadable ({type(e).__name__}); training from step 0",
+              file=sys.stderr, flush=True)
+        return 0, [], 0.0
     run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
     if _completed(state.get("run")) != run:
         raise ValueError(f"{state_path} holds a run with other settings ({state.get('run')}); "

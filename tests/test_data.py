@@ -253,3 +253,30 @@ def test_bad_names_and_splits_list_the_valid_ones():
     assert info == dict(num_classes=10, in_chans=1, img_size=28, mean=(0.2860,), std=(0.3530,))
     info["num_classes"] = 3
     assert data.dataset_info("fashion_mnist")["num_classes"] == 10
+
+
+def test_qg_data_is_the_only_folder_searched_when_set(tmp_path, monkeypatch):
+    """An empty or incomplete QG_DATA is an error, even when another copy (here: the Debian folder) exists."""
+    write_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    assert len(data.load_dataset("fashion_mnist", "test")) == 10  # unset: the Debian copy is found
+    (tmp_path / "mine").mkdir()
+    monkeypatch.setenv("QG_DATA", str(tmp_path / "mine"))
+    with pytest.raises(FileNotFoundError, match="mine"):
+        data.load_dataset("fashion_mnist", "test")
+    write_fashion_mnist(tmp_path / "mine")
+    (tmp_path / "mine" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError):
+        data.load_dataset("fashion_mnist", "test")
+
+
+def test_images_of_another_size_and_labels_outside_the_classes_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    write_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (10, 32, 32), dtype=np.uint8))
+    with pytest.raises(CorruptFileError, match="images are 32x32, expected 28x28"):
+        data.load_dataset("fashion_mnist", "test", root=tmp_path)
+    write_fashion_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(10, 12, dtype=np.uint8))
+    with pytest.raises(CorruptFileError, match=r"labels span 12..12, outside its classes 0..9"):
+        data.load_dataset("fashion_mnist", "test", root=tmp_path)

@@ -1,6 +1,7 @@
 """The pipeline's pieces: profiles, the papermill runner's checks, QAT targets, splits, tables, provenance."""
 
 import json
+import os
 
 import nbformat
 import numpy as np
@@ -280,3 +281,18 @@ def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path):
         papermill.execute_notebook(str(profiles.ROOT / "notebooks" / "01_collect.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"profle": "cpu"}, kernel_name="python3", progress_bar=False,
                                    cwd=str(profiles.ROOT / "notebooks"))
+
+
+def test_a_failing_notebook_is_one_error_line_and_a_relative_output_stays_put(tmp_path, monkeypatch, capsys):
+    """02_train before 01_collect: the runner prints the notebook's own message and where the executed copy
+    is; a relative QG_OUTPUT means the same folder to the runner and to the kernels (which run in notebooks/)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QG_OUTPUT", "out")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the runner edits both; restore them after
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["--profile", "smoke", "02_train"])
+    message = str(err.value)
+    assert message.startswith("error: 02_train stopped in cell") and "run notebooks/01_collect.ipynb" in message
+    assert len(message.splitlines()) == 2
+    assert (tmp_path / "out" / "results" / "notebooks" / "smoke" / "02_train.ipynb").is_file()
+    assert not (profiles.ROOT / "notebooks" / "out").exists()

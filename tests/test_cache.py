@@ -1,0 +1,102 @@
+"""The cache rule: artifacts are made once, their hash recorded, and rebuilt when damaged instead of trusted."""
+
+import os
+import time
+
+import pytest
+import torch
+from fakes import TINY_VIT, checkpoints
+
+from qg.collect import TrainSpec, train_model
+from qg.generator import Generator, GeneratorConfig, QuantGen
+from qg.io import HASH_SUFFIX, STALE_TMP_SECONDS, atomic_write, cached, read_safetensors, save_safetensors, verified
+from qg.models import ModelSpec
+from qg.quant import QuantSpec, quantize_state_dict
+from qg.tokenizer import Tokenizer
+from qg.train import TokenPairs, TrainConfig, _resume, fit_generator
+
+
+def _maker(calls):
+    def make(path):
+        calls.append(path)
+        save_safetensors({"x": torch.arange(1000.0)}, path)
+    return make
+
+
+def _flip(path, at=None):
+    data = bytearray(path.read_bytes())
+    data[at if at is not None else len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_cached_makes_once_and_rebuilds_damaged_files(tmp_path, capsys):
+    calls, out = [], tmp_path / "a.safetensors"
+    assert cached(out, _maker(calls)) == out and len(calls) == 1
+    assert (tmp_path / ("a.safetensors" + HASH_SUFFIX)).is_file()
+    cached(out, _maker(calls))
+    assert len(calls) == 1  # a good file is read back
+    _flip(out, at=len(out.read_bytes()) - 7)  # one flipped byte inside the tensor data: still a readable file
+    read_safetensors(out)
+    cached(out, _maker(calls))
+    assert len(calls) == 2 and "does not match its recorded hash" in capsys.readouterr().err
+    assert torch.equal(read_safetensors(out)[0]["x"], torch.arange(1000.0))
+    out.write_bytes(out.read_bytes()[:100])  # truncated
+    cached(out, _maker(calls))
+    assert len(calls) == 3 and verified(out)
+    out.unlink()
+    cached(out, _maker(calls))
+    assert len(calls) == 4
+
+
+def test_files_from_before_hashes_are_adopted(tmp_path):
+    out, calls = tmp_path / "old.safetensors", []
+    save_safetensors({"x": torch.ones(3)}, out)  # written without a hash, as caches made before hashing were
+    cached(out, _maker(calls))
+    assert not calls and verified(out) and (tmp_path / ("old.safetensors" + HASH_SUFFIX)).is_file()
+
+
+def test_a_killed_write_leaves_no_temporary_file_for_ever(tmp_path):
+    out = tmp_path / "f.json"
+    stale, fresh = tmp_path / ".f.json.abc123.tmp", tmp_path / ".f.json.def456.tmp"
+    stale.write_text("half")
+    fresh.write_text("another process writing now")
+    old = time.time() - STALE_TMP_SECONDS - 1
+    os.utime(stale, (old, old))
+    with atomic_write(out, "w") as f:
+        f.write("{}")
+    assert not stale.exists() and fresh.exists()
+    with pytest.raises(IsADirectoryError, match="it is a directory"):
+        with atomic_write(tmp_path, "w") as f:
+            f.write("x")
+
+
+def test_a_run_that_lost_a_checkpoint_is_trained_again(tmp_path, capsys):
+    spec = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    run = TrainSpec("digits", epochs=1, lr=1e-3, batch_size=16, train_subset=64)
+    paths, _ = train_model(spec, run, None, 0, tmp_path, n_checkpoints=2)
+    first, meta = read_safetensors(paths[1])
+    paths[1].unlink()
+    again, _ = train_model(spec, run, None, 0, tmp_path, n_checkpoints=2)
+    tensors, meta_again = read_safetensors(again[1])  # (safetensors orders metadata keys at random: not the bytes)
+    assert again == paths and meta_again == meta and all(torch.equal(first[k], tensors[k]) for k in first)  # seeded
+    assert "lost a checkpoint" in capsys.readouterr().err
+
+
+def test_a_damaged_generator_is_not_loaded_and_a_truncated_training_state_restarts(tmp_path, capsys):
+    spec = QuantSpec(4, "group", 16)
+    sds = checkpoints(TINY_VIT, 2)
+    qs = {spec: [quantize_state_dict(sd, spec) for sd in sds]}
+    tok = Tokenizer.fit(sds, qs, 64)
+    cfg = GeneratorConfig(token_size=64, n_tokens=tok.shape[0], d_state=16, headdim=16, chunk_size=32)
+    data, train_cfg = TokenPairs.build(tok, sds, qs), TrainConfig(steps=4, ckpt_every=2)
+    fit_generator(tok, data, cfg, train_cfg, tmp_path)
+    assert QuantGen.complete(tmp_path)
+    _flip(tmp_path / "generator.safetensors", at=-5)
+    assert not QuantGen.complete(tmp_path) and "generator.safetensors does not match" in capsys.readouterr().err
+    state = tmp_path / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    net = Generator.for_tokenizer(cfg, tok)  # a damaged resume point is only a resume point: start over, warned
+    opt = torch.optim.AdamW(net.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert _resume(state, net, opt, sched, train_cfg, "cpu") == (0, [], 0.0)
+    assert "unreadable" in capsys.readouterr().err
