@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .data import batches, dataset_info
+from .data import batches, dataset_info, fingerprint
 from .io import cached, file_sha256, params_key, read_json, record_hash, verified, write_json
 from .models import (
     ModelSpec,
@@ -71,12 +71,16 @@ def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, 
     params = {"model": spec.to_dict(), "run": asdict(run), "seed": seed, "n_checkpoints": n_checkpoints,
               "start": params_key({k: v.sum().item() for k, v in start.items()}) if start else None}
     out = _run_dir(root, label, params)
+    data = fingerprint(run.dataset, "train")  # content, not name: other files under the same name retrain the run
     if (out / "run.json").is_file():
         record = read_json(out / "run.json")
         paths = [out / name for name in record["checkpoints"]]
-        if all([verified(p) for p in paths]):  # a list: check (and warn on) every checkpoint
+        same_data = record.setdefault("data", data) == data  # a run from before fingerprints: adopted
+        if same_data and all([verified(p) for p in paths]):  # a list: check (and warn on) every checkpoint
+            write_json(out / "run.json", record)
             return paths, record
-        print(f"[qg] warning: {out.name} lost a checkpoint; training the run again", file=sys.stderr, flush=True)
+        print(f"[qg] warning: {out.name} " + ("lost a checkpoint" if same_data else f"was trained on other {run.dataset} data")
+              + "; training the run again", file=sys.stderr, flush=True)
         (out / "run.json").unlink()
     torch.manual_seed(seed)
     model = build_model(spec)
@@ -103,7 +107,7 @@ def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, 
     start_time = time.perf_counter()
     losses = fit(model, loader, run.epochs, run.lr, run.weight_decay, params=trainable, on_step=on_step, desc=label,
                  device=device)
-    record = {"params": params, "checkpoints": saved, "seconds": time.perf_counter() - start_time,
+    record = {"params": params, "checkpoints": saved, "data": data, "seconds": time.perf_counter() - start_time,
               "final_loss": losses[-1], "steps": len(losses), "device": device}
     write_json(out / "run.json", record)
     return [out / name for name in saved], record

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 import pickle
 import zlib
@@ -71,6 +72,21 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
     if split not in valid:
         raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
     return _LOADERS[name](split, root)
+
+
+def fingerprint(name: str, split: str, root: str | os.PathLike | None = None) -> str:
+    """A content digest of one split of a dataset, for caches to know what data they were computed from: the
+    bytes of the images and labels of an in-memory set; the file list (relative names, sizes, labels) of an
+    image folder, which is too large to hash for every run."""
+    dataset, h = load_dataset(name, split, root), hashlib.sha256(f"{name}/{split}".encode())
+    if isinstance(dataset, ImageTensorDataset):
+        h.update(dataset.pixels.numpy().tobytes())
+        h.update(dataset.labels.numpy().tobytes())
+    else:
+        base = Path(dataset.root)
+        for file, label in dataset.samples:
+            h.update(f"{Path(file).relative_to(base)}:{Path(file).stat().st_size}:{label}\n".encode())
+    return h.hexdigest()
 
 
 def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:

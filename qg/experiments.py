@@ -15,6 +15,7 @@ profile's artifacts and named by its parameters; `qg.evaluation` scores the file
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from .baselines import quantize_model
 from .collect import Collected
 from .generator import GeneratorConfig, QuantGen
-from .io import cached, params_key
+from .io import cached, content_digest, params_key, record_hash, verified
 from .models import load_checkpoint
 from .profiles import Paths, ablation_setup, pairs, selected
 from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
@@ -109,7 +110,8 @@ class Experiment:
         """A data-free quantization of a checkpoint (`qg.baselines.METHODS`), as a cached quantized file with
         its wall time."""
         out = self.paths.artifacts / "quantized" / method / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
-        return cached(out, lambda path: self._quantize(path, [checkpoint], spec, method, lambda sds: sds[0]))
+        return cached(out, lambda path: self._quantize(path, [checkpoint], spec, method, lambda sds: sds[0]),
+                      self._inputs([checkpoint]))
 
     def control(self, name: str, spec: QuantSpec, checkpoints: list[Path]) -> Path:
         """A control (`CONTROLS`): PTQ of an input made from `checkpoints`, as a cached quantized file.
@@ -133,7 +135,7 @@ class Experiment:
             make_input = _average
         out = (self.paths.artifacts / "quantized" / f"{name}-{params_key(params)}" / spec.name / first.parent.name
                / f"{stem}.safetensors")
-        return cached(out, lambda path: self._quantize(path, checkpoints, spec, name, make_input))
+        return cached(out, lambda path: self._quantize(path, checkpoints, spec, name, make_input), self._inputs(checkpoints))
 
     def _quantize(self, out: Path, checkpoints: list[Path], spec: QuantSpec, method: str, make_input) -> None:
         """Write the quantization of `make_input(state_dicts of checkpoints)` to `out` (PTQ for a control)."""
@@ -144,6 +146,11 @@ class Experiment:
         save_quantized(out, qsd, file_spec, {"model": loaded[0][1].to_dict(), "method": method,
                                              "source": [self.collected.relative(p) for p in checkpoints],
                                              "seconds": time.perf_counter() - start})
+
+    def _inputs(self, checkpoints: list[Path]) -> dict[str, str]:
+        """What a file made from `checkpoints` was computed from: their names and content digests (`cached`
+        remakes the file when a checkpoint under the same name has other content)."""
+        return {self.collected.relative(p): content_digest(p) for p in checkpoints}
 
     def _perturbed(self, sd: dict, checkpoint: Path) -> dict:
         sigma = self.profile["controls"]["noise"]
@@ -163,9 +170,12 @@ class Experiment:
     def generator(self, setting: Setting) -> QuantGen:
         """The trained generator of a setting: read back when cached, trained (resumably) when not."""
         out = self.generator_dir(setting)
-        if QuantGen.complete(out):
-            return QuantGen.load(out, self.device)
         train_ckpts = self.collected.splits(setting.arch, setting.task)["trained"]
+        inputs = self._inputs(train_ckpts)
+        if QuantGen.complete(out):
+            if verified(out / "generator.json", inputs):
+                return QuantGen.load(out, self.device)
+            shutil.rmtree(out)  # trained on other checkpoints under the same names: its state and files too
         fp = [load_checkpoint(p)[0] for p in train_ckpts]
         targets = {spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
                    for spec in setting.specs}
@@ -181,6 +191,7 @@ class Experiment:
         quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=self.device)
         quantgen.record.update(setting=setting.name, n_train_checkpoints=len(train_ckpts))
         quantgen.save(out)
+        record_hash(out / "generator.json", inputs)
         return quantgen
 
     def generated(self, setting: Setting, spec: QuantSpec, checkpoint: Path, quantgen: QuantGen | None = None) -> Path:
@@ -193,7 +204,8 @@ class Experiment:
             save_quantized(path, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "generator": gdir.name,
                                              "source": [self.collected.relative(checkpoint)], "seconds": seconds})
 
-        return cached(gdir / "quantized" / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors", make)
+        return cached(gdir / "quantized" / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors", make,
+                      self._inputs([checkpoint]))
 
     def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
                    quantgen: QuantGen | None = None) -> Path:

@@ -121,46 +121,76 @@ def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dic
     return loaded, metadata
 
 
-def cached(path: str | os.PathLike, make) -> Path:
-    """The cache rule every artifact follows: a file named by the parameters (and input content) that
-    determine it is made once. Returns `path`, first calling `make(path)` to write it when it does not exist
-    or no longer holds what was written (`verified`); `make` writes through `atomic_write` /
-    `save_safetensors`, so an interrupted run leaves no file. The made file's hash is recorded beside it."""
+def cached(path: str | os.PathLike, make, inputs: dict[str, str] | None = None) -> Path:
+    """The cache rule every artifact follows: a file named by the parameters that determine it is made once.
+    Returns `path`, first calling `make(path)` to write it when it does not exist, no longer holds what was
+    written, or was made from other `inputs` (name -> content digest of what it was computed from: a
+    checkpoint, a dataset) than today's (`verified`). `make` writes through `atomic_write` / `save_safetensors`,
+    so an interrupted run leaves no file; the made file's hash and its inputs' are recorded beside it."""
     path = Path(path)
-    if not verified(path):
+    if not verified(path, inputs):
         make(path)
-        record_hash(path)
+        record_hash(path, inputs)
     return path
 
 
 HASH_SUFFIX = ".sha256"
 
 
-def record_hash(path: str | os.PathLike) -> None:
-    """Record the SHA-256 of a derived artifact in `<file>.sha256`, which `verified` checks on every read."""
+def record_hash(path: str | os.PathLike, inputs: dict[str, str] | None = None) -> None:
+    """Record the SHA-256 of a derived artifact in `<file>.sha256` (first line), then the digests of the
+    inputs it was made from (`<digest>  <name>` per line), for `verified` to check on every use."""
     path = Path(path)
-    with atomic_write(path.with_name(path.name + HASH_SUFFIX), "w") as f:
-        f.write(file_sha256(path, length=64) + "\n")
+    lines = [file_sha256(path, length=64)] + [f"{d}  {name}" for name, d in sorted((inputs or {}).items())]
+    with atomic_write(_sidecar(path), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
-def verified(path: str | os.PathLike) -> bool:
-    """Whether a cached artifact is there and holds the bytes that were written. A file whose content no longer
-    matches its recorded hash (flipped bytes, truncation) is removed with one warning line, for the caller to
-    rebuild it. A file from before hashes were recorded is adopted: its hash is recorded now."""
+def verified(path: str | os.PathLike, inputs: dict[str, str] | None = None) -> bool:
+    """Whether a cached artifact is there, holds the bytes that were written and (given `inputs`) was made from
+    these inputs. Otherwise it is removed with one warning line, for the caller to rebuild it. A file from
+    before hashes were recorded, or recorded without its inputs, is adopted: its hash is recorded now."""
     path = Path(path)
-    sidecar = path.with_name(path.name + HASH_SUFFIX)
     if not path.is_file():
         return False
-    if not sidecar.is_file():
-        record_hash(path)
+    if not _sidecar(path).is_file():
+        record_hash(path, inputs)
         return True
-    if sidecar.read_text().strip() == file_sha256(path, length=64):
+    digest, *recorded = _sidecar(path).read_text().splitlines()
+    if digest != file_sha256(path, length=64):
+        problem = "does not match its recorded hash (damaged or changed)"
+    elif inputs is not None and recorded and recorded != [f"{d}  {n}" for n, d in sorted(inputs.items())]:
+        problem = "was made from inputs that have changed since"
+    else:
+        if inputs and not recorded:
+            record_hash(path, inputs)
         return True
-    print(f"[qg] warning: {path} does not match its recorded hash (damaged or changed); rebuilding it",
-          file=sys.stderr, flush=True)
+    print(f"[qg] warning: {path} {problem}; rebuilding it", file=sys.stderr, flush=True)
     path.unlink()
-    sidecar.unlink()
+    _sidecar(path).unlink()
     return False
+
+
+def damaged(root: str | os.PathLike) -> list[Path]:
+    """Every artifact under `root` whose content no longer matches its recorded hash, or that is gone beside
+    its hash: what `cached` would rebuild, found without changing anything."""
+    bad = []
+    for sidecar in sorted(Path(root).rglob(f"*{HASH_SUFFIX}")):
+        path = sidecar.with_name(sidecar.name[: -len(HASH_SUFFIX)])
+        if not path.is_file() or sidecar.read_text().split("\n", 1)[0] != file_sha256(path, length=64):
+            bad.append(path)
+    return bad
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """The content digest of a file to key what is made from it: its recorded hash when it has one (a cached
+    artifact, checked when it was obtained), else computed."""
+    sidecar = _sidecar(Path(path))
+    return sidecar.read_text().split("\n", 1)[0] if sidecar.is_file() else file_sha256(path, length=64)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + HASH_SUFFIX)
 
 
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from .io import HASH_SUFFIX, damaged
 from .profiles import ROOT, Paths, load_profile
 
 NOTEBOOKS = ("01_collect", "02_train", "03_generate", "04_ablate_padding", "05_ablate_diffusion",
@@ -39,8 +40,6 @@ def check_parameters(notebook: Path, parameters: dict) -> None:
 
 def run(profile: str, notebooks: list[str] | None = None, parameters: dict | None = None) -> list[Path]:
     """Execute notebooks in order with papermill; returns the executed copies' paths."""
-    import papermill
-
     if profile.endswith((".yaml", ".yml")):  # the kernels run in notebooks/: a relative path must not change meaning
         profile = str(Path(profile).resolve())
     params = {"profile": profile, **(parameters or {})}
@@ -57,15 +56,31 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
         source = ROOT / "notebooks" / f"{name}.ipynb"
         check_parameters(source, params)
         print(f"[qg.pipeline] {name} (profile {loaded['name']})", flush=True)
-        try:
-            papermill.execute_notebook(str(source), str(out_dir / f"{name}.ipynb"), parameters=params,
-                                       cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=True)
-        except papermill.PapermillExecutionError as e:  # the cell's own message, not 100 lines of traceback
-            raise NotebookError(f"{name} stopped in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                                f"  the executed notebook, with the traceback: {out_dir / f'{name}.ipynb'}") from None
-        _relative_paths(out_dir / f"{name}.ipynb")
+        _execute(source, out_dir / f"{name}.ipynb", params)
         done.append(out_dir / f"{name}.ipynb")
     return done
+
+
+def _execute(source: Path, out: Path, params: dict) -> None:
+    """Run one notebook into `out`, through a temporary copy: a run that dies writing (a full disk) keeps
+    the previous executed notebook instead of leaving a truncated one. A notebook that raises is kept, with
+    its traceback, and reported by its own message."""
+    import papermill
+
+    running = out.with_name(f".{out.stem}.running.ipynb")
+    try:
+        papermill.execute_notebook(str(source), str(running), parameters=params, cwd=str(ROOT / "notebooks"),
+                                   kernel_name="python3", progress_bar=True)
+    except papermill.PapermillExecutionError as e:  # the cell's own message, not 100 lines of traceback
+        os.replace(running, out)
+        _relative_paths(out)
+        raise NotebookError(f"{source.stem} stopped in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                            f"  the executed notebook, with the traceback: {out}") from None
+    except BaseException:
+        running.unlink(missing_ok=True)
+        raise
+    os.replace(running, out)
+    _relative_paths(out)
 
 
 class NotebookError(RuntimeError):
@@ -83,16 +98,17 @@ def _kernel_environment() -> None:
 
 
 def _relative_paths(executed: Path) -> None:
-    """papermill records the notebook's absolute input and output paths: keep them relative to the repository."""
+    """papermill records the notebook's absolute input and output paths (the latter the temporary copy's):
+    record them relative to the repository, the output as the executed notebook's final name."""
     import nbformat
 
     from .report import portable
 
     nb = nbformat.read(executed, 4)
     meta = nb.metadata.get("papermill", {})
-    for key in ("input_path", "output_path"):
-        if meta.get(key):
-            meta[key] = portable(meta[key])
+    if meta.get("input_path"):
+        meta["input_path"] = portable(meta["input_path"])
+    meta["output_path"] = portable(executed)
     nbformat.write(nb, executed)
 
 
@@ -128,15 +144,31 @@ def store_checks(profile: str = "smoke", notebooks: list[str] | None = None) -> 
     return changed
 
 
+def verify(profile: str) -> int:
+    """Report the damaged artifacts of a profile's cache (exit status 1 when there are any); change nothing."""
+    root = Paths.of(profile).artifacts
+    bad = damaged(root)
+    for path in bad:
+        print(f"damaged: {path.relative_to(root)}")
+    checked = sum(1 for _ in root.rglob(f"*{HASH_SUFFIX}"))
+    print(f"[qg.pipeline] {checked} cached artifacts of {root} checked, {len(bad)} damaged"
+          + (" (the next run rebuilds them)" if bad else ""))
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params/<profile>.yaml")
     p.add_argument("notebooks", nargs="*", help=f"which notebooks (default: all of {list(NOTEBOOKS)})")
     p.add_argument("--overrides", type=yaml.safe_load, default=None,
                    help="a YAML mapping merged into the profile, e.g. \"{train: {steps: 600}}\"")
+    p.add_argument("--verify", action="store_true",
+                   help="check every cached artifact of the profile against its recorded hash; run nothing")
     p.add_argument("--store-checks", action="store_true",
                    help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)")
     args = p.parse_args(argv)
+    if args.verify:
+        sys.exit(verify(args.profile))
     try:
         run(args.profile, args.notebooks or None, {"overrides": args.overrides} if args.overrides else None)
         if args.store_checks:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .data import batches, held
-from .io import CorruptFileError, params_key, read_safetensors, record_hash, save_safetensors, verified
-from .models import ModelSpec, build_model, load_model_file, load_weights, predict, resolve_device, top1
+from .data import batches, fingerprint, held
+from .io import cached, content_digest, params_key, read_safetensors, save_safetensors
+from .models import ModelSpec, build_model, load_model_description, load_model_file, load_weights, predict, resolve_device, top1
 
 
 class Scorer:
@@ -23,6 +23,7 @@ class Scorer:
         self.eval, self.seed = profile["eval"], profile["seed"]
         self.device = resolve_device(profile.get("device"))
         self._test_sets: dict = {}
+        self._fingerprints: dict[str, str] = {}
 
     def test_set(self, spec: ModelSpec):
         """Batches of the seeded test subset every model of this profile is scored on: held in memory when it
@@ -43,19 +44,24 @@ class Scorer:
         """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset.
 
         Evaluated from the file once and cached beside it (`<file>.pred-<key>.safetensors`, keyed by the test
-        subset and seed), so accuracies and the memorisation tests' error overlaps share one evaluation.
-        A cache older than its file, unreadable or not matching its recorded hash, is recomputed.
+        subset and seed, and made from the file's content and the test set's: `qg.io.cached`), so accuracies and
+        the memorisation tests' error overlaps share one evaluation. A cache that is damaged, or was computed
+        from another file or other test data under the same names, is evaluated again.
         """
         test_key = params_key({"test_subset": self.eval.get("test_subset"), "seed": self.seed})
         cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
-        if verified(cache) and cache.stat().st_mtime >= path.stat().st_mtime:
-            try:
-                t = read_safetensors(cache)[0]
-                return t["pred"].long(), t["labels"].long()
-            except (CorruptFileError, KeyError):
-                pass  # a damaged cache is only a cache: evaluate again below
+        spec = load_model_description(path)
+        inputs = {"model file": content_digest(path), "test data": self.fingerprint(spec.dataset)}
+        t = read_safetensors(cached(cache, lambda out: self._evaluate(path, out), inputs))[0]
+        return t["pred"].long(), t["labels"].long()
+
+    def fingerprint(self, dataset: str) -> str:
+        """The content digest of a dataset's test split (`qg.data.fingerprint`), once per Scorer."""
+        if dataset not in self._fingerprints:
+            self._fingerprints[dataset] = fingerprint(dataset, "test")
+        return self._fingerprints[dataset]
+
+    def _evaluate(self, path: Path, out: Path) -> None:
         sd, spec, _ = load_model_file(path)
         pred, labels = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
-        save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, cache, {"file": path.name})
-        record_hash(cache)
-        return pred, labels
+        save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, out, {"file": path.name})

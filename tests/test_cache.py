@@ -100,3 +100,54 @@ def test_a_damaged_generator_is_not_loaded_and_a_truncated_training_state_restar
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     assert _resume(state, net, opt, sched, train_cfg, "cpu") == (0, [], 0.0)
     assert "unreadable" in capsys.readouterr().err
+
+
+def test_caches_know_the_data_they_were_computed_from(tmp_path, monkeypatch, capsys):
+    """Wrong test labels, then the right ones under the same file names: the cached score is computed again;
+    other training data under the same names retrains the run (both were kept before)."""
+    import numpy as np
+    from fakes import write_fashion_mnist, write_idx
+
+    from qg import data
+    from qg.models import build_model, save_checkpoint, state_dict_of
+    from qg.scoring import Scorer
+
+    monkeypatch.setenv("QG_DATA", str(tmp_path / "data"))
+    write_fashion_mnist(tmp_path / "data", n_train=64, n_test=40)
+    spec = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "fashion_mnist")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_checkpoint(ckpt, state_dict_of(build_model(spec)), spec)
+    scorer = Scorer({"eval": {"test_subset": None}, "seed": 0})
+    pred, labels = scorer.predictions(ckpt)
+    wrong = (labels + 1) % 10
+    write_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz", wrong.numpy().astype(np.uint8))
+    data._cached_tensors.cache_clear()  # a new run: the in-process memo of decoded batches starts empty
+    _, labels_now = Scorer({"eval": {"test_subset": None}, "seed": 0}).predictions(ckpt)
+    assert torch.equal(labels_now, wrong) and "inputs that have changed" in capsys.readouterr().err
+
+    run = TrainSpec("fashion_mnist", epochs=1, lr=1e-3, batch_size=16)
+    first, _ = train_model(spec, run, None, 0, tmp_path / "runs", n_checkpoints=1)
+    before = read_safetensors(first[0])[0]["head.weight"]
+    write_fashion_mnist(tmp_path / "data", n_train=64, n_test=40, seed=1)  # other images, same names
+    data._cached_tensors.cache_clear()
+    again, _ = train_model(spec, run, None, 0, tmp_path / "runs", n_checkpoints=1)
+    assert "trained on other fashion_mnist data" in capsys.readouterr().err and again == first
+    assert not torch.equal(before, read_safetensors(again[0])[0]["head.weight"])
+
+
+def test_verify_reports_damaged_artifacts_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    from qg import pipeline
+
+    monkeypatch.setenv("QG_OUTPUT", str(tmp_path))
+    root = tmp_path / "artifacts" / "smoke"
+    good, bad = cached(root / "a.safetensors", _maker([])), cached(root / "sub" / "b.safetensors", _maker([]))
+    assert pipeline.verify("smoke") == 0
+    _flip(bad, at=-3)
+    before = bad.read_bytes()
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["--profile", "smoke", "--verify"])
+    assert err.value.code == 1
+    out = capsys.readouterr().out
+    assert "damaged: sub/b.safetensors" in out and "2 cached artifacts" in out and "a.safetensors" not in out.split("\n")[0]
+    assert bad.read_bytes() == before and good.is_file()

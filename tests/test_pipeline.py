@@ -211,6 +211,14 @@ def test_a_moved_artifact_tree_is_reused_and_its_noise_control_unchanged(tmp_pat
     made_b["noise"].unlink()  # made afresh in the new place: the same noise
     again = read_quantized(files(tmp_path / "b")[2]["noise"])[0]
     assert all(torch.equal(again[k].codes, c) for k, c in noise_codes.items())
+    # another checkpoint under the same name (a rerun of 01_collect on other data): what was made from it is remade
+    exp_b, _, _ = files(tmp_path / "b")
+    ckpt = exp_b.collected.splits("vit", "full")["heldout_run"][0]
+    save_checkpoint(ckpt, state_dict_of(build_model(spec_model)), spec_model)
+    ptq = exp_b.quantized(ckpt, spec)
+    assert ptq.stat().st_mtime_ns != stamps["ptq"]
+    assert torch.equal(read_quantized(ptq)[0]["head.weight"].codes,
+                       read_quantized(exp_b.quantized(ckpt, spec))[0]["head.weight"].codes)  # and then kept
 
 
 def test_overrides_merge_into_the_profile_and_keep_its_cache(tmp_path):
@@ -294,5 +302,8 @@ def test_a_failing_notebook_is_one_error_line_and_a_relative_output_stays_put(tm
     message = str(err.value)
     assert message.startswith("error: 02_train stopped in cell") and "run notebooks/01_collect.ipynb" in message
     assert len(message.splitlines()) == 2
-    assert (tmp_path / "out" / "results" / "notebooks" / "smoke" / "02_train.ipynb").is_file()
+    executed = tmp_path / "out" / "results" / "notebooks" / "smoke"
+    assert (executed / "02_train.ipynb").is_file() and not list(executed.glob(".*"))  # no temporary copy left
+    recorded = nbformat.read(executed / "02_train.ipynb", 4).metadata.papermill.output_path
+    assert recorded == "results/notebooks/smoke/02_train.ipynb"
     assert not (profiles.ROOT / "notebooks" / "out").exists()
