@@ -25,8 +25,8 @@ from .quant import GRANULARITIES, QuantSpec, save_quantized
 
 
 def quantize(args) -> None:
-    quantgen = QuantGen.load(args.generator, resolve_device(args.device))
     _check_output(Path(args.output), inputs=[Path(args.checkpoint)], protected=Path(args.generator), force=args.force)
+    quantgen = QuantGen.load(args.generator, resolve_device(args.device))
     trained = quantgen.specs
     group_size = args.group_size or trained[0].group_size
     spec = QuantSpec(args.bits, args.granularity, group_size, args.scheme or trained[0].scheme)
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("evaluate", help="top-1 accuracy of a quantized model file or a checkpoint")
     e.add_argument("file")
     e.add_argument("--test-subset", type=_positive, help="evaluate on a seeded subset of this many test images")
-    e.add_argument("--allow-nonfinite", action="store_true", help="score a model with NaN/inf weights (warns)")
+    e.add_argument("--allow-nonfinite", action="store_true",
+                   help="score a model with NaN/inf float weights (warns); NaN scales in a quantized file are refused")
     e.add_argument("--seed", type=int, default=0)
     for sp in (q, e):
         sp.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)")

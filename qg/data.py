@@ -65,7 +65,7 @@ def dataset_info(name: str) -> dict:
 def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> Dataset:
     """The `split` ("train" or "test"; ImageNet also takes "val", same as "test") of dataset `name`.
 
-    `root` is the first folder searched for the files (see the module docstring for the others).
+    `root`, when given, is the only folder searched for the files (else see the module docstring).
     """
     _check_name(name)
     valid = SPLITS + ("val",) if name == "imagenet" else SPLITS
@@ -77,7 +77,12 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
 def fingerprint(name: str, split: str, root: str | os.PathLike | None = None) -> str:
     """A content digest of one split of a dataset, for caches to know what data they were computed from: the
     bytes of the images and labels of an in-memory set; the file list (relative names, sizes, labels) of an
-    image folder, which is too large to hash for every run."""
+    image folder, which is too large to hash for every run. Computed once per process and folder."""
+    return _fingerprint(name, split, str(root) if root is not None else None, os.environ.get("QG_DATA"))
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(name: str, split: str, root: str | None, qg_data: str | None) -> str:
     dataset, h = load_dataset(name, split, root), hashlib.sha256(f"{name}/{split}".encode())
     if isinstance(dataset, ImageTensorDataset):
         h.update(dataset.pixels.numpy().tobytes())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from .baselines import quantize_model
 from .collect import Collected
 from .generator import GeneratorConfig, QuantGen
-from .io import cached, content_digest, params_key, record_hash, verified
+from .io import cached, content_digest, params_key, read_json, write_json
 from .models import load_checkpoint
 from .profiles import Paths, ablation_setup, pairs, selected
 from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
@@ -111,7 +112,7 @@ class Experiment:
         its wall time."""
         out = self.paths.artifacts / "quantized" / method / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
         return cached(out, lambda path: self._quantize(path, [checkpoint], spec, method, lambda sds: sds[0]),
-                      self._inputs([checkpoint]))
+                      self._inputs([checkpoint]), check=read_quantized)
 
     def control(self, name: str, spec: QuantSpec, checkpoints: list[Path]) -> Path:
         """A control (`CONTROLS`): PTQ of an input made from `checkpoints`, as a cached quantized file.
@@ -135,7 +136,8 @@ class Experiment:
             make_input = _average
         out = (self.paths.artifacts / "quantized" / f"{name}-{params_key(params)}" / spec.name / first.parent.name
                / f"{stem}.safetensors")
-        return cached(out, lambda path: self._quantize(path, checkpoints, spec, name, make_input), self._inputs(checkpoints))
+        return cached(out, lambda path: self._quantize(path, checkpoints, spec, name, make_input), self._inputs(checkpoints),
+                      check=read_quantized)
 
     def _quantize(self, out: Path, checkpoints: list[Path], spec: QuantSpec, method: str, make_input) -> None:
         """Write the quantization of `make_input(state_dicts of checkpoints)` to `out` (PTQ for a control)."""
@@ -171,11 +173,16 @@ class Experiment:
         """The trained generator of a setting: read back when cached, trained (resumably) when not."""
         out = self.generator_dir(setting)
         train_ckpts = self.collected.splits(setting.arch, setting.task)["trained"]
-        inputs = self._inputs(train_ckpts)
+        inputs, marker = self._inputs(train_ckpts), out / "inputs.json"
+        if marker.is_file() and read_json(marker) != inputs:  # other checkpoints under the same names
+            print(f"[qg] warning: {out.name} was trained on checkpoints that have changed since; training it again",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(out)  # its training state and generated files too
         if QuantGen.complete(out):
-            if verified(out / "generator.json", inputs):
-                return QuantGen.load(out, self.device)
-            shutil.rmtree(out)  # trained on other checkpoints under the same names: its state and files too
+            if not marker.is_file():  # a generator from before inputs were recorded: adopted
+                write_json(marker, inputs)
+            return QuantGen.load(out, self.device)
+        write_json(marker, inputs)  # before training starts: an interrupted run resumes only on the same inputs
         fp = [load_checkpoint(p)[0] for p in train_ckpts]
         targets = {spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
                    for spec in setting.specs}
@@ -191,7 +198,6 @@ class Experiment:
         quantgen = fit_generator(tokenizer, data, gen_cfg, train_cfg, out, device=self.device)
         quantgen.record.update(setting=setting.name, n_train_checkpoints=len(train_ckpts))
         quantgen.save(out)
-        record_hash(out / "generator.json", inputs)
         return quantgen
 
     def generated(self, setting: Setting, spec: QuantSpec, checkpoint: Path, quantgen: QuantGen | None = None) -> Path:
@@ -204,8 +210,9 @@ class Experiment:
             save_quantized(path, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "generator": gdir.name,
                                              "source": [self.collected.relative(checkpoint)], "seconds": seconds})
 
+        # check: a file generated before symmetric specs decoded Z = 0 is refused on read, hence remade
         return cached(gdir / "quantized" / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors", make,
-                      self._inputs([checkpoint]))
+                      self._inputs([checkpoint]), check=read_quantized)
 
     def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
                    quantgen: QuantGen | None = None) -> Path:

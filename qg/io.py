@@ -53,8 +53,11 @@ def _replacing(path: Path):
         Path(tmp).unlink(missing_ok=True)
         raise
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a write that was killed
-        if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:  # not another process's write in flight
-            stale.unlink(missing_ok=True)
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:  # not another process's write in flight
+                stale.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: the write itself succeeded
+            pass
 
 
 @contextmanager
@@ -121,14 +124,15 @@ def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dic
     return loaded, metadata
 
 
-def cached(path: str | os.PathLike, make, inputs: dict[str, str] | None = None) -> Path:
+def cached(path: str | os.PathLike, make, inputs: dict[str, str] | None = None, check=None) -> Path:
     """The cache rule every artifact follows: a file named by the parameters that determine it is made once.
     Returns `path`, first calling `make(path)` to write it when it does not exist, no longer holds what was
-    written, or was made from other `inputs` (name -> content digest of what it was computed from: a
-    checkpoint, a dataset) than today's (`verified`). `make` writes through `atomic_write` / `save_safetensors`,
-    so an interrupted run leaves no file; the made file's hash and its inputs' are recorded beside it."""
+    written, was made from other `inputs` (name -> content digest of what it was computed from: a
+    checkpoint, a dataset) than today's, or fails `check(path)` (`verified`). `make` writes through
+    `atomic_write` / `save_safetensors`, so an interrupted run leaves no file; the made file's hash and its
+    inputs' are recorded beside it."""
     path = Path(path)
-    if not verified(path, inputs):
+    if not verified(path, inputs, check):
         make(path)
         record_hash(path, inputs)
     return path
@@ -141,34 +145,62 @@ def record_hash(path: str | os.PathLike, inputs: dict[str, str] | None = None) -
     """Record the SHA-256 of a derived artifact in `<file>.sha256` (first line), then the digests of the
     inputs it was made from (`<digest>  <name>` per line), for `verified` to check on every use."""
     path = Path(path)
-    lines = [file_sha256(path, length=64)] + [f"{d}  {name}" for name, d in sorted((inputs or {}).items())]
+    lines = [_digest(path)] + [f"{d}  {name}" for name, d in sorted((inputs or {}).items())]
     with atomic_write(_sidecar(path), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def verified(path: str | os.PathLike, inputs: dict[str, str] | None = None) -> bool:
-    """Whether a cached artifact is there, holds the bytes that were written and (given `inputs`) was made from
-    these inputs. Otherwise it is removed with one warning line, for the caller to rebuild it. A file from
-    before hashes were recorded, or recorded without its inputs, is adopted: its hash is recorded now."""
+def verified(path: str | os.PathLike, inputs: dict[str, str] | None = None, check=None) -> bool:
+    """Whether a cached artifact is there, holds the bytes that were written, (given `inputs`) was made from
+    these inputs and (given `check`, which raises CorruptFileError otherwise) is what its reader accepts.
+    Otherwise it is removed with one warning line, for the caller to rebuild it. A file from before hashes
+    were recorded, or recorded without its inputs, is adopted: its hash is recorded now. Not for files
+    another process is writing at the same moment (between its write and its hash, the two disagree)."""
     path = Path(path)
     if not path.is_file():
         return False
-    if not _sidecar(path).is_file():
-        record_hash(path, inputs)
-        return True
-    digest, *recorded = _sidecar(path).read_text().splitlines()
-    if digest != file_sha256(path, length=64):
+    recorded = _recorded(path)
+    if recorded is None or (recorded and recorded[0] != _digest(path)):
         problem = "does not match its recorded hash (damaged or changed)"
-    elif inputs is not None and recorded and recorded != [f"{d}  {n}" for n, d in sorted(inputs.items())]:
+    elif inputs is not None and recorded[1:] and recorded[1:] != [f"{d}  {n}" for n, d in sorted(inputs.items())]:
         problem = "was made from inputs that have changed since"
     else:
-        if inputs and not recorded:
+        problem = _check(path, check)
+    if problem is None:
+        if recorded == [] or (inputs and not recorded[1:]):
             record_hash(path, inputs)
         return True
     print(f"[qg] warning: {path} {problem}; rebuilding it", file=sys.stderr, flush=True)
     path.unlink()
-    _sidecar(path).unlink()
+    _sidecar(path).unlink(missing_ok=True)
     return False
+
+
+def _recorded(path: Path) -> list[str] | None:
+    """The sidecar's lines ([] when there is none: a file from before hashes); None when it is unreadable."""
+    if not _sidecar(path).is_file():
+        return []
+    try:
+        lines = _sidecar(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return lines if lines and len(lines[0]) == 64 else None
+
+
+_CHECKED: set[tuple] = set()
+
+
+def _check(path: Path, check) -> str | None:
+    """Why `check` refuses the file (None when it accepts it); each content is checked once per process."""
+    key = (str(path.resolve()), _digest(path), getattr(check, "__qualname__", repr(check)))
+    if check is None or key in _CHECKED:
+        return None
+    try:
+        check(path)
+    except CorruptFileError as e:
+        return f"is not what its reader accepts ({e})"
+    _CHECKED.add(key)
+    return None
 
 
 def damaged(root: str | os.PathLike) -> list[Path]:
@@ -177,20 +209,32 @@ def damaged(root: str | os.PathLike) -> list[Path]:
     bad = []
     for sidecar in sorted(Path(root).rglob(f"*{HASH_SUFFIX}")):
         path = sidecar.with_name(sidecar.name[: -len(HASH_SUFFIX)])
-        if not path.is_file() or sidecar.read_text().split("\n", 1)[0] != file_sha256(path, length=64):
+        recorded = _recorded(path) if path.is_file() else None
+        if not recorded or recorded[0] != _digest(path):
             bad.append(path)
     return bad
 
 
 def content_digest(path: str | os.PathLike) -> str:
-    """The content digest of a file to key what is made from it: its recorded hash when it has one (a cached
-    artifact, checked when it was obtained), else computed."""
-    sidecar = _sidecar(Path(path))
-    return sidecar.read_text().split("\n", 1)[0] if sidecar.is_file() else file_sha256(path, length=64)
+    """The content digest of a file, to key what is made from it: its SHA-256, read once per process."""
+    return _digest(Path(path))
 
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + HASH_SUFFIX)
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: Path) -> str:
+    """The full SHA-256 of a file, memoised on (path, size, modification time): a process checks each file's
+    bytes once, however often it uses the file (a rewrite changes the modification time)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path, length=64)
+    return _DIGESTS[key]
 
 
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:

@@ -5,7 +5,7 @@ so a typo, a string where a number belongs or a negative step count is refused a
 path and, for a misspelt name, the nearest known one. Types are coerced where YAML is ambiguous
 (`lr: 3e-3`, which YAML 1.1 reads as a string, becomes 0.003; `steps: "40"` becomes 40) and refused
 otherwise. The validated profile is returned as the plain dict the notebooks read, holding only the keys
-the file set (so a profile's cache keys do not change when the schema learns a new default).
+the file set, with the file's own values (an int stays an int), so that validation changes no cache key.
 
 The tokenizer, generator and train blocks mirror `Tokenizer.fit`, `GeneratorConfig` and `TrainConfig`
 (their defaults are read from there; a test keeps the key sets equal). Cross-references (an ablation on an
@@ -299,10 +299,21 @@ def validated(raw: Any, source: str) -> dict:
         raise ValueError(f"profile {source} must be a YAML mapping of sections (seed, archs, ...), "
                          f"got {type(raw).__name__}")
     try:
-        return Profile.model_validate(raw).model_dump(exclude_unset=True)
+        checked = Profile.model_validate(raw).model_dump(exclude_unset=True)
     except ValidationError as e:
         lines = [_problem(err) for err in e.errors()]
         raise ValueError(f"profile {source} does not validate ({len(lines)} problem(s)):\n" + "\n".join(lines)) from None
+    return _as_written(raw, checked)
+
+
+def _as_written(raw, checked):
+    """The file's own values, except strings the schema read as numbers (`3e-3`): validation must not turn
+    `epochs: 3` into 3.0, which would change every cache key made from the profile."""
+    if isinstance(raw, dict) and isinstance(checked, dict):
+        return {k: _as_written(v, checked[k]) for k, v in raw.items()}
+    if isinstance(raw, list) and isinstance(checked, list):
+        return [_as_written(a, b) for a, b in zip(raw, checked)]
+    return checked if isinstance(raw, str) and not isinstance(checked, str) else raw
 
 
 def _problem(err: dict) -> str:

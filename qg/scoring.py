@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import batches, fingerprint, held
-from .io import cached, content_digest, params_key, read_safetensors, save_safetensors
+from .io import CorruptFileError, cached, content_digest, params_key, read_safetensors, save_safetensors
 from .models import ModelSpec, build_model, load_model_description, load_model_file, load_weights, predict, resolve_device, top1
 
 
@@ -52,7 +52,7 @@ class Scorer:
         cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
         spec = load_model_description(path)
         inputs = {"model file": content_digest(path), "test data": self.fingerprint(spec.dataset)}
-        t = read_safetensors(cached(cache, lambda out: self._evaluate(path, out), inputs))[0]
+        t = read_safetensors(cached(cache, lambda out: self._evaluate(path, out), inputs, check=_newer_than(path)))[0]
         return t["pred"].long(), t["labels"].long()
 
     def fingerprint(self, dataset: str) -> str:
@@ -65,3 +65,11 @@ class Scorer:
         sd, spec, _ = load_model_file(path)
         pred, labels = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
         save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, out, {"file": path.name})
+
+
+def _newer_than(model_file: Path):
+    """A prediction cache from before caches recorded their inputs is trusted only if newer than its model file."""
+    def check(cache: Path) -> None:
+        if cache.stat().st_mtime < model_file.stat().st_mtime:
+            raise CorruptFileError(f"older than {model_file.name}")
+    return check

@@ -122,7 +122,8 @@ def test_caches_know_the_data_they_were_computed_from(tmp_path, monkeypatch, cap
     pred, labels = scorer.predictions(ckpt)
     wrong = (labels + 1) % 10
     write_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz", wrong.numpy().astype(np.uint8))
-    data._cached_tensors.cache_clear()  # a new run: the in-process memo of decoded batches starts empty
+    data._cached_tensors.cache_clear()  # a new run: the in-process memos of decoded batches and digests start empty
+    data._fingerprint.cache_clear()
     _, labels_now = Scorer({"eval": {"test_subset": None}, "seed": 0}).predictions(ckpt)
     assert torch.equal(labels_now, wrong) and "inputs that have changed" in capsys.readouterr().err
 
@@ -131,6 +132,7 @@ def test_caches_know_the_data_they_were_computed_from(tmp_path, monkeypatch, cap
     before = read_safetensors(first[0])[0]["head.weight"]
     write_fashion_mnist(tmp_path / "data", n_train=64, n_test=40, seed=1)  # other images, same names
     data._cached_tensors.cache_clear()
+    data._fingerprint.cache_clear()
     again, _ = train_model(spec, run, None, 0, tmp_path / "runs", n_checkpoints=1)
     assert "trained on other fashion_mnist data" in capsys.readouterr().err and again == first
     assert not torch.equal(before, read_safetensors(again[0])[0]["head.weight"])
@@ -151,3 +153,28 @@ def test_verify_reports_damaged_artifacts_and_changes_nothing(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert "damaged: sub/b.safetensors" in out and "2 cached artifacts" in out and "a.safetensors" not in out.split("\n")[0]
     assert bad.read_bytes() == before and good.is_file()
+
+
+def test_an_empty_sidecar_or_a_file_its_reader_refuses_is_rebuilt(tmp_path, capsys):
+    from qg.io import CorruptFileError
+    from qg.quant import read_quantized, save_quantized
+
+    calls, out = [], tmp_path / "a.safetensors"
+    cached(out, _maker(calls))
+    (tmp_path / ("a.safetensors" + HASH_SUFFIX)).write_text("")
+    cached(out, _maker(calls))
+    assert len(calls) == 2 and "does not match its recorded hash" in capsys.readouterr().err
+    # a symmetric file with a non-zero zero point, as generators wrote before Z = 0 was enforced: adopted by its
+    # hash (no sidecar), refused by its reader, so remade
+    spec = QuantSpec(4, "group", 16)
+    old = quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec)
+    name = next(k for k, v in old.items() if hasattr(v, "codes"))
+    old[name].zero[0, 0] = 1.0
+    path = tmp_path / "gen.safetensors"
+    save_quantized(path, old, spec, {})
+    with pytest.raises(CorruptFileError):
+        read_quantized(path)
+    fixed = []
+    cached(path, lambda p: fixed.append(save_quantized(p, quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec), spec, {})),
+           check=read_quantized)
+    assert fixed and "is not what its reader accepts" in capsys.readouterr().err and read_quantized(path)

@@ -62,8 +62,8 @@ def test_checkpoint_of_another_architecture_is_refused(generator_dir, tmp_path):
 
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(SystemExit, match="not a generator directory"):
-        main(["quantize", "--generator", str(tmp_path), "--checkpoint", "x", "--bits", "4", "--granularity", "group",
-              "-o", str(tmp_path / "q.safetensors")])
+        main(["quantize", "--generator", str(tmp_path / "nothing"), "--checkpoint", "x", "--bits", "4",
+              "--granularity", "group", "-o", str(tmp_path / "q.safetensors")])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["evaluate", str(tmp_path / "missing.safetensors")])
 
