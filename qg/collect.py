@@ -75,9 +75,11 @@ def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, 
     if (out / "run.json").is_file():
         record = read_json(out / "run.json")
         paths = [out / name for name in record["checkpoints"]]
-        same_data = record.setdefault("data", data) == data  # a run from before fingerprints: adopted
+        adopted = "data" not in record  # a run from before fingerprints: its data is today's
+        same_data = record.setdefault("data", data) == data
         if same_data and all([verified(p) for p in paths]):  # a list: check (and warn on) every checkpoint
-            write_json(out / "run.json", record)
+            if adopted:
+                write_json(out / "run.json", record)
             return paths, record
         print(f"[qg] warning: {out.name} " + ("lost a checkpoint" if same_data else f"was trained on other {run.dataset} data")
               + "; training the run again", file=sys.stderr, flush=True)

@@ -145,7 +145,7 @@ def record_hash(path: str | os.PathLike, inputs: dict[str, str] | None = None) -
     """Record the SHA-256 of a derived artifact in `<file>.sha256` (first line), then the digests of the
     inputs it was made from (`<digest>  <name>` per line), for `verified` to check on every use."""
     path = Path(path)
-    lines = [_digest(path)] + [f"{d}  {name}" for name, d in sorted((inputs or {}).items())]
+    lines = [content_digest(path)] + [f"{d}  {name}" for name, d in sorted((inputs or {}).items())]
     with atomic_write(_sidecar(path), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -160,7 +160,7 @@ def verified(path: str | os.PathLike, inputs: dict[str, str] | None = None, chec
     if not path.is_file():
         return False
     recorded = _recorded(path)
-    if recorded is None or (recorded and recorded[0] != _digest(path)):
+    if recorded is None or (recorded and recorded[0] != content_digest(path)):
         problem = "does not match its recorded hash (damaged or changed)"
     elif inputs is not None and recorded[1:] and recorded[1:] != [f"{d}  {n}" for n, d in sorted(inputs.items())]:
         problem = "was made from inputs that have changed since"
@@ -192,7 +192,7 @@ _CHECKED: set[tuple] = set()
 
 def _check(path: Path, check) -> str | None:
     """Why `check` refuses the file (None when it accepts it); each content is checked once per process."""
-    key = (str(path.resolve()), _digest(path), getattr(check, "__qualname__", repr(check)))
+    key = (str(path.resolve()), content_digest(path), getattr(check, "__qualname__", repr(check)))
     if check is None or key in _CHECKED:
         return None
     try:
@@ -210,14 +210,9 @@ def damaged(root: str | os.PathLike) -> list[Path]:
     for sidecar in sorted(Path(root).rglob(f"*{HASH_SUFFIX}")):
         path = sidecar.with_name(sidecar.name[: -len(HASH_SUFFIX)])
         recorded = _recorded(path) if path.is_file() else None
-        if not recorded or recorded[0] != _digest(path):
+        if not recorded or recorded[0] != content_digest(path):
             bad.append(path)
     return bad
-
-
-def content_digest(path: str | os.PathLike) -> str:
-    """The content digest of a file, to key what is made from it: its SHA-256, read once per process."""
-    return _digest(Path(path))
 
 
 def _sidecar(path: Path) -> Path:
@@ -227,9 +222,11 @@ def _sidecar(path: Path) -> Path:
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _digest(path: Path) -> str:
-    """The full SHA-256 of a file, memoised on (path, size, modification time): a process checks each file's
-    bytes once, however often it uses the file (a rewrite changes the modification time)."""
+def content_digest(path: str | os.PathLike) -> str:
+    """The full SHA-256 of a file (to check it, or to key what is made from it), memoised on (path, size,
+    modification time): a process reads each file's bytes once, however often it uses it (a rewrite changes
+    the modification time)."""
+    path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:

@@ -23,7 +23,6 @@ class Scorer:
         self.eval, self.seed = profile["eval"], profile["seed"]
         self.device = resolve_device(profile.get("device"))
         self._test_sets: dict = {}
-        self._fingerprints: dict[str, str] = {}
 
     def test_set(self, spec: ModelSpec):
         """Batches of the seeded test subset every model of this profile is scored on: held in memory when it
@@ -51,15 +50,9 @@ class Scorer:
         test_key = params_key({"test_subset": self.eval.get("test_subset"), "seed": self.seed})
         cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
         spec = load_model_description(path)
-        inputs = {"model file": content_digest(path), "test data": self.fingerprint(spec.dataset)}
+        inputs = {"model file": content_digest(path), "test data": fingerprint(spec.dataset, "test")}
         t = read_safetensors(cached(cache, lambda out: self._evaluate(path, out), inputs, check=_newer_than(path)))[0]
         return t["pred"].long(), t["labels"].long()
-
-    def fingerprint(self, dataset: str) -> str:
-        """The content digest of a dataset's test split (`qg.data.fingerprint`), once per Scorer."""
-        if dataset not in self._fingerprints:
-            self._fingerprints[dataset] = fingerprint(dataset, "test")
-        return self._fingerprints[dataset]
 
     def _evaluate(self, path: Path, out: Path) -> None:
         sd, spec, _ = load_model_file(path)
