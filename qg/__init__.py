@@ -5,10 +5,12 @@ Modules, one job each; each imports only modules above it in this list:
   report       tidy tables, provenance (commit, inputs), deterministic figures
   paper        the paper's own numbers, printed beside ours
   data         datasets (Fashion-MNIST, digits, CIFAR, ImageNet folder)
+  packing      N-bit codes packed into bytes (the file format's codes)
   quant        quantizer (QuantSpec, quantize, dequantize) and the quantized safetensors format
   mamba2       pure-PyTorch Mamba-2 mixer, state_dict-compatible with mamba_ssm.Mamba2
   diffusion    RPG-style diffusion head (1D conv denoiser + DDPM/DDIM), for the ablation
   models       timm target models from a JSON-able description; train / fine-tune / evaluate
+  runtime      a quantized model kept packed in memory, dequantized per layer; its memory and latency
   baselines    data-free quantizers beside PTQ (asymmetric RTN, MSE clipping, HQQ)
   tokenizer    checkpoints <-> fixed-width token sequences, with a layout and position embedding
   fidelity     how faithful a generated quantized model is, and whether it follows its input

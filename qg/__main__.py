@@ -1,12 +1,13 @@
 """Command line: quantize your own checkpoint with a trained generator, and evaluate a quantized file.
 
     python -m qg quantize --generator DIR --checkpoint FILE --bits N --granularity G -o OUT
-    python -m qg evaluate OUT [--test-subset N]
+    python -m qg evaluate OUT [--test-subset N] [--runtime]
 
 `quantize` reads a full-precision checkpoint (safetensors written by `qg.models.save_checkpoint`, e.g. one
 from `artifacts/<profile>/collect/`), runs the generator once and writes a quantized model file (integer
-codes, S, Z); `evaluate` rebuilds the timm model from a file's metadata and reports its top-1 accuracy on
-the test split of the dataset the file names.
+codes bit-packed, S, Z); `evaluate` rebuilds the timm model from a file's metadata and reports its top-1
+accuracy on the test split of the dataset the file names, and for a quantized file its size and bits per
+weight; `--runtime` scores the model kept packed in memory (`qg.runtime`) instead of dequantized.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 
 from .data import batches
 from .generator import QuantGen
-from .io import CorruptFileError
+from .io import CorruptFileError, read_safetensors
 from .models import accuracy, check_model_size, load_checkpoint, load_model_description, load_model_file, resolve_device
-from .quant import GRANULARITIES, QuantSpec, save_quantized
+from .models import evaluate as evaluate_model
+from .quant import FORMAT_NAME, GRANULARITIES, QuantSpec, save_quantized, storage
+from .runtime import load_runtime
 
 
 def quantize(args) -> None:
@@ -66,10 +69,20 @@ def evaluate(args) -> None:
         print(f"warning: {message}", file=sys.stderr)
     test = batches(model_spec.dataset, "test", model_spec.img_size, 250, subset=args.test_subset, seed=args.seed,
                    norm=model_spec.norm)
-    acc = accuracy(model_spec, sd, test, resolve_device(args.device))
+    quantized = read_safetensors(args.file, tensors=False)[1].get("format") == FORMAT_NAME
+    if args.runtime and not quantized:
+        raise ValueError(f"{args.file} is a full-precision checkpoint: --runtime runs quantized model files only")
+    device = resolve_device(args.device)
+    acc = evaluate_model(load_runtime(args.file)[0], test, device) if args.runtime else accuracy(model_spec, sd, test, device)
     what = f"{meta.get('method', 'fp')} model" if "method" in meta else "checkpoint"
+    how = " (packed runtime)" if args.runtime else ""
     print(f"{args.file}: {what} of {model_spec.arch} on {model_spec.dataset} test ({len(test.dataset)} images): "
-          f"top-1 {acc:.2f}%")
+          f"top-1 {acc:.2f}%{how}")
+    if quantized:
+        size = storage(args.file)
+        print(f"  {size['file_bytes'] / 1024:.1f} KiB on disk, 1/{size['fp32_bytes'] / size['file_bytes']:.1f} of its "
+              f"float32 tensors ({size['fp32_bytes'] / 1024:.1f} KiB); {size['bits_per_weight']:.2f} bits per quantized "
+              f"weight (format version {size['format_version']})")
 
 
 def _positive(text: str) -> int:
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--test-subset", type=_positive, help="evaluate on a seeded subset of this many test images")
     e.add_argument("--allow-nonfinite", action="store_true",
                    help="score a model with NaN/inf float weights (warns); NaN scales in a quantized file are refused")
+    e.add_argument("--runtime", action="store_true",
+                   help="run the packed low-bit model (qg.runtime) instead of the dequantized float one")
     e.add_argument("--seed", type=int, default=0)
     for sp in (q, e):
         sp.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)")

@@ -1,14 +1,19 @@
 """Speed and memory of the generator's sequence mixers, printed as figures from one run.
 
-    python -m qg.bench [--lengths 256 1024 4096] [--d-model 128] [--device cpu|cuda] [--out FILE.csv]
+    python -m qg.bench [--sections scan backbone kernels runtime] [--lengths 256 1024 4096] [--d-model 128]
+                       [--profile cpu] [--device cpu|cuda] [--out FILE.csv]
 
-Three comparisons, each at every sequence length:
+Three comparisons of the generator, each at every sequence length, and one of the quantized models:
   scan      the chunked SSD scan (what Mamba-2 runs) against the plain sequential recurrence of the same
             math, forward + backward, on the same inputs;
   backbone  one generator block (pre-norm residual mixer) with Mamba-2, LSTM or causal self-attention at
             the same width: forward + backward time, peak memory and parameter count;
   kernels   (CUDA with mamba-ssm only) qg's PyTorch Mamba-2 path against mamba-ssm's kernels on the same
-            weights: time and the largest output / gradient differences, float32 and bf16.
+            weights: time and the largest output / gradient differences, float32 and bf16;
+  runtime   each target model of `--profile` (seeded random weights: size and speed do not depend on
+            training), PTQ group-wise at every bit-width 2..8, loaded packed (`qg.runtime`): resident weight
+            bytes and seconds per batch of `--runtime-batch` images against FP32, and the seconds PTQ and
+            HQQ take to quantize the model (09_real_files measures the trained models, Gen included).
 Ratios are taken within one run on one machine; absolute times depend on the machine and its load.
 Memory: on CUDA the allocator's peak during a step; on CPU the bytes autograd saves for the backward pass
 (the part of training memory that grows with sequence length).
@@ -17,6 +22,7 @@ Memory: on CUDA the allocator's peak during a step; on CPU the bytes autograd sa
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import time
@@ -25,9 +31,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .baselines import quantize_model
+from .experiments import spec_from
 from .generator import Block, GeneratorConfig
 from .mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequential
+from .models import ModelSpec, build_model, state_dict_of
+from .profiles import load_profile
+from .runtime import latency, quantized_model, weight_bytes
 from .train import saved_activation_mb
+
+SECTIONS = ("scan", "backbone", "kernels", "runtime")
 
 
 def _timed(fn, repeats: int, device: str) -> float:
@@ -118,6 +131,31 @@ def bench_kernels(lengths, batch, d_model, repeats, device) -> list[dict]:
     return rows
 
 
+def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
+    """Packed runtime against FP32, per architecture of the profile and bit-width (CPU)."""
+    profile = load_profile(profile_name)
+    rows = []
+    for name, arch in profile["archs"].items():
+        model_spec = ModelSpec.from_dict(arch)
+        torch.manual_seed(0)
+        fp = build_model(model_spec).eval()
+        sd = state_dict_of(fp)
+        x = torch.randn(batch, model_spec.kwargs.get("in_chans", 3), model_spec.img_size, model_spec.img_size)
+        base = {"bench": "runtime", "length": batch, "arch": name, "profile": profile["name"]}
+        rows.append({**base, "case": "fp32", "bits": 32, "seconds": latency(fp, x, repeats), "weight_bytes": weight_bytes(fp)})
+        for bits in range(2, 9):
+            spec = spec_from(bits, "group", profile["quant"])
+            made, seconds = {}, {}
+            for method in ("ptq", "hqq"):
+                start = time.perf_counter()
+                made[method] = quantize_model(sd, spec, method)[0]
+                seconds[f"{method}_seconds"] = time.perf_counter() - start
+            packed = quantized_model(copy.deepcopy(fp), made["ptq"])
+            rows.append({**base, "case": f"packed {spec.name}", "bits": bits, "seconds": latency(packed, x, repeats),
+                         "weight_bytes": weight_bytes(packed), **seconds})
+    return rows
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -133,12 +171,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--profile", default="cpu", help="the runtime section's target models (params/<profile>.yaml)")
+    p.add_argument("--runtime-batch", type=int, default=256, help="images per forward pass in the runtime section")
     p.add_argument("--out", help="CSV file to write the rows to")
     args = p.parse_args(argv)
     common = (args.lengths, args.batch, args.d_model, args.repeats, args.device)
-    rows = bench_scan(*common) + bench_backbones(*common)
-    if args.device.startswith("cuda") and kernels_available():
+    rows = []
+    if "scan" in args.sections:
+        rows += bench_scan(*common)
+    if "backbone" in args.sections:
+        rows += bench_backbones(*common)
+    if "kernels" in args.sections and args.device.startswith("cuda") and kernels_available():
         rows += bench_kernels(*common)
+    if "runtime" in args.sections:
+        rows += bench_runtime(args.profile, args.runtime_batch, args.repeats)
     df = pd.DataFrame(rows).assign(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else
                                    f"cpu ({os.cpu_count()} cores)", commit=_commit(), d_model=args.d_model, batch=args.batch)
     _report(df)
@@ -150,16 +197,26 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 def _report(df: pd.DataFrame) -> None:
     pd.set_option("display.width", 160)
-    scan = df[df.bench == "scan"].pivot(index="length", columns="case", values="seconds")
-    scan["sequential / chunked"] = scan["sequential recurrence"] / scan["chunked SSD (chunk 64)"]
-    print("SSD scan, forward + backward seconds\n", scan.round(4), "\n")
+    if (df.bench == "scan").any():
+        scan = df[df.bench == "scan"].pivot(index="length", columns="case", values="seconds")
+        scan["sequential / chunked"] = scan["sequential recurrence"] / scan["chunked SSD (chunk 64)"]
+        print("SSD scan, forward + backward seconds\n", scan.round(4), "\n")
     bb = df[df.bench == "backbone"]
-    for value in ("seconds", "peak_mb"):
+    for value in ("seconds", "peak_mb") if len(bb) else ():
         t = bb.pivot(index="length", columns="case", values=value)
         for other in ("lstm", "transformer"):
             t[f"{other} / mamba2"] = t[other] / t["mamba2"]
         print(f"Generator block ({value}), forward + backward\n", t.round(3), "\n")
-    print("parameters per block:", bb.groupby("case")["params"].first().to_dict())
+    if len(bb):
+        print("parameters per block:", bb.groupby("case")["params"].first().to_dict())
+    if (df.bench == "runtime").any():
+        rt = df[df.bench == "runtime"].copy()
+        fp = rt[rt.case == "fp32"].set_index("arch")
+        rt["memory vs fp32"] = rt.weight_bytes / rt.arch.map(fp.weight_bytes)
+        rt["time vs fp32"] = rt.seconds / rt.arch.map(fp.seconds)
+        columns = ["arch", "case", "weight_bytes", "memory vs fp32", "seconds", "time vs fp32", "ptq_seconds", "hqq_seconds"]
+        print(f"Packed runtime vs FP32 (batch {int(rt.length.iloc[0])}, forward seconds; quantization seconds)\n",
+              rt[columns].round(4).to_string(index=False), "\n")
     if (df.bench == "kernels").any():
         print("\nPyTorch path vs mamba-ssm kernels\n", df[df.bench == "kernels"].dropna(axis=1, how="all").to_string(index=False))
 

@@ -3,7 +3,9 @@
 `evaluate` scores every method's model file of a generator's setting (one row per method, spec, split and
 checkpoint); `diagnose` compares its generated files with their targets (fidelity, input sensitivity,
 memorisation); `convergence_row` and `run_ablation` combine both for 02_train's convergence study and the
-ablation notebooks. `qg.experiments` says which files and generators exist; this module only reads them.
+ablation notebooks; `file_costs` and `runtime_rows` measure the files themselves (size, and the packed runtime
+against the simulated model) for 09_real_files. `qg.experiments` says which files and generators exist; this
+module only reads them.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from .experiments import SPLITS, Experiment, Setting, ablation_settings, evenly_spaced
 from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
-from .models import progress
-from .quant import QuantSpec, read_quantized, read_quantized_meta
+from .models import build_model, load_checkpoint, load_weights, predict, progress, top1
+from .quant import QuantSpec, load_quantized, read_quantized, read_quantized_meta, storage
+from .runtime import latency, load_runtime, max_logit_difference, weight_bytes
 
 
 def evaluate(exp: Experiment, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
@@ -116,3 +120,48 @@ def diagnose(exp: Experiment, setting: Setting, spec: QuantSpec, split: str = "h
             near.append({**row.to_dict(), "model": model, "checkpoint": ckpts[i].stem,
                          "iou_nearest_train": error_iou(pred, pred_train, labels), "iou_own": error_iou(pred, pred_own, labels)})
     return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag), "nearest": pd.DataFrame(near).assign(**tag)}
+
+
+def file_costs(exp: Experiment, setting: Setting, split: str = "heldout_run",
+               methods: tuple[str, ...] = ("ptq", "hqq", "gen")) -> pd.DataFrame:
+    """What each method's file of the first checkpoint of `split` costs: bytes on disk and bits per quantized
+    weight (`qg.quant.storage`), against the FP32 checkpoint file, and the seconds the method took."""
+    ckpt = exp.collected.splits(setting.arch, setting.task)[split][0]
+    rows = []
+    for spec in setting.specs:
+        for method in methods:
+            path = exp.model_file(setting, spec, ckpt, method)
+            file_spec, meta = read_quantized_meta(path)
+            rows.append({"arch": setting.arch, "task": setting.task, "method": method, "bits": spec.bits,
+                         "granularity": spec.granularity, "group_size": spec.group_size, "scheme": file_spec.scheme,
+                         "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}", "fp32_file_bytes": ckpt.stat().st_size,
+                         **storage(path), "seconds": meta["seconds"]})
+    return pd.DataFrame(rows)
+
+
+def runtime_rows(exp: Experiment, setting: Setting, split: str = "heldout_run", batch: int = 256,
+                 repeats: int = 5) -> pd.DataFrame:
+    """The generator's file of the first checkpoint of `split`, run packed (`qg.runtime`) and simulated
+    (dequantized to float32): accuracy of both on the profile's test subset, their largest logit difference,
+    resident weight bytes and seconds per batch of `batch` test images, with the FP32 checkpoint's (on CPU:
+    the runtime is a CPU runtime)."""
+    ckpt = exp.collected.splits(setting.arch, setting.task)[split][0]
+    fp_sd, model_spec, _ = load_checkpoint(ckpt)
+    fp = load_weights(build_model(model_spec), fp_sd).eval()
+    test = exp.scorer.test_set(model_spec)
+    x = torch.cat([images for images, _ in test])[:batch]
+    rows = []
+    for spec in setting.specs:
+        path = exp.generated(setting, spec, ckpt)
+        packed = load_runtime(path)[0]
+        simulated = load_weights(build_model(model_spec), load_quantized(path)[0]).eval()
+        rows.append({"arch": setting.arch, "task": setting.task, "method": "gen", "bits": spec.bits,
+                     "granularity": spec.granularity, "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}",
+                     "accuracy_simulated": exp.scorer.score(path),
+                     "accuracy_runtime": top1(*predict(packed, test, "cpu")),
+                     "max_logit_diff": max_logit_difference(packed, simulated, x),
+                     "weight_bytes_runtime": weight_bytes(packed), "weight_bytes_fp32": weight_bytes(fp),
+                     "batch": len(x), "device": f"cpu, torch threads: {torch.get_num_threads()}",
+                     "seconds_runtime": latency(packed, x, repeats), "seconds_fp32": latency(fp, x, repeats)})
+    return pd.DataFrame(rows)
+

@@ -10,6 +10,7 @@ second fine-tuning with another seed, is `heldout_run`. The paper evaluates on `
 
 Every quantized model (PTQ, QAT, generated, a control) is written as a quantized file, cached under the
 profile's artifacts and named by its parameters; `qg.evaluation` scores the files into the tables' rows.
+A cached PTQ, control or generated file of an older format version is remade in today's (`read_current`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .generator import GeneratorConfig, QuantGen
 from .io import cached, content_digest, params_key, read_json, write_json
 from .models import load_checkpoint
 from .profiles import Paths, ablation_setup, pairs, selected
-from .quant import QuantSpec, is_quantized_weight, read_quantized, save_quantized
+from .quant import QuantSpec, is_quantized_weight, read_current, read_quantized, save_quantized
 from .report import git_commit
 from .scoring import Scorer
 from .tokenizer import TARGETS, Tokenizer
@@ -112,7 +113,7 @@ class Experiment:
         its wall time."""
         out = self.paths.artifacts / "quantized" / method / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors"
         return cached(out, lambda path: self._quantize(path, [checkpoint], spec, method, lambda sds: sds[0]),
-                      self._inputs([checkpoint]), check=read_quantized)
+                      self._inputs([checkpoint]), check=read_current)
 
     def control(self, name: str, spec: QuantSpec, checkpoints: list[Path]) -> Path:
         """A control (`CONTROLS`): PTQ of an input made from `checkpoints`, as a cached quantized file.
@@ -137,7 +138,7 @@ class Experiment:
         out = (self.paths.artifacts / "quantized" / f"{name}-{params_key(params)}" / spec.name / first.parent.name
                / f"{stem}.safetensors")
         return cached(out, lambda path: self._quantize(path, checkpoints, spec, name, make_input), self._inputs(checkpoints),
-                      check=read_quantized)
+                      check=read_current)
 
     def _quantize(self, out: Path, checkpoints: list[Path], spec: QuantSpec, method: str, make_input) -> None:
         """Write the quantization of `make_input(state_dicts of checkpoints)` to `out` (PTQ for a control)."""
@@ -173,9 +174,10 @@ class Experiment:
         """The trained generator of a setting: read back when cached, trained (resumably) when not."""
         out = self.generator_dir(setting)
         train_ckpts = self.collected.splits(setting.arch, setting.task)["trained"]
-        inputs, marker = self._inputs(train_ckpts), out / "inputs.json"
+        inputs, marker = self._training_inputs(setting, train_ckpts), out / "inputs.json"
         if marker.is_file() and read_json(marker) != inputs:  # other checkpoints under the same names
-            print(f"[qg] warning: {out.name} was trained on checkpoints that have changed since; training it again",
+            print(f"[qg] warning: {out.name} was trained on checkpoints (or QAT targets) that have changed since; "
+                  "training it again",
                   file=sys.stderr, flush=True)
             shutil.rmtree(out)  # its training state and generated files too
         if QuantGen.complete(out):
@@ -200,6 +202,13 @@ class Experiment:
         quantgen.save(out)
         return quantgen
 
+    def _training_inputs(self, setting: Setting, train_ckpts: list[Path]) -> dict[str, str]:
+        """What a generator is trained from: its checkpoints and, for QAT targets (collected files, not a
+        function of the checkpoint as PTQ is), the targets too."""
+        if setting.source != "qat":
+            return self._inputs(train_ckpts)
+        return self._inputs(train_ckpts + [self.target(setting, spec, p) for spec in setting.specs for p in train_ckpts])
+
     def generated(self, setting: Setting, spec: QuantSpec, checkpoint: Path, quantgen: QuantGen | None = None) -> Path:
         """The generator's quantized model of a checkpoint, as a cached quantized file with its wall time."""
         gdir = self.generator_dir(setting)
@@ -210,9 +219,10 @@ class Experiment:
             save_quantized(path, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "generator": gdir.name,
                                              "source": [self.collected.relative(checkpoint)], "seconds": seconds})
 
-        # check: a file generated before symmetric specs decoded Z = 0 is refused on read, hence remade
+        # check: a file generated before symmetric specs decoded Z = 0 is refused on read, hence remade, and so is
+        # one in format version 1 (int8 codes): remade packed, with the same codes, S and Z
         return cached(gdir / "quantized" / spec.name / checkpoint.parent.name / f"{checkpoint.stem}.safetensors", make,
-                      self._inputs([checkpoint]), check=read_quantized)
+                      self._inputs([checkpoint]), check=read_current)
 
     def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
                    quantgen: QuantGen | None = None) -> Path:

@@ -25,7 +25,7 @@ from .io import HASH_SUFFIX, damaged
 from .profiles import ROOT, Paths, load_profile
 
 NOTEBOOKS = ("01_collect", "02_train", "03_generate", "04_ablate_padding", "05_ablate_diffusion",
-             "06_ablate_backbone", "07_ablate_token_size", "08_residual_qat")
+             "06_ablate_backbone", "07_ablate_token_size", "08_residual_qat", "09_real_files")
 
 
 def check_parameters(notebook: Path, parameters: dict) -> None:

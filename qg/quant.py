@@ -15,6 +15,10 @@ Conventions (one place for all of them):
   full N-bit grid; as in PyTorch's MinMaxObserver the range is widened to include 0, so Z is in range and
   zero is exactly representable. Codes are stored signed, in [-2^(N-1), 2^(N-1) - 1], with Z shifted the same way, so
   that every scheme's codes fit int8 and r_hat = S * (q - Z) holds unchanged.
+* Files (`save_quantized`, format version 2): codes bit-packed at N bits each (`qg.packing`), S float32
+  per row or group, Z float32 only for the asymmetric scheme (symmetric Z is 0 by definition), so a
+  quantized weight costs N + 32 * (1 + asymmetric) * groups / numel bits per weight. Version-1 files (int8
+  codes, Z always stored) are still read.
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .io import CorruptFileError, metadata_json, read_safetensors, save_safetensors
+from .packing import pack_codes, unpack_codes
 
 GRANULARITIES = ("channel", "group")
 SCHEMES = ("symmetric", "asymmetric")
 FORMAT_NAME = "qg-quantized"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: bit-packed codes, Z only when asymmetric (1: int8 codes, read still)
+READABLE_VERSIONS = ("1", "2")
 MIN_SCALE = 1e-8  # a row or group of zeros still gets a positive scale
 
 
@@ -207,19 +214,23 @@ def dequantize_state_dict(qsd: dict[str, QTensor | torch.Tensor]) -> dict[str, t
 
 
 def save_quantized(path, qsd: dict[str, QTensor | torch.Tensor], spec: QuantSpec, meta: dict | None = None) -> None:
-    """Write a quantized model: `W.qweight` (int8), `W.scale`, `W.zero` (float32) per quantized weight."""
-    tensors = {}
+    """Write a quantized model (format version 2): per quantized weight W, `W.qweight` its codes bit-packed
+    (`qg.packing`: N bits per code, uint8), `W.scale` and, for the asymmetric scheme only, `W.zero`
+    (float32, shape (rows, groups)); the weights' shapes in the metadata; every other tensor as it is."""
+    tensors, shapes = {}, {}
     for name, v in qsd.items():
         if isinstance(v, QTensor):
             if v.spec != spec:
                 raise ValueError(f"{name} was quantized with {v.spec}, but the file is declared as {spec}")
-            tensors[f"{name}.qweight"] = v.codes.to(torch.int8)
+            tensors[f"{name}.qweight"] = pack_codes(v.codes, spec.bits)
             tensors[f"{name}.scale"] = v.scale.float()
-            tensors[f"{name}.zero"] = v.zero.float()
+            if spec.scheme == "asymmetric":
+                tensors[f"{name}.zero"] = v.zero.float()
+            shapes[name] = list(v.codes.shape)
         else:
             tensors[name] = v
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "spec": json.dumps(spec.to_dict()),
-                "meta": json.dumps(meta or {}, sort_keys=True)}
+                "shapes": json.dumps(shapes, sort_keys=True), "meta": json.dumps(meta or {}, sort_keys=True)}
     save_safetensors(tensors, path, metadata)
 
 
@@ -227,9 +238,9 @@ def _checked_header(path, metadata: dict) -> QuantSpec:
     if metadata.get("format") != FORMAT_NAME:
         raise CorruptFileError(f"{path} is not a {FORMAT_NAME} file (format={metadata.get('format')!r}); "
                                "write it with qg.quant.save_quantized")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise CorruptFileError(f"{path} has format version {metadata.get('format_version')!r}; "
-                               f"this qg reads version {FORMAT_VERSION}")
+                               f"this qg reads versions {', '.join(READABLE_VERSIONS)}: update qg")
     return QuantSpec.from_dict(metadata_json(path, metadata, "spec"))
 
 
@@ -240,27 +251,76 @@ def read_quantized_meta(path) -> tuple[QuantSpec, dict]:
     return _checked_header(path, metadata), metadata_json(path, metadata, "meta", "{}")
 
 
+def format_version(path) -> str:
+    """The format version a quantized file was written in ("1": int8 codes, "2": bit-packed)."""
+    metadata = read_safetensors(path, tensors=False)[1]
+    _checked_header(path, metadata)
+    return metadata["format_version"]
+
+
+def read_current(path) -> None:
+    """`read_quantized`, refusing a file of an older format version: the pipeline's cache check, so that a
+    cached file written by an older qg is remade in today's format (its codes, S and Z are the same)."""
+    if format_version(path) != FORMAT_VERSION:
+        raise CorruptFileError(f"{path} is in format version {format_version(path)}, not {FORMAT_VERSION}")
+    read_quantized(path)
+
+
 def read_quantized(path) -> tuple[dict[str, QTensor | torch.Tensor], QuantSpec, dict]:
-    """Read a quantized model file as QTensors (codes, S, Z) plus float tensors, its spec and metadata."""
+    """Read a quantized model file (either format version) as QTensors (codes, S, Z) plus float tensors, its
+    spec and metadata."""
     tensors, metadata = read_safetensors(path)
     spec = _checked_header(path, metadata)
+    packed = metadata["format_version"] != "1"
+    shapes = metadata_json(path, metadata, "shapes") if packed else {}
     qsd: dict[str, QTensor | torch.Tensor] = {}
     for key, t in tensors.items():
-        if key.endswith((".scale", ".zero")) and key.rsplit(".", 1)[0] + ".qweight" in tensors:
+        name, _, part = key.rpartition(".")
+        if part in ("scale", "zero") and f"{name}.qweight" in tensors:
             continue
-        if key.endswith(".qweight"):
-            name = key[: -len(".qweight")]
-            try:
-                scale, zero = tensors[f"{name}.scale"], tensors[f"{name}.zero"]
-            except KeyError as e:
-                raise CorruptFileError(f"{path}: {name}.qweight has no matching {e.args[0]}") from e
-            if tuple(scale.shape) != spec.param_shape(t.shape) or scale.shape != zero.shape:
-                raise CorruptFileError(f"{path}: {name} has scale {tuple(scale.shape)} / zero {tuple(zero.shape)}, "
-                                       f"expected {spec.param_shape(t.shape)} for {spec.name}")
-            qsd[name] = _checked_values(path, name, QTensor(t, scale, zero, spec))
-        else:
+        if part != "qweight":
             qsd[key] = t
+            continue
+        codes = _unpacked(path, name, t, spec, shapes) if packed else t
+        scale = _part(path, tensors, name, "scale")
+        implied_zero = packed and spec.scheme == "symmetric" and f"{name}.zero" not in tensors
+        zero = torch.zeros_like(scale) if implied_zero else _part(path, tensors, name, "zero")
+        if tuple(scale.shape) != spec.param_shape(codes.shape) or scale.shape != zero.shape:
+            raise CorruptFileError(f"{path}: {name} has scale {tuple(scale.shape)} / zero {tuple(zero.shape)}, "
+                                   f"expected {spec.param_shape(codes.shape)} for {spec.name}")
+        qsd[name] = _checked_values(path, name, QTensor(codes, scale, zero, spec))
     return qsd, spec, metadata_json(path, metadata, "meta", "{}")
+
+
+def _part(path, tensors: dict, name: str, part: str) -> torch.Tensor:
+    if f"{name}.{part}" not in tensors:
+        raise CorruptFileError(f"{path}: {name}.qweight has no matching {name}.{part}")
+    return tensors[f"{name}.{part}"]
+
+
+def _unpacked(path, name: str, packed: torch.Tensor, spec: QuantSpec, shapes: dict) -> torch.Tensor:
+    if name not in shapes:
+        raise CorruptFileError(f"{path}: {name}.qweight has no shape in the metadata's `shapes`; the file is damaged")
+    try:
+        return unpack_codes(packed, spec.bits, shapes[name])
+    except ValueError as e:
+        raise CorruptFileError(f"{path}: {name}.qweight is truncated or damaged ({e}); quantize the checkpoint again") from e
+
+
+def storage(path) -> dict:
+    """What a quantized file costs: its bytes on disk, the float32 bytes of the model it holds, its number of
+    (S, Z) groups, and the bits per quantized weight its codes, S and Z take (the ideal is `bits`; S and Z add
+    32 bits each per group)."""
+    tensors, metadata = read_safetensors(path)
+    _checked_header(path, metadata)
+    names = {k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")}
+    shapes = metadata_json(path, metadata, "shapes", "{}")
+    weights = sum(math.prod(shapes[n]) if n in shapes else tensors[f"{n}.qweight"].numel() for n in names)
+    quantized = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rpartition(".")[0] in names)
+    floats = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[0] not in names)
+    return {"file_bytes": Path(path).stat().st_size, "fp32_bytes": 4 * (weights + floats), "quantized_weights": weights,
+            "groups": sum(tensors[f"{n}.scale"].numel() for n in names), "bits_per_weight": 8 * quantized / max(weights, 1),
+            "format_version": metadata["format_version"]}
 
 
 def _checked_values(path, name: str, qt: QTensor) -> QTensor:

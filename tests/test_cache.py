@@ -164,17 +164,50 @@ def test_an_empty_sidecar_or_a_file_its_reader_refuses_is_rebuilt(tmp_path, caps
     (tmp_path / ("a.safetensors" + HASH_SUFFIX)).write_text("")
     cached(out, _maker(calls))
     assert len(calls) == 2 and "does not match its recorded hash" in capsys.readouterr().err
-    # a symmetric file with a non-zero zero point, as generators wrote before Z = 0 was enforced: adopted by its
-    # hash (no sidecar), refused by its reader, so remade
+    # a symmetric file with a non-zero zero point, as generators wrote (in format version 1) before Z = 0 was
+    # enforced: adopted by its hash (no sidecar), refused by its reader, so remade
     spec = QuantSpec(4, "group", 16)
     old = quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec)
     name = next(k for k, v in old.items() if hasattr(v, "codes"))
     old[name].zero[0, 0] = 1.0
     path = tmp_path / "gen.safetensors"
-    save_quantized(path, old, spec, {})
+    _version_1_file(path, old, spec)
     with pytest.raises(CorruptFileError):
         read_quantized(path)
     fixed = []
     cached(path, lambda p: fixed.append(save_quantized(p, quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec), spec, {})),
            check=read_quantized)
     assert fixed and "is not what its reader accepts" in capsys.readouterr().err and read_quantized(path)
+
+
+def test_a_cached_version_1_file_is_remade_packed_with_the_same_model(tmp_path, capsys):
+    """The pipeline's check (`read_current`) remakes a good version-1 file in version 2; a plain read keeps it."""
+    from qg.quant import format_version, read_current, read_quantized, save_quantized
+
+    spec = QuantSpec(3, "group", 16)
+    qsd = quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec)
+    path = tmp_path / "ptq.safetensors"
+    _version_1_file(path, qsd, spec)
+    assert verified(path, check=read_quantized) and format_version(path) == "1"
+    cached(path, lambda p: save_quantized(p, qsd, spec, {}), check=read_current)
+    assert format_version(path) == "2" and "is in format version 1, not 2" in capsys.readouterr().err
+    back = read_quantized(path)[0]
+    assert all(torch.equal(back[k].codes, q.codes) and torch.equal(back[k].scale, q.scale)
+               for k, q in qsd.items() if hasattr(q, "codes"))
+    _version_1_file(tmp_path / "v1.safetensors", qsd, spec)
+    assert path.stat().st_size < 0.6 * (tmp_path / "v1.safetensors").stat().st_size  # 3-bit packed against int8
+
+
+def _version_1_file(path, qsd, spec):
+    """A quantized file as qg wrote it before bit-packing (format version 1: int8 codes, Z always stored)."""
+    import json
+
+    from qg.quant import QTensor
+    tensors = {}
+    for name, v in qsd.items():
+        if isinstance(v, QTensor):
+            tensors.update({f"{name}.qweight": v.codes, f"{name}.scale": v.scale, f"{name}.zero": v.zero})
+        else:
+            tensors[name] = v
+    save_safetensors(tensors, path, {"format": "qg-quantized", "format_version": "1", "spec": json.dumps(spec.to_dict()),
+                                     "meta": "{}"})

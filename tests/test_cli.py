@@ -38,7 +38,13 @@ def test_quantize_then_evaluate(generator_dir, tmp_path, capsys):
     assert spec == SPEC and meta["method"] == "gen" and meta["seconds"] > 0
     assert all(q.codes.min() >= SPEC.qmin and q.codes.max() <= SPEC.qmax for q in qsd.values() if hasattr(q, "codes"))
     main(["evaluate", str(out), "--test-subset", "50"])
-    assert "top-1" in capsys.readouterr().out
+    simulated = capsys.readouterr().out
+    main(["evaluate", str(out), "--test-subset", "50", "--runtime"])
+    packed = capsys.readouterr().out
+    assert "top-1" in simulated and "bits per quantized weight (format version 2)" in simulated
+    assert "(packed runtime)" in packed and packed.split("top-1 ")[1][:6] == simulated.split("top-1 ")[1][:6]
+    with pytest.raises(SystemExit, match="full-precision checkpoint: --runtime runs quantized model files only"):
+        main(["evaluate", str(tmp_path / "ckpt.safetensors"), "--runtime"])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -114,8 +120,9 @@ def test_evaluate_refuses_damaged_files(generator_dir, tmp_path, capsys):
     name = next(k for k in read_quantized(good)[0] if k.endswith(".weight"))
     cases = [
         (lambda t: {f"{name}.scale": torch.full_like(t[f"{name}.scale"], float("nan"))}, None, "scales that are not finite"),
-        (lambda t: {f"{name}.qweight": torch.full_like(t[f"{name}.qweight"], 127)}, None, "codes outside -7..7"),
-        (lambda t: {f"{name}.zero": torch.ones_like(t[f"{name}.zero"])}, None, "non-zero zero point"),
+        # packed byte 0 unpacks to codes of -8, which the 4-bit symmetric scheme cannot hold
+        (lambda t: {f"{name}.qweight": torch.zeros_like(t[f"{name}.qweight"])}, None, "codes outside -7..7"),
+        (lambda t: {f"{name}.zero": torch.ones_like(t[f"{name}.scale"])}, None, "non-zero zero point"),
         (None, {"meta": "{not json"}, "metadata entry `meta` is not valid JSON"),
     ]
     for i, (tensors, metadata, message) in enumerate(cases):

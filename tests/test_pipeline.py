@@ -12,7 +12,7 @@ from fakes import TINY_VIT
 
 from qg import collect, paper, pipeline, profiles, report, tables
 from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, evenly_spaced, main_settings
-from qg.io import write_json
+from qg.io import content_digest, read_json, write_json
 from qg.models import ModelSpec, build_model, load_model_file, save_checkpoint, state_dict_of
 from qg.quant import QuantSpec, read_quantized
 
@@ -307,3 +307,35 @@ def test_a_failing_notebook_is_one_error_line_and_a_relative_output_stays_put(tm
     recorded = nbformat.read(executed / "02_train.ipynb", 4).metadata.papermill.output_path
     assert recorded == "results/notebooks/smoke/02_train.ipynb"
     assert not (profiles.ROOT / "notebooks" / "out").exists()
+
+
+def test_a_generator_on_qat_targets_is_retrained_when_a_target_changes(tmp_path, capsys):
+    """QAT targets are collected files, not a function of the checkpoint as PTQ is: a generator trained on them
+    records their digests too, and other targets under the same names train it again."""
+    from qg.quant import quantize_state_dict, save_quantized
+
+    P = profiles.load_profile("smoke", {"train": {"steps": 2, "ckpt_every": 2}})
+    spec, spec_model = QuantSpec(4, "group", 64), ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    collect_dir = profiles.Paths.of("smoke", tmp_path).artifacts / "collect"
+    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 3), ("runB", 1))}
+    qat = {spec.name: {run: [f.replace("ckpt_", "qat_") for f in files] for run, files in runs.items()}}
+    torch.manual_seed(0)
+    for run, files in runs.items():
+        for ckpt, target in zip(files, qat[spec.name][run]):
+            sd = state_dict_of(build_model(spec_model))
+            save_checkpoint(collect_dir / ckpt, sd, spec_model)
+            save_quantized(collect_dir / target, quantize_state_dict(sd, spec), spec, {"model": spec_model.to_dict()})
+    write_json(collect_dir / "manifest.json",
+               {"archs": {"vit": {"tasks": {"full": {**runs, "qat": qat, "task": {"dataset": "digits"}}}}}})
+    exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
+    setting = Setting("vit", "full", [spec], source="qat")
+    exp.generator(setting)
+    marker = exp.generator_dir(setting) / "inputs.json"
+    trained = exp.collected.splits("vit", "full")["trained"]
+    assert sum(1 for k in read_json(marker) if "qat_" in k) == len(trained)  # the trained split's targets
+    target = exp.target(setting, spec, trained[0])
+    other = quantize_state_dict(state_dict_of(build_model(spec_model)), spec)
+    save_quantized(target, other, spec, {"model": spec_model.to_dict()})
+    exp.generator(setting)
+    assert "(or QAT targets) that have changed since" in capsys.readouterr().err
+    assert read_json(marker)[exp.collected.relative(target)] == content_digest(target)  # trained on the new one

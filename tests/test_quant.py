@@ -166,3 +166,72 @@ def test_param_shape_counts():
     assert spec.param_shape((192, 64)) == (192, 1)
     assert spec.param_shape((64, 1, 7, 7)) == (64, 1)
     assert spec.param_shape((10, 200)) == (10, math.ceil(200 / 64))
+
+
+PACKED_SPECS = [QuantSpec(b, g, 16, s) for b in range(2, 9) for g in ("channel", "group") for s in ("symmetric", "asymmetric")]
+
+
+@pytest.mark.parametrize("row_length", [16, 49, 96])
+@pytest.mark.parametrize("spec", PACKED_SPECS, ids=lambda s: s.name)
+def test_packed_file_round_trip_is_exact(tmp_path, spec, row_length):
+    """Codes, S and Z come back bit for bit, remainder groups (49 = 3 x 16 + 1) and a partial last byte included,
+    and the codes take ceil(numel * bits / 8) bytes in the file."""
+    w = weight(rows=5, cols=row_length, seed=row_length)
+    qsd = {"fc.weight": quantize(w, spec), "fc.bias": torch.ones(5)}
+    save_quantized(tmp_path / "m.safetensors", qsd, spec)
+    back, spec2, _ = read_quantized(tmp_path / "m.safetensors")
+    assert spec2 == spec and torch.equal(back["fc.bias"], qsd["fc.bias"])
+    for part in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(back["fc.weight"], part), getattr(qsd["fc.weight"], part)), part
+    from qg.io import read_safetensors
+    stored = read_safetensors(tmp_path / "m.safetensors")[0]
+    assert stored["fc.weight.qweight"].numel() == math.ceil(5 * row_length * spec.bits / 8)
+    assert ("fc.weight.zero" in stored) == (spec.scheme == "asymmetric")
+
+
+@pytest.mark.parametrize("name", ["v1_w3-group16-sym", "v1_w5-channel-asy"])
+def test_version_1_files_still_load(name):
+    """Files written by qg before bit-packing (tests/fixtures, made at commit db052fe) read as the same model."""
+    from pathlib import Path
+
+    from qg.quant import format_version
+    path = Path(__file__).parent / "fixtures" / f"{name}.safetensors"
+    qsd, spec, meta = read_quantized(path)
+    g = torch.Generator().manual_seed(16)  # how the fixture's weights were drawn
+    w, bias = torch.randn(6, 49, generator=g) * 0.1, torch.randn(6, generator=g)
+    expected = quantize(w, spec)
+    assert format_version(path) == "1" and "db052fe" in meta["made_by"]
+    assert torch.equal(qsd["fc.weight"].codes, expected.codes) and torch.equal(qsd["fc.bias"], bias)
+    torch.testing.assert_close(load_quantized(path)[0]["fc.weight"], dequantize(expected), rtol=0, atol=0)
+
+
+def test_damaged_packed_tensor_is_a_clear_error(tmp_path):
+    from qg.io import read_safetensors, save_safetensors
+    spec = QuantSpec(3, "group", 16)
+    save_quantized(tmp_path / "m.safetensors", {"fc.weight": quantize(weight(5, 49), spec)}, spec)
+    tensors, metadata = read_safetensors(tmp_path / "m.safetensors")
+    save_safetensors({**tensors, "fc.weight.qweight": tensors["fc.weight.qweight"][:-2]}, tmp_path / "short.safetensors",
+                     metadata)
+    with pytest.raises(CorruptFileError, match="fc.weight.qweight is truncated or damaged.*is 92 uint8 bytes, got 90"):
+        read_quantized(tmp_path / "short.safetensors")
+    save_safetensors(tensors, tmp_path / "noshape.safetensors", {**metadata, "shapes": "{}"})
+    with pytest.raises(CorruptFileError, match="fc.weight.qweight has no shape"):
+        read_quantized(tmp_path / "noshape.safetensors")
+    save_safetensors(tensors, tmp_path / "v9.safetensors", {**metadata, "format_version": "9"})
+    with pytest.raises(CorruptFileError, match="format version '9'.*reads versions 1, 2: update qg"):
+        read_quantized(tmp_path / "v9.safetensors")
+
+
+def test_packing_is_what_makes_low_bit_files_small(tmp_path):
+    """On a real (tiny) model: a 4-bit group file is well under half an 8-bit one's codes, and the codes of
+    every bit-width take exactly bits/8 bytes per weight."""
+    from qg.io import read_safetensors
+    sd = checkpoints(TINY_VIT, 1)[0]
+    code_bytes = {}
+    for bits in (2, 3, 4, 8):
+        spec = QuantSpec(bits, "group", 16)
+        save_quantized(tmp_path / f"{bits}.safetensors", quantize_state_dict(sd, spec), spec)
+        stored = read_safetensors(tmp_path / f"{bits}.safetensors")[0]
+        code_bytes[bits] = sum(t.numel() for k, t in stored.items() if k.endswith(".qweight"))
+    n = sum(v.numel() for k, v in sd.items() if is_quantized_weight(k, v))
+    assert all(abs(code_bytes[b] - n * b / 8) < len(sd) for b in code_bytes)
