@@ -77,12 +77,31 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
 def fingerprint(name: str, split: str, root: str | os.PathLike | None = None) -> str:
     """A content digest of one split of a dataset, for caches to know what data they were computed from: the
     bytes of the images and labels of an in-memory set; the file list (relative names, sizes, labels) of an
-    image folder, which is too large to hash for every run. Computed once per process and folder."""
-    return _fingerprint(name, split, str(root) if root is not None else None, os.environ.get("QG_DATA"))
+    image folder, which is too large to hash for every run. Computed once per process, folder and state of
+    the split's files (`source_stamp`)."""
+    return _fingerprint(name, split, str(root) if root is not None else None, os.environ.get("QG_DATA"),
+                        source_stamp(name, split, root))
+
+
+def source_stamp(name: str, split: str, root=None) -> tuple:
+    """(path, size, modification time) of the files a split is read from: what the in-process memos of decoded
+    data and digests are keyed by, so that other files under the same names are read again in the same process
+    (a notebook kernel that outlives a rerun of the data). Empty for digits (bundled with scikit-learn) and for an
+    image folder (whose fingerprint is its listing)."""
+    if name == "fashion_mnist":
+        folder = _find_fashion_mnist(root)
+        files = [folder / f for f in FASHION_MNIST_FILES[split]]
+    elif name in CIFAR_LAYOUT:
+        folder_name, train_files, test_files, _ = CIFAR_LAYOUT[name]
+        folder = _find_folder(folder_name, root, name)
+        files = [folder / f for f in (train_files if split == "train" else test_files)]
+    else:
+        files = []
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 @functools.lru_cache(maxsize=16)
-def _fingerprint(name: str, split: str, root: str | None, qg_data: str | None) -> str:
+def _fingerprint(name: str, split: str, root: str | None, qg_data: str | None, stamp: tuple) -> str:
     dataset, h = load_dataset(name, split, root), hashlib.sha256(f"{name}/{split}".encode())
     if isinstance(dataset, ImageTensorDataset):
         h.update(dataset.pixels.numpy().tobytes())
@@ -484,7 +503,8 @@ def batches(name: str, split: str, img_size: int, batch_size: int, shuffle: bool
     limit = float(os.environ.get("QG_IN_MEMORY_MB", IN_MEMORY_MB)) if in_memory_mb is None else in_memory_mb
     if _float_mb(dataset, img_size) <= limit:
         key_seed = subset_seed if subset is not None else 0  # the whole split is the same for every seed
-        data = _cached_tensors(name, split, img_size, subset, key_seed, root, norm, os.environ.get("QG_DATA"))
+        data = _cached_tensors(name, split, img_size, subset, key_seed, root, norm, os.environ.get("QG_DATA"),
+                               source_stamp(name, split, root))
         return TensorLoader(*data, batch_size, shuffle, seed)
     info = DATASET_INFO[name]
     return DataLoader(Resized(dataset, img_size, (info["mean"], info["std"]), norm), batch_size, shuffle=shuffle,
@@ -513,9 +533,10 @@ def _float_mb(dataset: Dataset, img_size: int) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_tensors(name, split, img_size, subset, seed, root, norm, qg_data) -> tuple[torch.Tensor, torch.Tensor]:
-    """`as_tensors` of a split's seeded subset, memoised on its arguments and $QG_DATA (`qg_data`): notebooks
-    evaluate thousands of models on one test set and QAT-tune hundreds of checkpoints on one training set."""
+def _cached_tensors(name, split, img_size, subset, seed, root, norm, qg_data, stamp) -> tuple[torch.Tensor, torch.Tensor]:
+    """`as_tensors` of a split's seeded subset, memoised on its arguments, $QG_DATA (`qg_data`) and the state of
+    its files (`source_stamp`): notebooks evaluate thousands of models on one test set and QAT-tune hundreds of
+    checkpoints on one training set."""
     return as_tensors(_subset(load_dataset(name, split, root), subset, seed), img_size, norm)
 
 

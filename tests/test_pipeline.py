@@ -339,3 +339,56 @@ def test_a_generator_on_qat_targets_is_retrained_when_a_target_changes(tmp_path,
     exp.generator(setting)
     assert "(or QAT targets) that have changed since" in capsys.readouterr().err
     assert read_json(marker)[exp.collected.relative(target)] == content_digest(target)  # trained on the new one
+
+
+def test_kernels_import_this_checkouts_qg_before_another_on_pythonpath(tmp_path, monkeypatch):
+    """Two checkouts: the runner's kernels import the qg of the checkout that runs them, even when PYTHONPATH
+    (or an editable install) names the other one first."""
+    import subprocess
+    import sys
+
+    other = tmp_path / "other-checkout"
+    (other / "qg").mkdir(parents=True)
+    (other / "qg" / "__init__.py").write_text("raise ImportError('the other checkout was imported')\n")
+    monkeypatch.setenv("PYTHONPATH", str(other))
+    monkeypatch.setenv("QG_OUTPUT", "relative-out")
+    pipeline._kernel_environment()
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(profiles.ROOT), str(other)]
+    assert os.path.isabs(os.environ["QG_OUTPUT"])
+    found = subprocess.run([sys.executable, "-c", "import qg; print(qg.__file__)"], cwd=tmp_path, env=dict(os.environ),
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert found == str(profiles.ROOT / "qg" / "__init__.py")
+
+
+def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
+    """End to end: flip a byte of a PTQ file, truncate an HQQ file, garble a cached prediction, delete a
+    checkpoint's hash record: the next evaluation rebuilds what is damaged (one warning line each) and its rows
+    equal the first run's."""
+    from qg.evaluation import evaluate
+    from qg.io import HASH_SUFFIX
+
+    P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}})
+    spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    collect_dir = profiles.Paths.of("smoke", tmp_path).artifacts / "collect"
+    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 5), ("runB", 1))}
+    torch.manual_seed(0)
+    for name in runs["runA"] + runs["runB"]:
+        save_checkpoint(collect_dir / name, state_dict_of(build_model(spec_model)), spec_model)
+    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": {**runs, "task": {"dataset": "digits"}}}}}})
+    exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
+    setting = Setting("vit", "full", [QuantSpec(3, "group", 16)])
+    methods = ("fp", "ptq", "hqq")
+    first = evaluate(exp, setting, methods).drop(columns="seconds")
+    ckpt = exp.collected.splits("vit", "full")["heldout_run"][0]
+    ptq, hqq = (exp.quantized(ckpt, setting.specs[0], m) for m in ("ptq", "hqq"))
+    data = bytearray(ptq.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ptq.write_bytes(bytes(data))
+    hqq.write_bytes(hqq.read_bytes()[:-40])
+    pred = next(ptq.parent.glob(ptq.name + ".pred-*.safetensors"))
+    pred.write_bytes(pred.read_bytes()[:10])
+    (ckpt.parent / (ckpt.name + HASH_SUFFIX)).unlink(missing_ok=True)
+    again = evaluate(Experiment(P, profiles.Paths.of("smoke", tmp_path)), setting, methods).drop(columns="seconds")
+    pd.testing.assert_frame_equal(first, again)
+    err = capsys.readouterr().err
+    assert err.count("rebuilding it") >= 2 and ptq.name in err and hqq.name in err
