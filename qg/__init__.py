@@ -6,6 +6,7 @@ Modules, one job each; each imports only modules above it in this list:
   paper        the paper's own numbers, printed beside ours
   data         datasets (Fashion-MNIST, digits, CIFAR, ImageNet folder)
   packing      N-bit codes packed into bytes (the file format's codes)
+  qwt          QwT: closed-form linear compensation per block on top of any quantization
   quant        quantizer (QuantSpec, quantize, dequantize) and the quantized safetensors format
   mamba2       pure-PyTorch Mamba-2 mixer, state_dict-compatible with mamba_ssm.Mamba2
   diffusion    RPG-style diffusion head (1D conv denoiser + DDPM/DDIM), for the ablation

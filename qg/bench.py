@@ -141,7 +141,7 @@ def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
         fp = build_model(model_spec).eval()
         sd = state_dict_of(fp)
         x = torch.randn(batch, model_spec.kwargs.get("in_chans", 3), model_spec.img_size, model_spec.img_size)
-        base = {"bench": "runtime", "length": batch, "arch": name, "profile": profile["name"]}
+        base = {"bench": "runtime", "arch": name, "profile": profile["name"], "runtime_batch": batch, "device": _cpu()}
         rows.append({**base, "case": "fp32", "bits": 32, "seconds": latency(fp, x, repeats), "weight_bytes": weight_bytes(fp)})
         for bits in range(2, 9):
             spec = spec_from(bits, "group", profile["quant"])
@@ -154,6 +154,10 @@ def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
             rows.append({**base, "case": f"packed {spec.name}", "bits": bits, "seconds": latency(packed, x, repeats),
                          "weight_bytes": weight_bytes(packed), **seconds})
     return rows
+
+
+def _cpu() -> str:
+    return f"cpu ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
 
 
 def _commit() -> str:
@@ -186,8 +190,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows += bench_kernels(*common)
     if "runtime" in args.sections:
         rows += bench_runtime(args.profile, args.runtime_batch, args.repeats)
-    df = pd.DataFrame(rows).assign(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else
-                                   f"cpu ({os.cpu_count()} cores)", commit=_commit(), d_model=args.d_model, batch=args.batch)
+    df = pd.DataFrame(rows).assign(commit=_commit())
+    generator_rows = df.bench != "runtime"  # the runtime section has its own device (CPU) and batch
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu()
+    df.loc[generator_rows, ["device", "d_model", "batch"]] = [device, args.d_model, args.batch]
     _report(df)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +221,7 @@ def _report(df: pd.DataFrame) -> None:
         rt["memory vs fp32"] = rt.weight_bytes / rt.arch.map(fp.weight_bytes)
         rt["time vs fp32"] = rt.seconds / rt.arch.map(fp.seconds)
         columns = ["arch", "case", "weight_bytes", "memory vs fp32", "seconds", "time vs fp32", "ptq_seconds", "hqq_seconds"]
-        print(f"Packed runtime vs FP32 (batch {int(rt.length.iloc[0])}, forward seconds; quantization seconds)\n",
+        print(f"Packed runtime vs FP32 (batch {int(rt.runtime_batch.iloc[0])}, forward seconds; quantization seconds)\n",
               rt[columns].round(4).to_string(index=False), "\n")
     if (df.bench == "kernels").any():
         print("\nPyTorch path vs mamba-ssm kernels\n", df[df.bench == "kernels"].dropna(axis=1, how="all").to_string(index=False))

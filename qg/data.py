@@ -88,7 +88,9 @@ def source_stamp(name: str, split: str, root=None) -> tuple:
     data and digests are keyed by, so that other files under the same names are read again in the same process
     (a notebook kernel that outlives a rerun of the data). Empty for digits (bundled with scikit-learn) and for an
     image folder (whose fingerprint is its listing)."""
-    if name == "fashion_mnist":
+    if split not in SPLITS:  # not a split these files hold: load_dataset says so
+        files = []
+    elif name == "fashion_mnist":
         folder = _find_fashion_mnist(root)
         files = [folder / f for f in FASHION_MNIST_FILES[split]]
     elif name in CIFAR_LAYOUT:

@@ -10,6 +10,7 @@ module only reads them.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pandas as pd
@@ -144,12 +145,13 @@ def runtime_rows(exp: Experiment, setting: Setting, split: str = "heldout_run", 
     """The generator's file of the first checkpoint of `split`, run packed (`qg.runtime`) and simulated
     (dequantized to float32): accuracy of both on the profile's test subset, their largest logit difference,
     resident weight bytes and seconds per batch of `batch` test images, with the FP32 checkpoint's (on CPU:
-    the runtime is a CPU runtime)."""
+    the runtime is a CPU runtime; FP32 is timed again beside each file, so each ratio is of two timings taken
+    together)."""
     ckpt = exp.collected.splits(setting.arch, setting.task)[split][0]
     fp_sd, model_spec, _ = load_checkpoint(ckpt)
     fp = load_weights(build_model(model_spec), fp_sd).eval()
     test = exp.scorer.test_set(model_spec)
-    x = torch.cat([images for images, _ in test])[:batch]
+    x = torch.cat(list(itertools.islice((images for images, _ in test), -(-batch // test.batch_size))))[:batch]
     rows = []
     for spec in setting.specs:
         path = exp.generated(setting, spec, ckpt)

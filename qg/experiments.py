@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import qwt
 from .baselines import quantize_model
 from .collect import Collected
+from .data import batches, fingerprint
 from .generator import GeneratorConfig, QuantGen
 from .io import cached, content_digest, params_key, read_json, write_json
-from .models import load_checkpoint
+from .models import build_from, load_checkpoint, load_model_description
 from .profiles import Paths, ablation_setup, pairs, selected
-from .quant import QuantSpec, is_quantized_weight, read_current, read_quantized, save_quantized
+from .quant import QuantSpec, dequantize_state_dict, is_quantized_weight, read_current, read_quantized, save_quantized
 from .report import git_commit
 from .scoring import Scorer
 from .tokenizer import TARGETS, Tokenizer
@@ -40,6 +42,7 @@ from .train import TokenPairs, TrainConfig, fit_generator
 SPLITS = ("trained", "heldout_ckpt", "heldout_run")
 CONTROLS = ("noise", "soup")  # PTQ of a modified input (Experiment.control)
 SOURCES = ("ptq", "qat")
+QWT_SUFFIX = "+qwt"  # a method name with it: that method's file with QwT on top (Experiment.compensated)
 
 
 @dataclass
@@ -175,13 +178,14 @@ class Experiment:
         out = self.generator_dir(setting)
         train_ckpts = self.collected.splits(setting.arch, setting.task)["trained"]
         inputs, marker = self._training_inputs(setting, train_ckpts), out / "inputs.json"
-        if marker.is_file() and read_json(marker) != inputs:  # other checkpoints under the same names
+        recorded = read_json(marker) if marker.is_file() else None
+        adopt = recorded is None or recorded == self._inputs(train_ckpts)  # from before inputs (or targets) were recorded
+        if not adopt and recorded != inputs:  # other checkpoints or targets under the same names
             print(f"[qg] warning: {out.name} was trained on checkpoints (or QAT targets) that have changed since; "
-                  "training it again",
-                  file=sys.stderr, flush=True)
+                  "training it again", file=sys.stderr, flush=True)
             shutil.rmtree(out)  # its training state and generated files too
         if QuantGen.complete(out):
-            if not marker.is_file():  # a generator from before inputs were recorded: adopted
+            if adopt and recorded != inputs:
                 write_json(marker, inputs)
             return QuantGen.load(out, self.device)
         write_json(marker, inputs)  # before training starts: an interrupted run resumes only on the same inputs
@@ -227,18 +231,50 @@ class Experiment:
     def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
                    quantgen: QuantGen | None = None) -> Path:
         """The file a method makes of a checkpoint: the checkpoint itself (`fp`), its QAT model (`qat`, whatever
-        the generator's targets), the generator's model (`gen`), the `noise` control or a data-free quantizer's
-        (`qg.baselines.METHODS`). The soup is one model per (architecture, task), not per checkpoint:
-        `control("soup", ...)`."""
+        the generator's targets), the generator's model (`gen`), the `noise` control, a data-free quantizer's
+        (`qg.baselines.METHODS`), or any of these with QwT on top (`ptq+qwt`, `gen+qwt`, ...). The soup is one
+        model per (architecture, task), not per checkpoint: `control("soup", ...)`."""
         if method == "fp":
             return checkpoint
         if method == "qat":
             return self.collected.qat(setting.arch, setting.task, spec, checkpoint)
         if method == "gen":
             return self.generated(setting, spec, checkpoint, quantgen)
+        if method.endswith(QWT_SUFFIX):
+            base = method.removesuffix(QWT_SUFFIX)
+            return self.compensated(self.model_file(setting, spec, checkpoint, base, quantgen), checkpoint)
         if method == "noise":
             return self.control(method, spec, [checkpoint])
         return self.quantized(checkpoint, spec, method)
+
+    def compensated(self, base: Path, checkpoint: Path) -> Path:
+        """QwT (`qg.qwt`) on top of a quantized file of `checkpoint`, fitted on the profile's `qwt.images`
+        images of the task's training split (seeded; never the test split), as a cached quantized file beside
+        the base one, with the compensations, the fits and both wall times in it."""
+        conf = self.profile.get("qwt") or {}
+        n = conf.get("images", 512)
+        spec_model = load_model_description(checkpoint)
+        inputs = {"base file": content_digest(base), self.collected.relative(checkpoint): content_digest(checkpoint),
+                  "calibration data": fingerprint(spec_model.dataset, "train")}
+        return cached(base.parent / f"qwt-{n}" / base.name, lambda out: self._compensate(out, base, checkpoint, n),
+                      inputs, check=read_current)
+
+    def _compensate(self, out: Path, base: Path, checkpoint: Path, n: int) -> None:
+        qsd, spec, meta = read_quantized(base)
+        fp_sd, spec_model, _ = load_checkpoint(checkpoint)
+        fp = build_from(spec_model, fp_sd, str(checkpoint))
+        quantized = build_from(spec_model, dequantize_state_dict(qsd), str(base))
+        images = [x for x, _ in batches(spec_model.dataset, "train", spec_model.img_size,
+                                        (self.profile.get("qwt") or {}).get("batch_size", 128), subset=n,
+                                        seed=self.profile["seed"], norm=spec_model.norm)]
+        start = time.perf_counter()
+        fits = qwt.compensate(fp, quantized, images)
+        seconds = time.perf_counter() - start
+        record = {"images": sum(len(x) for x in images), "split": "train", "seconds": seconds,
+                  "r2": [f.r2 for f in fits], "applied": [f.applied for f in fits], "ridge": [f.ridge for f in fits]}
+        save_quantized(out, {**qsd, **qwt.tensors(fits)}, spec,
+                       {**meta, "method": meta.get("method", "") + QWT_SUFFIX, "seconds": meta["seconds"] + seconds,
+                        "qwt": record, "base": base.name})
 
 
 def main_settings(profile: dict) -> dict[str, list[Setting]]:

@@ -20,6 +20,7 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
+from . import qwt
 from .io import CorruptFileError, metadata_json, read_safetensors, save_safetensors
 from .quant import FORMAT_NAME, QuantSpec, fake_quantize, is_quantized_weight, load_quantized
 
@@ -272,6 +273,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
     return top1(*predict(model, loader, device))
 
 
+def build_from(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
+    """The model `spec` with the float weights `sd` of a checkpoint or quantized file loaded (strictly), and the
+    QwT compensations the file carries, if any, attached (`qg.qwt`)."""
+    own, compensation = qwt.split(sd)
+    return qwt.attach(load_weights(build_model(spec), own, source), compensation)
+
+
 def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test, device: str = "cpu") -> float:
     """Top-1 accuracy (%) of weights `sd` for model `spec` on the batches of `test` (see `qg.data.batches`)."""
-    return evaluate(load_weights(build_model(spec), sd), test, device)
+    return evaluate(build_from(spec, sd), test, device)

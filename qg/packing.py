@@ -2,7 +2,8 @@
 
 A weight's codes q (signed, in [-2^(N-1), 2^(N-1) - 1], the range every scheme of `qg.quant` uses) are
 shifted to unsigned u = q + 2^(N-1) in [0, 2^N - 1], written row-major as one little-endian bit stream of N
-bits per code (bit j of code i is bit i*N + j of the stream) and cut into bytes, the last byte zero-padded:
+bits per code (bit j of code i is bit i*N + j of the stream) and cut into bytes, the last byte zero-padded
+(so a tensor costs ceil(numel * N / 8) bytes: at most one byte of padding):
 
     4 bits:  two codes per byte          u0 | u1 << 4
     3 bits:  eight codes in three bytes  u0 | u1 << 3 | (u2 & 0b11) << 6,  then u2 >> 2 | u3 << 1 | ...
@@ -24,18 +25,20 @@ def packed_nbytes(numel: int, bits: int) -> int:
     return math.ceil(numel * bits / 8)
 
 
-def _positions(n: int) -> torch.Tensor:
-    return torch.arange(n, dtype=torch.uint8)
-
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes of any shape -> a 1-D uint8 tensor of `packed_nbytes(codes.numel(), bits)` bytes."""
-    u = codes.reshape(-1).to(torch.int16) + 2 ** (bits - 1)
+    """Signed codes of any shape -> a 1-D uint8 tensor of `packed_nbytes(codes.numel(), bits)` bytes.
+
+    Eight codes of N bits are exactly N bytes: each run of eight codes is combined into one 64-bit word
+    (code j at bit N*j) and the word is cut into its N low bytes."""
+    u = codes.reshape(-1).to(torch.int64) + 2 ** (bits - 1)
     if u.numel() and not (0 <= int(u.min()) and int(u.max()) < 2**bits):
         raise ValueError(f"codes outside the {bits}-bit range -{2 ** (bits - 1)}..{2 ** (bits - 1) - 1}")
-    stream = (u.to(torch.uint8).unsqueeze(-1) >> _positions(bits)) & 1  # (numel, bits): each code's bits, lowest first
-    stream = torch.cat([stream.reshape(-1), stream.new_zeros(-stream.numel() % 8)])
-    return (stream.reshape(-1, 8) << _positions(8)).sum(-1, dtype=torch.uint8)
+    if bits == 8:
+        return u.to(torch.uint8)
+    runs = torch.cat([u, u.new_zeros(-len(u) % 8)]).reshape(-1, 8)
+    words = (runs << (bits * torch.arange(8, device=u.device))).sum(-1)
+    packed = (words.unsqueeze(-1) >> (8 * torch.arange(bits, device=u.device))) & 0xFF
+    return packed.reshape(-1)[: packed_nbytes(len(u), bits)].to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
@@ -44,6 +47,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != packed_nbytes(numel, bits):
         raise ValueError(f"a packed {bits}-bit tensor of shape {tuple(shape)} is {packed_nbytes(numel, bits)} uint8 "
                          f"bytes, got {packed.numel()} {str(packed.dtype).removeprefix('torch.')} values")
-    stream = (packed.unsqueeze(-1) >> _positions(8)) & 1
-    u = (stream.reshape(-1)[: numel * bits].reshape(numel, bits) << _positions(bits)).sum(-1, dtype=torch.int16)
-    return (u - 2 ** (bits - 1)).to(torch.int8).reshape(shape)
+    if bits == 8:
+        return (packed.to(torch.int16) - 128).to(torch.int8).reshape(shape)
+    runs = -(-numel // 8)
+    whole = torch.cat([packed, packed.new_zeros(runs * bits - len(packed))]).reshape(runs, bits).to(torch.int64)
+    words = (whole << (8 * torch.arange(bits, device=packed.device))).sum(-1)  # N bytes: at most 56 bits
+    codes = torch.empty(runs, 8, dtype=torch.int8, device=packed.device)
+    for j in range(8):  # one position of every run at a time: transient memory of numel / 8 words
+        codes[:, j] = (((words >> (bits * j)) & (2**bits - 1)) - 2 ** (bits - 1)).to(torch.int8)
+    return codes.reshape(-1)[:numel].reshape(shape)

@@ -17,8 +17,8 @@ Conventions (one place for all of them):
   that every scheme's codes fit int8 and r_hat = S * (q - Z) holds unchanged.
 * Files (`save_quantized`, format version 2): codes bit-packed at N bits each (`qg.packing`), S float32
   per row or group, Z float32 only for the asymmetric scheme (symmetric Z is 0 by definition), so a
-  quantized weight costs N + 32 * (1 + asymmetric) * groups / numel bits per weight. Version-1 files (int8
-  codes, Z always stored) are still read.
+  quantized weight costs N + 32 * (1 + asymmetric) * groups / numel bits per weight (plus at most one byte of
+  padding per tensor). Version-1 files (int8 codes, Z always stored) are still read.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .io import CorruptFileError, metadata_json, read_safetensors, save_safetensors
 from .packing import pack_codes, unpack_codes
+from .qwt import PREFIX as QWT_PREFIX
 
 GRANULARITIES = ("channel", "group")
 SCHEMES = ("symmetric", "asymmetric")
@@ -261,8 +262,9 @@ def format_version(path) -> str:
 def read_current(path) -> None:
     """`read_quantized`, refusing a file of an older format version: the pipeline's cache check, so that a
     cached file written by an older qg is remade in today's format (its codes, S and Z are the same)."""
-    if format_version(path) != FORMAT_VERSION:
-        raise CorruptFileError(f"{path} is in format version {format_version(path)}, not {FORMAT_VERSION}")
+    version = format_version(path)
+    if version != FORMAT_VERSION:
+        raise CorruptFileError(f"{path} is in format version {version}, not {FORMAT_VERSION}")
     read_quantized(path)
 
 
@@ -298,28 +300,44 @@ def _part(path, tensors: dict, name: str, part: str) -> torch.Tensor:
     return tensors[f"{name}.{part}"]
 
 
-def _unpacked(path, name: str, packed: torch.Tensor, spec: QuantSpec, shapes: dict) -> torch.Tensor:
-    if name not in shapes:
+def _shape(path, name: str, shapes: dict) -> list[int]:
+    """A quantized weight's shape from the metadata: two or more non-negative integers, else the file is damaged."""
+    shape = shapes.get(name)
+    if shape is None:
         raise CorruptFileError(f"{path}: {name}.qweight has no shape in the metadata's `shapes`; the file is damaged")
+    if not (isinstance(shape, list) and len(shape) >= 2 and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise CorruptFileError(f"{path}: the shape of {name} in the metadata is {shape!r}, not a weight's shape "
+                               "(two or more non-negative integers); the file is damaged")
+    return shape
+
+
+def _unpacked(path, name: str, packed: torch.Tensor, spec: QuantSpec, shapes: dict) -> torch.Tensor:
+    shape = _shape(path, name, shapes)
     try:
-        return unpack_codes(packed, spec.bits, shapes[name])
+        return unpack_codes(packed, spec.bits, shape)
     except ValueError as e:
         raise CorruptFileError(f"{path}: {name}.qweight is truncated or damaged ({e}); quantize the checkpoint again") from e
 
 
 def storage(path) -> dict:
     """What a quantized file costs: its bytes on disk, the float32 bytes of the model it holds, its number of
-    (S, Z) groups, and the bits per quantized weight its codes, S and Z take (the ideal is `bits`; S and Z add
-    32 bits each per group)."""
+    (S, Z) groups, the bits per quantized weight its codes, S and Z take (the ideal is `bits`; S and Z add 32
+    bits each per group), and the bytes of QwT compensations it carries on top (`qg.qwt`)."""
     tensors, metadata = read_safetensors(path)
     _checked_header(path, metadata)
     names = {k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")}
-    shapes = metadata_json(path, metadata, "shapes", "{}")
-    weights = sum(math.prod(shapes[n]) if n in shapes else tensors[f"{n}.qweight"].numel() for n in names)
+    if metadata["format_version"] == "1":
+        weights = sum(tensors[f"{n}.qweight"].numel() for n in names)
+    else:
+        shapes = metadata_json(path, metadata, "shapes")
+        weights = sum(math.prod(_shape(path, n, shapes)) for n in names)
     quantized = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rpartition(".")[0] in names)
-    floats = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[0] not in names)
+    extra = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(QWT_PREFIX + "."))
+    floats = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[0] not in names
+                 and not k.startswith(QWT_PREFIX + "."))
     return {"file_bytes": Path(path).stat().st_size, "fp32_bytes": 4 * (weights + floats), "quantized_weights": weights,
-            "groups": sum(tensors[f"{n}.scale"].numel() for n in names), "bits_per_weight": 8 * quantized / max(weights, 1),
+            "quantized_tensors": len(names), "groups": sum(tensors[f"{n}.scale"].numel() for n in names),
+            "bits_per_weight": 8 * quantized / max(weights, 1), "compensation_bytes": extra,
             "format_version": metadata["format_version"]}
 
 

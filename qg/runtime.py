@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import qwt
 from .models import build_model, load_weights
 from .packing import pack_codes, unpack_codes
 from .quant import QTensor, QuantSpec, dequantize, dequantize_state_dict, read_quantized
@@ -42,13 +43,13 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("scale", q.scale.float())
         self.register_buffer("zero", q.zero.float() if q.spec.scheme == "asymmetric" else None)
 
-    def weight(self) -> torch.Tensor:
+    def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight S (q - Z), made for one call and then freed."""
         zero = self.zero if self.zero is not None else torch.zeros_like(self.scale)
         return dequantize(QTensor(unpack_codes(self.packed, self.spec.bits, self.shape), self.scale, zero, self.spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight().to(x.dtype)
+        w = self.dequantized_weight().to(x.dtype)
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
@@ -68,11 +69,14 @@ def quantized_model(model: nn.Module, qsd: dict[str, QTensor | torch.Tensor]) ->
 
 
 def load_runtime(path) -> tuple[nn.Module, QuantSpec, dict]:
-    """The model a quantized file describes, its weights kept quantized (either format version). The float
-    tensors and the architecture are checked as for the simulated model (`qg.models.load_weights`)."""
+    """The model a quantized file describes, its weights kept quantized (either format version), with its QwT
+    compensations if it has any. The float tensors and the architecture are checked as for the simulated model
+    (`qg.models.load_weights`): loading passes through the float32 model once (its peak memory), then keeps only
+    the packed form."""
     qsd, spec, meta = read_quantized(path)
-    model = load_weights(build_model(meta["model"]), dequantize_state_dict(qsd), source=str(path))
-    return quantized_model(model, qsd).eval(), spec, meta
+    own, compensation = qwt.split(qsd)
+    model = load_weights(build_model(meta["model"]), dequantize_state_dict(own), source=str(path))
+    return qwt.attach(quantized_model(model, own), compensation).eval(), spec, meta
 
 
 def weight_bytes(model: nn.Module) -> int:

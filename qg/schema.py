@@ -243,6 +243,13 @@ class Controls(Block):
     noise: float = Field(ge=0, description="noise control: Gaussian noise of this fraction of each layer's std")
 
 
+class Qwt(Block):
+    """QwT (`qg.qwt`) on top of PTQ, HQQ and Gen in 03_generate."""
+
+    images: Positive = Field(512, description="calibration images from the task's training split (the paper: 512)")
+    batch_size: Positive = Field(128, description="calibration batch size")
+
+
 class Profile(Block):
     """A whole profile (`params/<name>.yaml`)."""
 
@@ -267,6 +274,7 @@ class Profile(Block):
     eval: Eval = Field(description="scoring")
     ablation: Ablation = Field(description="notebooks 04-07")
     controls: Controls = Field(description="03_generate's controls")
+    qwt: Qwt | None = Field(None, description="QwT compensation in 03_generate (unset: no QwT rows)")
     # set by load_profile, not by a profile file
     name: str | None = None
     cache: str | None = None
@@ -288,7 +296,7 @@ class Profile(Block):
 
 MODELS = [Block, TrainRun, TokenizerBlock, DiffusionBlock, GeneratorBlock, TrainBlock, Arch, Checkpoints, Quant,
           Selection, Qat, Amortized, Overrides, Convergence, Table1, Pair, Eval, AblationSetup, Ablation, Controls,
-          Profile]
+          Qwt, Profile]
 KNOWN_KEYS = sorted({k for m in MODELS for k in m.model_fields})
 
 

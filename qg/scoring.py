@@ -13,7 +13,7 @@ import torch
 
 from .data import batches, fingerprint, held
 from .io import CorruptFileError, cached, content_digest, params_key, read_safetensors, save_safetensors
-from .models import ModelSpec, build_model, load_model_description, load_model_file, load_weights, predict, resolve_device, top1
+from .models import ModelSpec, build_from, load_model_description, load_model_file, predict, resolve_device, top1
 
 
 class Scorer:
@@ -56,7 +56,7 @@ class Scorer:
 
     def _evaluate(self, path: Path, out: Path) -> None:
         sd, spec, _ = load_model_file(path)
-        pred, labels = predict(load_weights(build_model(spec), sd), self.test_set(spec), self.device)
+        pred, labels = predict(build_from(spec, sd, str(path)), self.test_set(spec), self.device)
         save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, out, {"file": path.name})
 
 

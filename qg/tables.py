@@ -17,7 +17,8 @@ from .profiles import ablation_setup
 from .report import SPLIT_LABELS, cell, markdown, summarize
 
 METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "rtn-asym": "RTN asym", "mse-clip": "RTN + MSE clip", "hqq": "HQQ",
-                 "noise": "PTQ of ckpt + noise", "soup": "PTQ of the soup", "qat": "QAT", "gen": "Gen"}
+                 "noise": "PTQ of ckpt + noise", "soup": "PTQ of the soup", "qat": "QAT", "gen": "Gen",
+                 "ptq+qwt": "PTQ + QwT", "hqq+qwt": "HQQ + QwT", "gen+qwt": "Gen + QwT"}
 
 
 def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.DataFrame:
@@ -47,8 +48,8 @@ def _pivot(tidy: pd.DataFrame, index: list[str], group_bits: int) -> pd.DataFram
     return wide.fillna("NA").reset_index()
 
 
-ORDER = {k: i for i, k in enumerate(["trained", "heldout_ckpt", "heldout_run", "fp", "ptq", "rtn-asym", "mse-clip",
-                                     "hqq", "noise", "soup", "qat", "gen", "gen-ptq"])}
+ORDER = {k: i for i, k in enumerate(["trained", "heldout_ckpt", "heldout_run", "fp", "ptq", "ptq+qwt", "rtn-asym",
+                                     "mse-clip", "hqq", "hqq+qwt", "noise", "soup", "qat", "gen", "gen+qwt", "gen-ptq"])}
 
 
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -212,7 +213,8 @@ def figure1(runs: pd.DataFrame, records: dict, arch: str, task: str, max_models:
 
 def figure3(runs: pd.DataFrame, arch: str, task: str):
     """Accuracy at every (bits, granularity) for Gen and the data-free quantizers, one panel per split."""
-    sel = runs[(runs.arch == arch) & (runs.task == task) & runs.method.isin(["ptq", "rtn-asym", "mse-clip", "hqq", "gen"])].copy()
+    shown = ["ptq", "rtn-asym", "mse-clip", "hqq", "gen", "ptq+qwt", "hqq+qwt", "gen+qwt"]
+    sel = runs[(runs.arch == arch) & (runs.task == task) & runs.method.isin(shown)].copy()
     sel["method"] = sel.method.map(METHOD_LABELS)
     sel["split"] = sel.split.map(SPLIT_LABELS)
     grid = sns.relplot(data=sel, x="bits", y="accuracy", hue="method", style="granularity", col="split", kind="line",
@@ -585,7 +587,7 @@ def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Data
                         sz_overhead_bits=costs.bits_per_weight - costs.bits,
                         float_share=1 - costs.quantized_weights * 4 / costs.fp32_bytes,
                         profile=profile["name"], commit=commit)
-    shown = tidy[tidy.task == tidy.task.iloc[0]].assign(
+    shown = _first_task(tidy).assign(
         method=lambda d: d.method.map(METHOD_LABELS) + " (" + d.scheme.str[:3] + ")",
         spec=lambda d: "w" + d.bits.astype(str) + " " + d.granularity,
         cell=lambda d: [f"1/{r:.1f} · {b:.2f} b/w" for r, b in zip(d.fp32_over_file, d.bits_per_weight)])
@@ -593,8 +595,10 @@ def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Data
     wide = wide[sorted(wide.columns, key=lambda c: (-int(c.split()[0][1:]), c))].reset_index()
     fp = tidy.groupby("arch").fp32_file_bytes.first()
     share = tidy.groupby("arch").float_share.first()
-    notes = [f"Each cell: FP32 checkpoint file / quantized file, and bits per quantized weight (codes + S + Z); task "
-             f"`{tidy.task.iloc[0]}` shown (sizes depend on the architecture only; every task is in the CSV).",
+    tasks = _first_task(tidy).groupby("arch").task.first()
+    notes = [f"Each cell: FP32 checkpoint file / quantized file, and bits per quantized weight (codes + S + Z); one task "
+             f"per architecture shown ({', '.join(f'{a}: {t}' for a, t in tasks.items())}; the tasks' models differ only "
+             "in their head's classes; every task is in the CSV).",
              "FP32 files: " + "; ".join(f"{a} {b / 1024:.1f} KiB" for a, b in fp.items()) + ". Tensors kept in float "
              "(biases, norms, position embeddings, class token): " + "; ".join(f"{a} {100 * s:.1f} %" for a, s in share.items())
              + " of the FP32 bytes, which bounds the ratio at small widths.",
@@ -606,8 +610,8 @@ def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Data
 
 def size_figure(costs: pd.DataFrame):
     """FP32 file / quantized file against bits, per method and granularity, under the codes-only ideal 32/bits."""
-    sel = costs[costs.task == costs.task.iloc[0]].assign(method=lambda d: d.method.map(METHOD_LABELS),
-                                                         ratio=lambda d: d.fp32_file_bytes / d.file_bytes)
+    sel = _first_task(costs).assign(method=lambda d: d.method.map(METHOD_LABELS),
+                                    ratio=lambda d: d.fp32_file_bytes / d.file_bytes)
     grid = sns.relplot(data=sel, x="bits", y="ratio", hue="method", style="granularity", col="arch", kind="line",
                        markers=True, height=3.2, aspect=1.1)
     bits = np.arange(costs.bits.min(), costs.bits.max() + 1)
@@ -617,9 +621,14 @@ def size_figure(costs: pd.DataFrame):
                     fontsize=7, va="top")
         ax.set(xlabel="bits", ylabel="FP32 file / quantized file (× smaller)", ylim=(0, None), xticks=bits)
         ax.grid(alpha=0.3)
-    grid.figure.suptitle(f"File size against FP32 (task {costs.task.iloc[0]}; the gap to the ideal: S, Z and float "
+    grid.figure.suptitle("File size against FP32 (one task per architecture; the gap to the ideal: S, Z and float "
                          "tensors)", y=1.04)
     return grid.figure
+
+
+def _first_task(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each architecture's first task (sizes hardly depend on the task)."""
+    return df[df.task == df.groupby("arch").task.transform("first")]
 
 
 def runtime_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:

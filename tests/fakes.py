@@ -81,3 +81,18 @@ def write_imagenet(root, classes=("n01440764", "n01443537"), per_class=2, size=(
                 pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / "imagenet" / split / cls / f"{i}.png")
     return root / "imagenet"
+
+
+def fake_collect(collect_dir, n_a: int = 5, n_b: int = 1, spec: ModelSpec | None = None, seed: int = 0) -> dict:
+    """A collect folder as 01_collect leaves it, for one (vit, full) pair on digits: run A's and run B's
+    checkpoints (seeded random weights) and the manifest naming them. Returns the manifest's runs."""
+    from qg.io import write_json
+    from qg.models import save_checkpoint
+
+    spec = spec or ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", n_a), ("runB", n_b))}
+    torch.manual_seed(seed)
+    for name in runs["runA"] + runs["runB"]:
+        save_checkpoint(collect_dir / name, state_dict_of(build_model(spec)), spec)
+    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": {**runs, "task": {"dataset": "digits"}}}}}})
+    return runs

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fakes import TINY_VIT
+from fakes import TINY_VIT, fake_collect
 
 from qg import collect, paper, pipeline, profiles, report, tables
 from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, evenly_spaced, main_settings
@@ -368,13 +368,7 @@ def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
     from qg.io import HASH_SUFFIX
 
     P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}})
-    spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
-    collect_dir = profiles.Paths.of("smoke", tmp_path).artifacts / "collect"
-    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 5), ("runB", 1))}
-    torch.manual_seed(0)
-    for name in runs["runA"] + runs["runB"]:
-        save_checkpoint(collect_dir / name, state_dict_of(build_model(spec_model)), spec_model)
-    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": {**runs, "task": {"dataset": "digits"}}}}}})
+    fake_collect(profiles.Paths.of("smoke", tmp_path).artifacts / "collect")
     exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
     setting = Setting("vit", "full", [QuantSpec(3, "group", 16)])
     methods = ("fp", "ptq", "hqq")

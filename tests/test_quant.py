@@ -235,3 +235,32 @@ def test_packing_is_what_makes_low_bit_files_small(tmp_path):
         code_bytes[bits] = sum(t.numel() for k, t in stored.items() if k.endswith(".qweight"))
     n = sum(v.numel() for k, v in sd.items() if is_quantized_weight(k, v))
     assert all(abs(code_bytes[b] - n * b / 8) < len(sd) for b in code_bytes)
+
+
+def test_packed_byte_layout_is_pinned():
+    """The on-disk layout (a little-endian bit stream of unsigned codes), written out by hand."""
+    from qg.packing import pack_codes, unpack_codes
+    assert pack_codes(torch.tensor([-8, 7], dtype=torch.int8), 4).tolist() == [0 | 15 << 4]
+    assert pack_codes(torch.tensor([-2, -1, 0, 1], dtype=torch.int8), 2).tolist() == [0 | 1 << 2 | 2 << 4 | 3 << 6]
+    three = torch.tensor([-4, -3, -2, -1, 0, 1, 2, 3], dtype=torch.int8)  # u = 0..7: 24 bits in 3 bytes
+    assert pack_codes(three, 3).tolist() == [0 | 1 << 3 | (2 & 0b11) << 6, 2 >> 2 | 3 << 1 | 4 << 4 | (5 & 1) << 7,
+                                             5 >> 1 | 6 << 2 | 7 << 5]
+    assert pack_codes(torch.tensor([-128, 127], dtype=torch.int8), 8).tolist() == [0, 255]
+    assert pack_codes(torch.zeros(0, dtype=torch.int8), 3).numel() == 0
+    assert unpack_codes(torch.zeros(0, dtype=torch.uint8), 5, (0, 7)).shape == (0, 7)
+    with pytest.raises(ValueError, match="codes outside the 3-bit range -4..3"):
+        pack_codes(torch.tensor([4], dtype=torch.int8), 3)
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_storage_counts_codes_scales_and_zeros(tmp_path, scheme):
+    from qg.quant import storage
+    spec = QuantSpec(3, "group", 16, scheme)
+    save_quantized(tmp_path / "m.safetensors", {"fc.weight": quantize(weight(5, 49), spec), "fc.bias": torch.ones(5)}, spec)
+    s = storage(tmp_path / "m.safetensors")
+    groups = 5 * 4  # 49 = 16 + 16 + 16 + 1 per row
+    stored_bits = 8 * math.ceil(245 * 3 / 8) + 32 * groups * (2 if scheme == "asymmetric" else 1)
+    assert s["groups"] == groups and s["quantized_weights"] == 245 and s["quantized_tensors"] == 1
+    assert s["bits_per_weight"] == pytest.approx(stored_bits / 245) and s["fp32_bytes"] == 4 * (245 + 5)
+    assert s["format_version"] == "2" and s["compensation_bytes"] == 0
+    assert s["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size

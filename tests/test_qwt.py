@@ -1,0 +1,121 @@
+import torch
+from fakes import TINY_MIXER, TINY_VIT, checkpoints
+from torch import nn
+
+from qg.models import build_model, load_weights
+from qg.quant import QuantSpec, dequantize_state_dict, quantize_state_dict
+from qg.qwt import PREFIX, Compensated, attach, compensate, fit_block, split, tensors
+
+
+class Net(nn.Module):
+    """A model whose blocks are linear: QwT can make the quantized one exact."""
+
+    def __init__(self, dim=6, depth=2):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Linear(dim, dim) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def _images(n=4, tokens=10, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, tokens, dim, generator=g) for _ in range(n)]
+
+
+def test_on_linear_blocks_qwt_recovers_the_full_precision_output():
+    torch.manual_seed(0)
+    fp = Net()
+    quantized = Net()
+    quantized.load_state_dict(dequantize_state_dict(quantize_state_dict(fp.state_dict(), QuantSpec(2, "channel"))))
+    x = _images(seed=1)
+    before = max((fp(b) - quantized(b)).abs().max().item() for b in x)
+    fits = compensate(fp, quantized, _images())
+    after = max((fp(b) - quantized(b)).abs().max().item() for b in x)
+    assert all(f.applied and f.r2 > 0.999 and not f.ridge for f in fits) and before > 0.05
+    assert after < 2e-3 * before  # exact up to W, b stored in float16
+    assert all(isinstance(b, Compensated) for b in quantized.blocks)
+
+
+def test_a_fit_whose_float16_weights_explain_nothing_gets_no_compensation():
+    """The residual is 12345.6 x0 - 12349.3 x1 with x1 within 1e-4 of x0: the float64 fit is exact, but W rounded
+    to float16 as stored (12344, -12352) misses by more than the residual varies (R^2 < 0), so the block gets
+    zero compensation; and a block that quantization did not change (nothing to explain) gets none either."""
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(4):
+        x = torch.randn(8, 10, 6, generator=g)
+        x[..., 1] = x[..., 0] + 1e-4 * torch.randn(8, 10, generator=g)
+        inputs.append(x)
+
+    class Residual(nn.Module):
+        def forward(self, x):
+            return (12345.6 * x[..., :1] - 12349.3 * x[..., 1:2]).expand_as(x)
+
+    fit = fit_block(inputs, Residual(), lambda x: torch.zeros_like(x))
+    assert fit.r2 < 0 and not fit.applied and fit.weight.abs().sum() == 0 and fit.bias.abs().sum() == 0
+    block = nn.Linear(6, 6)
+    same = fit_block(inputs, block, block)
+    assert not same.applied and same.weight.abs().sum() == 0
+
+
+def test_compensation_survives_a_file_round_trip(tmp_path):
+    from qg.quant import read_quantized, save_quantized
+
+    for model_spec in (TINY_VIT, TINY_MIXER):
+        sd = checkpoints(model_spec, 1)[0]
+        spec = QuantSpec(3, "group", 16)
+        qsd = quantize_state_dict(sd, spec)
+        fp = load_weights(build_model(model_spec), sd).eval()
+        q = load_weights(build_model(model_spec), dequantize_state_dict(qsd)).eval()
+        g = torch.Generator().manual_seed(0)
+        calib = [torch.randn(16, 1, 28, 28, generator=g) for _ in range(2)]
+        fits = compensate(fp, q, calib)
+        extra = tensors(fits)
+        assert extra and all(v.dtype == torch.float16 for v in extra.values())
+        save_quantized(tmp_path / "m.safetensors", {**qsd, **extra}, spec, {"model": model_spec.to_dict()})
+        own, back = split(dequantize_state_dict(read_quantized(tmp_path / "m.safetensors")[0]))
+        assert set(back) == set(extra) and all(k.startswith(PREFIX) for k in back)
+        rebuilt = attach(load_weights(build_model(model_spec), own), back).eval()
+        x = torch.randn(4, 1, 28, 28, generator=g)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), q(x))
+
+
+def test_qwt_files_are_calibrated_on_training_images_only_and_score_from_the_file(tmp_path, monkeypatch):
+    """`Experiment.model_file(..., "ptq+qwt")`: the compensation is fitted on `qwt.images` images drawn from the
+    task's training split (never its test split), stored in the file with its record, and the file alone rebuilds
+    the compensated model (the Scorer and the packed runtime agree)."""
+    from fakes import fake_collect
+
+    from qg import experiments, profiles
+    from qg.experiments import Experiment, Setting
+    from qg.models import load_model_description, predict
+    from qg.quant import read_quantized_meta
+    from qg.runtime import load_runtime
+
+    P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}})
+    P["qwt"] = {"images": 48, "batch_size": 16}
+    fake_collect(profiles.Paths.of("smoke", tmp_path).artifacts / "collect")
+    drawn = []
+    real_batches = experiments.batches
+
+    def spy(name, split, *args, **kw):
+        drawn.append((name, split, kw.get("subset")))
+        return real_batches(name, split, *args, **kw)
+
+    monkeypatch.setattr(experiments, "batches", spy)
+    exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
+    setting = Setting("vit", "full", [QuantSpec(3, "group", 16)])
+    ckpt = exp.collected.splits("vit", "full")["heldout_run"][0]
+    path = exp.model_file(setting, setting.specs[0], ckpt, "ptq+qwt")
+    assert drawn == [("digits", "train", 48)]
+    _, meta = read_quantized_meta(path)
+    assert meta["method"] == "ptq+qwt" and meta["qwt"]["images"] == 48 and meta["qwt"]["split"] == "train"
+    assert len(meta["qwt"]["r2"]) == TINY_VIT.kwargs["depth"] and meta["seconds"] > meta["qwt"]["seconds"] > 0
+    simulated = exp.scorer.predictions(path)[0]
+    packed = load_runtime(path)[0]
+    assert sum(isinstance(b, Compensated) for b in packed.blocks) == sum(meta["qwt"]["applied"]) > 0
+    test = exp.scorer.test_set(load_model_description(path))
+    assert torch.equal(predict(packed, test)[0], simulated)
+    assert exp.model_file(setting, setting.specs[0], ckpt, "ptq+qwt") == path and len(drawn) == 1  # cached
