@@ -1,6 +1,6 @@
 """Command line: quantize your own checkpoint with a trained generator, and evaluate a quantized file.
 
-    python -m qg quantize --generator DIR --checkpoint FILE --bits N --granularity G -o OUT
+    python -m qg quantize --generator DIR --checkpoint FILE --bits N --granularity G -o OUT [--qwt 512]
     python -m qg evaluate OUT [--test-subset N] [--runtime]
 
 `quantize` reads a full-precision checkpoint (safetensors written by `qg.models.save_checkpoint`, e.g. one
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import batches
+from .experiments import with_qwt
 from .generator import QuantGen
 from .io import CorruptFileError, read_safetensors
 from .models import accuracy, check_model_size, load_checkpoint, load_model_description, load_model_file, resolve_device
@@ -36,9 +37,18 @@ def quantize(args) -> None:
     check_model_size(load_model_description(args.checkpoint))
     sd, model_spec, _ = load_checkpoint(args.checkpoint)
     qsd, seconds = quantgen.quantize(sd, spec, seed=args.seed)
-    save_quantized(args.output, qsd, spec, {"model": model_spec.to_dict(), "method": "gen", "source": str(args.checkpoint),
-                                             "generator": str(args.generator), "seconds": seconds})
-    print(f"wrote {args.output}: {spec.name}, generated in {seconds:.3f} s")
+    meta = {"model": model_spec.to_dict(), "method": "gen", "source": str(args.checkpoint), "generator": str(args.generator),
+            "seconds": seconds}
+    if args.qwt:
+        try:
+            qsd, record = with_qwt(qsd, sd, model_spec, args.qwt, 128, args.seed)
+        except FileNotFoundError as e:
+            raise ValueError(f"--qwt fits on {args.qwt} images of the training split of {model_spec.dataset}, which is "
+                             f"not here: {e}\nOmit --qwt to write the data-free file.") from e
+        meta.update(method="gen+qwt", qwt=record, seconds=seconds + record["seconds"])
+    save_quantized(args.output, qsd, spec, meta)
+    applied = f", QwT on {sum(record['applied'])} of {len(record['applied'])} blocks" if args.qwt else ""
+    print(f"wrote {args.output}: {spec.name}, generated in {meta['seconds']:.3f} s{applied}")
 
 
 def _check_output(out: Path, inputs: list[Path], protected: Path, force: bool) -> None:
@@ -101,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--granularity", choices=GRANULARITIES, required=True)
     q.add_argument("--group-size", type=_positive, help="default: the generator's")
     q.add_argument("--scheme", choices=("symmetric", "asymmetric"), help="default: the generator's")
-    q.add_argument("--seed", type=int, default=0, help="seed of the padding noise and any sampler")
+    q.add_argument("--seed", type=int, default=0, help="seed of the padding noise, any sampler and QwT's images")
+    q.add_argument("--qwt", type=_positive, metavar="N",
+                   help="add QwT compensations fitted on N images of the checkpoint's training data (needs the dataset)")
     q.add_argument("-o", "--output", required=True, help="quantized model file to write (.safetensors)")
     q.add_argument("--force", action="store_true", help="replace the output file if it exists")
     e = sub.add_parser("evaluate", help="top-1 accuracy of a quantized model file or a checkpoint")

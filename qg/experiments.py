@@ -81,6 +81,21 @@ class Setting:
         return conf
 
 
+def with_qwt(qsd: dict, fp_sd: dict, spec_model, images: int, batch_size: int, seed: int) -> tuple[dict, dict]:
+    """A quantized state_dict with QwT compensations (`qg.qwt`) added, fitted against the full-precision
+    weights `fp_sd` on `images` seeded images of the model's training split (never its test split), and the
+    record of the fit (images, seconds, R^2 and whether each block was compensated)."""
+    fp = build_from(spec_model, fp_sd)
+    quantized = build_from(spec_model, dequantize_state_dict(qsd))
+    calibration = [x for x, _ in batches(spec_model.dataset, "train", spec_model.img_size, batch_size, subset=images,
+                                         seed=seed, norm=spec_model.norm)]
+    start = time.perf_counter()
+    fits = qwt.compensate(fp, quantized, calibration)
+    record = {"images": sum(len(x) for x in calibration), "split": "train", "seconds": time.perf_counter() - start,
+              "r2": [f.r2 for f in fits], "applied": [f.applied for f in fits], "ridge": [f.ridge for f in fits]}
+    return {**qsd, **qwt.tensors(fits)}, record
+
+
 def spec_from(bits: int, granularity: str, quant: dict) -> QuantSpec:
     """A QuantSpec with the profile's group size and scheme."""
     return QuantSpec(bits, granularity, quant.get("group_size", 64), quant.get("scheme", "symmetric"))
@@ -262,19 +277,11 @@ class Experiment:
     def _compensate(self, out: Path, base: Path, checkpoint: Path, n: int) -> None:
         qsd, spec, meta = read_quantized(base)
         fp_sd, spec_model, _ = load_checkpoint(checkpoint)
-        fp = build_from(spec_model, fp_sd, str(checkpoint))
-        quantized = build_from(spec_model, dequantize_state_dict(qsd), str(base))
-        images = [x for x, _ in batches(spec_model.dataset, "train", spec_model.img_size,
-                                        (self.profile.get("qwt") or {}).get("batch_size", 128), subset=n,
-                                        seed=self.profile["seed"], norm=spec_model.norm)]
-        start = time.perf_counter()
-        fits = qwt.compensate(fp, quantized, images)
-        seconds = time.perf_counter() - start
-        record = {"images": sum(len(x) for x in images), "split": "train", "seconds": seconds,
-                  "r2": [f.r2 for f in fits], "applied": [f.applied for f in fits], "ridge": [f.ridge for f in fits]}
-        save_quantized(out, {**qsd, **qwt.tensors(fits)}, spec,
-                       {**meta, "method": meta.get("method", "") + QWT_SUFFIX, "seconds": meta["seconds"] + seconds,
-                        "qwt": record, "base": base.name})
+        compensated, record = with_qwt(qsd, fp_sd, spec_model, n, (self.profile.get("qwt") or {}).get("batch_size", 128),
+                                       self.profile["seed"])
+        save_quantized(out, compensated, spec, {**meta, "method": meta.get("method", "") + QWT_SUFFIX,
+                                                "seconds": meta["seconds"] + record["seconds"], "qwt": record,
+                                                "base": base.name})
 
 
 def main_settings(profile: dict) -> dict[str, list[Setting]]:

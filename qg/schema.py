@@ -339,7 +339,7 @@ def reference_markdown() -> str:
     """The README's profile reference: one table per section, from the schema itself."""
     out = []
     for model in (Profile, TrainRun, Arch, Checkpoints, Quant, Qat, TokenizerBlock, GeneratorBlock, DiffusionBlock,
-                  TrainBlock, Convergence, Table1, Eval, Ablation, Controls):
+                  TrainBlock, Convergence, Table1, Eval, Ablation, Controls, Qwt):
         out += [f"**{model.__name__}**: {(model.__doc__ or '').strip().splitlines()[0]}" if model.__doc__ else
                 f"**{model.__name__}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, f in model.model_fields.items():

@@ -580,6 +580,35 @@ def gen_minus_ptq_figure(diff: pd.DataFrame):
     return fig
 
 
+QWT_METHODS = ("ptq", "ptq+qwt", "hqq", "hqq+qwt", "gen", "gen+qwt")
+
+
+def qwt_table(runs: pd.DataFrame, profile: dict, commit: str, split: str = "heldout_run") -> tuple[pd.DataFrame, str]:
+    """PTQ, HQQ and Gen with and without QwT on `split` (all splits in the CSV), with the paired gains of QwT and
+    the fair comparisons: Gen against PTQ (both data-free), Gen + QwT against PTQ + QwT (both calibrated)."""
+    sel = runs[runs.method.isin(QWT_METHODS)]
+    pairs = [("ptq+qwt", "ptq"), ("hqq+qwt", "hqq"), ("gen+qwt", "gen"), ("gen+qwt", "ptq+qwt")]
+    diffs = pd.concat([paired_difference(sel, a, b) for a, b in pairs], ignore_index=True)
+    tidy = summarize(pd.concat([sel, diffs], ignore_index=True), "qwt", profile, commit)
+    seconds = sel.groupby("method").seconds.mean()
+    shown = tidy[tidy.split == split].assign(
+        spec=lambda d: "w" + d.bits.astype(str) + " " + d.granularity,
+        column=lambda d: d.method.map(lambda m: METHOD_LABELS.get(m) or " − ".join(METHOD_LABELS[p] for p in m.split("-"))),
+        cell=lambda d: [cell(v, s) for v, s in zip(d.value, d["std"])])
+    wide = shown.pivot_table(index=["task", "arch", "spec"], columns="column", values="cell", aggfunc="first", sort=False)
+    order = [METHOD_LABELS[m] for m in QWT_METHODS] + [" − ".join(METHOD_LABELS[p] for p in pair) for pair in pairs]
+    wide = wide[[c for c in order if c in wide.columns]].reset_index()
+    images = (profile.get("qwt") or {}).get("images", 512)
+    notes = [f"{SPLIT_LABELS[split]}; top-1 %, mean ± std over checkpoints; differences paired on the same checkpoints.",
+             f"QwT fits one linear layer per block in closed form on {images} training images of the task (never its test "
+             "images), on top of each method's file, with its fp32 checkpoint as the reference: it needs data and the "
+             "full-precision weights, which PTQ, HQQ and Gen do not. The fair comparisons: Gen against PTQ / HQQ, "
+             "Gen + QwT against PTQ + QwT.",
+             "Seconds per model (this machine, mean): " + ", ".join(f"{METHOD_LABELS[m]} {seconds[m]:.3f}" for m in QWT_METHODS
+                                                                  if m in seconds) + ".", generator_note(profile)]
+    return tidy, markdown(wide, "QwT on top of PTQ, HQQ and Gen", notes)
+
+
 def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
     """How much smaller each method's file is than the FP32 checkpoint, at every spec, against the ideal:
     32 / bits for the codes alone, less the S (and asymmetric Z) per group and the tensors kept in float."""

@@ -145,3 +145,22 @@ def test_evaluate_refuses_nan_weights_and_huge_descriptions(tmp_path, capsys):
     huge = {"arch": TINY_VIT.arch, "kwargs": {**TINY_VIT.kwargs, "embed_dim": 200000, "depth": 64}, "dataset": "digits"}
     with pytest.raises(SystemExit, match="over the limit"):
         main(["evaluate", str(_damaged(ckpt, tmp_path / "huge.safetensors", metadata={"model": json.dumps(huge)}))])
+
+
+def test_quantize_with_qwt_writes_the_compensations_and_says_when_data_is_missing(generator_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from qg.runtime import load_runtime
+
+    out = tmp_path / "q.safetensors"
+    main(_quantize_args(generator_dir, _checkpoint(tmp_path), out, "--qwt", "32"))
+    qsd, _, meta = read_quantized(out)
+    assert meta["method"] == "gen+qwt" and meta["qwt"]["images"] == 32 and meta["qwt"]["split"] == "train"
+    assert any(k.startswith("qwt.blocks.") for k in qsd) and "QwT on" in capsys.readouterr().out
+    assert load_runtime(out)[0] is not None
+    fashion = tmp_path / "fm.safetensors"  # a model of a dataset that is not on this machine (QG_DATA names an empty folder)
+    save_checkpoint(fashion, checkpoints(TINY_VIT, 1, seed=7)[0], ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "fashion_mnist"))
+    (tmp_path / "no-data-here").mkdir()
+    monkeypatch.setenv("QG_DATA", str(tmp_path / "no-data-here"))
+    monkeypatch.setattr("qg.data._download_fashion_mnist", lambda target: "no network (test)")
+    with pytest.raises(SystemExit, match="(?s)--qwt fits on 32 images of the training split of fashion_mnist.*Omit --qwt"):
+        main(_quantize_args(generator_dir, fashion, tmp_path / "q2.safetensors", "--qwt", "32"))
