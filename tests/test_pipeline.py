@@ -361,23 +361,25 @@ def test_kernels_import_this_checkouts_qg_before_another_on_pythonpath(tmp_path,
 
 
 def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
-    """End to end: flip a byte of a PTQ file, truncate an HQQ file, garble a cached prediction, delete a
-    checkpoint's hash record: the next evaluation rebuilds what is damaged (one warning line each) and its rows
-    equal the first run's."""
+    """End to end: flip a byte of a PTQ file and of a generated file, truncate an HQQ file, garble a cached
+    prediction, delete a checkpoint's hash record: the next evaluation rebuilds what is damaged (one warning line
+    each) and its rows equal the first run's."""
     from qg.evaluation import evaluate
     from qg.io import HASH_SUFFIX
 
-    P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}})
+    P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}, "train": {"steps": 2, "ckpt_every": 2}})
     fake_collect(profiles.Paths.of("smoke", tmp_path).artifacts / "collect")
     exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
     setting = Setting("vit", "full", [QuantSpec(3, "group", 16)])
-    methods = ("fp", "ptq", "hqq")
+    methods = ("fp", "ptq", "hqq", "gen")
     first = evaluate(exp, setting, methods).drop(columns="seconds")
     ckpt = exp.collected.splits("vit", "full")["heldout_run"][0]
     ptq, hqq = (exp.quantized(ckpt, setting.specs[0], m) for m in ("ptq", "hqq"))
-    data = bytearray(ptq.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    ptq.write_bytes(bytes(data))
+    gen = exp.generated(setting, setting.specs[0], ckpt)
+    for path in (ptq, gen):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
     hqq.write_bytes(hqq.read_bytes()[:-40])
     pred = next(ptq.parent.glob(ptq.name + ".pred-*.safetensors"))
     pred.write_bytes(pred.read_bytes()[:10])
@@ -385,4 +387,4 @@ def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
     again = evaluate(Experiment(P, profiles.Paths.of("smoke", tmp_path)), setting, methods).drop(columns="seconds")
     pd.testing.assert_frame_equal(first, again)
     err = capsys.readouterr().err
-    assert err.count("rebuilding it") >= 2 and ptq.name in err and hqq.name in err
+    assert err.count("rebuilding it") >= 3 and all(str(p) in err for p in (ptq, hqq, gen))
