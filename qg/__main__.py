@@ -41,7 +41,7 @@ def quantize(args) -> None:
             "seconds": seconds}
     if args.qwt:
         try:
-            qsd, record = with_qwt(qsd, sd, model_spec, args.qwt, 128, args.seed)
+            qsd, record = with_qwt(qsd, sd, model_spec, args.qwt, seed=args.seed, device=resolve_device(args.device))
         except FileNotFoundError as e:
             raise ValueError(f"--qwt fits on {args.qwt} images of the training split of {model_spec.dataset}, which is "
                              f"not here: {e}\nOmit --qwt to write the data-free file.") from e

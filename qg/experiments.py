@@ -31,7 +31,7 @@ from .collect import Collected
 from .data import batches, fingerprint
 from .generator import GeneratorConfig, QuantGen
 from .io import cached, content_digest, params_key, read_json, write_json
-from .models import build_from, load_checkpoint, load_model_description
+from .models import ModelSpec, build_from, load_checkpoint, load_model_description
 from .profiles import Paths, ablation_setup, pairs, selected
 from .quant import QuantSpec, dequantize_state_dict, is_quantized_weight, read_current, read_quantized, save_quantized
 from .report import git_commit
@@ -81,18 +81,21 @@ class Setting:
         return conf
 
 
-def with_qwt(qsd: dict, fp_sd: dict, spec_model, images: int, batch_size: int, seed: int) -> tuple[dict, dict]:
-    """A quantized state_dict with QwT compensations (`qg.qwt`) added, fitted against the full-precision
-    weights `fp_sd` on `images` seeded images of the model's training split (never its test split), and the
-    record of the fit (images, seconds, R^2 and whether each block was compensated)."""
-    fp = build_from(spec_model, fp_sd)
-    quantized = build_from(spec_model, dequantize_state_dict(qsd))
-    calibration = [x for x, _ in batches(spec_model.dataset, "train", spec_model.img_size, batch_size, subset=images,
-                                         seed=seed, norm=spec_model.norm)]
+def with_qwt(qsd: dict, fp_sd: dict, spec_model: ModelSpec, images: int = qwt.IMAGES, batch_size: int = qwt.BATCH_SIZE,
+             seed: int = 0, device: str = "cpu") -> tuple[dict, dict]:
+    """A quantized state_dict with QwT compensations (`qg.qwt`) added, fitted on `device` against the
+    full-precision weights `fp_sd` on `images` seeded images of the model's training split (never its test
+    split; ImageNet's come with its training augmentation), and the record of the fit (images, tokens,
+    seconds, R^2 and whether each block was compensated)."""
+    fp = build_from(spec_model, fp_sd).to(device)
+    quantized = build_from(spec_model, dequantize_state_dict(qsd)).to(device)
+    calibration = [x.to(device) for x, _ in batches(spec_model.dataset, "train", spec_model.img_size, batch_size,
+                                                    subset=images, seed=seed, norm=spec_model.norm)]
     start = time.perf_counter()
     fits = qwt.compensate(fp, quantized, calibration)
-    record = {"images": sum(len(x) for x in calibration), "split": "train", "seconds": time.perf_counter() - start,
-              "r2": [f.r2 for f in fits], "applied": [f.applied for f in fits], "ridge": [f.ridge for f in fits]}
+    record = {"images": sum(len(x) for x in calibration), "split": "train", "tokens": fits[0].tokens if fits else 0,
+              "seconds": time.perf_counter() - start, "r2": [f.r2 for f in fits], "applied": [f.applied for f in fits],
+              "ridge": [f.ridge for f in fits]}
     return {**qsd, **qwt.tensors(fits)}, record
 
 
@@ -257,6 +260,8 @@ class Experiment:
             return self.generated(setting, spec, checkpoint, quantgen)
         if method.endswith(QWT_SUFFIX):
             base = method.removesuffix(QWT_SUFFIX)
+            if base == "fp":
+                raise ValueError("QwT compensates a quantized model: `fp+qwt` is not a method (try `ptq+qwt`)")
             return self.compensated(self.model_file(setting, spec, checkpoint, base, quantgen), checkpoint)
         if method == "noise":
             return self.control(method, spec, [checkpoint])
@@ -264,21 +269,23 @@ class Experiment:
 
     def compensated(self, base: Path, checkpoint: Path) -> Path:
         """QwT (`qg.qwt`) on top of a quantized file of `checkpoint`, fitted on the profile's `qwt.images`
-        images of the task's training split (seeded; never the test split), as a cached quantized file beside
-        the base one, with the compensations, the fits and both wall times in it."""
-        conf = self.profile.get("qwt") or {}
-        n = conf.get("images", 512)
+        images of the task's training split (seeded; never the test split), as a cached quantized file under
+        `qwt-<key of images, batch size, seed>/` mirroring the base file's place, with the compensations, the
+        fits and both wall times in it."""
+        conf = {"images": qwt.IMAGES, "batch_size": qwt.BATCH_SIZE, **(self.profile.get("qwt") or {}),
+                "seed": self.profile["seed"]}
         spec_model = load_model_description(checkpoint)
         inputs = {"base file": content_digest(base), self.collected.relative(checkpoint): content_digest(checkpoint),
                   "calibration data": fingerprint(spec_model.dataset, "train")}
-        return cached(base.parent / f"qwt-{n}" / base.name, lambda out: self._compensate(out, base, checkpoint, n),
-                      inputs, check=read_current)
+        where = base.relative_to(self.paths.artifacts)
+        return cached(self.paths.artifacts / f"qwt-{params_key(conf)}" / where,
+                      lambda out: self._compensate(out, base, checkpoint, conf), inputs, check=read_current)
 
-    def _compensate(self, out: Path, base: Path, checkpoint: Path, n: int) -> None:
+    def _compensate(self, out: Path, base: Path, checkpoint: Path, conf: dict) -> None:
         qsd, spec, meta = read_quantized(base)
         fp_sd, spec_model, _ = load_checkpoint(checkpoint)
-        compensated, record = with_qwt(qsd, fp_sd, spec_model, n, (self.profile.get("qwt") or {}).get("batch_size", 128),
-                                       self.profile["seed"])
+        compensated, record = with_qwt(qsd, fp_sd, spec_model, conf["images"], conf["batch_size"], conf["seed"],
+                                       self.device)
         save_quantized(out, compensated, spec, {**meta, "method": meta.get("method", "") + QWT_SUFFIX,
                                                 "seconds": meta["seconds"] + record["seconds"], "qwt": record,
                                                 "base": base.name})

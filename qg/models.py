@@ -277,7 +277,7 @@ def build_from(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str = "chec
     """The model `spec` with the float weights `sd` of a checkpoint or quantized file loaded (strictly), and the
     QwT compensations the file carries, if any, attached (`qg.qwt`)."""
     own, compensation = qwt.split(sd)
-    return qwt.attach(load_weights(build_model(spec), own, source), compensation)
+    return qwt.attach(load_weights(build_model(spec), own, source), compensation, source)
 
 
 def accuracy(spec: ModelSpec, sd: dict[str, torch.Tensor], test, device: str = "cpu") -> float:

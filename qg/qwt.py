@@ -9,10 +9,11 @@ absorbed by a row of ones):
     [W b] = (Y - Y^Z) [X^Z; 1]^T ([X^Z; 1] [X^Z; 1]^T)^-1.
 
 The normal equations are accumulated over batches in float64 (memory independent of the number of tokens) and
-solved once; a ridge term is added only when the system is singular (reported). W and b are stored in float16
-(as the paper); a block whose fit, with the float16 values, has R^2 <= 0 on the calibration tokens gets no
-compensation, so QwT never makes a block's output worse on the calibration set. It needs no back-propagation
-and no hyperparameter beyond the number of calibration images.
+solved once; a ridge term is added only when they are singular (reported). W and b are stored in float16, as
+in the paper; a block whose fit has R^2 <= 0 on the calibration tokens gets no compensation, so QwT never makes
+a block's output worse there. R^2 is that of the float16 coefficients actually stored (the paper's code gates
+on the unrounded fit: ours is the stricter test). No back-propagation, no hyperparameter beyond the number of
+calibration images. The blocks are timm's `model.blocks` (an nn.Sequential of token-wise blocks: ViT, Mixer).
 """
 
 from __future__ import annotations
@@ -20,30 +21,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .io import CorruptFileError
+
 PREFIX = "qwt.blocks"  # file tensors: qwt.blocks.<i>.weight / .bias (float16)
+IMAGES, BATCH_SIZE = 512, 128  # calibration images (the paper's number) and their batch size, when not given
 
 
 class Compensated(nn.Module):
-    """A block plus its QwT compensation: block(x) + x W^T + b over the last (feature) dimension."""
+    """A block plus its QwT compensation: block(x) + x W^T + b over the last (feature) dimension. W and b are
+    kept in float16, as stored, and cast to the input's dtype per call."""
 
     def __init__(self, block: nn.Module, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
         self.block = block
-        self.compensation = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.compensation.weight.copy_(weight.float())
-            self.compensation.bias.copy_(bias.float())
+        self.register_buffer("weight", weight.to(torch.float16))
+        self.register_buffer("bias", bias.to(torch.float16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x) + self.compensation(x)
+        return self.block(x) + F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
 @dataclass
 class BlockFit:
-    """One block's fit: its float16 weight and bias (zero when gated off), R^2 on the calibration tokens, and
-    whether the normal equations needed a ridge term."""
+    """One block's fit: its float16 weight and bias (zero when gated off), R^2 on the calibration tokens, whether
+    the normal equations needed a ridge term, and how many tokens (rows) it was fitted on."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -53,51 +57,56 @@ class BlockFit:
 
     @property
     def applied(self) -> bool:
-        return self.r2 > 0
+        return self.r2 > 0  # False for a NaN R^2 (float16 overflow) too
 
 
 def solve(xtx: torch.Tensor, xty: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The least-squares coefficients from the normal equations (float64), with a small ridge only if singular."""
-    try:
-        return torch.linalg.solve(xtx, xty), False
-    except torch.linalg.LinAlgError:
-        eye = torch.eye(len(xtx), dtype=xtx.dtype)
-        return torch.linalg.solve(xtx + 1e-8 * xtx.diagonal().mean().clamp_min(1e-12) * eye, xty), True
+    """Least-squares coefficients from the normal equations (float64, positive semi-definite), by Cholesky; a
+    ridge of 1e-8 x the mean diagonal only when the factorisation fails (a singular system)."""
+    chol, info = torch.linalg.cholesky_ex(xtx)
+    if info == 0:
+        return torch.cholesky_solve(xty, chol), False
+    eye = torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device)
+    chol = torch.linalg.cholesky(xtx + 1e-8 * xtx.diagonal().mean().clamp_min(1e-12) * eye)
+    return torch.cholesky_solve(xty, chol), True
+
+
+def r_squared(coef: torch.Tensor, xtx: torch.Tensor, xty: torch.Tensor, d_sq: float, d_sum: torch.Tensor,
+              n: int) -> float:
+    """R^2 of the fit d ~ [x 1] coef over all output dimensions, from the accumulated sums alone:
+    residual = sum|d|^2 - 2 tr(coef^T X^T D) + tr(coef^T X^T X coef), total = sum|d|^2 - n |mean d|^2."""
+    residual = d_sq - 2 * float((coef * xty).sum()) + float((coef * (xtx @ coef)).sum())
+    total = d_sq - float(d_sum.pow(2).sum()) / n
+    return 1 - residual / total if total > 0 else 0.0
 
 
 def fit_block(inputs: list[torch.Tensor], fp_block: nn.Module, q_block: nn.Module) -> BlockFit:
     """Fit one block's compensation on its quantized-network inputs (a list of (batch, tokens, dim) tensors)."""
-    dim = inputs[0].shape[-1]
-    xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64)  # sum of [x 1]^T [x 1]
-    xty = torch.zeros(dim + 1, dim, dtype=torch.float64)  # sum of [x 1]^T d, d = y - y^Z
-    d_sum, d_sq, n = torch.zeros(dim, dtype=torch.float64), 0.0, 0
+    dim, device = inputs[0].shape[-1], inputs[0].device
+    xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)  # sum of [x 1]^T [x 1]
+    xty = torch.zeros(dim + 1, dim, dtype=torch.float64, device=device)  # sum of [x 1]^T d, d = y - y^Z
+    d_sum, d_sq, n = torch.zeros(dim, dtype=torch.float64, device=device), 0.0, 0
     with torch.no_grad():
         for x in inputs:
             d = (fp_block(x) - q_block(x)).reshape(-1, dim).double()
-            xo = _with_ones(x.reshape(-1, dim).double())
+            xo = x.reshape(-1, dim).double()
+            xo = torch.cat([xo, torch.ones(len(xo), 1, dtype=xo.dtype, device=device)], 1)
             xtx += xo.T @ xo
             xty += xo.T @ d
             d_sum, d_sq, n = d_sum + d.sum(0), d_sq + float(d.pow(2).sum()), n + len(d)
     coef, ridge = solve(xtx, xty)
     stored = coef.T.to(torch.float16)  # (dim, dim + 1) = [W b], as the file holds it
-    c = stored.double().T
-    residual = d_sq - 2 * float((c * xty).sum()) + float((c * (xtx @ c)).sum())  # sum |d - [x 1] c|^2
-    total = d_sq - float(d_sum.pow(2).sum()) / n
-    r2 = 1 - residual / total if total > 0 else 0.0
-    weight, bias = stored[:, :dim], stored[:, dim]
-    if r2 <= 0:
-        weight, bias = torch.zeros_like(weight), torch.zeros_like(bias)
-    return BlockFit(weight, bias, r2, ridge, n)
+    fit = BlockFit(stored[:, :dim].cpu(), stored[:, dim].cpu(), r_squared(stored.double().T, xtx, xty, d_sq, d_sum, n),
+                   ridge, n)
+    if not fit.applied:
+        fit.weight, fit.bias = torch.zeros_like(fit.weight), torch.zeros_like(fit.bias)
+    return fit
 
 
-def _with_ones(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-
-
-def _block_inputs(model: nn.Module, index: int, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inputs block `index` of `model` receives for each batch of images."""
+def _first_block_inputs(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What block 0 of `model` receives for each batch of images (the embeddings)."""
     seen = []
-    hook = model.blocks[index].register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    hook = model.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
     try:
         with torch.no_grad():
             for x in images:
@@ -108,15 +117,19 @@ def _block_inputs(model: nn.Module, index: int, images: list[torch.Tensor]) -> l
 
 
 def compensate(fp_model: nn.Module, q_model: nn.Module, images: list[torch.Tensor]) -> list[BlockFit]:
-    """QwT on `q_model` in place, block by block in order (each fit sees the earlier compensations): returns
-    every block's fit. `images` are batches of calibration images from the task's training split."""
-    fp_model.eval(), q_model.eval()
-    fits = []
+    """QwT on `q_model` in place, block by block in order, each fit on the inputs the block receives with the
+    earlier compensations in place (block i's inputs are block i-1's compensated outputs: `blocks` is
+    sequential). Returns every block's fit. `images` are batches of calibration images (training split)."""
+    fp_model.eval()
+    q_model.eval()
+    inputs, fits = _first_block_inputs(q_model, images), []
     for i in range(len(q_model.blocks)):
         block = q_model.blocks[i]
-        fit = fit_block(_block_inputs(q_model, i, images), fp_model.blocks[i], block)
+        fit = fit_block(inputs, fp_model.blocks[i], block)
         if fit.applied:
-            q_model.blocks[i] = Compensated(block, fit.weight, fit.bias)
+            q_model.blocks[i] = Compensated(block, fit.weight.to(inputs[0].device), fit.bias.to(inputs[0].device))
+        with torch.no_grad():
+            inputs = [q_model.blocks[i](x) for x in inputs]
         fits.append(fit)
     return fits
 
@@ -136,11 +149,23 @@ def split(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return own, {k: v for k, v in state_dict.items() if k.startswith(PREFIX + ".")}
 
 
-def attach(model: nn.Module, qwt: dict[str, torch.Tensor]) -> nn.Module:
-    """Rebuild the compensated model from a file's QwT tensors (none: the model unchanged)."""
-    blocks = sorted({int(k.split(".")[2]) for k in qwt})
-    for i in blocks:
-        if i >= len(model.blocks):
-            raise ValueError(f"the file compensates block {i}, but the model has {len(model.blocks)} blocks")
-        model.blocks[i] = Compensated(model.blocks[i], qwt[f"{PREFIX}.{i}.weight"], qwt[f"{PREFIX}.{i}.bias"])
+def attach(model: nn.Module, qwt: dict[str, torch.Tensor], source: str = "the file") -> nn.Module:
+    """Rebuild the compensated model from a file's QwT tensors (none: the model unchanged), refusing tensors
+    that do not fit the model's blocks."""
+    blocks = {}
+    for key, t in qwt.items():
+        index, _, part = key.removeprefix(PREFIX + ".").partition(".")
+        if not index.isdigit() or part not in ("weight", "bias"):
+            raise CorruptFileError(f"{source}: unexpected QwT tensor {key!r} (expected {PREFIX}.<block>.weight/.bias)")
+        blocks.setdefault(int(index), {})[part] = t
+    for i, parts in sorted(blocks.items()):
+        dim = model.num_features  # timm's token width (ViT, Mixer)
+        ok = (i < len(model.blocks) and parts.keys() == {"weight", "bias"} and parts["weight"].shape == (dim, dim)
+              and parts["bias"].shape == (dim,) and all(bool(torch.isfinite(t).all()) for t in parts.values()))
+        if not ok:
+            shapes = {k: tuple(v.shape) for k, v in parts.items()}
+            raise CorruptFileError(f"{source}: the QwT compensation of block {i} {shapes} does not fit a model of "
+                                   f"{len(model.blocks)} blocks of width {dim}, or is not finite; the file is damaged "
+                                   "or was made for another model")
+        model.blocks[i] = Compensated(model.blocks[i], parts["weight"], parts["bias"])
     return model

@@ -76,7 +76,7 @@ def load_runtime(path) -> tuple[nn.Module, QuantSpec, dict]:
     qsd, spec, meta = read_quantized(path)
     own, compensation = qwt.split(qsd)
     model = load_weights(build_model(meta["model"]), dequantize_state_dict(own), source=str(path))
-    return qwt.attach(quantized_model(model, own), compensation).eval(), spec, meta
+    return qwt.attach(quantized_model(model, own), compensation, str(path)).eval(), spec, meta
 
 
 def weight_bytes(model: nn.Module) -> int:

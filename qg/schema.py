@@ -23,6 +23,7 @@ import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from . import qwt
 from .data import DATASET_INFO
 from .diffusion import SAMPLERS
 from .generator import HEADS, MIXERS, SKIPS, GeneratorConfig
@@ -246,8 +247,8 @@ class Controls(Block):
 class Qwt(Block):
     """QwT (`qg.qwt`) on top of PTQ, HQQ and Gen in 03_generate."""
 
-    images: Positive = Field(512, description="calibration images from the task's training split (the paper: 512)")
-    batch_size: Positive = Field(128, description="calibration batch size")
+    images: Positive = Field(qwt.IMAGES, description="calibration images from the task's training split (the paper: 512)")
+    batch_size: Positive = Field(qwt.BATCH_SIZE, description="calibration batch size")
 
 
 class Profile(Block):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from . import paper
+from . import paper, qwt
 from .profiles import ablation_setup
 from .report import SPLIT_LABELS, cell, markdown, summarize
 
@@ -598,7 +598,7 @@ def qwt_table(runs: pd.DataFrame, profile: dict, commit: str, split: str = "held
     wide = shown.pivot_table(index=["task", "arch", "spec"], columns="column", values="cell", aggfunc="first", sort=False)
     order = [METHOD_LABELS[m] for m in QWT_METHODS] + [" − ".join(METHOD_LABELS[p] for p in pair) for pair in pairs]
     wide = wide[[c for c in order if c in wide.columns]].reset_index()
-    images = (profile.get("qwt") or {}).get("images", 512)
+    images = (profile.get("qwt") or {}).get("images", qwt.IMAGES)
     notes = [f"{SPLIT_LABELS[split]}; top-1 %, mean ± std over checkpoints; differences paired on the same checkpoints.",
              f"QwT fits one linear layer per block in closed form on {images} training images of the task (never its test "
              "images), on top of each method's file, with its fp32 checkpoint as the reference: it needs data and the "

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from fakes import TINY_MIXER, TINY_VIT, checkpoints
 from torch import nn
@@ -119,3 +120,72 @@ def test_qwt_files_are_calibrated_on_training_images_only_and_score_from_the_fil
     test = exp.scorer.test_set(load_model_description(path))
     assert torch.equal(predict(packed, test)[0], simulated)
     assert exp.model_file(setting, setting.specs[0], ckpt, "ptq+qwt") == path and len(drawn) == 1  # cached
+    P["qwt"] = {"images": 32, "batch_size": 16}  # other calibration settings: another file, fitted again
+    other = Experiment(P, profiles.Paths.of("smoke", tmp_path)).model_file(setting, setting.specs[0], ckpt, "ptq+qwt")
+    assert other != path and drawn[-1] == ("digits", "train", 32)
+    with pytest.raises(ValueError, match="fp\\+qwt. is not a method"):
+        exp.model_file(setting, setting.specs[0], ckpt, "fp+qwt")
+
+
+class Tanh(nn.Module):
+    """A nonlinear token-wise block."""
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+def test_each_block_is_fitted_on_the_compensated_outputs_of_the_blocks_before_it(monkeypatch):
+    from qg import qwt
+
+    torch.manual_seed(0)
+    fp = Net()
+    fp.blocks = nn.Sequential(Tanh(), Tanh(), Tanh())
+    quantized = Net()
+    quantized.blocks = nn.Sequential(Tanh(), Tanh(), Tanh())
+    quantized.load_state_dict(dequantize_state_dict(quantize_state_dict(fp.state_dict(), QuantSpec(2, "channel"))))
+    seen = []
+    real = qwt.fit_block
+    monkeypatch.setattr(qwt, "fit_block", lambda inputs, f, q: seen.append([x.clone() for x in inputs]) or real(inputs, f, q))
+    images = _images()
+    compensate(fp, quantized, images)
+    with torch.no_grad():
+        for i in range(1, 3):  # block i saw what the compensated blocks 0..i-1 output
+            expected = [quantized.blocks[:i](x) for x in images]
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen[i], expected))
+    assert torch.equal(seen[0][0], images[0])
+
+
+def test_r_squared_from_the_accumulators_equals_the_direct_one():
+    from qg.qwt import r_squared, solve
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    d = torch.tanh(x @ torch.randn(5, 4, generator=g, dtype=torch.float64)) + 0.1
+    xo = torch.cat([x, torch.ones(200, 1, dtype=torch.float64)], 1)
+    coef, ridge = solve(xo.T @ xo, xo.T @ d)
+    direct = 1 - ((d - xo @ coef) ** 2).sum() / ((d - d.mean(0)) ** 2).sum()
+    from_sums = r_squared(coef, xo.T @ xo, xo.T @ d, float((d ** 2).sum()), d.sum(0), 200)
+    assert not ridge and from_sums == pytest.approx(float(direct))
+
+
+def test_a_singular_system_gets_a_ridge_and_a_damaged_compensation_is_refused():
+    from qg.io import CorruptFileError
+    from qg.qwt import solve
+
+    x = torch.randn(50, 3, dtype=torch.float64)
+    x = torch.cat([x, x[:, :1], torch.ones(50, 1, dtype=torch.float64)], 1)  # a repeated feature: singular
+    _, ridge = solve(x.T @ x, x.T @ torch.randn(50, 2, dtype=torch.float64))
+    assert ridge
+    model = build_model(TINY_VIT)
+    width = TINY_VIT.kwargs["embed_dim"]
+    with pytest.raises(CorruptFileError, match="compensation of block 0.*does not fit"):
+        attach(model, {f"{PREFIX}.0.weight": torch.zeros(width, width + 1, dtype=torch.float16),
+                       f"{PREFIX}.0.bias": torch.zeros(width, dtype=torch.float16)})
+    with pytest.raises(CorruptFileError, match="does not fit"):
+        attach(model, {f"{PREFIX}.0.weight": torch.zeros(width, width, dtype=torch.float16)})  # no bias
+    with pytest.raises(CorruptFileError, match="unexpected QwT tensor"):
+        attach(model, {f"{PREFIX}.x.weight": torch.zeros(1)})
