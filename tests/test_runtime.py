@@ -26,7 +26,7 @@ def test_runtime_matches_the_simulated_model_and_keeps_weights_packed(tmp_path, 
     assert latency(runtime, x, repeats=1) > 0
 
 
-def test_runtime_loads_version_1_files():
+def test_packed_layers_run_version_1_files():
     from pathlib import Path
 
     from qg.quant import read_quantized
