@@ -37,25 +37,10 @@ from .generator import Block, GeneratorConfig
 from .mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequential
 from .models import ModelSpec, build_model, state_dict_of
 from .profiles import load_profile
-from .runtime import latency, quantized_model, weight_bytes
+from .runtime import latency, median_seconds, quantized_model, weight_bytes
 from .train import saved_activation_mb
 
 SECTIONS = ("scan", "backbone", "kernels", "runtime")
-
-
-def _timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def _scan_inputs(batch, length, d_model, device, d_state=128, headdim=64):
@@ -74,7 +59,7 @@ def bench_scan(lengths, batch, d_model, repeats, device) -> list[dict]:
         inputs = _scan_inputs(batch, length, d_model, device)
         for name, fn in (("chunked SSD (chunk 64)", lambda: ssd_scan(*inputs, chunk_size=64)),
                          ("sequential recurrence", lambda: ssd_sequential(*inputs))):
-            seconds = _timed(lambda: fn().sum().backward(), repeats, device)
+            seconds = median_seconds(lambda: fn().sum().backward(), repeats, device)
             rows.append({"bench": "scan", "case": name, "length": length, "seconds": seconds})
     return rows
 
@@ -93,12 +78,12 @@ def _block_step(backbone, batch, length, d_model, repeats, device) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        seconds = _timed(step, repeats, device)
+        seconds = median_seconds(step, repeats, device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
         peak, out = saved_activation_mb(lambda: block(x))
         out.sum().backward()
-        seconds = _timed(step, repeats, device)
+        seconds = median_seconds(step, repeats, device)
     return {"bench": "backbone", "case": backbone, "length": length, "seconds": seconds, "peak_mb": peak,
             "params": sum(p.numel() for p in block.parameters())}
 
@@ -124,7 +109,7 @@ def bench_kernels(lengths, batch, d_model, repeats, device) -> list[dict]:
                 y = m(xi)
                 y.float().pow(2).mean().backward()
                 outs[name] = (y.detach().float(), xi.grad.float())
-                seconds = _timed(lambda: m(xi).float().sum().backward(), repeats, device)
+                seconds = median_seconds(lambda: m(xi).float().sum().backward(), repeats, device)
                 rows.append({"bench": "kernels", "case": name, "length": length, "dtype": str(dtype), "seconds": seconds})
             (ya, ga), (yb, gb) = outs.values()
             rows[-1].update(max_abs_out_diff=(ya - yb).abs().max().item(), max_abs_grad_diff=(ga - gb).abs().max().item())

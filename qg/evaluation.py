@@ -18,7 +18,7 @@ import torch
 
 from .experiments import SPLITS, Experiment, Setting, ablation_settings, evenly_spaced
 from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
-from .models import build_model, load_checkpoint, load_weights, predict, progress, top1
+from .models import build_from, load_checkpoint, predict, progress, top1
 from .quant import QuantSpec, load_quantized, read_quantized, read_quantized_meta, storage
 from .runtime import latency, load_runtime, max_logit_difference, weight_bytes
 
@@ -149,14 +149,14 @@ def runtime_rows(exp: Experiment, setting: Setting, split: str = "heldout_run", 
     together)."""
     ckpt = exp.collected.splits(setting.arch, setting.task)[split][0]
     fp_sd, model_spec, _ = load_checkpoint(ckpt)
-    fp = load_weights(build_model(model_spec), fp_sd).eval()
+    fp = build_from(model_spec, fp_sd, str(ckpt)).eval()
     test = exp.scorer.test_set(model_spec)
     x = torch.cat(list(itertools.islice((images for images, _ in test), -(-batch // test.batch_size))))[:batch]
     rows = []
     for spec in setting.specs:
         path = exp.generated(setting, spec, ckpt)
         packed = load_runtime(path)[0]
-        simulated = load_weights(build_model(model_spec), load_quantized(path)[0]).eval()
+        simulated = build_from(model_spec, load_quantized(path)[0], str(path)).eval()
         rows.append({"arch": setting.arch, "task": setting.task, "method": "gen", "bits": spec.bits,
                      "granularity": spec.granularity, "checkpoint": f"{ckpt.parent.name}/{ckpt.stem}",
                      "accuracy_simulated": exp.scorer.score(path),

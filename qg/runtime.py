@@ -90,13 +90,23 @@ def max_logit_difference(runtime: nn.Module, simulated: nn.Module, x: torch.Tens
     return (runtime.eval()(x) - simulated.eval()(x)).abs().max().item()
 
 
-@torch.no_grad()
-def latency(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median seconds of one forward pass of batch x, after a warm-up pass."""
-    model.eval()(x)
+def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
+    """Median seconds of `fn()` over `repeats` runs after one warm-up (CUDA synchronised around each run)."""
+    fn()
     times = []
     for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        model(x)
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def latency(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    """Median seconds of one forward pass of batch x (CPU), after a warm-up pass."""
+    model.eval()
+    return median_seconds(lambda: model(x), repeats)

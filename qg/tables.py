@@ -59,10 +59,23 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
                           kind="stable")
 
 
+def method_label(method: str) -> str:
+    """A method's label in tables; a paired difference `a-b` (`paired_difference`) reads `A − B`."""
+    if method in METHOD_LABELS:
+        return METHOD_LABELS[method]
+    parts = method.split("-")
+    return " − ".join(METHOD_LABELS[p] for p in parts) if all(p in METHOD_LABELS for p in parts) else method
+
+
+def _spec_label(df: pd.DataFrame) -> pd.Series:
+    """`w4 group`, `w8 channel`: a spec as the size, QwT and runtime tables name their columns or rows."""
+    return "w" + df.bits.astype(str) + " " + df.granularity
+
+
 def _label(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     if "method" in df:
-        df["method"] = df["method"].map(lambda m: METHOD_LABELS.get(m, "Gen − PTQ" if m == "gen-ptq" else m))
+        df["method"] = df["method"].map(method_label)
     if "split" in df:
         df["split"] = df["split"].map(lambda s: SPLIT_LABELS.get(s, s))
     return df
@@ -592,11 +605,10 @@ def qwt_table(runs: pd.DataFrame, profile: dict, commit: str, split: str = "held
     tidy = summarize(pd.concat([sel, diffs], ignore_index=True), "qwt", profile, commit)
     seconds = sel.groupby("method").seconds.mean()
     shown = tidy[tidy.split == split].assign(
-        spec=lambda d: "w" + d.bits.astype(str) + " " + d.granularity,
-        column=lambda d: d.method.map(lambda m: METHOD_LABELS.get(m) or " − ".join(METHOD_LABELS[p] for p in m.split("-"))),
+        spec=_spec_label, column=lambda d: d.method.map(method_label),
         cell=lambda d: [cell(v, s) for v, s in zip(d.value, d["std"])])
     wide = shown.pivot_table(index=["task", "arch", "spec"], columns="column", values="cell", aggfunc="first", sort=False)
-    order = [METHOD_LABELS[m] for m in QWT_METHODS] + [" − ".join(METHOD_LABELS[p] for p in pair) for pair in pairs]
+    order = [method_label(m) for m in [*QWT_METHODS, *(f"{a}-{b}" for a, b in pairs)]]
     wide = wide[[c for c in order if c in wide.columns]].reset_index()
     images = (profile.get("qwt") or {}).get("images", qwt.IMAGES)
     notes = [f"{SPLIT_LABELS[split]}; top-1 %, mean ± std over checkpoints; differences paired on the same checkpoints.",
@@ -617,8 +629,7 @@ def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Data
                         float_share=1 - costs.quantized_weights * 4 / costs.fp32_bytes,
                         profile=profile["name"], commit=commit)
     shown = _first_task(tidy).assign(
-        method=lambda d: d.method.map(METHOD_LABELS) + " (" + d.scheme.str[:3] + ")",
-        spec=lambda d: "w" + d.bits.astype(str) + " " + d.granularity,
+        method=lambda d: d.method.map(METHOD_LABELS) + " (" + d.scheme.str[:3] + ")", spec=_spec_label,
         cell=lambda d: [f"1/{r:.1f} · {b:.2f} b/w" for r, b in zip(d.fp32_over_file, d.bits_per_weight)])
     wide = shown.pivot_table(index=["arch", "method"], columns="spec", values="cell", aggfunc="first", sort=False)
     wide = wide[sorted(wide.columns, key=lambda c: (-int(c.split()[0][1:]), c))].reset_index()
@@ -665,7 +676,7 @@ def runtime_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Da
     tidy = rows.assign(memory_vs_fp32=rows.weight_bytes_runtime / rows.weight_bytes_fp32,
                        time_vs_fp32=rows.seconds_runtime / rows.seconds_fp32, profile=profile["name"], commit=commit)
     shown = pd.DataFrame({
-        "arch": tidy.arch, "task": tidy.task, "spec": "w" + tidy.bits.astype(str) + " " + tidy.granularity,
+        "arch": tidy.arch, "task": tidy.task, "spec": _spec_label(tidy),
         "top-1 simulated": tidy.accuracy_simulated.round(2), "top-1 packed": tidy.accuracy_runtime.round(2),
         "max |Δ logit|": tidy.max_logit_diff.map(lambda v: f"{v:.1e}"),
         "weights KiB (FP32)": [f"{r / 1024:.1f} ({f / 1024:.1f})"
