@@ -274,6 +274,7 @@ class Experiment:
         fits and both wall times in it."""
         conf = {"images": qwt.IMAGES, "batch_size": qwt.BATCH_SIZE, **(self.profile.get("qwt") or {}),
                 "seed": self.profile["seed"]}
+        conf.pop("splits", None)  # which checkpoints get QwT rows, not how a file is made
         spec_model = load_model_description(checkpoint)
         inputs = {"base file": content_digest(base), self.collected.relative(checkpoint): content_digest(checkpoint),
                   "calibration data": fingerprint(spec_model.dataset, "train")}

@@ -249,6 +249,9 @@ class Qwt(Block):
 
     images: Positive = Field(qwt.IMAGES, description="calibration images from the task's training split (the paper: 512)")
     batch_size: Positive = Field(qwt.BATCH_SIZE, description="calibration batch size")
+    splits: list[Literal["trained", "heldout_ckpt", "heldout_run"]] = Field(
+        ["trained", "heldout_ckpt", "heldout_run"], min_length=1,
+        description="the splits whose checkpoints get QwT rows (each fit costs about as much as scoring the model)")
 
 
 class Profile(Block):
