@@ -6,6 +6,7 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PROFILE   ?= cpu
+JOBS      ?= 1
 # The torch build these machines carry on disk; override on a GPU box, e.g. TORCH="torch torchvision".
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
 FMNIST    ?= /usr/share/datasets/fashion-mnist
@@ -47,8 +48,9 @@ lint: install
 	$(PY) -m ruff check qg tests
 
 # Every notebook in order with papermill: tables in results/$(PROFILE)/, figures in figures/$(PROFILE)/.
+# JOBS=2: after 01_collect and 02_train, two notebooks at a time, each kernel on one core.
 reproduce: install data
-	TQDM_DISABLE=1 $(PY) -m qg.pipeline --profile $(PROFILE)
+	TQDM_DISABLE=1 $(PY) -m qg.pipeline --profile $(PROFILE) --jobs $(JOBS)
 
 # After changing what a checked notebook cell prints: rerun smoke and store the outputs nbval compares.
 checks: install data

@@ -17,12 +17,14 @@ Modules, one job each; each imports only modules above it in this list:
   fidelity     how faithful a generated quantized model is, and whether it follows its input
   generator    the QuantGen generator (mixer blocks + embeddings + head) and its files
   train        the training loop (AdamW + cosine, resumable, DDP)
+  rpg          RPG mode: whole full-precision models sampled from noise (tokenizer of every tensor, fit, sample)
   schema       the profile schema: every key's type, range and meaning (pydantic)
   profiles     a run's settings (params/<name>.yaml), validated, and where its files live
   collect      collecting checkpoints and QAT targets (01_collect), and reading them back
   scoring      top-1 of a model file on the profile's test subset, predictions cached beside the file
   experiments  the generators each table needs and every method's quantized file (PTQ, controls, Gen)
   evaluation   scoring the experiments into tidy rows: evaluate, diagnose, convergence, ablations
+  rpg_study    RPG's own experiment (10_rpg): its samples, the baselines and the memorisation tests, scored
   tables       the paper's tables and figures from per-checkpoint scores
   pipeline     the papermill runner; __main__ the command line; bench the speed benchmark
 """

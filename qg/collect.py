@@ -279,6 +279,12 @@ class Collected:
         """The (architecture, task) pairs collected."""
         return [(a, t) for a, e in self.manifest["archs"].items() for t in e["tasks"]]
 
+    def pretrained(self, arch: str) -> Path:
+        """The pretrained checkpoint every task of `arch` starts from."""
+        if arch not in self.manifest["archs"]:
+            raise ValueError(f"01_collect made no {arch} for this profile; it has {list(self.manifest['archs'])}")
+        return self.path(self.manifest["archs"][arch]["pretrained"])
+
     def entry(self, arch: str, task: str) -> dict:
         """The manifest entry of one (architecture, task), as 01_collect wrote it (paths relative)."""
         try:

@@ -16,10 +16,14 @@ files is an error, not a reason to read another copy); else, for Fashion-MNIST, 
 `DEBIAN_FASHION_MNIST`, then the default cache `~/.cache/qg` (where a download goes when `QG_DATA` is unset).
 Each dataset's own folder may sit directly in one of these or in its usual sub-folder (`fashion-mnist/` or
 torchvision's `FashionMNIST/raw/`, `cifar-10-batches-py/`, `cifar-100-python/`, `imagenet/`).
+
+A binary task (RPG Sec. 4) is a dataset relabelled by an embedding of one 0/1 character per class, named
+`relabelled("fashion_mnist", "0110001011")` = `fashion_mnist~0110001011`: the same images, two classes.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import hashlib
@@ -56,10 +60,29 @@ DATASET_INFO = {
 }
 
 
+IN_MEMORY = ("fashion_mnist", "digits", "cifar10", "cifar100")  # decoded into an ImageTensorDataset
+RELABEL = "~"  # dataset name ~ embedding: a binary task
+
+
+def relabelled(name: str, embedding: str) -> str:
+    """The name of dataset `name` relabelled by `embedding`: class c becomes class int(embedding[c]) (RPG's
+    binary tasks; the embedding must hold both labels, one character per class)."""
+    full = f"{name}{RELABEL}{embedding}"
+    _check_name(full)
+    return full
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """(base dataset, embedding or None) of a dataset name."""
+    base, _, embedding = name.partition(RELABEL)
+    return base, embedding or None
+
+
 def dataset_info(name: str) -> dict:
     """`num_classes`, `in_chans`, `img_size`, `mean` and `std` of a dataset, enough to build its model."""
     _check_name(name)
-    return dict(DATASET_INFO[name])
+    base, embedding = split_name(name)
+    return {**DATASET_INFO[base], **({"num_classes": 2} if embedding else {})}
 
 
 def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> Dataset:
@@ -71,7 +94,16 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
     valid = SPLITS + ("val",) if name == "imagenet" else SPLITS
     if split not in valid:
         raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
-    return _LOADERS[name](split, root)
+    base, embedding = split_name(name)
+    dataset = _LOADERS[base](split, root)
+    return dataset if embedding is None else _relabel(dataset, embedding)
+
+
+def _relabel(dataset: "ImageTensorDataset", embedding: str) -> "ImageTensorDataset":
+    """The same images (shared, not copied) with class c labelled int(embedding[c])."""
+    out = copy.copy(dataset)
+    out.labels = torch.tensor([int(c) for c in embedding])[dataset.labels]
+    return out
 
 
 def fingerprint(name: str, split: str, root: str | os.PathLike | None = None) -> str:
@@ -88,6 +120,7 @@ def source_stamp(name: str, split: str, root=None) -> tuple:
     data and digests are keyed by, so that other files under the same names are read again in the same process
     (a notebook kernel that outlives a rerun of the data). Empty for digits (bundled with scikit-learn) and for an
     image folder (whose fingerprint is its listing)."""
+    name = split_name(name)[0]  # a binary task reads its base dataset's files
     if split not in SPLITS:  # not a split these files hold: load_dataset says so
         files = []
     elif name == "fashion_mnist":
@@ -124,8 +157,15 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
 
 
 def _check_name(name: str) -> None:
-    if name not in DATASET_INFO:
+    base, embedding = split_name(name)
+    if base not in DATASET_INFO:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_INFO)}")
+    if embedding is None:
+        return
+    classes = DATASET_INFO[base]["num_classes"]
+    if base not in IN_MEMORY or len(embedding) != classes or set(embedding) != {"0", "1"}:
+        raise ValueError(f"{name!r} is not a binary task: relabel one of {sorted(IN_MEMORY)} by a string of one 0 or 1 "
+                         f"per class ({classes} for {base}), holding both")
 
 
 class ImageTensorDataset(Dataset):
@@ -496,7 +536,7 @@ def batches(name: str, split: str, img_size: int, batch_size: int, shuffle: bool
     if subset is not None and subset < 1:
         raise ValueError(f"subset must be a positive number of examples or None, got {subset}")
     _check_name(name)
-    channels = DATASET_INFO[name]["in_chans"]
+    channels = dataset_info(name)["in_chans"]
     if norm is not None and any(len(v) != channels for v in norm):
         raise ValueError(f"normalisation {norm} does not have one mean and std per channel of {name} ({channels}): "
                          f"the model's `norm` was made for other data; fix or remove it in the profile")
@@ -508,7 +548,7 @@ def batches(name: str, split: str, img_size: int, batch_size: int, shuffle: bool
         data = _cached_tensors(name, split, img_size, subset, key_seed, root, norm, os.environ.get("QG_DATA"),
                                source_stamp(name, split, root))
         return TensorLoader(*data, batch_size, shuffle, seed)
-    info = DATASET_INFO[name]
+    info = dataset_info(name)
     return DataLoader(Resized(dataset, img_size, (info["mean"], info["std"]), norm), batch_size, shuffle=shuffle,
                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -21,7 +21,7 @@ is known:
 * **Memorisation** (`nearest_distances`, `error_iou`): is a generated model closer to its own target
   than to the nearest *training* target, compared with how far apart training targets are; and do its
   mistakes on the test set coincide with those of the nearest training model (IoU of the sets of
-  misclassified samples; 1 = a replica).
+  misclassified samples; 1 = a replica). Both work on full-precision models too (RPG's samples, `qg.rpg`).
 """
 
 from __future__ import annotations
@@ -100,36 +100,64 @@ def sensitivity(gen_a: dict, gen_b: dict, target_a: dict, target_b: dict) -> pd.
     return pd.DataFrame(rows)
 
 
+def _compared(sd: dict) -> list[str]:
+    """The tensors distances compare: a quantized model's quantized layers (its other tensors are copies
+    of its input), every floating tensor of a full-precision one."""
+    names = list(_quantized(sd)) or [k for k, v in sd.items() if v.is_floating_point()]
+    return sorted(names)
+
+
+def _value(sd: dict, name: str) -> torch.Tensor:
+    v = sd[name]
+    return (dequantize(v) if isinstance(v, QTensor) else v).double().reshape(-1)
+
+
 def _squared_distances(models: list[dict], refs: list[dict]) -> torch.Tensor:
-    """(len(models), len(refs)) squared distances of dequantized weights, summed layer by layer in float64.
+    """(len(models), len(refs)) squared distances of (dequantized) weights, summed layer by layer in float64.
 
     One layer of every reference is held at a time, so 40 training targets of a ViT-Base cost a few of its
     layers in memory, not 40 copies of the model.
     """
+    names = _compared(refs[0])
+    for m in models:
+        if _compared(m) != names:
+            raise ValueError("the models compared hold different tensors (quantized and full-precision ones mixed, "
+                             "or two architectures); compare models of one kind and architecture")
     out = torch.zeros(len(models), len(refs), dtype=torch.float64)
-    for name in sorted(_quantized(refs[0])):
-        R = torch.stack([dequantize(r[name]).double().reshape(-1) for r in refs])
+    for name in names:
+        R = torch.stack([_value(r, name) for r in refs])
         for i, m in enumerate(models):
-            out[i] += (R - dequantize(m[name]).double().reshape(-1)).pow(2).sum(1)
+            out[i] += (R - _value(m, name)).pow(2).sum(1)
     return out
 
 
-def _norm(qsd: dict) -> float:
-    return sum(float(dequantize(q).double().pow(2).sum()) for q in _quantized(qsd).values()) ** 0.5
+def _norm(sd: dict) -> float:
+    return sum(float(_value(sd, n).pow(2).sum()) for n in _compared(sd)) ** 0.5
 
 
-def nearest_distances(generated: list[dict], own: list[dict], train: list[dict]) -> pd.DataFrame:
+def distances(models: list[dict], refs: list[dict]) -> torch.Tensor:
+    """(len(models), len(refs)) Euclidean distances of the (dequantized) weights, relative to the mean norm of
+    `refs`: the matrix `nearest_distances` reads its nearest neighbours from."""
+    if not refs:
+        raise ValueError("distances needs at least one reference model")
+    scale = max(sum(_norm(r) for r in refs) / len(refs), 1e-12)
+    return _squared_distances(models, refs).sqrt() / scale
+
+
+def nearest_distances(generated: list[dict], own: list[dict] | None, train: list[dict]) -> pd.DataFrame:
     """For each generated model: distance to its own target and to the nearest training target.
 
-    All arguments are quantized state_dicts of one architecture. Distances (of the dequantized weights) are
-    relative to the mean norm of the training targets. A replica of the training set has
-    `to_nearest_train` ~ 0 and `to_own` > `to_nearest_train`; a faithful quantizer of new checkpoints has
-    `to_own` far below `to_nearest_train`. `train_spacing` (one number, repeated) is the median distance of
-    a training target to its nearest other training target: how far apart genuinely different models are.
+    All arguments are state_dicts of one architecture, all quantized (distances of the dequantized
+    quantized layers) or all full-precision (of every floating tensor: RPG's samples, which have no own
+    target, `own=None`). Distances are relative to the mean norm of the training models. A replica of the
+    training set has `to_nearest_train` ~ 0 and `to_own` > `to_nearest_train`; a faithful quantizer of new
+    checkpoints has `to_own` far below `to_nearest_train`. `train_spacing` (one number, repeated) is the
+    median distance of a training model to its nearest other training model: how far apart genuinely
+    different models are (a sample much closer to a training model than that is a replica of it).
     """
     if not train:
         raise ValueError("nearest_distances needs at least one training target")
-    if len(generated) != len(own):
+    if own is not None and len(generated) != len(own):
         raise ValueError(f"{len(generated)} generated models for {len(own)} own targets; pass one target per model")
     scale = max(sum(_norm(t) for t in train) / len(train), 1e-12)
     spacing = float("nan")
@@ -139,9 +167,10 @@ def nearest_distances(generated: list[dict], own: list[dict], train: list[dict])
         spacing = float(d.min(1).values.median()) / scale
     to_train = _squared_distances(generated, train).sqrt()
     rows = []
-    for i, (g, t) in enumerate(zip(generated, own)):
+    for i, g in enumerate(generated):
         j = int(to_train[i].argmin())
-        rows.append({"model": i, "to_own": float(_squared_distances([g], [t])[0, 0].sqrt()) / scale,
+        to_own = float("nan") if own is None else float(_squared_distances([g], [own[i]])[0, 0].sqrt()) / scale
+        rows.append({"model": i, "to_own": to_own,
                      "to_nearest_train": float(to_train[i, j]) / scale, "nearest_train": j, "train_spacing": spacing})
     return pd.DataFrame(rows)
 

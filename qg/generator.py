@@ -15,6 +15,10 @@
     target = `direct` (the paper's) or `residual` (ours, `qg.tokenizer`): the output is each code's offset
              from round-to-nearest, b the rounding remainder, and the output layer starts at zero, so an
              untrained generator decodes to RTN (PTQ) exactly and learns only where to depart from it.
+    RPG mode (`fp_input: false`, `qg.rpg`): no fp tokens in; the body reads the position (and condition)
+             embeddings only and the diffusion head samples whole full-precision models, as RPG does.
+             A condition is then a class name (one-hot, `conditions`) or, with `cond_bits`, any string of
+             that many 0/1 characters (RPG Sec. 4's task embedding, which reaches tasks never trained on).
 
 d_model defaults to the token size as in RPG; a narrower width adds input/output projections.
 A trained generator lives in a directory: `generator.safetensors` (weights), `generator.json` (config,
@@ -63,6 +67,8 @@ class GeneratorConfig:
     diffusion: dict = field(default_factory=dict)  # DiffusionHead kwargs, e.g. {"n_steps": 1000}
     skip: str = "none"  # "none" (the paper's head), "add" or "gain": the output relative to the input (ours)
     target: str = "direct"  # the tokenizer's: "direct" (the paper's) or "residual" (offsets from RTN, ours)
+    fp_input: bool = True  # False: RPG mode, no full-precision tokens in (`qg.rpg`)
+    cond_bits: int = 0  # > 0: a condition is a string of this many 0/1 characters, its vector those bits
 
     def __post_init__(self):
         if self.backbone not in MIXERS:
@@ -81,9 +87,27 @@ class GeneratorConfig:
         if self.target == "residual" and self.head != "mse":
             raise ValueError("the residual target starts from RTN through a zeroed MSE head; the diffusion head "
                              "samples from noise: use head: mse with target: residual")
+        if not self.fp_input and self.head != "diffusion":
+            raise ValueError("without fp input (RPG mode) an MSE head would return one model for every sample: "
+                             "set head: diffusion beside fp_input: false")
+        if self.cond_bits < 0:
+            raise ValueError(f"cond_bits must be >= 0, got {self.cond_bits}")
+        bad = [c for c in self.conditions if self.cond_bits and not _is_bits(c, self.cond_bits)]
+        if bad:
+            raise ValueError(f"with cond_bits={self.cond_bits} every condition is a string of {self.cond_bits} "
+                             f"0/1 characters; got {bad[:3]}")
+
+    @property
+    def cond_width(self) -> int:
+        """Width of the condition vector: the bits of a bit-string condition, or one per condition class."""
+        return self.cond_bits or len(self.conditions)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_bits(condition: str, n: int) -> bool:
+    return isinstance(condition, str) and len(condition) == n and set(condition) <= {"0", "1"}
 
 
 class LSTMMixer(nn.LSTM):
@@ -136,7 +160,7 @@ class Generator(nn.Module):
             raise ValueError(f"positions must be ({cfg.n_tokens}, 2) for this config, got {tuple(positions.shape)}")
         self.cfg = cfg
         self.register_buffer("pos_emb", sinusoidal_2d(positions, cfg.token_size), persistent=False)
-        self.cond_proj = nn.Linear(len(cfg.conditions), cfg.token_size, bias=False) if cfg.conditions else None
+        self.cond_proj = nn.Linear(cfg.cond_width, cfg.token_size, bias=False) if cfg.cond_width else None
         narrow = cfg.d_model != cfg.token_size
         self.proj_in = nn.Linear(cfg.token_size, cfg.d_model) if narrow else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -162,26 +186,43 @@ class Generator(nn.Module):
         return cls(cfg, tokenizer.layout.positions())
 
     def condition_vector(self, condition: str | None, batch: int = 1) -> torch.Tensor | None:
-        """One-hot row for a condition name (None for an unconditional generator)."""
-        if not self.cfg.conditions:
+        """The condition's row, repeated `batch` times: one-hot for a condition name, the bits of a bit-string
+        condition (`cond_bits`; seen in training or not); None for an unconditional generator."""
+        if not self.cfg.cond_width:
             if condition is not None:
                 raise ValueError(f"this generator is unconditional; got condition {condition!r}")
             return None
+        if self.cfg.cond_bits:
+            if not _is_bits(condition, self.cfg.cond_bits):
+                raise ValueError(f"this generator's conditions are strings of {self.cfg.cond_bits} 0/1 characters "
+                                 f"(e.g. {'01' * (self.cfg.cond_bits // 2) + '0' * (self.cfg.cond_bits % 2)!r}), "
+                                 f"got {condition!r}")
+            row = torch.tensor([float(c) for c in condition], device=self.pos_emb.device)
+            return row.expand(batch, -1).clone()
         if condition not in self.cfg.conditions:
             raise ValueError(f"condition must be one of {self.cfg.conditions}, got {condition!r}")
         onehot = torch.zeros(batch, len(self.cfg.conditions), device=self.pos_emb.device)
         onehot[:, self.cfg.conditions.index(condition)] = 1
         return onehot
 
+    def condition_matrix(self) -> torch.Tensor | None:
+        """(len(conditions), cond_width) rows of the training conditions, in order (None if unconditional):
+        what `TokenPairs.batch` indexes with each example's condition."""
+        if not self.cfg.conditions:
+            return None
+        return torch.cat([self.condition_vector(c) for c in self.cfg.conditions]).cpu()
+
     def features(self, tokens: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
-        """The body's output (batch, n_tokens, d_model) for fp tokens and an optional one-hot condition."""
+        """The body's output (batch, n_tokens, d_model) for fp tokens and an optional condition vector. In RPG
+        mode (`fp_input` false) the tokens' values are not read, only their batch size."""
         if tokens.shape[1:] != (self.cfg.n_tokens, self.cfg.token_size):
             raise ValueError(f"expected tokens of shape (batch, {self.cfg.n_tokens}, {self.cfg.token_size}), "
                              f"got {tuple(tokens.shape)}: the checkpoint's tokenizer layout differs from the generator's")
-        x = tokens + self.pos_emb
+        x = (tokens if self.cfg.fp_input else torch.zeros_like(tokens)) + self.pos_emb
         if self.cond_proj is not None:
             if onehot is None:
-                raise ValueError(f"this generator is conditional on {self.cfg.conditions}; pass a condition")
+                raise ValueError(f"this generator is conditional ({self.cfg.conditions or f'{self.cfg.cond_bits} bits'}); "
+                                 "pass a condition")
             x = x + self.cond_proj(onehot)[:, None, :]
         x = self.proj_in(x)
         for block in self.blocks:

@@ -4,6 +4,7 @@ Every notebook takes two papermill parameters, `profile` (see `qg.profiles`) and
 into it, `{}` by default), and reads the rest from the YAML, so one file and one mapping say what a run did.
 
     python -m qg.pipeline --profile cpu                  # every notebook, in order
+    python -m qg.pipeline --profile cpu --jobs 2         # 03-10 two at a time, one core each
     python -m qg.pipeline --profile smoke 01_collect     # one step
     python -m qg.pipeline --profile cpu --overrides "{train: {steps: 600}}" 02_train 03_generate   # a sweep point
 
@@ -25,7 +26,8 @@ from .io import HASH_SUFFIX, damaged
 from .profiles import ROOT, Paths, load_profile
 
 NOTEBOOKS = ("01_collect", "02_train", "03_generate", "04_ablate_padding", "05_ablate_diffusion",
-             "06_ablate_backbone", "07_ablate_token_size", "08_residual_qat", "09_real_files")
+             "06_ablate_backbone", "07_ablate_token_size", "08_residual_qat", "09_real_files", "10_rpg")
+SHARED = ("01_collect", "02_train")  # what every later notebook reads the cache of; the later ones write only their own
 
 
 def check_parameters(notebook: Path, parameters: dict) -> None:
@@ -38,8 +40,15 @@ def check_parameters(notebook: Path, parameters: dict) -> None:
         raise ValueError(f"{notebook.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
 
 
-def run(profile: str, notebooks: list[str] | None = None, parameters: dict | None = None) -> list[Path]:
-    """Execute notebooks in order with papermill; returns the executed copies' paths."""
+def run(profile: str, notebooks: list[str] | None = None, parameters: dict | None = None, jobs: int = 1) -> list[Path]:
+    """Execute notebooks with papermill; returns the executed copies' paths, in the notebooks' order.
+
+    `SHARED` notebooks run first, in order. With `jobs` > 1 the others, which read only those notebooks' caches
+    and write results of their own, run `jobs` at a time, each in its own process with its kernel limited to
+    its share of the cores (OMP_NUM_THREADS): two kernels whose OpenMP threads wait for each other on one core
+    slow each other down many times over."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     if profile.endswith((".yaml", ".yml")):  # the kernels run in notebooks/: a relative path must not change meaning
         profile = str(Path(profile).resolve())
     params = {"profile": profile, **(parameters or {})}
@@ -51,14 +60,40 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
         raise ValueError(f"unknown notebook(s) {unknown}; the pipeline's notebooks are {list(NOTEBOOKS)}")
     out_dir = Paths.for_profile(loaded).notebooks
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = []
-    for name in names:
-        source = ROOT / "notebooks" / f"{name}.ipynb"
-        check_parameters(source, params)
-        print(f"[qg.pipeline] {name} (profile {loaded['name']})", flush=True)
-        _execute(source, out_dir / f"{name}.ipynb", params)
-        done.append(out_dir / f"{name}.ipynb")
-    return done
+    for name in names:  # every notebook's parameters, before any runs
+        check_parameters(ROOT / "notebooks" / f"{name}.ipynb", params)
+    first = [n for n in names if jobs == 1 or n in SHARED]
+    for name in first:
+        _run_one(name, out_dir, params, loaded["name"])
+    later = [n for n in names if n not in first]
+    if later:
+        _in_parallel(later, jobs, out_dir, params, loaded["name"])
+    return [out_dir / f"{name}.ipynb" for name in names]
+
+
+def _run_one(name: str, out_dir: Path, params: dict, profile_name: str, threads: int | None = None) -> None:
+    if threads is not None:  # read by the kernel's torch when it starts
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    print(f"[qg.pipeline] {name} (profile {profile_name})", flush=True)
+    _execute(ROOT / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb", params)
+
+
+def _in_parallel(names: list[str], jobs: int, out_dir: Path, params: dict, profile_name: str) -> None:
+    """Run `names` `jobs` at a time in worker processes (papermill changes the process's working directory,
+    so two notebooks cannot share one), each taken from the queue as a worker frees; the first failure stops
+    the ones not started and is raised once the running ones end."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_one, name, out_dir, params, profile_name, threads) for name in names]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f.exception() for f in futures if f in done and f.exception() is not None]
+        for f in pending:
+            f.cancel()
+    if failed:
+        raise failed[0]
 
 
 def _execute(source: Path, out: Path, params: dict) -> None:
@@ -164,13 +199,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="a YAML mapping merged into the profile, e.g. \"{train: {steps: 600}}\"")
     p.add_argument("--verify", action="store_true",
                    help="check every cached artifact of the profile against its recorded hash; run nothing")
+    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 1)),
+                   help="after 01_collect and 02_train, run this many notebooks at a time (one core each on 2 cores)")
     p.add_argument("--store-checks", action="store_true",
                    help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)")
     args = p.parse_args(argv)
     if args.verify:
         sys.exit(verify(args.profile))
     try:
-        run(args.profile, args.notebooks or None, {"overrides": args.overrides} if args.overrides else None)
+        run(args.profile, args.notebooks or None, {"overrides": args.overrides} if args.overrides else None, args.jobs)
         if args.store_checks:
             for path in store_checks(args.profile, args.notebooks or None):
                 print(f"[qg.pipeline] stored checked outputs in {path.relative_to(ROOT)}")

@@ -142,6 +142,13 @@ def profile_problems(profile: dict) -> list[str]:
     missing = sorted(set(amortized.get("bits", [])) - set(profile.get("qat", {}).get("bits", [])))
     if missing:
         problems.append(f"amortized_qat.bits {missing} have no QAT targets: add them to qat.bits (01_collect makes them)")
+    rpg = profile.get("rpg") or {}
+    problems += [f"rpg.archs names {a!r}, not among {archs}" for a in rpg.get("archs", []) if a not in archs]
+    problems += [f"rpg uses {a}/{rpg.get('task', 'full')}, which 01_collect does not make"
+                 for a in rpg.get("archs", []) if a in archs and (a, rpg.get("task", "full")) not in collected]
+    binary = rpg.get("binary") or {}
+    if binary.get("arch") and binary["arch"] not in archs:
+        problems.append(f"rpg.binary.arch names {binary['arch']!r}, not among {archs}")
     convergence = profile.get("convergence") or {}
     if convergence.get("variants") and not {"bits", "granularity"} <= set(convergence):
         problems.append("convergence needs `bits` and `granularity` beside its `variants`")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 
 from . import qwt
-from .data import DATASET_INFO
+from .data import DATASET_INFO, IN_MEMORY
 from .diffusion import SAMPLERS
 from .generator import HEADS, MIXERS, SKIPS, GeneratorConfig
 from .quant import GRANULARITIES, SCHEMES
@@ -254,6 +254,52 @@ class Qwt(Block):
         description="the splits whose checkpoints get QwT rows (each fit costs about as much as scoring the model)")
 
 
+class BinaryRun(Block):
+    """Each binary classifier's head-only training (`qg.collect.TrainSpec`; the task sets dataset and head_only)."""
+
+    epochs: float = Field(3, gt=0, description="epochs over the training subset")
+    lr: Rate = Field(0.01, description="AdamW learning rate")
+    batch_size: Positive = Field(128, description="batch size")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    train_subset: Positive | None = Field(2000, description="seeded subset of the training set (all when null)")
+
+
+class RpgBinary(Block):
+    """10_rpg's unseen tasks (RPG Sec. 4): binary tasks of one dataset, head-only classifiers of a frozen model."""
+
+    arch: str | None = Field(None, description="architecture (default: the first of rpg.archs)")
+    dataset: Literal[IN_MEMORY] = Field("fashion_mnist", description="dataset whose classes are relabelled 0/1")
+    seen: Positive = Field(50, description="binary tasks RPG is trained on")
+    unseen: Positive = Field(10, description="binary tasks RPG is asked for, never trained on")
+    checkpoints: Positive = Field(3, description="classifiers per task (the last epoch of one run; RPG: 3)")
+    samples: Positive = Field(3, description="RPG samples per unseen task")
+    token_size: Positive = Field(16, description="values per token")
+    train: BinaryRun | None = Field(None, description="each classifier's head-only training")
+    generator: GeneratorBlock | None = Field(None, description="overrides of rpg.generator")
+    rpg_train: TrainBlock | None = Field(None, description="RPG's training (default: rpg.train)")
+
+
+class Rpg(Block):
+    """10_rpg: RPG's own job at our scale (`qg.rpg`): whole models sampled from noise, after RPG's Table 1."""
+
+    archs: list[str] = Field(min_length=1, description="architectures RPG generates")
+    task: str = Field("full", description="the task whose run-A training checkpoints RPG learns from")
+    samples: Positive = Field(10, description="models sampled per architecture (and per baseline)")
+    token_size: Positive = Field(128, description="values per token")
+    generator: GeneratorBlock | None = Field(None, description="the generator's settings (RPG mode: a diffusion head)")
+    train: TrainBlock | None = Field(None, description="RPG's training (default: the profile's train block)")
+    noise: float = Field(0.05, ge=0, description="noise baseline: a training checkpoint plus Gaussian noise of this "
+                                                  "fraction of each tensor's std")
+    average_of: Positive = Field(16, description="average baseline: the mean of this many training checkpoints (Zeng et al.)")
+    binary: RpgBinary | None = Field(None, description="the unseen-task study (unset: not run)")
+
+    @model_validator(mode="after")
+    def _diffusion(self):
+        if self.generator is not None and "head" in self.generator.model_fields_set and self.generator.head != "diffusion":
+            raise ValueError("RPG samples with the diffusion head: set generator.head: diffusion (or leave it unset)")
+        return self
+
+
 class Profile(Block):
     """A whole profile (`params/<name>.yaml`)."""
 
@@ -279,6 +325,7 @@ class Profile(Block):
     ablation: Ablation = Field(description="notebooks 04-07")
     controls: Controls = Field(description="03_generate's controls")
     qwt: Qwt | None = Field(None, description="QwT compensation in 03_generate (unset: no QwT rows)")
+    rpg: Rpg | None = Field(None, description="10_rpg (unset: the notebook has nothing to run)")
     # set by load_profile, not by a profile file
     name: str | None = None
     cache: str | None = None
@@ -300,7 +347,7 @@ class Profile(Block):
 
 MODELS = [Block, TrainRun, TokenizerBlock, DiffusionBlock, GeneratorBlock, TrainBlock, Arch, Checkpoints, Quant,
           Selection, Qat, Amortized, Overrides, Convergence, Table1, Pair, Eval, AblationSetup, Ablation, Controls,
-          Qwt, Profile]
+          Qwt, BinaryRun, RpgBinary, Rpg, Profile]
 KNOWN_KEYS = sorted({k for m in MODELS for k in m.model_fields})
 
 
@@ -343,7 +390,7 @@ def reference_markdown() -> str:
     """The README's profile reference: one table per section, from the schema itself."""
     out = []
     for model in (Profile, TrainRun, Arch, Checkpoints, Quant, Qat, TokenizerBlock, GeneratorBlock, DiffusionBlock,
-                  TrainBlock, Convergence, Table1, Eval, Ablation, Controls, Qwt):
+                  TrainBlock, Convergence, Table1, Eval, Ablation, Controls, Qwt, Rpg, RpgBinary, BinaryRun):
         out += [f"**{model.__name__}**: {(model.__doc__ or '').strip().splitlines()[0]}" if model.__doc__ else
                 f"**{model.__name__}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for key, f in model.model_fields.items():

@@ -91,10 +91,11 @@ class TokenPairs:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batch(self, idx: torch.Tensor, n_conditions: int) -> dict[str, torch.Tensor | None]:
-        """The `Generator.forward` arguments for sample indices `idx`: fp tokens, target tokens, one-hot
-        condition (or None), loss weights, base tokens and dead zone (or None)."""
-        onehot = torch.nn.functional.one_hot(self.cond[idx], n_conditions).float() if n_conditions else None
+    def batch(self, idx: torch.Tensor, conditions: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """The `Generator.forward` arguments for sample indices `idx`: fp tokens, target tokens, condition
+        vector (row `cond` of `conditions`, `Generator.condition_matrix`; None if unconditional), loss weights,
+        base tokens and dead zone (or None)."""
+        onehot = None if conditions is None else conditions[self.cond[idx]]
         return {"tokens": self.x[self.src[idx]], "target": self.y[idx], "onehot": onehot,
                 "mask": self.masks[self.cond[idx]], "base": self.base[idx],
                 "tolerance": None if self.tolerance is None else self.tolerance[idx]}
@@ -156,12 +157,12 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
     state_path = out_dir / "train_state.pt"
     step, losses, elapsed = _resume(state_path, model, opt, sched, cfg, device) if resume else (0, [], 0.0)
-    activation_mb, n_cond = float("nan"), len(model.cfg.conditions)
+    activation_mb, conditions = float("nan"), model.condition_matrix()
     start, last = time.perf_counter(), min(cfg.steps, stop_after or cfg.steps)
     bar = tqdm(range(step, last), initial=step, total=cfg.steps, desc="generator",
                disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))
     for step in bar:
-        batch = _batch(data, cfg, step, rank, world, n_cond, device)
+        batch = _batch(data, cfg, step, rank, world, conditions, device)
 
         def forward():
             return net(**batch, rng=_step_generator(cfg.seed, step, rank + 1))
@@ -187,10 +188,10 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
             "device": str(device), "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
 
 
-def _batch(data: TokenPairs, cfg: TrainConfig, step: int, rank: int, world: int, n_cond: int, device) -> dict:
+def _batch(data: TokenPairs, cfg: TrainConfig, step: int, rank: int, world: int, conditions, device) -> dict:
     """Step `step`'s batch: the same examples for every process count, each process taking its share."""
     idx = torch.randint(len(data), (cfg.batch_size,), generator=_step_generator(cfg.seed, step))[rank::world]
-    batch = {k: t.to(device) if t is not None else None for k, t in data.batch(idx, n_cond).items()}
+    batch = {k: t.to(device) if t is not None else None for k, t in data.batch(idx, conditions).items()}
     if not cfg.mask_padding:
         batch["mask"] = None
     return batch

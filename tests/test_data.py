@@ -38,6 +38,26 @@ def test_fashion_mnist_from_root(tmp_path):
     torch.testing.assert_close(image[0], expected)
 
 
+def test_a_binary_task_relabels_the_classes_of_the_same_images(tmp_path, monkeypatch):
+    images, labels = write_fashion_mnist(tmp_path / "fm", n_train=30)
+    monkeypatch.setenv("QG_DATA", str(tmp_path / "fm"))
+    name = data.relabelled("fashion_mnist", "0110001011")
+    assert name == "fashion_mnist~0110001011" and data.split_name(name) == ("fashion_mnist", "0110001011")
+    assert data.dataset_info(name)["num_classes"] == 2 and data.dataset_info("fashion_mnist")["num_classes"] == 10
+    task, base = data.load_dataset(name, "train"), data.load_dataset("fashion_mnist", "train")
+    assert torch.equal(task.pixels, base.pixels)  # the same images
+    assert task.labels.tolist() == [int("0110001011"[c]) for c in labels]
+    assert base.labels.tolist() == labels.tolist()  # the base dataset is untouched
+    x, y = next(iter(data.batches(name, "train", 28, 8)))
+    assert set(y.tolist()) <= {0, 1} and x.shape == (8, 1, 28, 28)
+    assert data.fingerprint(name, "train") != data.fingerprint("fashion_mnist", "train")
+    for bad in ("0000000000", "011", "01100010x1"):
+        with pytest.raises(ValueError, match="not a binary task"):
+            data.relabelled("fashion_mnist", bad)
+    with pytest.raises(ValueError, match="not a binary task"):
+        data.relabelled("imagenet", "01")  # streamed from folders: not relabelled
+
+
 @pytest.mark.parametrize("subdir", ["", "fashion-mnist", "FashionMNIST/raw"])
 def test_fashion_mnist_from_qg_data(tmp_path, monkeypatch, subdir):
     write_fashion_mnist(tmp_path / "store" / subdir, n_train=7)

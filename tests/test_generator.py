@@ -48,7 +48,7 @@ def test_diffusion_head_learns_tiny_pairs(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(tok, head="diffusion", diffusion={"n_steps": 100})
     model = Generator(cfg, tok.layout.positions())
-    batch = data.batch(torch.arange(2), 0)
+    batch = data.batch(torch.arange(2))
     x, y, mask = batch["tokens"], batch["target"], batch["mask"].bool()
 
     def sample_error():
@@ -240,7 +240,7 @@ def test_an_untrained_residual_generator_is_ptq(skip):
             if isinstance(qt, QTensor):
                 assert torch.equal(qsd[name].codes, qt.codes) and torch.equal(qsd[name].scale, qt.scale), (spec, name)
                 assert torch.equal(qsd[name].zero, qt.zero), (spec, name)
-    batch = data.batch(torch.arange(len(data)), len(data.conditions))
+    batch = data.batch(torch.arange(len(data)), torch.eye(len(data.conditions)))
     assert gen.model(**batch).item() == 0  # RTN is inside every dead zone: PTQ targets train nothing away
     with pytest.raises(ValueError, match="target"):
         Generator.for_tokenizer(tiny_config(tok, skip=skip, conditions=data.conditions), tok)

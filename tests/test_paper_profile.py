@@ -150,6 +150,11 @@ def tiny_paper_profile(tmp_path) -> dict:
                          head={"- diffusion": {}, "+ diffusion": {"head": "diffusion", "skip": "none", "diffusion": {
                              "n_steps": 20, "sampler": "ddim", "sample_steps": 4, "diffusion_batch": 8}}},
                          token_size={"32": 32, "64": 64})
+    P["rpg"].update(samples=2, token_size=32, train={"steps": 3, "batch_size": 2, "lr": 0.003, "ckpt_every": 3},
+                    generator={"n_layers": 1, "d_state": 16, "headdim": 16, "chunk_size": 32, "diffusion": {
+                        "n_steps": 20, "sampler": "ddim", "sample_steps": 4, "diffusion_batch": 8, "channels": [1, 8, 1]}},
+                    binary={"dataset": "cifar10", "seen": 3, "unseen": 1, "checkpoints": 2, "samples": 1, "token_size": 16,
+                            "train": {"epochs": 1, "lr": 0.01, "batch_size": 4, "train_subset": 8}})
     return P
 
 

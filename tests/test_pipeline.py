@@ -309,6 +309,20 @@ def test_a_failing_notebook_is_one_error_line_and_a_relative_output_stays_put(tm
     assert not (profiles.ROOT / "notebooks" / "out").exists()
 
 
+def test_notebooks_run_two_at_a_time_and_a_failure_is_reported(tmp_path, monkeypatch):
+    """--jobs 2: the notebooks after 02_train run in two worker processes; one that raises (here both: nothing
+    was collected) is reported with its own message, and each executed copy is where it belongs."""
+    monkeypatch.setenv("QG_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["--profile", "smoke", "--jobs", "2", "06_ablate_backbone", "07_ablate_token_size"])
+    assert str(err.value).startswith("error: 0") and "stopped in cell" in str(err.value)
+    executed = tmp_path / "out" / "results" / "notebooks" / "smoke"
+    assert sorted(p.name for p in executed.glob("*.ipynb")) == ["06_ablate_backbone.ipynb", "07_ablate_token_size.ipynb"]
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        pipeline.run("smoke", ["06_ablate_backbone"], jobs=0)
+
+
 def test_a_generator_on_qat_targets_is_retrained_when_a_target_changes(tmp_path, capsys):
     """QAT targets are collected files, not a function of the checkpoint as PTQ is: a generator trained on them
     records their digests too, and other targets under the same names train it again."""

@@ -31,7 +31,7 @@ def test_committed_profiles_validate_unchanged(name):
 def test_blocks_mirror_the_code_they_configure():
     assert set(schema.TrainBlock.model_fields) == _fields(TrainConfig) - {"seed"}
     assert set(schema.GeneratorBlock.model_fields) == _fields(GeneratorConfig) - {"token_size", "n_tokens", "conditions",
-                                                                                   "target"}
+                                                                                   "target", "fp_input", "cond_bits"}
     fit = set(inspect.signature(Tokenizer.fit).parameters) - {"cls", "fp_checkpoints", "quantized", "seed"}
     assert set(schema.TokenizerBlock.model_fields) == fit
     assert set(schema.TrainRun.model_fields) == _fields(TrainSpec)
