@@ -764,7 +764,8 @@ def rpg_figure(rows: pd.DataFrame):
         ax.set(title=title, xlabel="", ylabel="")
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=7, title="arch")
-    axes[1].set_xscale("symlog", linthresh=1e-3)
+    axes[1].set_xscale("symlog", linthresh=1e-3)  # from the training set's own spacing (~1e-3) to a stranger (~1)
+    axes[1].set_xlim(left=0)
     for ax in axes[1:]:
         ax.set_yticklabels([])
     fig.suptitle("RPG at our scale: new models, or replays of its training checkpoints?", y=1.02)
