@@ -781,7 +781,8 @@ def binary_table(rows: pd.DataFrame, record: dict, profile: dict, commit: str) -
                    to_nearest_train=("to_nearest_train", "median")).reset_index()
     tidy = stats.melt(id_vars=["arch", "embedding", "kind"], var_name="metric").assign(
         table="rpg_binary", profile=profile["name"], commit=commit)
-    wide = stats.pivot_table(index=["arch", "embedding"], columns="kind", values=["mean", "std", "best"], sort=False)
+    wide = stats.pivot_table(index=["arch", "embedding"], columns="kind", values=["mean", "std", "best"], sort=False,
+                             dropna=False)  # one sample per task has no std
     hamming = rows.groupby(["arch", "embedding"], sort=False)[["nearest_seen", "hamming"]].first()
     shown = pd.DataFrame({
         "original": [cell(m, s) for m, s in zip(wide["mean"]["original"], wide["std"]["original"])],
