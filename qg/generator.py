@@ -267,11 +267,66 @@ class Generator(nn.Module):
         return out + (base * (1 + self.proj_gain(feats)) if self.cfg.skip == "gain" else base)
 
 
-class QuantGen:
+class GeneratorDirectory:
+    """A trained generator with its tokenizer, kept in a directory: the tokenizer's files, `generator.safetensors`
+    (weights) and `generator.json` (config, conditions, training record), written last since it marks the directory
+    complete, each file's hash beside it. `QuantGen` and `qg.rpg.RPG` are its two kinds."""
+
+    FILES: tuple[str, ...] = ("generator.safetensors", "generator.json")  # after the tokenizer's own
+    TOKENIZER = Tokenizer  # what reads the tokenizer's files: `.load(directory)`, `.shape`
+    KIND, MARKER, HOW = "a generator", "generator.json", "notebooks/02_train.ipynb or qg.train"  # for a missing directory
+
+    def __init__(self, model: Generator, tokenizer, record: dict | None = None):
+        self.model, self.tokenizer, self.record = model, tokenizer, record or {}
+
+    @classmethod
+    def build(cls, cfg: GeneratorConfig, tokenizer) -> Generator:
+        """The untrained generator `cfg` describes, laid out for `tokenizer`."""
+        return Generator.for_tokenizer(cfg, tokenizer)
+
+    def save(self, directory) -> None:
+        """Write the directory (`FILES`; generator.json last), each file's hash beside it."""
+        directory = Path(directory)
+        self.tokenizer.save(directory)
+        save_safetensors(self.model.state_dict(), directory / "generator.safetensors")
+        write_json(directory / "generator.json", {"config": self.model.cfg.to_dict(), "record": self.record})
+        for name in self.FILES:
+            record_hash(directory / name)
+
+    @classmethod
+    def complete(cls, directory) -> bool:
+        """Whether a generator directory is whole: every file there and holding what was written (`verified`)."""
+        return all([verified(Path(directory) / name) for name in cls.FILES])  # a list: check (and warn on) each
+
+    @classmethod
+    def load(cls, directory, device: str = "cpu"):
+        """Load a generator directory, checking that weights, config and tokenizer agree."""
+        directory = Path(directory)
+        if not (directory / cls.MARKER).is_file():
+            raise FileNotFoundError(f"{directory} is not {cls.KIND} directory (no {cls.MARKER}); train one with {cls.HOW}")
+        info = read_json(directory / "generator.json")
+        tokenizer = cls.TOKENIZER.load(directory)
+        try:
+            cfg = GeneratorConfig(**info["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{directory}/generator.json does not describe a generator this version of qg builds: {e}") from e
+        if (cfg.n_tokens, cfg.token_size) != tokenizer.shape:
+            raise ValueError(f"{directory}: generator expects {cfg.n_tokens} tokens of {cfg.token_size}, "
+                             f"its tokenizer makes {tokenizer.shape}; the directory mixes files of two runs")
+        model = cls.build(cfg, tokenizer)
+        weights, _ = read_safetensors(directory / "generator.safetensors")
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{directory}/generator.safetensors does not match generator.json's architecture "
+                             f"({cfg.backbone}, {cfg.n_layers} layers, d_model {cfg.d_model}):\n{e}") from e
+        return cls(model.to(device), tokenizer, info.get("record", {}))
+
+
+class QuantGen(GeneratorDirectory):
     """A trained generator with its tokenizer: quantizes full-precision checkpoints of one architecture."""
 
-    def __init__(self, model: Generator, tokenizer: Tokenizer, record: dict | None = None):
-        self.model, self.tokenizer, self.record = model, tokenizer, record or {}
+    FILES = ("tokenizer.json", "tokenizer.safetensors", *GeneratorDirectory.FILES)
 
     @property
     def specs(self) -> list[QuantSpec]:
@@ -303,45 +358,3 @@ class QuantGen:
         generated = self.tokenizer.decode_quantized(out[0].cpu(), spec, fp_sd)  # .cpu() waits for a GPU to finish
         qsd: dict[str, QTensor | torch.Tensor] = {k: generated.get(k, v) for k, v in fp_sd.items()}
         return qsd, time.perf_counter() - start
-
-    FILES = ("tokenizer.json", "tokenizer.safetensors", "generator.safetensors", "generator.json")
-
-    def save(self, directory) -> None:
-        """Write the generator directory (`FILES`; generator.json last: it marks the directory complete), each
-        file's hash beside it."""
-        directory = Path(directory)
-        self.tokenizer.save(directory)
-        save_safetensors(self.model.state_dict(), directory / "generator.safetensors")
-        write_json(directory / "generator.json", {"config": self.model.cfg.to_dict(), "record": self.record})
-        for name in self.FILES:
-            record_hash(directory / name)
-
-    @classmethod
-    def complete(cls, directory) -> bool:
-        """Whether a generator directory is whole: every file there and holding what was written (`verified`)."""
-        return all([verified(Path(directory) / name) for name in cls.FILES])  # a list: check (and warn on) each
-
-    @classmethod
-    def load(cls, directory, device: str = "cpu") -> "QuantGen":
-        """Load a generator directory, checking that weights, config and tokenizer agree."""
-        directory = Path(directory)
-        if not (directory / "generator.json").is_file():
-            raise FileNotFoundError(f"{directory} is not a generator directory (no generator.json); "
-                                    "train one with notebooks/02_train.ipynb or qg.train")
-        info = read_json(directory / "generator.json")
-        tokenizer = Tokenizer.load(directory)
-        try:
-            cfg = GeneratorConfig(**info["config"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{directory}/generator.json does not describe a generator this version of qg builds: {e}") from e
-        if (cfg.n_tokens, cfg.token_size) != tokenizer.shape:
-            raise ValueError(f"{directory}: generator expects {cfg.n_tokens} tokens of {cfg.token_size}, "
-                             f"its tokenizer makes {tokenizer.shape}; the directory mixes files of two runs")
-        model = Generator.for_tokenizer(cfg, tokenizer)
-        weights, _ = read_safetensors(directory / "generator.safetensors")
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{directory}/generator.safetensors does not match generator.json's architecture "
-                             f"({cfg.backbone}, {cfg.n_layers} layers, d_model {cfg.d_model}):\n{e}") from e
-        return cls(model.to(device), tokenizer, info.get("record", {}))

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .generator import Generator, GeneratorConfig
-from .io import read_json, read_safetensors, record_hash, save_safetensors, verified, write_json
+from .generator import Generator, GeneratorConfig, GeneratorDirectory
+from .io import read_json, read_safetensors, save_safetensors, write_json
 from .quant import check_finite
 from .train import TokenPairs, TrainConfig, train
 
@@ -152,15 +152,21 @@ def training_data(tokenizer: ParamTokenizer, checkpoints: list[dict], conditions
                       src=torch.zeros(n, dtype=torch.long), cond=cond, masks=mask, conditions=names)
 
 
-class RPG:
+class RPG(GeneratorDirectory):
     """A trained RPG: its generator (RPG mode) and tokenizer, to sample whole models of one architecture."""
 
-    FILES = ("rpg_tokenizer.json", "rpg_tokenizer.safetensors", "generator.safetensors", "generator.json")
+    FILES = ("rpg_tokenizer.json", "rpg_tokenizer.safetensors", *GeneratorDirectory.FILES)
+    TOKENIZER = ParamTokenizer
+    KIND, MARKER, HOW = "an RPG", "rpg_tokenizer.json", "RPG.fit"
 
     def __init__(self, model: Generator, tokenizer: ParamTokenizer, record: dict | None = None):
         if model.cfg.fp_input or model.cfg.head != "diffusion":
             raise ValueError("RPG samples with a generator in RPG mode: GeneratorConfig(fp_input=False, head='diffusion')")
-        self.model, self.tokenizer, self.record = model, tokenizer, record or {}
+        super().__init__(model, tokenizer, record)
+
+    @classmethod
+    def build(cls, cfg: GeneratorConfig, tokenizer: ParamTokenizer) -> Generator:
+        return Generator(cfg, tokenizer.positions())
 
     @classmethod
     def fit(cls, checkpoints: list[dict], out_dir, generator: dict | None = None, train_cfg: TrainConfig | None = None,
@@ -177,7 +183,7 @@ class RPG:
                                  "head": "diffusion", "skip": "none", "conditions": data.conditions})
         train_cfg = train_cfg or TrainConfig()
         torch.manual_seed(train_cfg.seed)
-        model = Generator(cfg, tokenizer.positions())
+        model = cls.build(cfg, tokenizer)
         record = train(model, data, train_cfg, out_dir, device=device)
         rpg = cls(model.cpu(), tokenizer, record)
         rpg.save(out_dir)
@@ -199,39 +205,3 @@ class RPG:
         rng = torch.Generator(device).manual_seed(seed * 1_000_003 + index)
         tokens = self.model.generate(blank, self.model.condition_vector(condition), rng=rng)[0].cpu()
         return self.tokenizer.decode(tokens)
-
-    def save(self, directory) -> None:
-        """Write the RPG directory (`FILES`; generator.json last: it marks the directory complete)."""
-        directory = Path(directory)
-        self.tokenizer.save(directory)
-        save_safetensors(self.model.state_dict(), directory / "generator.safetensors")
-        write_json(directory / "generator.json", {"config": self.model.cfg.to_dict(), "record": self.record})
-        for name in self.FILES:
-            record_hash(directory / name)
-
-    @classmethod
-    def complete(cls, directory) -> bool:
-        return all([verified(Path(directory) / name) for name in cls.FILES])
-
-    @classmethod
-    def load(cls, directory, device: str = "cpu") -> "RPG":
-        """Load an RPG directory, checking that its weights, config and tokenizer agree."""
-        directory = Path(directory)
-        if not (directory / "rpg_tokenizer.json").is_file():
-            raise FileNotFoundError(f"{directory} is not an RPG directory (no rpg_tokenizer.json); train one with RPG.fit")
-        info = read_json(directory / "generator.json")
-        tokenizer = ParamTokenizer.load(directory)
-        try:
-            cfg = GeneratorConfig(**info["config"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{directory}/generator.json does not describe a generator this version of qg builds: {e}") from e
-        if (cfg.n_tokens, cfg.token_size) != tokenizer.shape:
-            raise ValueError(f"{directory}: the generator expects {cfg.n_tokens} tokens of {cfg.token_size}, its "
-                             f"tokenizer makes {tokenizer.shape}; the directory mixes files of two runs")
-        model = Generator(cfg, tokenizer.positions())
-        weights, _ = read_safetensors(directory / "generator.safetensors")
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{directory}/generator.safetensors does not match generator.json's architecture:\n{e}") from e
-        return cls(model.to(device), tokenizer, info.get("record", {}))

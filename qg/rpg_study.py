@@ -32,10 +32,15 @@ from .fidelity import distances, error_iou
 from .io import cached, content_digest, params_key, read_json, write_json
 from .models import ModelSpec, load_checkpoint, load_model_description, save_checkpoint, top1
 from .rpg import RPG
+from .schema import BinaryRun, Rpg, RpgBinary
 from .train import TrainConfig
 
 KINDS = ("original", "heldout", "generated", "noise", "average")
-DEFAULTS = {"task": "full", "samples": 10, "token_size": 128, "noise": 0.05, "average_of": 16}
+
+
+def _defaults(block) -> dict:
+    """A schema block's defaults that are values (a profile's dict holds only the keys its file set)."""
+    return {k: f.default for k, f in block.model_fields.items() if not f.is_required() and f.default is not None}
 
 
 def rpg_config(profile: dict) -> dict:
@@ -44,7 +49,7 @@ def rpg_config(profile: dict) -> dict:
     block = profile.get("rpg")
     if not block:
         raise ValueError("this profile has no `rpg` block: 10_rpg has nothing to run (see params/cpu.yaml)")
-    return {**DEFAULTS, **block, "generator": {**block.get("generator", {}), "head": "diffusion"},
+    return {**_defaults(Rpg), **block, "generator": {**block.get("generator", {}), "head": "diffusion"},
             "train": block.get("train", profile["train"])}
 
 
@@ -162,18 +167,14 @@ def task_split(n_classes: int, n_seen: int, n_unseen: int, seed: int) -> tuple[l
     return [every[i] for i in order[n_unseen: n_unseen + n_seen]], [every[i] for i in order[:n_unseen]]
 
 
-BINARY_DEFAULTS = {"dataset": "fashion_mnist", "seen": 50, "unseen": 10, "checkpoints": 3, "samples": 3, "token_size": 16,
-                   "train": {"epochs": 3, "lr": 0.01, "batch_size": 128, "train_subset": 2000}}
-
-
 def binary_config(profile: dict) -> dict:
     """The `rpg.binary` block with its defaults: the first of `rpg.archs`, RPG's generator and training settings."""
     rpg = rpg_config(profile)
     block = rpg.get("binary")
     if not block:
         raise ValueError("this profile has no `rpg.binary` block: the unseen-task study has nothing to run")
-    return {**BINARY_DEFAULTS, "arch": rpg["archs"][0], "rpg_train": rpg["train"], **block,
-            "train": {**BINARY_DEFAULTS["train"], **block.get("train", {})},
+    return {**_defaults(RpgBinary), "arch": rpg["archs"][0], "rpg_train": rpg["train"], **block,
+            "train": {**_defaults(BinaryRun), **block.get("train", {})},
             "generator": {**rpg["generator"], **block.get("generator", {}), "head": "diffusion"}}
 
 

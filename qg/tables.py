@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from . import paper, qwt
+from . import paper, qwt, rpg_study
 from .profiles import ablation_setup
 from .report import SPLIT_LABELS, cell, markdown, summarize
 
@@ -734,14 +734,15 @@ def rpg_table(rows: pd.DataFrame, records: dict, profile: dict, commit: str) -> 
                                    {k: v[k] for k in ("best", "mean", "median", "min", "std")})}
                                for model, v in paper.RPG_TABLE1.items() for kind in ("original", "generated")])
     shown = pd.concat([shown, paper_rows], ignore_index=True).fillna("")
+    conf = rpg_study.rpg_config(profile)
     train = "; ".join(f"{a}: {r['steps']} steps, {r['train_seconds']:.0f} s, {r['n_params']:,} parameters"
                       for a, r in records.items())
     return tidy, markdown(shown, "RPG at our scale: whole models sampled from noise (top-1 %)", [
         "Original: the run-A checkpoints RPG is trained on (its 'original' models, as in RPG's Table 1); held-out run: "
         "checkpoints of the same recipe with another seed, which RPG never sees, i.e. what genuinely new models of this "
         "recipe look like. Noise: a training checkpoint plus Gaussian noise of "
-        f"{profile['rpg'].get('noise', 0.05)} x each tensor's std; average: the mean of "
-        f"{profile['rpg'].get('average_of', 16)} randomly drawn training checkpoints (Zeng et al.'s two baselines).",
+        f"{conf['noise']} x each tensor's std; average: the mean of "
+        f"{conf['average_of']} randomly drawn training checkpoints (Zeng et al.'s two baselines).",
         "Distance to nearest train: Euclidean distance over every tensor to the nearest training checkpoint other than "
         "the model itself, relative to the training checkpoints' mean norm (for the originals it is the training set's "
         "own spacing); error IoU: overlap of the test samples the model and that checkpoint misclassify (1: the same "
@@ -799,13 +800,13 @@ def binary_table(rows: pd.DataFrame, record: dict, profile: dict, commit: str) -
     paper_row = {"arch": "RPG paper (ViT-Tiny, CIFAR-10, 20 unseen tasks)", "embedding": "", "original": cell(ref[:, 0].mean()),
                  "RPG best": round(ref[:, 1].mean(), 2), "RPG mean": cell(ref[:, 2].mean()), "nearest seen task": "NA"}
     shown = pd.concat([shown, pd.DataFrame([summary, paper_row])], ignore_index=True)
-    b = profile["rpg"]["binary"]
+    b = rpg_study.binary_config(profile)
     return tidy, markdown(shown, "RPG on binary tasks it never saw (top-1 %, RPG Tables 9 and 14 at our scale)", [
-        f"Each task relabels the {b.get('dataset', 'fashion_mnist')} classes 0/1 by its embedding; classifiers are the "
-        f"pretrained model's head retrained on frozen features ({b.get('checkpoints', 3)} per task). RPG is trained on "
+        f"Each task relabels the {b['dataset']} classes 0/1 by its embedding; classifiers are the "
+        f"pretrained model's head retrained on frozen features ({b['checkpoints']} per task). RPG is trained on "
         f"{record.get('seen_tasks')} seen tasks ({record.get('n_train_checkpoints')} classifiers, {record.get('steps')} "
         f"steps, {record.get('train_seconds', float('nan')):.0f} s), conditioned on the embedding, and generates "
-        f"{b.get('samples', 3)} heads per unseen task (the frozen rest is copied).",
+        f"{b['samples']} heads per unseen task (the frozen rest is copied).",
         "Original: the unseen task's own classifiers, which RPG never saw. Nearest seen task: the classifiers of the seen "
         "task whose embedding differs in the fewest classes (d), used as they are: the baseline that needs no generator.",
         f"Profile `{profile['name']}`."])
