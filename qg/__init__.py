@@ -1,6 +1,7 @@
 """QuantGen reproduction: generate quantized weights (codes, scale S, zero point Z) from full-precision ones.
 
 Modules, one job each; each imports only modules above it in this list:
+  kernels      the CPU kernels torch computes with, pinned before torch loads (floats independent of the machine)
   io           the cache rule, atomic writes, checked safetensors reads, content hashes; ROOT
   report       tidy tables, provenance (commit, inputs), deterministic figures
   paper        the paper's own numbers, printed beside ours
@@ -30,3 +31,7 @@ Modules, one job each; each imports only modules above it in this list:
 """
 
 __version__ = "0.1.0"
+
+from . import kernels  # noqa: E402  (before any module that imports torch)
+
+kernels.pin()

@@ -61,6 +61,7 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
     gen_cfg, train_cfg = setting.config(exp.profile, "generator"), setting.config(exp.profile, "train")
     return {"arch": setting.arch, "task": setting.task, "variant": setting.label, "bits": spec.bits,
             "granularity": spec.granularity, "split": split, "skip": gen_cfg.get("skip", "none"),
+            "base": setting.config(exp.profile, "tokenizer").get("base", "weights"),
             "d_model": gen_cfg.get("d_model") or setting.config(exp.profile, "tokenizer")["token_size"],
             "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
             "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),

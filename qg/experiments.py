@@ -212,7 +212,7 @@ class Experiment:
                    for spec in setting.specs}
         tok = setting.config(self.profile, "tokenizer")
         tokenizer = Tokenizer.fit(fp, targets, tok["token_size"], tok.get("padding", "gaussian"), self.profile["seed"],
-                                  tok.get("log_scale", False), tok.get("target", "direct"))
+                                  tok.get("log_scale", False), tok.get("target", "direct"), tok.get("base", "weights"))
         train_cfg = TrainConfig(seed=self.profile["seed"], **setting.config(self.profile, "train"))
         data = TokenPairs.build(tokenizer, fp, targets, conditional=setting.condition is not None,
                                 loss_weighting=train_cfg.loss_weighting)

@@ -12,6 +12,8 @@
              With the direct target b is the fp weight tokens: a normalised code is the normalised weight
              times a factor of its group (1 / S, up to the layer's statistics), so `gain` lets the body
              predict that factor instead of rebuilding every code value; `none` is the paper's head.
+             With the tokenizer's `base: rtn`, b is RTN of the input as target tokens (codes before
+             rounding, S, Z) and `add` starts from it: the factor of each group is given, not inferred.
     target = `direct` (the paper's) or `residual` (ours, `qg.tokenizer`): the output is each code's offset
              from round-to-nearest, b the rounding remainder, and the output layer starts at zero, so an
              untrained generator decodes to RTN (PTQ) exactly and learns only where to depart from it.
@@ -179,11 +181,19 @@ class Generator(nn.Module):
 
     @classmethod
     def for_tokenizer(cls, cfg: GeneratorConfig, tokenizer: Tokenizer) -> "Generator":
-        """A generator laid out for `tokenizer`'s sequences, refused if their targets differ."""
+        """A generator laid out for `tokenizer`'s sequences, refused if their targets differ. With the
+        tokenizer's `base: rtn` the output layer starts at zero, so the untrained generator decodes to RTN."""
         if cfg.target != tokenizer.target:
             raise ValueError(f"the generator is configured for the {cfg.target!r} target, its tokenizer encodes "
                              f"{tokenizer.target!r}: set GeneratorConfig(target=tokenizer.target)")
-        return cls(cfg, tokenizer.layout.positions())
+        if tokenizer.base == "rtn" and cfg.skip != "add":
+            raise ValueError(f"the tokenizer's base is RTN of the input, which the head adds to: set skip: add "
+                             f"(got skip: {cfg.skip!r})")
+        model = cls(cfg, tokenizer.layout.positions())
+        if tokenizer.base == "rtn":
+            nn.init.zeros_(model.proj_out.weight)
+            nn.init.zeros_(model.proj_out.bias)
+        return model
 
     def condition_vector(self, condition: str | None, batch: int = 1) -> torch.Tensor | None:
         """The condition's row, repeated `batch` times: one-hot for a condition name, the bits of a bit-string

@@ -17,6 +17,7 @@ import matplotlib
 import pandas as pd
 import torch
 
+from . import kernels
 from .io import ROOT, atomic_write, file_sha256, write_json
 
 GROUP_KEYS = ["arch", "task", "dataset", "source", "condition", "variant", "method", "bits", "granularity", "split"]
@@ -69,12 +70,14 @@ def _portable_values(value):
 
 
 def provenance(profile: dict, commit: str, inputs: list[Path] = (), extra: dict | None = None) -> dict:
-    """What produced a results file: profile and its parameters, code commit, input hashes, software."""
+    """What produced a results file: profile and its parameters, code commit, input hashes, software, and the
+    CPU kernels and threads its floats depend on (`qg.kernels`)."""
     return {"profile": profile["name"], "parameters": _portable_values(profile), "commit": commit,
             "inputs": {portable(p): file_sha256(p) for p in sorted(map(Path, inputs)) if Path(p).is_file()},
             "software": {"python": platform.python_version(), "torch": torch.__version__,
                          "pandas": pd.__version__, "matplotlib": matplotlib.__version__},
             "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+            "kernels": kernels.describe(),
             **(extra or {})}
 
 

@@ -28,7 +28,7 @@ from .data import DATASET_INFO, IN_MEMORY
 from .diffusion import SAMPLERS
 from .generator import HEADS, MIXERS, SKIPS, GeneratorConfig
 from .quant import GRANULARITIES, SCHEMES
-from .tokenizer import LOSS_WEIGHTINGS, PADDING_MODES, TARGETS
+from .tokenizer import BASES, LOSS_WEIGHTINGS, PADDING_MODES, TARGETS
 from .train import TrainConfig
 
 Bits = Annotated[int, Field(ge=2, le=8)]
@@ -63,6 +63,7 @@ class TokenizerBlock(Block):
     padding: Literal[PADDING_MODES] = Field("gaussian", description="what fills blank positions")
     log_scale: bool = Field(False, description="scales as log S (ours; the paper: false)")
     target: Literal[TARGETS] = Field("direct", description="direct (the paper's) or residual (offsets from RTN, ours)")
+    base: Literal[BASES] = Field("weights", description="what a skip adds to: the weights, or RTN of them (ours, direct only)")
 
 
 _G = GeneratorConfig

@@ -442,7 +442,7 @@ def fidelity_figure(diag: dict[str, pd.DataFrame]):
 
 def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
     """The convergence study (`evaluation.convergence_row` rows): tidy rows and a Markdown table per pair."""
-    keys = ["arch", "task", "variant", "bits", "granularity", "split", "skip", "d_model", "steps", "worst_layer"]
+    keys = ["arch", "task", "variant", "bits", "granularity", "split", "skip", "base", "d_model", "steps", "worst_layer"]
     tidy = rows.melt(id_vars=keys, var_name="metric").assign(table="convergence", profile=profile["name"], commit=commit)
     md = rows.drop(columns=["split", "bits", "granularity"]).rename(columns={
         "gen_minus_ptq": "Gen − PTQ", "codes_equal": "codes =", "code_mae": "code err", "code_mae_worst": "worst layer err",
@@ -459,7 +459,9 @@ def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[p
         "error of S. For the worst layer, its code error split in two (qg.fidelity.layer_fidelity): `its gain err` "
         "mean |a - 1| when each group's generated codes are fitted as a x target + b (a wrong range of the group), "
         "`its local err` the code error the fit leaves (per element); `its S err` its relative S error. "
-        "`skip`: the head (`none` is the paper's, see qg.generator). Train time on the machine in the provenance file."])
+        "`skip`: the head (`none` is the paper's, see qg.generator); `base`: what the skip adds to, the weights or "
+        "RTN of them (the group ranges given, with the rounding dead zone: qg.tokenizer). Train time on the machine "
+        "in the provenance file."])
 
 
 def convergence_figure(rows: pd.DataFrame):
@@ -481,7 +483,7 @@ def convergence_figure(rows: pd.DataFrame):
         ax.tick_params(axis="x", rotation=25)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    axes[0].set_yscale("log")
+    axes[0].set_yscale("symlog", linthresh=0.01)  # an exact copy of its target has error 0
     fig.tight_layout()
     return fig
 

@@ -24,7 +24,14 @@ The `target` says what the quantized side holds:
 
 `base_tokens` is what a generator's head is relative to (`skip`): the fp weight tokens (direct) or, for
 residual, the RTN rounding remainders w / S + Z - q_rtn in the code offsets' units, the input a rounding
-decision needs and the one thing the body cannot compute for itself (a group's max|w|).
+decision needs and the one thing the body cannot compute for itself (a group's max|w|). With `base: rtn`
+(ours, direct target only) the base is round-to-nearest of the input written as target tokens, before
+rounding: codes w / S_rtn + Z_rtn, S_rtn (or log S_rtn) and Z_rtn in the target's own normalisation. The
+target tokens stay the paper's; the skip changes, from the weights (which a code equals up to a factor 1 / S
+of its group, a max over the group that the body has to infer) to a value a PTQ target is within half a step
+of, and the MSE gets the residual target's dead zone (`loss_tolerance`), without which it fits the rounding
+of the training checkpoints and moves codes of new ones (measured: -2.7 points at 3 bits, ViT head-only).
+02_train's convergence study measures what the change buys.
 
 A layout serves one or several quantization specs (a conditional generator covers several): S/Z segments
 are sized for the spec with the most groups, and each spec has its own statistics. The position of a
@@ -47,6 +54,7 @@ LOSS_WEIGHTINGS = ("element", "segment")
 MAX_LOG_SCALE = 80.0  # a diverged generated log S decodes to a huge but finite S, never inf
 KINDS = ("weight", "scale", "zero")
 TARGETS = ("direct", "residual")
+BASES = ("weights", "rtn")
 ROUNDING_MARGIN = 0.1  # code units: how far past a rounding boundary a departing residual offset must be predicted
 
 
@@ -185,18 +193,25 @@ class Tokenizer:
     """Encodes fp checkpoints and quantized checkpoints into token sequences and decodes generated tokens."""
 
     def __init__(self, layout: Layout, fp_stats: torch.Tensor, q_stats: dict[str, torch.Tensor],
-                 padding: str = "gaussian", seed: int = 0, log_scale: bool = False, target: str = "direct"):
+                 padding: str = "gaussian", seed: int = 0, log_scale: bool = False, target: str = "direct",
+                 base: str = "weights"):
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if base not in BASES:
+            raise ValueError(f"base must be one of {BASES}, got {base!r}")
+        if base == "rtn" and target != "direct":
+            raise ValueError("base: rtn is for the direct target; the residual target's base is already relative to RTN "
+                             "(its rounding remainders): leave base: weights")
         self.layout, self.fp_stats, self.q_stats = layout, fp_stats, q_stats
-        self.padding, self.seed, self.log_scale, self.target = padding, seed, log_scale, target
+        self.padding, self.seed, self.log_scale, self.target, self.base = padding, seed, log_scale, target, base
         self._canvas = {side: self._fill(self.seed + i) for i, side in enumerate(("fp", "quantized"))}
 
     @classmethod
     def fit(cls, fp_checkpoints: list[dict], quantized: dict[QuantSpec, list[dict]], token_size: int,
-            padding: str = "gaussian", seed: int = 0, log_scale: bool = False, target: str = "direct") -> "Tokenizer":
+            padding: str = "gaussian", seed: int = 0, log_scale: bool = False, target: str = "direct",
+            base: str = "weights") -> "Tokenizer":
         """Build the layout and fit normalisation statistics on training checkpoints only.
 
         `quantized` maps each spec the tokenizer serves to quantized state_dicts (`quantize_state_dict`),
@@ -225,7 +240,7 @@ class Tokenizer:
                 parts = [_parts(q[n], log_scale, r[n]) for q, r in zip(qsds, rtns)]
                 rows.append([stat([p[k] for p in parts]) for k in range(len(KINDS))])
             q_stats[spec.name] = torch.tensor(rows)  # (layers, 3 kinds, [mean, std])
-        return cls(layout, fp_stats, q_stats, padding, seed, log_scale, target)
+        return cls(layout, fp_stats, q_stats, padding, seed, log_scale, target, base)
 
     @property
     def specs(self) -> list[QuantSpec]:
@@ -328,7 +343,9 @@ class Tokenizer:
     def base_tokens(self, fp_sd: dict, spec: QuantSpec) -> torch.Tensor:
         """What a generator's output is relative to (its `skip`), zero where no weight sits: the fp weight
         tokens (direct target) or the RTN remainders in the code offsets' units (residual target), so that
-        copying them decodes to the input's own RTN codes."""
+        copying them decodes to the input's own RTN codes; with `base: rtn`, RTN of the input as target tokens."""
+        if self.base == "rtn":
+            return self._rtn_tokens(fp_sd, spec)
         if self.target == "direct":
             return self.encode_fp(fp_sd) * self.layout.value_mask(spec, "fp")
         stats = self.q_stats[self._spec(spec).name]
@@ -336,6 +353,20 @@ class Tokenizer:
         values = {(li, "weight"): remainder(fp_sd[name].float(), rtn[name]).reshape(-1) / stats[li, 0, 1]
                   for li, (name, _) in enumerate(self.layout.shapes)}
         return self._write("quantized", values) * self.layout.value_mask(spec, "fp")
+
+    def _rtn_tokens(self, fp_sd: dict, spec: QuantSpec) -> torch.Tensor:
+        """RTN of `fp_sd` under `spec` in the target's normalisation, codes before rounding (w / S + Z), zero
+        where no value sits: a PTQ target's tokens are within half a step of it, and decode to it exactly."""
+        self.layout.check(fp_sd, "the full-precision checkpoint")
+        stats, values = self.q_stats[self._spec(spec).name], {}
+        for li, (name, _) in enumerate(self.layout.shapes):
+            w = fp_sd[name].float()
+            rtn = quantize(w, spec)
+            unrounded = QTensor(rtn.codes.float() + remainder(w, rtn), rtn.scale, rtn.zero, spec)
+            for k, (kind, t) in enumerate(zip(KINDS, _parts(unrounded, self.log_scale))):
+                mean, std = stats[li, k].tolist()
+                values[(li, kind)] = (t.reshape(-1) - mean) / std
+        return self._write("quantized", values) * self.loss_mask(spec)
 
     def decode_fp(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Full-precision tokens -> the quantizable weights they hold (inverse of `encode_fp`)."""
@@ -347,25 +378,31 @@ class Tokenizer:
                 out[name] = (self._read(tokens, seg, math.prod(shape)) * std + mean).reshape(shape)
         return out
 
-    def loss_tolerance(self, target: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
-        """Half-width of the loss's dead zone at each position of a target sequence (None for the direct target).
+    def loss_tolerance(self, target: torch.Tensor, spec: QuantSpec, base: torch.Tensor | None = None
+                       ) -> torch.Tensor | None:
+        """Half-width of the loss's dead zone at each position of a target sequence (None for the direct target
+        relative to the weights, the paper's plain MSE).
 
-        With the residual target, an integer offset (code or Z) is right when the prediction rounds to it, so
-        the loss counts only the distance beyond the rounding boundary: 0.5 (in code units) where the target
-        keeps RTN's value - a tie rounds to 0, so RTN itself costs nothing and PTQ targets train nothing away -
-        and 0.5 - ROUNDING_MARGIN where it departs, so a prediction has to cross the boundary, not stop on it.
-        S's log ratio is continuous: no dead zone.
+        Relative to RTN (the residual target, or the direct one with `base: rtn`, whose `base` tokens are
+        needed here), an integer (code or Z) is right when the prediction rounds to it, so the loss counts only
+        the distance beyond the rounding boundary: 0.5 (in code units) where the target keeps RTN's value - a
+        tie rounds to RTN's, so RTN itself costs nothing and PTQ targets train nothing away - and
+        0.5 - ROUNDING_MARGIN where it departs, so a prediction has to cross the boundary, not stop on it.
+        S is continuous: no dead zone.
         """
-        if self.target == "direct":
+        if self.target == "direct" and self.base == "weights":
             return None
+        if self.base == "rtn" and base is None:
+            raise ValueError("the dead zone of the RTN base is relative to RTN of the checkpoint: pass its base tokens")
         stats, ts = self.q_stats[self._spec(spec).name], self.layout.token_size
         flat, tol = target.reshape(-1), torch.zeros(target.numel())
+        offset = flat if self.target == "residual" else flat - base.reshape(-1)  # from RTN, normalised
         for seg in self.layout.segments:
             if seg.kind == "scale":
                 continue
             std = float(stats[seg.layer_index, KINDS.index(seg.kind), 1])
             at = slice(seg.start * ts, seg.start * ts + self.layout.numel(seg, spec))
-            departs = (flat[at] * std).abs() > 0.5
+            departs = (offset[at] * std).abs() > 0.5
             tol[at] = torch.where(departs, 0.5 - ROUNDING_MARGIN, 0.5) / std
         return tol.view_as(target)
 
@@ -399,7 +436,7 @@ class Tokenizer:
         tensors = {"fp_stats": self.fp_stats, **{f"q_stats/{k}": v for k, v in self.q_stats.items()}}
         save_safetensors(tensors, directory / "tokenizer.safetensors")
         write_json(directory / "tokenizer.json", {"layout": self.layout.to_dict(), "padding": self.padding, "seed": self.seed,
-                                                  "log_scale": self.log_scale, "target": self.target})
+                                                  "log_scale": self.log_scale, "target": self.target, "base": self.base})
 
     @classmethod
     def load(cls, directory) -> "Tokenizer":
@@ -408,4 +445,4 @@ class Tokenizer:
         tensors, _ = read_safetensors(directory / "tokenizer.safetensors")
         q_stats = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("q_stats/")}
         return cls(Layout.from_dict(config["layout"]), tensors["fp_stats"], q_stats, config["padding"], config["seed"],
-                   config.get("log_scale", False), config.get("target", "direct"))
+                   config.get("log_scale", False), config.get("target", "direct"), config.get("base", "weights"))

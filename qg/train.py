@@ -52,7 +52,7 @@ class TokenPairs:
     head's skip starts from (`base`, one row per target: `Tokenizer.base_tokens`), which fp row each target
     comes from (`src`), its condition index (`cond`), the loss weights of each condition (`masks`: 0 on
     padding; see `Tokenizer.loss_weights`) and, for the residual target, each target's dead zone
-    (`tolerance`: `Tokenizer.loss_tolerance`; None for the direct target)."""
+    (`tolerance`: `Tokenizer.loss_tolerance`; None for the paper's plain MSE)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -80,7 +80,7 @@ class TokenPairs:
             for i, (sd, qsd) in enumerate(zip(fp_checkpoints, quantized[spec])):
                 ys.append(tokenizer.encode_quantized(qsd, spec, sd))
                 bases.append(tokenizer.base_tokens(sd, spec))
-                tols.append(tokenizer.loss_tolerance(ys[-1], spec))
+                tols.append(tokenizer.loss_tolerance(ys[-1], spec, bases[-1]))
                 src.append(i)
                 cond.append(c)
         masks = torch.stack([tokenizer.loss_weights(s, loss_weighting) for s in specs])

@@ -310,3 +310,50 @@ def test_a_residual_generator_learns_a_departure_from_rtn(tmp_path):
     right = sum(int((qsd[k].codes == target[k].codes)[m].sum()) for k, m in moved.items())
     assert right / sum(int(m.sum()) for m in moved.values()) > 0.6
     assert QuantGen.load(tmp_path).tokenizer.target == "residual"
+
+
+def rtn_base_data(specs=(SPEC,), n=3):
+    sds = tiny_checkpoints(n)
+    qs = {s: [quantize_state_dict(sd, s) for sd in sds] for s in specs}
+    tok = Tokenizer.fit(sds, qs, 32, log_scale=True, base="rtn")
+    return tok, TokenPairs.build(tok, sds, qs, conditional=len(specs) > 1), sds, qs
+
+
+def test_the_rtn_base_is_within_half_a_step_of_ptq_and_an_untrained_generator_on_it_is_ptq(tmp_path):
+    """`base: rtn`: the skip adds to RTN of the input (codes before rounding), so a PTQ target's codes are
+    within half a step of the base, S and Z equal it, the zero-initialised head decodes to PTQ exactly and
+    its loss, inside the rounding dead zone, is zero."""
+    specs = (QuantSpec(3, "group", group_size=16), QuantSpec(8, "channel"), QuantSpec(4, "group", 16, "asymmetric"))
+    tok, data, sds, qs = rtn_base_data(specs)
+    stats = {s: tok.q_stats[s.name] for s in specs}
+    for i, spec in enumerate(specs):
+        rows = data.cond == i
+        gap = (data.y[rows] - data.base[rows]) * data.masks[i]
+        for seg in tok.layout.segments:  # in code units: a code's gap is its rounding, S and Z have none
+            at = slice(seg.start, seg.start + seg.n_tokens)
+            step = float(stats[spec][seg.layer_index, ("weight", "scale", "zero").index(seg.kind), 1])
+            bound = 0.5 + 1e-4 if seg.kind == "weight" else 1e-4
+            assert (gap[:, at] * step).abs().max() <= bound, (spec.name, seg.kind)
+    torch.manual_seed(0)
+    gen = QuantGen(Generator.for_tokenizer(tiny_config(tok, skip="add", conditions=data.conditions), tok), tok)
+    for spec in specs:
+        qsd, _ = gen.quantize(sds[1], spec)
+        for name, qt in qs[spec][1].items():
+            if isinstance(qt, QTensor):
+                assert torch.equal(qsd[name].codes, qt.codes), (spec.name, name)
+                torch.testing.assert_close(qsd[name].scale, qt.scale, rtol=1e-5, atol=0)
+                assert torch.equal(qsd[name].zero, qt.zero), (spec.name, name)
+    batch = data.batch(torch.arange(len(data)), torch.eye(len(data.conditions)))
+    assert gen.model(**batch).item() == 0  # PTQ is inside every dead zone: PTQ targets train nothing away
+    gen.save(tmp_path)
+    assert QuantGen.load(tmp_path).tokenizer.base == "rtn"
+
+
+def test_the_rtn_base_is_refused_where_it_means_nothing():
+    tok, data, sds, qs = rtn_base_data()
+    with pytest.raises(ValueError, match="skip: add"):
+        Generator.for_tokenizer(tiny_config(tok, skip="gain"), tok)
+    with pytest.raises(ValueError, match="residual"):
+        Tokenizer.fit(sds, qs, 32, target="residual", base="rtn")
+    with pytest.raises(ValueError, match="base must be one of"):
+        Tokenizer.fit(sds, qs, 32, base="weight")
