@@ -484,6 +484,7 @@ def convergence_figure(rows: pd.DataFrame):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     axes[0].set_yscale("symlog", linthresh=0.01)  # an exact copy of its target has error 0
+    axes[0].set_ylim(bottom=0)
     fig.tight_layout()
     return fig
 
