@@ -59,10 +59,10 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
     ev = evaluate(exp, setting, ("ptq", "gen"), splits=(split,))
     acc = ev.groupby("method").accuracy.mean()
     gen_cfg, train_cfg = setting.config(exp.profile, "generator"), setting.config(exp.profile, "train")
+    tok_cfg = setting.config(exp.profile, "tokenizer")
     return {"arch": setting.arch, "task": setting.task, "variant": setting.label, "bits": spec.bits,
             "granularity": spec.granularity, "split": split, "skip": gen_cfg.get("skip", "none"),
-            "base": setting.config(exp.profile, "tokenizer").get("base", "weights"),
-            "d_model": gen_cfg.get("d_model") or setting.config(exp.profile, "tokenizer")["token_size"],
+            "base": tok_cfg.get("base", "weights"), "d_model": gen_cfg.get("d_model") or tok_cfg["token_size"],
             "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
             "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),
             "code_mae_worst": layers.code_mae.max(), "worst_layer": worst,

@@ -16,7 +16,7 @@ better: on an AVX-512 Xeon, 01_collect's pretraining took 23.0 s instead of 16.6
 reproducibility mode at a fixed thread count; for the whole stack it is expected, not yet observed (a rerun on
 another machine type, compared with the committed 01_collect table, is the check). It takes effect only if
 set before torch is first imported: `import qg` does it when it comes first, and the pipeline sets it for
-every kernel it starts. Variables already set are left alone, and
+every kernel it starts (they inherit the environment). Variables already set are left alone, and
 QG_NATIVE_KERNELS=1 turns pinning off (the machine's fastest kernels; results then carry its fingerprint).
 The thread count is not pinned: it is the machine's core count (or OMP_NUM_THREADS), and `qg.pipeline --jobs`
 changes it, so a run with jobs > 1 is not bit-identical to a serial one.

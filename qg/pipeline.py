@@ -22,7 +22,6 @@ from pathlib import Path
 
 import yaml
 
-from . import kernels
 from .io import HASH_SUFFIX, damaged
 from .profiles import ROOT, Paths, load_profile
 
@@ -126,8 +125,8 @@ class NotebookError(RuntimeError):
 def _kernel_environment() -> None:
     """What the kernels inherit: QG_OUTPUT made absolute (they run in notebooks/, where a relative one would
     point elsewhere), this checkout first on PYTHONPATH (so they import its qg, not another checkout's
-    editable install) and the pinned CPU kernels (`qg.kernels`, whatever a notebook imports first)."""
-    kernels.pin()
+    editable install); they also inherit the pinned CPU kernels that `import qg` set in this process's
+    environment (`qg.kernels`), whatever a notebook imports first."""
     if os.environ.get("QG_OUTPUT"):
         os.environ["QG_OUTPUT"] = str(Path(os.environ["QG_OUTPUT"]).resolve())
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]

@@ -358,15 +358,10 @@ class Tokenizer:
         """RTN of `fp_sd` under `spec` in the target's normalisation, codes before rounding (w / S + Z), zero
         where no value sits: a PTQ target's tokens are within half a step of it, and decode to it exactly."""
         self.layout.check(fp_sd, "the full-precision checkpoint")
-        stats, values = self.q_stats[self._spec(spec).name], {}
-        for li, (name, _) in enumerate(self.layout.shapes):
-            w = fp_sd[name].float()
-            rtn = quantize(w, spec)
-            unrounded = QTensor(rtn.codes.float() + remainder(w, rtn), rtn.scale, rtn.zero, spec)
-            for k, (kind, t) in enumerate(zip(KINDS, _parts(unrounded, self.log_scale))):
-                mean, std = stats[li, k].tolist()
-                values[(li, kind)] = (t.reshape(-1) - mean) / std
-        return self._write("quantized", values) * self.loss_mask(spec)
+        rtn = _rtn(fp_sd, [n for n, _ in self.layout.shapes], spec)
+        unrounded = {n: QTensor(q.codes.float() + remainder(fp_sd[n].float(), q), q.scale, q.zero, spec)
+                     for n, q in rtn.items()}
+        return self.encode_quantized(unrounded, spec) * self.loss_mask(spec)
 
     def decode_fp(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Full-precision tokens -> the quantizable weights they hold (inverse of `encode_fp`)."""

@@ -1,6 +1,7 @@
 """The pinned CPU kernels (qg.kernels): what `pin` sets, that `import qg` first pins this process's torch, and
 that the provenance of every results file says which kernels and how many threads made its floats."""
 
+import os
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ def test_native_kernels_opt_out_sets_nothing():
 
 
 def test_import_qg_first_pins_torch():
-    env = {k: v for k, v in __import__("os").environ.items() if k not in kernels.PINNED and k != "QG_NATIVE_KERNELS"}
+    env = {k: v for k, v in os.environ.items() if k not in kernels.PINNED and k != "QG_NATIVE_KERNELS"}
     assert _probe(env) == ["AVX2", "AVX2,STRICT"]
     native = _probe({**env, "QG_NATIVE_KERNELS": "1"})
     assert native[1] == "None"  # MKL left to pick the machine's own path
