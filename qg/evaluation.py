@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .experiments import SPLITS, Experiment, Setting, ablation_settings, evenly_spaced
+from .experiments import GENERATORS, QWT_SUFFIX, SPLITS, Experiment, Setting, ablation_settings, evenly_spaced
 from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
 from .models import build_from, load_checkpoint, predict, progress, top1
 from .quant import QuantSpec, load_quantized, read_quantized, read_quantized_meta, storage
@@ -26,7 +26,8 @@ from .runtime import latency, load_runtime, max_logit_difference, weight_bytes
 def evaluate(exp: Experiment, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
              splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
     """One row per (method, spec, split, checkpoint): accuracy and the seconds that model took."""
-    quantgen = exp.generator(setting) if "gen" in methods else None
+    quantgens = {m.removesuffix(QWT_SUFFIX): None for m in methods}
+    quantgens = {m: exp.generator(setting.generator_for(m)) for m in GENERATORS if m in quantgens}
     dataset = exp.collected.entry(setting.arch, setting.task)["task"]["dataset"]
     rows = []
     for split, ckpts in exp.collected.splits(setting.arch, setting.task).items():
@@ -35,7 +36,7 @@ def evaluate(exp: Experiment, setting: Setting, methods: tuple[str, ...] = ("fp"
         for ckpt in evenly_spaced(ckpts, exp.profile["eval"].get("per_split")):
             for spec in setting.specs:
                 for method in methods:
-                    path = exp.model_file(setting, spec, ckpt, method, quantgen)
+                    path = exp.model_file(setting, spec, ckpt, method, quantgens.get(method.removesuffix(QWT_SUFFIX)))
                     seconds = 0.0 if method == "fp" else read_quantized_meta(path)[1]["seconds"]
                     rows.append(_row(setting, dataset, spec, split, ckpt, method, exp.scorer.score(path), seconds))
     return pd.DataFrame(rows)
@@ -58,12 +59,12 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
     worst = layers.code_mae.idxmax()
     ev = evaluate(exp, setting, ("ptq", "gen"), splits=(split,))
     acc = ev.groupby("method").accuracy.mean()
-    gen_cfg, train_cfg = setting.config(exp.profile, "generator"), setting.config(exp.profile, "train")
+    gen_cfg = setting.config(exp.profile, "generator")
     tok_cfg = setting.config(exp.profile, "tokenizer")
     return {"arch": setting.arch, "task": setting.task, "variant": setting.label, "bits": spec.bits,
             "granularity": spec.granularity, "split": split, "skip": gen_cfg.get("skip", "none"),
             "base": tok_cfg.get("base", "weights"), "d_model": gen_cfg.get("d_model") or tok_cfg["token_size"],
-            "steps": train_cfg["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
+            "steps": record["steps"], "n_params": record["n_params"], "train_seconds": record["train_seconds"],
             "final_loss": record["final_loss"], "codes_equal": layers.codes_equal.mean(), "code_mae": layers.code_mae.mean(),
             "code_mae_worst": layers.code_mae.max(), "worst_layer": worst,
             "worst_gain_err": layers.group_gain_err[worst], "worst_local_err": layers.code_mae_local[worst],

@@ -19,7 +19,7 @@ import copy
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,9 @@ SPLITS = ("trained", "heldout_ckpt", "heldout_run")
 CONTROLS = ("noise", "soup")  # PTQ of a modified input (Experiment.control)
 SOURCES = ("ptq", "qat")
 QWT_SUFFIX = "+qwt"  # a method name with it: that method's file with QwT on top (Experiment.compensated)
+# The generators a setting's models can come from, by method: its own (`gen`), and the same on the RTN base
+# (`gen-rtn`: the skip adds to round-to-nearest of the input, the group ranges given; qg.tokenizer): overrides, label
+GENERATORS = {"gen": ({}, ""), "gen-rtn": ({"tokenizer": {"base": "rtn"}, "generator": {"skip": "add"}}, "RTN base")}
 
 
 @dataclass
@@ -68,6 +71,16 @@ class Setting:
         """Names the generator (not the ablation label: a variant equal to the default shares its generator)."""
         what = f"cond-{self.condition}" if self.condition else self.specs[0].name
         return "-".join([self.arch, self.task, self.source, what])
+
+    def generator_for(self, method: str) -> "Setting":
+        """The setting of the generator that makes `method`'s models (`GENERATORS`): this one for `gen`."""
+        overrides, label = GENERATORS[method]
+        if not overrides:
+            return self
+        merged = copy.deepcopy(self.overrides)
+        for part, conf in overrides.items():
+            merged[part] = {**merged.get(part, {}), **conf}
+        return replace(self, overrides=merged, label=label)
 
     def config(self, profile: dict, part: str) -> dict:
         """The profile's `tokenizer`, `generator` or `train` settings for this generator, updated in turn by
@@ -249,15 +262,16 @@ class Experiment:
     def model_file(self, setting: Setting, spec: QuantSpec, checkpoint: Path, method: str,
                    quantgen: QuantGen | None = None) -> Path:
         """The file a method makes of a checkpoint: the checkpoint itself (`fp`), its QAT model (`qat`, whatever
-        the generator's targets), the generator's model (`gen`), the `noise` control, a data-free quantizer's
+        the generator's targets), a generator's model (`gen`, `gen-rtn`: `GENERATORS`; `quantgen`, when given,
+        is that generator), the `noise` control, a data-free quantizer's
         (`qg.baselines.METHODS`), or any of these with QwT on top (`ptq+qwt`, `gen+qwt`, ...). The soup is one
         model per (architecture, task), not per checkpoint: `control("soup", ...)`."""
         if method == "fp":
             return checkpoint
         if method == "qat":
             return self.collected.qat(setting.arch, setting.task, spec, checkpoint)
-        if method == "gen":
-            return self.generated(setting, spec, checkpoint, quantgen)
+        if method in GENERATORS:
+            return self.generated(setting.generator_for(method), spec, checkpoint, quantgen)
         if method.endswith(QWT_SUFFIX):
             base = method.removesuffix(QWT_SUFFIX)
             if base == "fp":
@@ -317,6 +331,11 @@ def main_settings(profile: dict) -> dict[str, list[Setting]]:
                 Setting(a, t, [spec_from(b, "group", quant) for b in bits], condition="precision"),
                 Setting(a, t, [spec_from(gbits, g, quant) for g in ("channel", "group")], condition="granularity")]
     return settings
+
+
+def table1_generators(profile: dict) -> tuple[str, ...]:
+    """The generator methods (`GENERATORS`) Table 1 compares for each of its settings."""
+    return tuple(profile["table1"].get("generators", ["gen"]))
 
 
 def convergence_settings(profile: dict) -> list[Setting]:

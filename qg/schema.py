@@ -197,6 +197,8 @@ class Table1(Block):
 
     bits: list[Bits] = Field(description="group-wise bit-widths")
     granularity_bits: Bits = Field(description="the bit-width with channel- and group-wise")
+    generators: list[Literal["gen", "gen-rtn"]] = Field(  # qg.experiments.GENERATORS
+        ["gen"], description="the generators of each setting: ours (gen) and the same on the RTN base (gen-rtn)")
 
 
 class Pair(Block):

@@ -13,11 +13,13 @@ import pandas as pd
 import seaborn as sns
 
 from . import paper, qwt, rpg_study
+from .experiments import GENERATORS
 from .profiles import ablation_setup
 from .report import SPLIT_LABELS, cell, markdown, summarize
 
 METHOD_LABELS = {"fp": "FP32", "ptq": "PTQ", "rtn-asym": "RTN asym", "mse-clip": "RTN + MSE clip", "hqq": "HQQ",
                  "noise": "PTQ of ckpt + noise", "soup": "PTQ of the soup", "qat": "QAT", "gen": "Gen",
+                 "gen-rtn": "Gen (RTN base)",
                  "ptq+qwt": "PTQ + QwT", "hqq+qwt": "HQQ + QwT", "gen+qwt": "Gen + QwT"}
 
 
@@ -29,6 +31,13 @@ def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.
     out = wide[keys].copy()
     out["method"], out["accuracy"] = f"{a}-{b}", wide[a] - wide[b]
     return out
+
+
+def generator_differences(runs: pd.DataFrame) -> pd.DataFrame:
+    """`paired_difference` against PTQ of every generator method in `runs` (`GENERATORS`), each labelled with
+    its generator's `variant` (what `Experiment.diagnose` tags its rows with)."""
+    return pd.concat([paired_difference(runs, m).assign(variant=lambda d, lab=label: d.variant + lab)
+                      for m, (_, label) in GENERATORS.items() if m in set(runs.method)], ignore_index=True)
 
 
 def _with_columns(tidy: pd.DataFrame, group_bits: int) -> pd.DataFrame:
@@ -49,7 +58,8 @@ def _pivot(tidy: pd.DataFrame, index: list[str], group_bits: int) -> pd.DataFram
 
 
 ORDER = {k: i for i, k in enumerate(["trained", "heldout_ckpt", "heldout_run", "fp", "ptq", "ptq+qwt", "rtn-asym",
-                                     "mse-clip", "hqq", "hqq+qwt", "noise", "soup", "qat", "gen", "gen+qwt", "gen-ptq"])}
+                                     "mse-clip", "hqq", "hqq+qwt", "noise", "soup", "qat", "gen", "gen+qwt", "gen-rtn",
+                                     "gen-ptq", "gen-rtn-ptq"])}
 
 
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -63,8 +73,10 @@ def method_label(method: str) -> str:
     """A method's label in tables; a paired difference `a-b` (`paired_difference`) reads `A − B`."""
     if method in METHOD_LABELS:
         return METHOD_LABELS[method]
-    parts = method.split("-")
-    return " − ".join(METHOD_LABELS[p] for p in parts) if all(p in METHOD_LABELS for p in parts) else method
+    for i in (i for i, ch in enumerate(method) if ch == "-"):  # names hold "-" too (rtn-asym): split where both are known
+        if method[:i] in METHOD_LABELS and method[i + 1:] in METHOD_LABELS:
+            return f"{METHOD_LABELS[method[:i]]} − {METHOD_LABELS[method[i + 1:]]}"
+    return method
 
 
 def _spec_label(df: pd.DataFrame) -> pd.Series:
@@ -96,7 +108,7 @@ def _paper_rows(tasks_archs, methods, columns, value) -> pd.DataFrame:
 def table1(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
     """Gen vs PTQ at every precision (group-wise) and granularity (8-bit), per split, beside the paper's."""
     gbits = profile["table1"]["granularity_bits"]
-    runs = pd.concat([runs, paired_difference(runs)], ignore_index=True)
+    runs = pd.concat([runs] + [paired_difference(runs, m) for m in GENERATORS if m in set(runs.method)], ignore_index=True)
     tidy = summarize(runs, "table1", profile, commit)
     index = ["task", "arch", "method", "split"]
     ours = _pivot(tidy, index, gbits)
@@ -107,7 +119,9 @@ def table1(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
     md = _label(pd.concat([ours, ref], ignore_index=True)).sort_values(["task", "arch"], kind="stable")
     return tidy, _markdown(md, "Table 1: Gen vs PTQ (top-1 %, mean ± std over checkpoints)", profile, [
         "Columns: group-wise at each bit-width; Channel/Group at "
-        f"{gbits} bits. `Gen − PTQ` is the paired difference on the same checkpoints.",
+        f"{gbits} bits. `Gen − PTQ` is the paired difference on the same checkpoints. `Gen (RTN base)`: the same "
+        "generator whose skip adds to round-to-nearest of its input (the group ranges given, qg.tokenizer), where "
+        "PTQ is its starting point.",
         "Paper rows are the paper's counterpart setting (full fine-tuning ↔ ImageNet-1K, head-only ↔ CIFAR-10) at "
         "its scale; compare trends, not absolute numbers."])
 
@@ -190,10 +204,12 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
 def generator_note(profile: dict) -> str:
     """Which generator `Gen` is in a profile's tables: the paper's head, or ours (skip / log-S tokens)."""
     skip, log_scale = profile["generator"].get("skip", "none"), profile["tokenizer"].get("log_scale", False)
+    rtn = (" Gen (RTN base): the same with `skip: add` on round-to-nearest of the input (`tokenizer.base: rtn`)."
+           if "gen-rtn" in profile["table1"].get("generators", []) else "")
     if skip == "none" and not log_scale:
-        return "Gen: the paper's generator (MSE head, linear S tokens)."
+        return "Gen: the paper's generator (MSE head, linear S tokens)." + rtn
     return (f"Gen: our generator (head `skip: {skip}`{', log-S tokens' if log_scale else ''}; the paper's is `skip: none` "
-            "with linear S tokens, compared in 02_train's convergence study); the paper's rows are its own generator.")
+            "with linear S tokens, compared in 02_train's convergence study); the paper's rows are its own generator." + rtn)
 
 
 def _markdown(df: pd.DataFrame, title: str, profile: dict, notes: list[str]) -> str:
@@ -379,6 +395,8 @@ def _fidelity_markdown(out: pd.DataFrame, split: str, profile: dict, generators:
                    "sens. (min)": 2, "align. (min)": 2, "frozen copy": 3, "d(own)": 4, "d(train)": 4, "d(train) of target": 4,
                    "IoU train": 2, "IoU train of target": 2, "IoU own": 2})
     md = md.drop(columns=[c for c in ("source", "variant") if md[c].nunique() == 1 and md[c].iloc[0] in ("ptq", "")])
+    if "variant" in md:  # Table 1's two generators: ours (no label) and on the RTN base
+        md = md.assign(variant=md.variant.replace("", "Gen")).rename(columns={"variant": "generator"})
     return _markdown(md, f"Fidelity and memorisation of {generators} ({SPLIT_LABELS[split]})", profile, [
         "Against the generator's target (PTQ, or QAT for `source` qat) of the same checkpoint: `codes =` fraction of "
         "equal integer codes; "

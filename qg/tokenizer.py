@@ -56,6 +56,7 @@ KINDS = ("weight", "scale", "zero")
 TARGETS = ("direct", "residual")
 BASES = ("weights", "rtn")
 ROUNDING_MARGIN = 0.1  # code units: how far past a rounding boundary a departing residual offset must be predicted
+TIE = 1e-3  # code units: an offset from RTN this close to 0.5 is a rounding tie (float error), not a departure
 
 
 @dataclass(frozen=True)
@@ -380,9 +381,12 @@ class Tokenizer:
 
         Relative to RTN (the residual target, or the direct one with `base: rtn`, whose `base` tokens are
         needed here), an integer (code or Z) is right when the prediction rounds to it, so the loss counts only
-        the distance beyond the rounding boundary: 0.5 (in code units) where the target keeps RTN's value - a
-        tie rounds to RTN's, so RTN itself costs nothing and PTQ targets train nothing away - and
+        the distance beyond the rounding boundary: 0.5 (in code units) where the target keeps RTN's value, and
         0.5 - ROUNDING_MARGIN where it departs, so a prediction has to cross the boundary, not stop on it.
+        A departure moves a code by a whole step, so its offset from RTN's unrounded code is over 0.5; one
+        within TIE of 0.5 is a tie that float error put a hair past the boundary, and keeps RTN's value. Where
+        the target keeps it, the half-width also covers the `base` (what the untrained generator outputs), so
+        RTN itself costs exactly nothing, every gradient is zero and PTQ targets train nothing away.
         S is continuous: no dead zone.
         """
         if self.target == "direct" and self.base == "weights":
@@ -392,13 +396,14 @@ class Tokenizer:
         stats, ts = self.q_stats[self._spec(spec).name], self.layout.token_size
         flat, tol = target.reshape(-1), torch.zeros(target.numel())
         offset = flat if self.target == "residual" else flat - base.reshape(-1)  # from RTN, normalised
+        gap = offset if base is None else flat - base.reshape(-1)  # what the untrained generator (its base) misses by
         for seg in self.layout.segments:
             if seg.kind == "scale":
                 continue
             std = float(stats[seg.layer_index, KINDS.index(seg.kind), 1])
             at = slice(seg.start * ts, seg.start * ts + self.layout.numel(seg, spec))
-            departs = (offset[at] * std).abs() > 0.5
-            tol[at] = torch.where(departs, 0.5 - ROUNDING_MARGIN, 0.5) / std
+            keeps = torch.maximum(gap[at].abs(), torch.tensor(0.5 / std))  # covers the base: RTN's loss is exactly 0
+            tol[at] = torch.where(offset[at].abs() * std > 0.5 + TIE, (0.5 - ROUNDING_MARGIN) / std, keeps)
         return tol.view_as(target)
 
     def loss_mask(self, spec: QuantSpec) -> torch.Tensor:

@@ -146,7 +146,10 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     """Train `model` on `data`; checkpoints go to `out_dir/train_state.pt`, the loss curve to `loss.csv`.
 
     With `resume`, a run continues from its last checkpoint. `stop_after` ends the run early after that
-    many steps (as an interruption would), which is how resumption is tested.
+    many steps (as an interruption would), which is how resumption is tested. A fresh run whose loss is
+    already exactly zero on every training pair takes no step (`steps` 0 in the record): it is at the loss's
+    global minimum, every gradient is zero, and every AdamW step would leave it as it is (the RTN base on PTQ
+    targets: RTN rounds to every target).
     """
     out_dir = Path(out_dir)
     rank, world = _world()
@@ -159,6 +162,9 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     step, losses, elapsed = _resume(state_path, model, opt, sched, cfg, device) if resume else (0, [], 0.0)
     activation_mb, conditions = float("nan"), model.condition_matrix()
     start, last = time.perf_counter(), min(cfg.steps, stop_after or cfg.steps)
+    exact = step == 0 and cfg.weight_decay == 0 and _zero_everywhere(net, data, cfg, conditions, device)
+    if exact:
+        last = 0
     bar = tqdm(range(step, last), initial=step, total=cfg.steps, desc="generator",
                disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")))
     for step in bar:
@@ -183,7 +189,8 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
     elapsed += time.perf_counter() - start
     if rank == 0:
         _write_curve(out_dir / "loss.csv", losses, cfg)
-    return {"steps": len(losses), "final_loss": losses[-1] if losses else float("nan"), "train_seconds": elapsed,
+    final = 0.0 if exact else losses[-1] if losses else float("nan")
+    return {"steps": len(losses), "final_loss": final, "exact_at_start": exact, "train_seconds": elapsed,
             "peak_memory_mb": peak_memory_mb(device), "activation_mb": activation_mb, "world_size": world,
             "device": str(device), "n_params": sum(p.numel() for p in model.parameters()), "train": asdict(cfg)}
 
@@ -191,10 +198,24 @@ def train(model: Generator, data: TokenPairs, cfg: TrainConfig, out_dir, resume:
 def _batch(data: TokenPairs, cfg: TrainConfig, step: int, rank: int, world: int, conditions, device) -> dict:
     """Step `step`'s batch: the same examples for every process count, each process taking its share."""
     idx = torch.randint(len(data), (cfg.batch_size,), generator=_step_generator(cfg.seed, step))[rank::world]
+    return _examples(data, idx, cfg, conditions, device)
+
+
+def _examples(data: TokenPairs, idx: torch.Tensor, cfg: TrainConfig, conditions, device) -> dict:
     batch = {k: t.to(device) if t is not None else None for k, t in data.batch(idx, conditions).items()}
     if not cfg.mask_padding:
         batch["mask"] = None
     return batch
+
+
+@torch.no_grad()
+def _zero_everywhere(net, data: TokenPairs, cfg: TrainConfig, conditions, device) -> bool:
+    """Whether the loss is exactly 0 on every training pair (checked a batch at a time, stopping at the first
+    that is not: one extra forward pass for a generator that has something to learn)."""
+    for idx in torch.arange(len(data)).split(cfg.batch_size):
+        if net(**_examples(data, idx, cfg, conditions, device), rng=_step_generator(cfg.seed, 0, 1)).item() != 0:
+            return False
+    return True
 
 
 def _update(loss: torch.Tensor, model, opt, sched, cfg: TrainConfig) -> None:
