@@ -13,8 +13,12 @@ every provenance file (`describe`).
 CPU of the last ten years has, instead of whatever the machine's best is. That costs time where the machine has
 better: on an AVX-512 Xeon, 01_collect's pretraining took 23.0 s instead of 16.6 s (ViT) and 18.2 s instead of
 12.2 s (Mixer), about 1.4x. That two machines then agree is what MKL documents for its conditional numerical
-reproducibility mode at a fixed thread count; for the whole stack it is expected, not yet observed (a rerun on
-another machine type, compared with the committed 01_collect table, is the check). It takes effect only if
+reproducibility mode at a fixed thread count, but for the whole stack it does not hold: pinned, an AMD EPYC
+(AVX-512) gave the Mixer's checkpoints of the Intel Xeon's pinned run bit for bit and the ViT's in a third
+state (FP32 on the held-out run 85.06 % against 85.18 %, head task 69.98 % against 69.89 %). `fingerprint`
+(`python -m qg.kernels`) digests the output of each primitive the models train with, so that two machines'
+printouts say which op is to blame; on that EPYC, native kernels change conv2d, GELU, softmax and
+cross-entropy against pinned ones, and 1 thread against 2 changes softmax. It takes effect only if
 set before torch is first imported: `import qg` does it when it comes first, and the pipeline sets it for
 every kernel it starts (they inherit the environment). Variables already set are left alone, and
 QG_NATIVE_KERNELS=1 turns pinning off (the machine's fastest kernels; results then carry its fingerprint).
@@ -24,6 +28,9 @@ changes it, so a run with jobs > 1 is not bit-identical to a serial one.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -58,3 +65,59 @@ def _cpu_model() -> str:
     except OSError:
         names = []
     return names[0] if names else platform.processor() or platform.machine()
+
+
+def fingerprint(seed: int = 0) -> dict[str, str]:
+    """A digest of the exact output of each primitive the target models train with (forward and gradients), on
+    seeded inputs of the cpu profile's ViT shapes (batch 128, 17 tokens, width 48, 3 heads): two machines whose
+    runs differ differ here in the ops to blame. The ViT has all of them; the Mixer has no attention."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    def digest(*tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    def fwd_bwd(fn, *inputs):
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out) / out.numel())
+        return digest(out, *(i.grad for i in inputs))
+
+    x, w, b = rand(128, 17, 48), rand(96, 48), rand(96)
+    q, k, v = (rand(128, 3, 17, 16) for _ in range(3))
+    img, kernel = rand(128, 1, 28, 28), rand(48, 1, 7, 7)
+    out = {"linear": fwd_bwd(lambda x, w, b: F.linear(x, w, b), x, w, b),
+           "conv2d (patches)": fwd_bwd(lambda i, k: F.conv2d(i, k, stride=7), img, kernel),
+           "layer_norm": fwd_bwd(lambda x: F.layer_norm(x, (48,)), rand(128, 17, 48)),
+           "gelu": fwd_bwd(F.gelu, rand(128, 17, 96)),
+           "softmax": fwd_bwd(lambda x: x.softmax(-1), rand(128, 3, 17, 17)),
+           "attention (sdpa)": fwd_bwd(F.scaled_dot_product_attention, q, k, v),
+           "attention (by hand)": fwd_bwd(lambda q, k, v: ((q @ k.transpose(-2, -1)) * 16 ** -0.5).softmax(-1) @ v, *(
+               t.detach().clone().requires_grad_() for t in (q, k, v))),
+           "cross_entropy": fwd_bwd(lambda z: F.cross_entropy(z, torch.arange(128) % 10), rand(128, 10))}
+    param = torch.nn.Parameter(torch.randn(96, 48, generator=g))
+    opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.05)
+    for _ in range(3):
+        param.grad = torch.randn(96, 48, generator=g)
+        opt.step()
+    out["adamw"] = digest(param)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the kernels in effect and the fingerprint of each primitive (compare two machines' outputs)."""
+    argparse.ArgumentParser(description=main.__doc__).parse_args(argv)
+    import torch  # noqa: F401  (after `import qg` pinned the kernels)
+
+    print(json.dumps({"kernels": describe(), "fingerprint": fingerprint()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

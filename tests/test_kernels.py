@@ -39,3 +39,16 @@ def test_provenance_records_kernels_and_threads():
     described = prov["kernels"]
     assert set(described) == {"cpu", "threads", "aten_capability", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA"}
     assert isinstance(described["threads"], int) and described["threads"] >= 1
+
+
+def test_fingerprint_is_a_digest_per_primitive_and_repeats_in_a_process():
+    """Same seed, same process: the same digests (the comparison across machines or settings is by hand);
+    another seed changes every one, so a digest says something about its op's output."""
+    a, b, other = kernels.fingerprint(), kernels.fingerprint(), kernels.fingerprint(seed=1)
+    assert a == b and set(a) >= {"linear", "attention (sdpa)", "layer_norm", "adamw"}
+    assert all(len(v) == 12 for v in a.values()) and all(a[k] != other[k] for k in a)
+
+
+def test_kernels_cli_prints_the_kernels_and_the_fingerprint():
+    out = subprocess.run([sys.executable, "-m", "qg.kernels"], capture_output=True, text=True, check=True).stdout
+    assert '"kernels"' in out and '"attention (sdpa)"' in out
