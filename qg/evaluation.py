@@ -26,8 +26,8 @@ from .runtime import latency, load_runtime, max_logit_difference, weight_bytes
 def evaluate(exp: Experiment, setting: Setting, methods: tuple[str, ...] = ("fp", "ptq", "gen"),
              splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
     """One row per (method, spec, split, checkpoint): accuracy and the seconds that model took."""
-    quantgens = {m.removesuffix(QWT_SUFFIX): None for m in methods}
-    quantgens = {m: exp.generator(setting.generator_for(m)) for m in GENERATORS if m in quantgens}
+    wanted = {m.removesuffix(QWT_SUFFIX) for m in methods}  # `gen+qwt` needs `gen`'s generator
+    quantgens = {m: exp.generator(setting.generator_for(m)) for m in GENERATORS if m in wanted}
     dataset = exp.collected.entry(setting.arch, setting.task)["task"]["dataset"]
     rows = []
     for split, ckpts in exp.collected.splits(setting.arch, setting.task).items():

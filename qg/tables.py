@@ -35,8 +35,8 @@ def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.
 
 def generator_differences(runs: pd.DataFrame) -> pd.DataFrame:
     """`paired_difference` against PTQ of every generator method in `runs` (`GENERATORS`), each labelled with
-    its generator's `variant` (what `Experiment.diagnose` tags its rows with)."""
-    return pd.concat([paired_difference(runs, m).assign(variant=lambda d, lab=label: d.variant + lab)
+    its generator's `variant` as `Setting.generator_for` sets it (what `Experiment.diagnose` tags its rows with)."""
+    return pd.concat([paired_difference(runs, m).assign(**({"variant": label} if label else {}))
                       for m, (_, label) in GENERATORS.items() if m in set(runs.method)], ignore_index=True)
 
 
