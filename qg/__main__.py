@@ -3,11 +3,11 @@
     python -m qg quantize --generator DIR --checkpoint FILE --bits N --granularity G -o OUT [--qwt 512]
     python -m qg evaluate OUT [--test-subset N] [--runtime]
 
-`quantize` reads a full-precision checkpoint (safetensors written by `qg.models.save_checkpoint`, e.g. one
+`quantize` reads a full-precision checkpoint (safetensors written by `qg.targets.models.save_checkpoint`, e.g. one
 from `artifacts/<profile>/collect/`), runs the generator once and writes a quantized model file (integer
 codes bit-packed, S, Z); `evaluate` rebuilds the timm model from a file's metadata and reports its top-1
 accuracy on the test split of the dataset the file names, and for a quantized file its size and bits per
-weight; `--runtime` scores the model kept packed in memory (`qg.runtime`) instead of dequantized.
+weight; `--runtime` scores the model kept packed in memory (`qg.targets.runtime`) instead of dequantized.
 """
 
 from __future__ import annotations
@@ -18,14 +18,22 @@ from pathlib import Path
 
 import torch
 
-from .data import batches
-from .experiments import with_qwt
-from .generator import QuantGen
-from .io import CorruptFileError, read_safetensors
-from .models import accuracy, check_model_size, load_checkpoint, load_model_description, load_model_file, resolve_device
-from .models import evaluate as evaluate_model
-from .quant import FORMAT_NAME, GRANULARITIES, QuantSpec, save_quantized, storage
-from .runtime import load_runtime
+from .core.io import CorruptFileError, read_safetensors
+from .generator.model import QuantGen
+from .quant.fileformat import FORMAT_NAME, save_quantized, storage
+from .quant.quantizer import GRANULARITIES, QuantSpec
+from .targets.calibrate import with_qwt
+from .targets.data import batches
+from .targets.models import (
+    accuracy,
+    check_model_size,
+    load_checkpoint,
+    load_model_description,
+    load_model_file,
+    resolve_device,
+)
+from .targets.models import evaluate as evaluate_model
+from .targets.runtime import load_runtime
 
 
 def quantize(args) -> None:
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--allow-nonfinite", action="store_true",
                    help="score a model with NaN/inf float weights (warns); NaN scales in a quantized file are refused")
     e.add_argument("--runtime", action="store_true",
-                   help="run the packed low-bit model (qg.runtime) instead of the dequantized float one")
+                   help="run the packed low-bit model (qg.targets.runtime) instead of the dequantized float one")
     e.add_argument("--seed", type=int, default=0)
     for sp in (q, e):
         sp.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)")

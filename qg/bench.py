@@ -11,7 +11,7 @@ Three comparisons of the generator, each at every sequence length, and one of th
   kernels   (CUDA with mamba-ssm only) qg's PyTorch Mamba-2 path against mamba-ssm's kernels on the same
             weights: time and the largest output / gradient differences, float32 and bf16;
   runtime   each target model of `--profile` (seeded random weights: size and speed do not depend on
-            training), PTQ group-wise at every bit-width 2..8, loaded packed (`qg.runtime`): resident weight
+            training), PTQ group-wise at every bit-width 2..8, loaded packed (`qg.targets.runtime`): resident weight
             bytes and seconds per batch of `--runtime-batch` images against FP32, and the seconds PTQ and
             HQQ take to quantize the model (09_real_files measures the trained models, Gen included).
 Ratios are taken within one run on one machine; absolute times depend on the machine and its load.
@@ -31,14 +31,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .baselines import quantize_model
-from .experiments import spec_from
-from .generator import Block, GeneratorConfig
-from .mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequential
-from .models import ModelSpec, build_model, state_dict_of
-from .profiles import load_profile
-from .runtime import latency, median_seconds, quantized_model, weight_bytes
-from .train import saved_activation_mb
+from .config.profiles import load_profile
+from .generator.mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequential
+from .generator.model import Block, GeneratorConfig
+from .generator.train import saved_activation_mb
+from .quant.baselines import quantize_model
+from .quant.quantizer import spec_from
+from .targets.models import ModelSpec, build_model, state_dict_of
+from .targets.runtime import latency, median_seconds, quantized_model, weight_bytes
 
 SECTIONS = ("scan", "backbone", "kernels", "runtime")
 

@@ -1,12 +1,13 @@
 """The reproduction as a pipeline: a papermill runner that executes the notebooks in order.
 
-Every notebook takes two papermill parameters, `profile` (see `qg.profiles`) and `overrides` (a mapping merged
+Every notebook takes two papermill parameters, `profile` (see `qg.config.profiles`) and `overrides` (a mapping merged
 into it, `{}` by default), and reads the rest from the YAML, so one file and one mapping say what a run did.
 
     python -m qg.pipeline --profile cpu                  # every notebook, in order
     python -m qg.pipeline --profile cpu --jobs 2         # 03-10 two at a time, one core each
     python -m qg.pipeline --profile smoke 01_collect     # one step
     python -m qg.pipeline --profile cpu --overrides "{train: {steps: 600}}" 02_train 03_generate   # a sweep point
+    python -m qg.pipeline --profile cpu --compare /other/root   # do its results/cpu tables equal ours?
 
 Executed notebooks go to `results/notebooks/<profile>/`, tables to `results/<profile>/`, figures to
 `figures/<profile>/`, cached artifacts to `artifacts/<profile>/` (each keyed by the parameters that made it,
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 import yaml
 
-from .io import HASH_SUFFIX, damaged
-from .profiles import ROOT, Paths, load_profile
+from .config.profiles import ROOT, Paths, load_profile
+from .core.io import HASH_SUFFIX, damaged
 
 NOTEBOOKS = ("01_collect", "02_train", "03_generate", "04_ablate_padding", "05_ablate_diffusion",
              "06_ablate_backbone", "07_ablate_token_size", "08_residual_qat", "09_real_files", "10_rpg")
@@ -126,7 +128,7 @@ def _kernel_environment() -> None:
     """What the kernels inherit: QG_OUTPUT made absolute (they run in notebooks/, where a relative one would
     point elsewhere), this checkout first on PYTHONPATH (so they import its qg, not another checkout's
     editable install); they also inherit the pinned CPU kernels that `import qg` set in this process's
-    environment (`qg.kernels`), whatever a notebook imports first."""
+    environment (`qg.core.kernels`), whatever a notebook imports first."""
     if os.environ.get("QG_OUTPUT"):
         os.environ["QG_OUTPUT"] = str(Path(os.environ["QG_OUTPUT"]).resolve())
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
@@ -138,7 +140,7 @@ def _relative_paths(executed: Path) -> None:
     record them relative to the repository, the output as the executed notebook's final name."""
     import nbformat
 
-    from .report import portable
+    from .core.report import portable
 
     nb = nbformat.read(executed, 4)
     meta = nb.metadata.get("papermill", {})
@@ -192,6 +194,48 @@ def verify(profile: str) -> int:
     return 1 if bad else 0
 
 
+# What differs between two runs of the same code on the same inputs: wall-clock times, the commit, and a
+# quantized file's size (its header records the seconds it took as text: 8 bytes more or less, by alignment).
+CLOCK = r"seconds|minutes|time_vs|^file_bytes$|^fp32_over_file$"
+
+
+def compare(profile: str, other: Path) -> int:
+    """Compare every results CSV of a profile with the same file under another output root (a rerun, another
+    machine, another commit): cell for cell as written, wall-clock columns and rows (`CLOCK`) and the commit
+    left out. Prints one line per file; the exit status is 1 when any file differs or is missing."""
+    import pandas as pd
+
+    mine, theirs = Paths.of(profile).results, Paths.of(profile, Path(other)).results
+    if not theirs.is_dir():
+        raise FileNotFoundError(f"{theirs} does not exist: give the root that holds results/{profile}/")
+    differing = 0
+    for path in sorted(mine.glob("*.csv")):
+        a, b = (_comparable(pd.read_csv(p, dtype=str, keep_default_na=False)) if p.is_file() else None
+                for p in (path, theirs / path.name))
+        if b is None:
+            print(f"missing: {path.name} (not in {theirs})")
+        elif a.shape != b.shape or list(a.columns) != list(b.columns):
+            print(f"differs: {path.name}: shape {a.shape} vs {b.shape}")
+        elif not a.equals(b):
+            row = (a != b).any(axis=1).idxmax()
+            print(f"differs: {path.name}: {int((a != b).any(axis=1).sum())} rows, first {row}: "
+                  f"{a.loc[row][a.loc[row] != b.loc[row]].to_dict()} vs {b.loc[row][a.loc[row] != b.loc[row]].to_dict()}")
+        else:
+            print(f"identical: {path.name} ({len(a)} rows)")
+            continue
+        differing += 1
+    print(f"[qg.pipeline] {differing} of {len(list(mine.glob('*.csv')))} result files of {mine} differ from {theirs}")
+    return 1 if differing else 0
+
+
+def _comparable(df):
+    """A results table without what legitimately differs between two runs: the commit and wall-clock times."""
+    df = df.drop(columns=[c for c in df.columns if c == "commit" or re.search(CLOCK, c)])
+    if "metric" in df:
+        df = df[~df.metric.str.contains(CLOCK)]
+    return df.reset_index(drop=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params/<profile>.yaml")
@@ -202,11 +246,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="check every cached artifact of the profile against its recorded hash; run nothing")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 1)),
                    help="after 01_collect and 02_train, run this many notebooks at a time (one core each on 2 cores)")
+    p.add_argument("--compare", metavar="ROOT", type=Path,
+                   help="compare results/<profile>/*.csv with those under ROOT (times and commit left out); run nothing")
     p.add_argument("--store-checks", action="store_true",
                    help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)")
     args = p.parse_args(argv)
     if args.verify:
         sys.exit(verify(args.profile))
+    if args.compare:
+        sys.exit(compare(args.profile, args.compare))
     try:
         run(args.profile, args.notebooks or None, {"overrides": args.overrides} if args.overrides else None, args.jobs)
         if args.store_checks:

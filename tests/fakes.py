@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qg import data
-from qg.models import ModelSpec, build_model, state_dict_of
+from qg.targets import data
+from qg.targets.models import ModelSpec, build_model, state_dict_of
 
 TINY_VIT = ModelSpec("VisionTransformer", dict(img_size=28, patch_size=7, in_chans=1, num_classes=10,
                                                embed_dim=32, depth=2, num_heads=2))
@@ -86,8 +86,8 @@ def write_imagenet(root, classes=("n01440764", "n01443537"), per_class=2, size=(
 def fake_collect(collect_dir, n_a: int = 5, n_b: int = 1, spec: ModelSpec | None = None, seed: int = 0) -> dict:
     """A collect folder as 01_collect leaves it, for one (vit, full) pair on digits: run A's and run B's
     checkpoints (seeded random weights) and the manifest naming them. Returns the manifest's runs."""
-    from qg.io import write_json
-    from qg.models import save_checkpoint
+    from qg.core.io import write_json
+    from qg.targets.models import save_checkpoint
 
     spec = spec or ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
     runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", n_a), ("runB", n_b))}

@@ -4,11 +4,12 @@ import pytest
 from fakes import TINY_MIXER, TINY_VIT, checkpoints
 
 from qg.__main__ import main
-from qg.generator import GeneratorConfig
-from qg.models import ModelSpec, save_checkpoint
-from qg.quant import QuantSpec, quantize_state_dict, read_quantized
-from qg.tokenizer import Tokenizer
-from qg.train import TokenPairs, TrainConfig, fit_generator
+from qg.generator.model import GeneratorConfig
+from qg.generator.tokenizer import Tokenizer
+from qg.generator.train import TokenPairs, TrainConfig, fit_generator
+from qg.quant.fileformat import read_quantized
+from qg.quant.quantizer import QuantSpec, quantize_state_dict
+from qg.targets.models import ModelSpec, save_checkpoint
 
 SPEC = QuantSpec(4, "group", 16)
 
@@ -149,7 +150,7 @@ def test_evaluate_refuses_nan_weights_and_huge_descriptions(tmp_path, capsys):
 
 def test_quantize_with_qwt_writes_the_compensations_and_says_when_data_is_missing(generator_dir, tmp_path, capsys,
                                                                                     monkeypatch):
-    from qg.runtime import load_runtime
+    from qg.targets.runtime import load_runtime
 
     out = tmp_path / "q.safetensors"
     main(_quantize_args(generator_dir, _checkpoint(tmp_path), out, "--qwt", "32"))
@@ -161,6 +162,6 @@ def test_quantize_with_qwt_writes_the_compensations_and_says_when_data_is_missin
     save_checkpoint(fashion, checkpoints(TINY_VIT, 1, seed=7)[0], ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "fashion_mnist"))
     (tmp_path / "no-data-here").mkdir()
     monkeypatch.setenv("QG_DATA", str(tmp_path / "no-data-here"))
-    monkeypatch.setattr("qg.data._download_fashion_mnist", lambda target: "no network (test)")
+    monkeypatch.setattr("qg.targets.data._download_fashion_mnist", lambda target: "no network (test)")
     with pytest.raises(SystemExit, match="(?s)--qwt fits on 32 images of the training split of fashion_mnist.*Omit --qwt"):
         main(_quantize_args(generator_dir, fashion, tmp_path / "q2.safetensors", "--qwt", "32"))

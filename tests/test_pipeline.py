@@ -10,11 +10,30 @@ import pytest
 import torch
 from fakes import TINY_VIT, fake_collect
 
-from qg import collect, paper, pipeline, profiles, report, tables
-from qg.experiments import SPLITS, Experiment, Setting, ablation_settings, evenly_spaced, main_settings
-from qg.io import content_digest, read_json, write_json
-from qg.models import ModelSpec, build_model, load_model_file, save_checkpoint, state_dict_of
-from qg.quant import QuantSpec, read_quantized
+from qg import pipeline
+from qg.config import profiles
+from qg.core import report
+from qg.core.io import content_digest, read_json, write_json
+from qg.quant.fileformat import read_quantized
+from qg.quant.quantizer import QuantSpec
+from qg.study import collect
+from qg.study.experiments import (
+    SPLITS,
+    Experiment,
+    Setting,
+    ablation_settings,
+    evenly_spaced,
+    main_settings,
+)
+from qg.tables import paper
+from qg.tables.main import figure3, table1
+from qg.targets.models import (
+    ModelSpec,
+    build_model,
+    load_model_file,
+    save_checkpoint,
+    state_dict_of,
+)
 
 
 @pytest.mark.parametrize("name", ["smoke", "cpu"])
@@ -112,7 +131,7 @@ def test_setting_validation():
 
 
 def _fake_runs(seed=0):
-    """Per-checkpoint rows like qg.evaluation.evaluate's, for two bit-widths and all splits."""
+    """Per-checkpoint rows like qg.study.evaluation.evaluate's, for two bit-widths and all splits."""
     rng = np.random.default_rng(seed)
     rows = []
     for bits, gran in ((8, "group"), (4, "group"), (8, "channel")):
@@ -128,7 +147,7 @@ def _fake_runs(seed=0):
 
 def test_table1_has_paper_rows_and_paired_difference():
     P = profiles.load_profile("smoke")
-    tidy, md = tables.table1(_fake_runs(), P, "abc")
+    tidy, md = table1(_fake_runs(), P, "abc")
     assert {"table", "method", "bits", "granularity", "split", "value", "std", "n", "profile", "commit"} <= set(tidy.columns)
     diff = tidy[(tidy.method == "gen-ptq") & (tidy.bits == 4)]
     assert np.allclose(diff.value, -1.0, atol=0.5) and (diff.n == 3).all()
@@ -140,7 +159,7 @@ def test_table1_has_paper_rows_and_paired_difference():
 def test_write_table_records_provenance(tmp_path, monkeypatch):
     monkeypatch.setenv("QG_OUTPUT", str(tmp_path))
     P = profiles.load_profile("smoke")
-    tidy, md = tables.table1(_fake_runs(), P, "abc")
+    tidy, md = table1(_fake_runs(), P, "abc")
     inp = tmp_path / "input.txt"
     inp.write_text("x")
     report.write_table(tmp_path, "table1", tidy, md, report.provenance(P, "abc", [inp]))
@@ -153,8 +172,8 @@ def test_write_table_records_provenance(tmp_path, monkeypatch):
 
 def test_figures_are_deterministic(tmp_path):
     runs = _fake_runs()
-    a = report.save_figure(tables.figure3(runs, "vit", "full"), tmp_path / "a.png")
-    b = report.save_figure(tables.figure3(runs, "vit", "full"), tmp_path / "b.png")
+    a = report.save_figure(figure3(runs, "vit", "full"), tmp_path / "a.png")
+    b = report.save_figure(figure3(runs, "vit", "full"), tmp_path / "b.png")
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -256,34 +275,42 @@ def test_the_qat_method_is_the_qat_model_whatever_the_generators_targets(tmp_pat
         assert exp.model_file(setting, spec, ckpt, "qat") == collect_dir / "vit/full/runB-k/qat_001.safetensors"
 
 
-def test_imports_run_down_the_module_list():
-    """qg/__init__.py lists the modules so that each imports only modules above it: check every import."""
-    import ast
-    import re
+def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path, monkeypatch):
+    """papermill run directly (not through qg.pipeline) with a misspelt name stops in the setup cell:
+    every notebook's set-up is `qg.notebook.setup(profile, overrides, In)`, which checks the
+    parameters before it reads the profile, and turns on autoreload only outside papermill."""
+    import IPython
 
-    import qg
+    from qg import notebook
 
-    order = re.findall(r"^  (\w+) ", qg.__doc__, flags=re.M)
-    for name in order:
-        tree = ast.parse((profiles.ROOT / "qg" / f"{name}.py").read_text())
-        used = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
-        used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and not n.module
-                 for a in n.names}
-        below = sorted(u for u in used if u in order and order.index(u) >= order.index(name))
-        assert not below, f"qg.{name} imports {below}, listed at or below it in qg/__init__.py"
-
-
-def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path):
-    """papermill run directly (not through qg.pipeline) with a misspelt name stops in the setup cell."""
     params = 'profile = "smoke"\noverrides = {}'
     profiles.refuse_undeclared(["", params, "%load_ext autoreload"])  # JupyterLab: nothing injected
     profiles.refuse_undeclared([params, '# Parameters\nprofile = "cpu"\n'])
     with pytest.raises(ValueError, match=r"unknown notebook parameter\(s\) \['profle'\]"):
         profiles.refuse_undeclared([params, '# Parameters\nprofle = "cpu"\n'])
-    for name in pipeline.NOTEBOOKS:  # every notebook calls it before it reads its profile
-        setup = nbformat.read(profiles.ROOT / "notebooks" / f"{name}.ipynb", 4).cells
-        source = next(c.source for c in setup if "load_profile(profile, overrides)" in c.source)
-        assert source.index("refuse_undeclared(In)") < source.index("load_profile(profile, overrides)"), name
+    misspelt = ["", params, '# Parameters\nprofle = "cpu"\n', "P, paths = setup(profile, overrides, In)"]
+    with pytest.raises(ValueError, match="unknown notebook parameter"):  # not the missing profile's error
+        notebook.setup("no-such-profile", {}, misspelt)
+    magics = []
+
+    class Shell:
+        def run_line_magic(self, name, line):
+            magics.append((name, line))
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Shell())
+    monkeypatch.setenv("QG_OUTPUT", str(tmp_path / "out"))
+    with pd.option_context("display.width", 80, "display.max_columns", 20):  # restored after
+        P, paths = notebook.setup("smoke", {}, ["", params, '# Parameters\nprofile = "smoke"\n'])
+        assert P["name"] == "smoke" and paths.results.is_dir() and paths.results.is_relative_to(tmp_path.resolve())
+        assert pd.get_option("display.width") == 200 and not magics  # papermill: no autoreload
+        notebook.setup("smoke", {}, ["", params])  # JupyterLab
+    assert magics == [("load_ext", "autoreload"), ("autoreload", "2")]
+    for name in pipeline.NOTEBOOKS:  # every notebook's set-up is that one call, right below its parameters
+        cells = [c for c in nbformat.read(profiles.ROOT / "notebooks" / f"{name}.ipynb", 4).cells
+                 if c.cell_type == "code"]
+        assert cells[0].metadata.get("tags") == ["parameters"], name
+        assert "P, paths = setup(profile, overrides, In)" in cells[1].source, name
+        assert not any("load_profile(" in c.source or "autoreload" in c.source for c in cells), name
     import papermill
     with pytest.raises(papermill.PapermillExecutionError, match="unknown notebook parameter"):
         papermill.execute_notebook(str(profiles.ROOT / "notebooks" / "01_collect.ipynb"), str(tmp_path / "out.ipynb"),
@@ -326,7 +353,8 @@ def test_notebooks_run_two_at_a_time_and_a_failure_is_reported(tmp_path, monkeyp
 def test_a_generator_on_qat_targets_is_retrained_when_a_target_changes(tmp_path, capsys):
     """QAT targets are collected files, not a function of the checkpoint as PTQ is: a generator trained on them
     records their digests too, and other targets under the same names train it again."""
-    from qg.quant import quantize_state_dict, save_quantized
+    from qg.quant.fileformat import save_quantized
+    from qg.quant.quantizer import quantize_state_dict
 
     P = profiles.load_profile("smoke", {"train": {"steps": 2, "ckpt_every": 2}})
     spec, spec_model = QuantSpec(4, "group", 64), ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
@@ -378,8 +406,8 @@ def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
     """End to end: flip a byte of a PTQ file and of a generated file, truncate an HQQ file, garble a cached
     prediction, delete a checkpoint's hash record: the next evaluation rebuilds what is damaged (one warning line
     each) and its rows equal the first run's."""
-    from qg.evaluation import evaluate
-    from qg.io import HASH_SUFFIX
+    from qg.core.io import HASH_SUFFIX
+    from qg.study.evaluation import evaluate
 
     P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}, "train": {"steps": 2, "ckpt_every": 2}})
     fake_collect(profiles.Paths.of("smoke", tmp_path).artifacts / "collect")

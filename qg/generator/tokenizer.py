@@ -1,0 +1,586 @@
+"""Checkpoints <-> fixed-width token sequences, the way QuantGen (Sec. 3.1) and RPG describe.
+
+For each quantized layer (in state_dict order) the sequence holds:
+
+    [weight tokens ...] [scale (S) tokens ...] [zero point (Z) tokens ...]
+
+Weights (full-precision values on the input side, integer codes on the target side) are flattened
+and normalised per layer with statistics averaged over the training checkpoints, then cut into
+tokens of `token_size`. On the target side the S and Z tokens hold the layer's (normalised) scales
+and zero points; on the input side they are placeholders ("fictitious S and Z"). Every position that
+holds no real value - the tail of a layer's last token, the input side's placeholders - is filled by
+the padding mode: `gaussian` (seeded N(0, 1), the paper's default), `zero` or `one`.
+
+With `log_scale` (ours) the S tokens hold log S, normalised the same way: an error in a token is
+then a relative error of S, the same for a layer's small and large scales, and the decoded S is
+always positive.
+
+The `target` says what the quantized side holds:
+
+    direct    (the paper's) codes, S (or log S) and Z themselves, normalised by their mean and std
+    residual  (ours) their departure from round-to-nearest (RTN) of the same checkpoint's fp
+              weights: code offsets q - q_rtn, log(S / S_rtn) and Z - Z_rtn, each divided by its
+              root mean square (no mean shift), so all-zero tokens decode to RTN itself: an
+              untrained generator *is* PTQ, and what it learns is where a better quantizer (QAT)
+              departs from rounding.
+
+`base_tokens` is what a generator's head is relative to (`skip`): the fp weight tokens (direct) or,
+for residual, the RTN rounding remainders w / S + Z - q_rtn in the code offsets' units, the input a
+rounding decision needs and the one thing the body cannot compute for itself (a group's max|w|).
+With `base: rtn` (ours, direct target only) the base is round-to-nearest of the input written as
+target tokens, before rounding: codes w / S_rtn + Z_rtn, S_rtn (or log S_rtn) and Z_rtn in the
+target's own normalisation. The target tokens stay the paper's; the skip changes, from the weights
+(which a code equals up to a factor 1 / S of its group, a max over the group that the body has to
+infer) to a value a PTQ target is within half a step of, and the MSE gets the residual target's dead
+zone (`loss_tolerance`), without which it fits the rounding of the training checkpoints and moves
+codes of new ones (measured: -2.7 points at 3 bits, ViT head-only). 02_train's convergence study
+measures what the change buys.
+
+A layout serves one or several quantization specs (a conditional generator covers several): S/Z
+segments are sized for the spec with the most groups, and each spec has its own statistics. The
+position of a token is (layer index, token index within its layer), embedded by `sinusoidal_2d`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.io import read_json, read_safetensors, save_safetensors, write_json
+from ..quant.quantizer import (
+    MIN_SCALE,
+    QTensor,
+    QuantSpec,
+    is_quantized_weight,
+    quantize,
+    remainder,
+)
+
+PADDING_MODES = ("gaussian", "zero", "one")
+LOSS_WEIGHTINGS = ("element", "segment")
+MAX_LOG_SCALE = 80.0  # a diverged generated log S decodes to a huge but finite S, never inf
+KINDS = ("weight", "scale", "zero")
+TARGETS = ("direct", "residual")
+BASES = ("weights", "rtn")
+# code units: how far past a rounding boundary a departing residual offset must be predicted
+ROUNDING_MARGIN = 0.1
+# code units: an offset from RTN this close to 0.5 is a rounding tie (float error), not a departure
+TIE = 1e-3
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of tokens holding one kind of value of one layer."""
+
+    layer: str
+    layer_index: int
+    kind: str  # "weight", "scale" or "zero"
+    start: int  # index of the first token in the sequence
+    n_tokens: int
+    offset: int  # index of the first token within its layer (position embedding)
+
+
+class Layout:
+    """Which token holds what, for a list of quantized weight shapes, token size and specs."""
+
+    def __init__(
+        self, shapes: list[tuple[str, tuple[int, ...]]], specs: list[QuantSpec], token_size: int
+    ):
+        if token_size < 1:
+            raise ValueError(f"token_size must be positive, got {token_size}")
+        if not shapes:
+            raise ValueError(
+                "no quantizable weights: the checkpoint has no `*.weight` tensor with 2+ dims"
+            )
+        if not specs:
+            raise ValueError("a layout needs at least one QuantSpec")
+        self.shapes = [(name, tuple(int(s) for s in shape)) for name, shape in shapes]
+        self.specs = list(specs)
+        self.token_size = token_size
+        self.segments: list[Segment] = []
+        start = 0
+        for li, (name, shape) in enumerate(self.shapes):
+            offset = 0
+            n_params = max(math.prod(spec.param_shape(shape)) for spec in self.specs)
+            for kind, numel in (
+                ("weight", math.prod(shape)),
+                ("scale", n_params),
+                ("zero", n_params),
+            ):
+                n = math.ceil(numel / token_size)
+                self.segments.append(Segment(name, li, kind, start, n, offset))
+                start += n
+                offset += n
+        self.n_tokens = start
+
+    @classmethod
+    def from_state_dict(
+        cls, sd: dict[str, torch.Tensor], specs: list[QuantSpec], token_size: int
+    ) -> "Layout":
+        shapes = [(k, tuple(v.shape)) for k, v in sd.items() if is_quantized_weight(k, v)]
+        return cls(shapes, specs, token_size)
+
+    def numel(self, seg: Segment, spec: QuantSpec) -> int:
+        """How many real values `seg` holds under `spec` (the rest of its tokens is padding)."""
+        shape = self.shapes[seg.layer_index][1]
+        return math.prod(shape) if seg.kind == "weight" else math.prod(spec.param_shape(shape))
+
+    def positions(self) -> torch.Tensor:
+        """(n_tokens, 2) long tensor of (layer index, token index within layer)."""
+        pos = torch.empty(self.n_tokens, 2, dtype=torch.long)
+        for seg in self.segments:
+            pos[seg.start : seg.start + seg.n_tokens, 0] = seg.layer_index
+            pos[seg.start : seg.start + seg.n_tokens, 1] = torch.arange(
+                seg.offset, seg.offset + seg.n_tokens
+            )
+        return pos
+
+    def value_mask(self, spec: QuantSpec, side: str = "quantized") -> torch.Tensor:
+        """(n_tokens, token_size) bool: True where a real value sits (False = padding).
+
+        On the `"fp"` side only weights are real; on the `"quantized"` side S and Z are real too.
+        """
+        mask = torch.zeros(self.n_tokens * self.token_size, dtype=torch.bool)
+        for seg in self.segments:
+            if side == "fp" and seg.kind != "weight":
+                continue
+            begin = seg.start * self.token_size
+            mask[begin : begin + self.numel(seg, spec)] = True
+        return mask.view(self.n_tokens, self.token_size)
+
+    def check(self, sd: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+        """Raise a clear error if `sd`'s quantizable weights are not the ones this layout was built
+        for."""
+        got = [
+            (k, tuple(v.shape))
+            for k, v in sd.items()
+            if isinstance(v, QTensor) or is_quantized_weight(k, v)
+        ]
+        want, have = dict(self.shapes), dict(got)
+        if want != have:  # by name: files (safetensors) and models list tensors in different orders
+            diff = [
+                f"{k}: {have.get(k)} vs expected {want.get(k)}"
+                for k in {**want, **have}
+                if want.get(k) != have.get(k)
+            ]
+            raise ValueError(
+                f"{what} does not match the tokenizer layout ({len(diff)} layers differ, e.g. "
+                f"{'; '.join(diff[:3])}). It was built for another architecture: train a generator "
+                "on checkpoints of this model, or pass a checkpoint of the model the generator was "
+                "trained on."
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "shapes": [[n, list(s)] for n, s in self.shapes],
+            "specs": [s.to_dict() for s in self.specs],
+            "token_size": self.token_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layout":
+        return cls(
+            [(n, tuple(s)) for n, s in d["shapes"]],
+            [QuantSpec.from_dict(s) for s in d["specs"]],
+            d["token_size"],
+        )
+
+
+def sinusoidal_2d(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Transformer sin/cos embedding of (layer index, token index): each index takes half of
+    `dim`."""
+    half = dim // 2
+    out = torch.zeros(positions.shape[0], dim)
+    for axis, begin in ((0, 0), (1, half)):
+        n_freq = half // 2
+        freqs = base ** (-torch.arange(n_freq, dtype=torch.float32) / max(n_freq, 1))
+        angles = positions[:, axis, None].float() * freqs
+        out[:, begin : begin + n_freq] = torch.sin(angles)
+        out[:, begin + n_freq : begin + 2 * n_freq] = torch.cos(angles)
+    return out
+
+
+def _mean_std(values: list[torch.Tensor]) -> tuple[float, float]:
+    """Per-checkpoint mean and std averaged over checkpoints; a constant feature keeps std 1."""
+    means = torch.stack([v.double().mean() for v in values]).mean()
+    stds = torch.stack([v.double().std(unbiased=False) for v in values]).mean()
+    return float(means), float(stds) if stds > 1e-8 else 1.0
+
+
+def _rms(values: list[torch.Tensor]) -> tuple[float, float]:
+    """(0, root mean square over checkpoints): a residual's scale, with no mean shift so that 0
+    stays 0."""
+    rms = float(torch.stack([v.double().pow(2).mean() for v in values]).mean().sqrt())
+    return 0.0, rms if rms > 1e-8 else 1.0
+
+
+def _rtn(fp_sd: dict, names: list[str], spec: QuantSpec) -> dict[str, QTensor]:
+    """Round-to-nearest of the named layers of a full-precision checkpoint: the residual target's
+    origin."""
+    return {n: quantize(fp_sd[n].float(), spec) for n in names}
+
+
+def _log(scale: torch.Tensor) -> torch.Tensor:
+    return scale.float().clamp_min(MIN_SCALE).log()
+
+
+def _parts(
+    qt: QTensor, log_scale: bool, rtn: QTensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The values a quantized layer's tokens hold, as floats: codes, S (or log S) and Z, or, given
+    `rtn` (the residual target), their departures from it: q - q_rtn, log(S / S_rtn), Z - Z_rtn."""
+    if rtn is not None:
+        return (
+            qt.codes.float() - rtn.codes.float(),
+            _log(qt.scale) - _log(rtn.scale),
+            qt.zero.float() - rtn.zero.float(),
+        )
+    return qt.codes.float(), _log(qt.scale) if log_scale else qt.scale.float(), qt.zero.float()
+
+
+class Tokenizer:
+    """Encodes fp checkpoints and quantized checkpoints into token sequences and decodes generated
+    tokens."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        fp_stats: torch.Tensor,
+        q_stats: dict[str, torch.Tensor],
+        padding: str = "gaussian",
+        seed: int = 0,
+        log_scale: bool = False,
+        target: str = "direct",
+        base: str = "weights",
+    ):
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if base not in BASES:
+            raise ValueError(f"base must be one of {BASES}, got {base!r}")
+        if base == "rtn" and target != "direct":
+            raise ValueError(
+                "base: rtn is for the direct target; the residual target's base is already "
+                "relative to RTN (its rounding remainders): leave base: weights"
+            )
+        self.layout, self.fp_stats, self.q_stats = layout, fp_stats, q_stats
+        self.padding, self.seed, self.log_scale = padding, seed, log_scale
+        self.target, self.base = target, base
+        self._canvas = {
+            side: self._fill(self.seed + i) for i, side in enumerate(("fp", "quantized"))
+        }
+
+    @classmethod
+    def fit(
+        cls,
+        fp_checkpoints: list[dict],
+        quantized: dict[QuantSpec, list[dict]],
+        token_size: int,
+        padding: str = "gaussian",
+        seed: int = 0,
+        log_scale: bool = False,
+        target: str = "direct",
+        base: str = "weights",
+    ) -> "Tokenizer":
+        """Build the layout and fit normalisation statistics on training checkpoints only.
+
+        `quantized` maps each spec the tokenizer serves to quantized state_dicts
+        (`quantize_state_dict`), aligned with `fp_checkpoints` (the residual target is taken
+        relative to RTN of each one).
+        """
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if not fp_checkpoints:
+            raise ValueError("Tokenizer.fit needs at least one full-precision checkpoint")
+        layout = Layout.from_state_dict(fp_checkpoints[0], list(quantized), token_size)
+        for sd in fp_checkpoints:
+            layout.check(sd, "a training checkpoint")
+        names = [n for n, _ in layout.shapes]
+        fp_stats = torch.tensor([_mean_std([sd[n] for sd in fp_checkpoints]) for n in names])
+        q_stats = {}
+        for spec, qsds in quantized.items():
+            if not qsds:
+                raise ValueError(f"no quantized checkpoints for {spec.name}")
+            if len(qsds) != len(fp_checkpoints):
+                raise ValueError(
+                    f"{spec.name}: {len(qsds)} quantized checkpoints for {len(fp_checkpoints)} fp "
+                    "ones; they must be aligned pairs"
+                )
+            rtns = [
+                _rtn(sd, names, spec) if target == "residual" else dict.fromkeys(names)
+                for sd in fp_checkpoints
+            ]
+            stat = _rms if target == "residual" else _mean_std
+            rows = []
+            for n in names:
+                parts = [_parts(q[n], log_scale, r[n]) for q, r in zip(qsds, rtns)]
+                rows.append([stat([p[k] for p in parts]) for k in range(len(KINDS))])
+            q_stats[spec.name] = torch.tensor(rows)  # (layers, 3 kinds, [mean, std])
+        return cls(layout, fp_stats, q_stats, padding, seed, log_scale, target, base)
+
+    @property
+    def specs(self) -> list[QuantSpec]:
+        return self.layout.specs
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_tokens, token_size) of every sequence this tokenizer makes."""
+        return self.layout.n_tokens, self.layout.token_size
+
+    def _fill(self, seed: int) -> torch.Tensor:
+        shape = (self.layout.n_tokens, self.layout.token_size)
+        if self.padding == "gaussian":
+            return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        return torch.full(shape, 0.0 if self.padding == "zero" else 1.0)
+
+    def _spec(self, spec: QuantSpec) -> QuantSpec:
+        if spec.name not in self.q_stats:
+            raise ValueError(
+                f"this tokenizer serves {[s.name for s in self.specs]}, not {spec.name}"
+            )
+        return spec
+
+    def _write(self, side: str, values: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
+        """Place flat value vectors at their segments on top of the side's padding canvas."""
+        flat = self._canvas[side].clone().view(-1)
+        ts = self.layout.token_size
+        for seg in self.layout.segments:
+            v = values.get((seg.layer_index, seg.kind))
+            if v is not None:
+                flat[seg.start * ts : seg.start * ts + v.numel()] = v
+        return flat.view(self.shape)
+
+    def _read(self, tokens: torch.Tensor, seg: Segment, numel: int) -> torch.Tensor:
+        ts = self.layout.token_size
+        return tokens.reshape(-1)[seg.start * ts : seg.start * ts + numel]
+
+    def encode_fp(self, sd: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokens of a full-precision checkpoint: normalised weights, padding elsewhere."""
+        self.layout.check(sd)
+        values = {}
+        for li, (name, _) in enumerate(self.layout.shapes):
+            mean, std = self.fp_stats[li].tolist()
+            values[(li, "weight")] = (sd[name].float().reshape(-1) - mean) / std
+        return self._write("fp", values)
+
+    def _rtn(self, fp_sd: dict | None, spec: QuantSpec) -> dict[str, QTensor | None]:
+        """RTN of each quantized layer of `fp_sd` under `spec` (the residual target's origin; None
+        if direct)."""
+        names = [n for n, _ in self.layout.shapes]
+        if self.target == "direct":
+            return dict.fromkeys(names)
+        if fp_sd is None:
+            raise ValueError(
+                "this tokenizer's target is residual, relative to round-to-nearest of the "
+                "full-precision checkpoint: pass its state_dict as fp_sd"
+            )
+        self.layout.check(fp_sd, "the full-precision checkpoint")
+        return _rtn(fp_sd, names, spec)
+
+    def encode_quantized(
+        self, qsd: dict, spec: QuantSpec, fp_sd: dict | None = None
+    ) -> torch.Tensor:
+        """Tokens of a quantized checkpoint: normalised codes, then S and Z of each layer (with the
+        residual target, their departures from RTN of `fp_sd`, the checkpoint it quantizes)."""
+        stats = self.q_stats[self._spec(spec).name]
+        self.layout.check(qsd, "quantized checkpoint")
+        rtn = self._rtn(fp_sd, spec)
+        values = {}
+        for li, (name, _) in enumerate(self.layout.shapes):
+            qt = qsd[name]
+            if qt.spec != spec:
+                raise ValueError(f"{name} is quantized as {qt.spec.name}, expected {spec.name}")
+            for k, (kind, t) in enumerate(zip(KINDS, _parts(qt, self.log_scale, rtn[name]))):
+                mean, std = stats[li, k].tolist()
+                values[(li, kind)] = (t.float().reshape(-1) - mean) / std
+        return self._write("quantized", values)
+
+    def decode_quantized(
+        self, tokens: torch.Tensor, spec: QuantSpec, fp_sd: dict | None = None
+    ) -> dict[str, QTensor]:
+        """Generated tokens -> QTensors: codes rounded and clamped to the bit range, S kept
+        positive, Z rounded (0 for a symmetric spec; with the residual target, as offsets from RTN
+        of `fp_sd`, the checkpoint being quantized)."""
+        stats = self.q_stats[self._spec(spec).name]
+        if tuple(tokens.shape) != self.shape:
+            raise ValueError(f"expected tokens of shape {self.shape}, got {tuple(tokens.shape)}")
+        tokens = tokens.detach().float().cpu()
+        rtn = self._rtn(fp_sd, spec)
+        parts: dict[tuple[int, str], torch.Tensor] = {}
+        for seg in self.layout.segments:
+            mean, std = stats[seg.layer_index, KINDS.index(seg.kind)].tolist()
+            parts[(seg.layer_index, seg.kind)] = (
+                self._read(tokens, seg, self.layout.numel(seg, spec)) * std + mean
+            )
+        out = {}
+        for li, (name, shape) in enumerate(self.layout.shapes):
+            pshape, base = spec.param_shape(shape), rtn[name]
+            codes, scale, zero = (
+                parts[(li, kind)].reshape(shape if kind == "weight" else pshape) for kind in KINDS
+            )
+            codes, zero = torch.round(codes), torch.round(zero)
+            # Eq. 1 has no zero point: Z = 0 by definition, never generated
+            if spec.scheme == "symmetric":
+                zero = torch.zeros_like(zero)
+            # residual: offsets from RTN, S a log ratio to RTN's (a zero ratio keeps S exact)
+            if base is not None:
+                codes, zero = codes + base.codes, zero + base.zero
+                scale = base.scale * scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE).exp()
+            elif self.log_scale:
+                scale = scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE).exp()
+            out[name] = QTensor(
+                codes.clamp(spec.qmin, spec.qmax).to(torch.int8),
+                scale.clamp_min(MIN_SCALE),
+                zero.clamp(spec.qmin, spec.qmax),
+                spec,
+            )
+        return out
+
+    def base_tokens(self, fp_sd: dict, spec: QuantSpec) -> torch.Tensor:
+        """What a generator's output is relative to (its `skip`), zero where no weight sits: the fp
+        weight tokens (direct target) or the RTN remainders in the code offsets' units (residual
+        target), so that copying them decodes to the input's own RTN codes; with `base: rtn`, RTN of
+        the input as target tokens."""
+        if self.base == "rtn":
+            return self._rtn_tokens(fp_sd, spec)
+        if self.target == "direct":
+            return self.encode_fp(fp_sd) * self.layout.value_mask(spec, "fp")
+        stats = self.q_stats[self._spec(spec).name]
+        rtn = self._rtn(fp_sd, spec)
+        values = {
+            (li, "weight"): remainder(fp_sd[name].float(), rtn[name]).reshape(-1) / stats[li, 0, 1]
+            for li, (name, _) in enumerate(self.layout.shapes)
+        }
+        return self._write("quantized", values) * self.layout.value_mask(spec, "fp")
+
+    def _rtn_tokens(self, fp_sd: dict, spec: QuantSpec) -> torch.Tensor:
+        """RTN of `fp_sd` under `spec` in the target's normalisation, codes before rounding
+        (w / S + Z), zero where no value sits: a PTQ target's tokens are within half a step of it,
+        and decode to it exactly."""
+        self.layout.check(fp_sd, "the full-precision checkpoint")
+        rtn = _rtn(fp_sd, [n for n, _ in self.layout.shapes], spec)
+        unrounded = {
+            n: QTensor(q.codes.float() + remainder(fp_sd[n].float(), q), q.scale, q.zero, spec)
+            for n, q in rtn.items()
+        }
+        return self.encode_quantized(unrounded, spec) * self.loss_mask(spec)
+
+    def decode_fp(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full-precision tokens -> the quantizable weights they hold (inverse of `encode_fp`)."""
+        out = {}
+        for seg in self.layout.segments:
+            if seg.kind == "weight":
+                name, shape = self.layout.shapes[seg.layer_index]
+                mean, std = self.fp_stats[seg.layer_index].tolist()
+                out[name] = (self._read(tokens, seg, math.prod(shape)) * std + mean).reshape(shape)
+        return out
+
+    def loss_tolerance(
+        self, target: torch.Tensor, spec: QuantSpec, base: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Half-width of the loss's dead zone at each position of a target sequence (None for the
+        direct target relative to the weights, the paper's plain MSE).
+
+        Relative to RTN (the residual target, or the direct one with `base: rtn`, whose `base`
+        tokens are needed here), an integer (code or Z) is right when the prediction rounds to it,
+        so the loss counts only the distance beyond the rounding boundary: 0.5 (in code units) where
+        the target keeps RTN's value, and 0.5 - ROUNDING_MARGIN where it departs, so a prediction
+        has to cross the boundary, not stop on it. A departure moves a code by a whole step, so its
+        offset from RTN's unrounded code is over 0.5; one within TIE of 0.5 is a tie that float
+        error put a hair past the boundary, and keeps RTN's value. Where the target keeps it, the
+        half-width also covers the `base` (what the untrained generator outputs), so RTN itself
+        costs exactly nothing, every gradient is zero and PTQ targets train nothing away.
+        S is continuous: no dead zone.
+        """
+        if self.target == "direct" and self.base == "weights":
+            return None
+        if self.base == "rtn" and base is None:
+            raise ValueError(
+                "the dead zone of the RTN base is relative to RTN of the checkpoint: "
+                "pass its base tokens"
+            )
+        stats, ts = self.q_stats[self._spec(spec).name], self.layout.token_size
+        flat, tol = target.reshape(-1), torch.zeros(target.numel())
+        # from RTN, normalised
+        offset = flat if self.target == "residual" else flat - base.reshape(-1)
+        # what the untrained generator (its base) misses by
+        gap = offset if base is None else flat - base.reshape(-1)
+        for seg in self.layout.segments:
+            if seg.kind == "scale":
+                continue
+            std = float(stats[seg.layer_index, KINDS.index(seg.kind), 1])
+            at = slice(seg.start * ts, seg.start * ts + self.layout.numel(seg, spec))
+            # covers the base: RTN's loss is exactly 0
+            keeps = torch.maximum(gap[at].abs(), torch.tensor(0.5 / std))
+            tol[at] = torch.where(
+                offset[at].abs() * std > 0.5 + TIE, (0.5 - ROUNDING_MARGIN) / std, keeps
+            )
+        return tol.view_as(target)
+
+    def loss_mask(self, spec: QuantSpec) -> torch.Tensor:
+        """Target positions that hold real values under `spec` (padding excluded from the loss)."""
+        return self.layout.value_mask(self._spec(spec), "quantized")
+
+    def loss_weights(self, spec: QuantSpec, weighting: str = "element") -> torch.Tensor:
+        """(n_tokens, token_size) float weights of each target value in the MSE, 0 on padding,
+        mean 1.
+
+        `element` is the paper's plain MSE: every real value counts once, so a layer's few S and Z
+        values and the small layers weigh almost nothing. `segment` (ours) gives every (layer, kind)
+        segment the same total weight, so the S of a group, which scales all of its codes, is not
+        drowned by them.
+        """
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+        mask = self.loss_mask(spec)
+        if weighting == "element":
+            return mask.float()
+        weights = torch.zeros(mask.numel())
+        ts = self.layout.token_size
+        for seg in self.layout.segments:
+            n = self.layout.numel(seg, spec)
+            weights[seg.start * ts : seg.start * ts + n] = 1.0 / n
+        weights = weights.view_as(mask) * mask
+        return weights * mask.sum() / weights.sum()
+
+    def save(self, directory) -> None:
+        """Write `tokenizer.json` (layout, padding, seed) and `tokenizer.safetensors`
+        (statistics)."""
+        directory = Path(directory)
+        tensors = {
+            "fp_stats": self.fp_stats,
+            **{f"q_stats/{k}": v for k, v in self.q_stats.items()},
+        }
+        save_safetensors(tensors, directory / "tokenizer.safetensors")
+        write_json(
+            directory / "tokenizer.json",
+            {
+                "layout": self.layout.to_dict(),
+                "padding": self.padding,
+                "seed": self.seed,
+                "log_scale": self.log_scale,
+                "target": self.target,
+                "base": self.base,
+            },
+        )
+
+    @classmethod
+    def load(cls, directory) -> "Tokenizer":
+        directory = Path(directory)
+        config = read_json(directory / "tokenizer.json")
+        tensors, _ = read_safetensors(directory / "tokenizer.safetensors")
+        q_stats = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("q_stats/")}
+        return cls(
+            Layout.from_dict(config["layout"]),
+            tensors["fp_stats"],
+            q_stats,
+            config["padding"],
+            config["seed"],
+            config.get("log_scale", False),
+            config.get("target", "direct"),
+            config.get("base", "weights"),
+        )

@@ -1,0 +1,504 @@
+"""Training a generator: one readable loop, AdamW + cosine, resumable, data-parallel under torchrun.
+
+Determinism: every step draws its batch (and the diffusion head's noise) from a generator seeded by
+(seed, step), so a run interrupted and resumed from its last checkpoint ends with exactly the
+weights of an uninterrupted run, and K data-parallel processes see the same global batches as one
+process (each takes every K-th sample of it).
+
+    torchrun --nproc_per_node=2 -m qg.generator.train --data DIR --out DIR [--steps N ...]
+
+runs the same loop data-parallel (gloo on CPU, nccl on CUDA) with no code change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..core.io import atomic_write, read_json, read_safetensors, save_safetensors
+from ..quant.quantizer import QuantSpec
+from .model import Generator, GeneratorConfig, QuantGen
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    mask_padding: bool = True
+    ckpt_every: int = 100
+    # `Tokenizer.loss_weights`: the paper's plain MSE, or per segment (ours)
+    loss_weighting: str = "element"
+
+
+@dataclass
+class TokenPairs:
+    """Training pairs: fp tokens `x` (one row per fp checkpoint), target tokens `y`, the base tokens
+    the head's skip starts from (`base`, one row per target: `Tokenizer.base_tokens`), which fp row
+    each target comes from (`src`), its condition index (`cond`), the loss weights of each condition
+    (`masks`: 0 on padding; see `Tokenizer.loss_weights`) and, for the residual target, each
+    target's dead zone (`tolerance`: `Tokenizer.loss_tolerance`; None for the paper's plain MSE)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    base: torch.Tensor
+    src: torch.Tensor
+    cond: torch.Tensor
+    masks: torch.Tensor
+    conditions: list[str]
+    loss_weighting: str = "element"
+    tolerance: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: Tokenizer,
+        fp_checkpoints: list[dict],
+        quantized: dict[QuantSpec, list[dict]],
+        conditional: bool = False,
+        loss_weighting: str = "element",
+    ) -> "TokenPairs":
+        """Encode aligned (fp checkpoint, quantized checkpoint) pairs for every spec in
+        `quantized`."""
+        specs = list(quantized)
+        if len(specs) > 1 and not conditional:
+            raise ValueError(
+                "several specs need a conditional generator (conditional=True), "
+                "or one generator each"
+            )
+        x = torch.stack([tokenizer.encode_fp(sd) for sd in fp_checkpoints])
+        ys, bases, tols, src, cond = [], [], [], [], []
+        for c, spec in enumerate(specs):
+            if len(quantized[spec]) != len(fp_checkpoints):
+                raise ValueError(
+                    f"{spec.name}: {len(quantized[spec])} quantized checkpoints for "
+                    f"{len(fp_checkpoints)} fp ones; they must be aligned pairs"
+                )
+            for i, (sd, qsd) in enumerate(zip(fp_checkpoints, quantized[spec])):
+                ys.append(tokenizer.encode_quantized(qsd, spec, sd))
+                bases.append(tokenizer.base_tokens(sd, spec))
+                tols.append(tokenizer.loss_tolerance(ys[-1], spec, bases[-1]))
+                src.append(i)
+                cond.append(c)
+        masks = torch.stack([tokenizer.loss_weights(s, loss_weighting) for s in specs])
+        names = [s.name for s in specs] if conditional else []
+        return cls(
+            x,
+            torch.stack(ys),
+            torch.stack(bases),
+            torch.tensor(src),
+            torch.tensor(cond),
+            masks,
+            names,
+            loss_weighting,
+            None if tols[0] is None else torch.stack(tols),
+        )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(
+        self, idx: torch.Tensor, conditions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """The `Generator.forward` arguments for sample indices `idx`: fp tokens, target tokens,
+        condition vector (row `cond` of `conditions`, `Generator.condition_matrix`; None if
+        unconditional), loss weights, base tokens and dead zone (or None)."""
+        onehot = None if conditions is None else conditions[self.cond[idx]]
+        return {
+            "tokens": self.x[self.src[idx]],
+            "target": self.y[idx],
+            "onehot": onehot,
+            "mask": self.masks[self.cond[idx]],
+            "base": self.base[idx],
+            "tolerance": None if self.tolerance is None else self.tolerance[idx],
+        }
+
+    def save(self, path) -> None:
+        tensors = {
+            "x": self.x,
+            "y": self.y,
+            "base": self.base,
+            "src": self.src,
+            "cond": self.cond,
+            "masks": self.masks,
+        }
+        if self.tolerance is not None:
+            tensors["tolerance"] = self.tolerance
+        save_safetensors(
+            tensors,
+            path,
+            {"conditions": ",".join(self.conditions), "loss_weighting": self.loss_weighting},
+        )
+
+    @classmethod
+    def load(cls, path) -> "TokenPairs":
+        t, meta = read_safetensors(path)
+        if "base" not in t:
+            raise ValueError(
+                f"{path} was written before training pairs carried base tokens; rebuild it with "
+                "TokenPairs.build(...).save(path)"
+            )
+        names = meta.get("conditions", "")
+        return cls(
+            t["x"],
+            t["y"],
+            t["base"],
+            t["src"],
+            t["cond"],
+            t["masks"],
+            names.split(",") if names else [],
+            meta.get("loss_weighting", "element"),
+            t.get("tolerance"),
+        )
+
+
+def _world() -> tuple[int, int]:
+    return (
+        (dist.get_rank(), dist.get_world_size())
+        if dist.is_available() and dist.is_initialized()
+        else (0, 1)
+    )
+
+
+def _step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + rank)
+
+
+def _cosine(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory: CUDA allocator peak on GPU, the process's peak resident set on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(
+    model: Generator,
+    data: TokenPairs,
+    cfg: TrainConfig,
+    out_dir,
+    resume: bool = True,
+    device: str = "cpu",
+    stop_after: int | None = None,
+) -> dict:
+    """Train `model` on `data`; checkpoints go to `out_dir/train_state.pt`, the loss curve to
+    `loss.csv`.
+
+    With `resume`, a run continues from its last checkpoint. `stop_after` ends the run early after
+    that many steps (as an interruption would), which is how resumption is tested. A fresh run whose
+    loss is already exactly zero on every training pair takes no step (`steps` 0 in the record): it
+    is at the loss's global minimum, every gradient is zero, and every AdamW step would leave it as
+    it is (the RTN base on PTQ targets: RTN rounds to every target).
+    """
+    out_dir = Path(out_dir)
+    rank, world = _world()
+    _check_run(data, cfg, world)
+    model.to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
+    state_path = out_dir / "train_state.pt"
+    step, losses, elapsed = (
+        _resume(state_path, model, opt, sched, cfg, device) if resume else (0, [], 0.0)
+    )
+    activation_mb, conditions = float("nan"), model.condition_matrix()
+    start, last = time.perf_counter(), min(cfg.steps, stop_after or cfg.steps)
+    exact = (
+        step == 0 and cfg.weight_decay == 0 and _zero_everywhere(net, data, cfg, conditions, device)
+    )
+    if exact:
+        last = 0
+    bar = tqdm(
+        range(step, last),
+        initial=step,
+        total=cfg.steps,
+        desc="generator",
+        disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")),
+    )
+    for step in bar:
+        batch = _batch(data, cfg, step, rank, world, conditions, device)
+
+        def forward():
+            return net(**batch, rng=_step_generator(cfg.seed, step, rank + 1))
+
+        if math.isnan(activation_mb):  # measured once, on the first step of this process
+            activation_mb, loss = saved_activation_mb(forward)
+        else:
+            loss = forward()
+        _update(loss, model, opt, sched, cfg)
+        losses.append(_mean_over_ranks(loss.detach(), world))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        done = step + 1
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == last):
+            _save_state(
+                state_path,
+                {"generator": model.cfg.to_dict(), "train": asdict(cfg)},
+                model,
+                opt,
+                sched,
+                done,
+                losses,
+                elapsed + time.perf_counter() - start,
+            )
+    if world > 1:
+        dist.barrier()
+    elapsed += time.perf_counter() - start
+    if rank == 0:
+        _write_curve(out_dir / "loss.csv", losses, cfg)
+    final = 0.0 if exact else losses[-1] if losses else float("nan")
+    return {
+        "steps": len(losses),
+        "final_loss": final,
+        "exact_at_start": exact,
+        "train_seconds": elapsed,
+        "peak_memory_mb": peak_memory_mb(device),
+        "activation_mb": activation_mb,
+        "world_size": world,
+        "device": str(device),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "train": asdict(cfg),
+    }
+
+
+def _batch(
+    data: TokenPairs, cfg: TrainConfig, step: int, rank: int, world: int, conditions, device
+) -> dict:
+    """Step `step`'s batch: the same examples for every process count, each process taking its
+    share."""
+    rng = _step_generator(cfg.seed, step)
+    idx = torch.randint(len(data), (cfg.batch_size,), generator=rng)[rank::world]
+    return _examples(data, idx, cfg, conditions, device)
+
+
+def _examples(data: TokenPairs, idx: torch.Tensor, cfg: TrainConfig, conditions, device) -> dict:
+    batch = {
+        k: t.to(device) if t is not None else None for k, t in data.batch(idx, conditions).items()
+    }
+    if not cfg.mask_padding:
+        batch["mask"] = None
+    return batch
+
+
+@torch.no_grad()
+def _zero_everywhere(net, data: TokenPairs, cfg: TrainConfig, conditions, device) -> bool:
+    """Whether the loss is exactly 0 on every training pair (checked a batch at a time, stopping at
+    the first that is not: one extra forward pass for a generator that has something to learn)."""
+    for idx in torch.arange(len(data)).split(cfg.batch_size):
+        batch = _examples(data, idx, cfg, conditions, device)
+        if net(**batch, rng=_step_generator(cfg.seed, 0, 1)).item() != 0:
+            return False
+    return True
+
+
+def _update(loss: torch.Tensor, model, opt, sched, cfg: TrainConfig) -> None:
+    """One optimiser step on `loss`: backward, gradient clipping, AdamW, the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+
+
+def _check_run(data: TokenPairs, cfg: TrainConfig, world: int) -> None:
+    """Refuse settings that cannot train as asked, before any work."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    if data.loss_weighting != cfg.loss_weighting:
+        raise ValueError(
+            f"the training pairs carry {data.loss_weighting!r} loss weights but the run asks for "
+            f"{cfg.loss_weighting!r}; rebuild them with "
+            f"TokenPairs.build(..., loss_weighting={cfg.loss_weighting!r})"
+        )
+    if not cfg.mask_padding and cfg.loss_weighting != "element":
+        raise ValueError(
+            "mask_padding=False trains on every position with equal weight, which drops the "
+            f"{cfg.loss_weighting!r} loss weights: keep mask_padding=True or use "
+            "loss_weighting='element'"
+        )
+
+
+def _resume(
+    state_path: Path, model, opt, sched, cfg: TrainConfig, device
+) -> tuple[int, list[float], float]:
+    """Load the last checkpoint of this same run into model, optimiser and schedule:
+    (step, losses, seconds)."""
+    if not state_path.is_file():
+        return 0, [], 0.0
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError) as e:
+        # truncated or damaged: it is only a resume point (a pickle is refused)
+        print(
+            f"[qg] warning: {state_path} is unreadable ({type(e).__name__}); training from step 0",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0, [], 0.0
+    run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
+    if _completed(state.get("run")) != run:
+        raise ValueError(
+            f"{state_path} holds a run with other settings ({state.get('run')}); "
+            "resume only the same run: pick a new output directory or pass resume=False"
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return state["step"], state["losses"], state["elapsed"]
+
+
+def _completed(run: dict | None) -> dict | None:
+    """A stored run's settings with the defaults of fields added since it was saved filled in."""
+    try:
+        return {
+            "generator": GeneratorConfig(**run["generator"]).to_dict(),
+            "train": asdict(TrainConfig(**run["train"])),
+        }
+    except (KeyError, TypeError, ValueError):
+        return run
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world
+    return value.item()
+
+
+def saved_activation_mb(fn) -> tuple[float, object]:
+    """Megabytes of tensors autograd keeps for the backward pass of `fn()` (each storage counted
+    once), and `fn()`'s result.
+
+    A deterministic CPU stand-in for peak training memory: it is the part that grows with sequence
+    length, and unlike the process's resident set it does not depend on the allocator's history.
+    """
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()) / 2**20, out
+
+
+def _save_state(
+    path: Path, run: dict, model, opt, sched, step: int, losses: list[float], elapsed: float
+) -> None:
+    state = {
+        "run": run,
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "step": step,
+        "losses": losses,
+        "elapsed": elapsed,
+    }
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def _write_curve(path: Path, losses: list[float], cfg: TrainConfig) -> None:
+    lr = _cosine(cfg)
+    with atomic_write(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr"])
+        for i, loss in enumerate(losses):
+            w.writerow([i + 1, f"{loss:.6g}", f"{cfg.lr * lr(i):.6g}"])
+
+
+def fit_generator(
+    tokenizer: Tokenizer,
+    data: TokenPairs,
+    gen_cfg: GeneratorConfig,
+    cfg: TrainConfig,
+    out_dir,
+    device: str = "cpu",
+    resume: bool = True,
+) -> QuantGen:
+    """Build, train and save a generator directory that `QuantGen.load` reads back."""
+    if gen_cfg.conditions != data.conditions:
+        raise ValueError(
+            f"generator conditions {gen_cfg.conditions} differ from the data's {data.conditions}"
+        )
+    torch.manual_seed(cfg.seed)
+    model = Generator.for_tokenizer(gen_cfg, tokenizer)
+    record = train(model, data, cfg, out_dir, resume=resume, device=device)
+    qg = QuantGen(model.cpu(), tokenizer, record)
+    if _world()[0] == 0:
+        qg.save(out_dir)
+    return qg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line for (torchrun) training from a data directory holding `pairs.safetensors` +
+    tokenizer."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="directory with pairs.safetensors, tokenizer.json/.safetensors",
+    )
+    p.add_argument(
+        "--out", required=True, help="generator directory to write (resumes if it holds a run)"
+    )
+    p.add_argument("--config", help="JSON file with {'generator': {...}, 'train': {...}} overrides")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    tokenizer = Tokenizer.load(args.data)
+    data = TokenPairs.load(Path(args.data) / "pairs.safetensors")
+    overrides = read_json(args.config) if args.config else {}
+    gen_cfg = GeneratorConfig(
+        **{
+            "token_size": tokenizer.shape[1],
+            "n_tokens": tokenizer.shape[0],
+            "conditions": data.conditions,
+            "target": tokenizer.target,
+            **overrides.get("generator", {}),
+        }
+    )
+    cfg = TrainConfig(**overrides.get("train", {}))
+    if args.steps:
+        cfg.steps = args.steps
+    fit_generator(tokenizer, data, gen_cfg, cfg, args.out, device=args.device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""The reproduction's experiments: collected checkpoints, the generators each table needs, their scores.
+
+Modules, each importing only those above it here (and packages listed before this one in qg):
+  collect      collecting checkpoints and QAT targets (01_collect), and reading them back
+  scoring      top-1 of a model file on the profile's test subset, predictions cached beside the file
+  fidelity     how faithful a generated quantized model is, and whether it follows its input
+  experiments  the generators each table needs and every method's quantized file (PTQ, controls, Gen)
+  evaluation   scoring the experiments into tidy rows: evaluate, diagnose, convergence, ablations
+  rpg_study    RPG's own experiment (10_rpg): its samples, the baselines and the memorisation tests, scored
+"""
