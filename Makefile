@@ -46,6 +46,7 @@ unit: install data
 
 lint: install
 	$(PY) -m ruff check qg tests
+	$(PY) -m ruff format --check qg tests
 
 # Every notebook in order with papermill: tables in results/$(PROFILE)/, figures in figures/$(PROFILE)/.
 # JOBS=2: after 01_collect and 02_train, two notebooks at a time, each kernel on one core.

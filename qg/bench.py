@@ -1,22 +1,24 @@
 """Speed and memory of the generator's sequence mixers, printed as figures from one run.
 
-    python -m qg.bench [--sections scan backbone kernels runtime] [--lengths 256 1024 4096] [--d-model 128]
-                       [--profile cpu] [--device cpu|cuda] [--out FILE.csv]
+    python -m qg.bench [--sections scan backbone kernels runtime] [--lengths 256 1024 4096]
+                       [--d-model 128] [--profile cpu] [--device cpu|cuda] [--out FILE.csv]
 
 Three comparisons of the generator, each at every sequence length, and one of the quantized models:
-  scan      the chunked SSD scan (what Mamba-2 runs) against the plain sequential recurrence of the same
-            math, forward + backward, on the same inputs;
-  backbone  one generator block (pre-norm residual mixer) with Mamba-2, LSTM or causal self-attention at
-            the same width: forward + backward time, peak memory and parameter count;
-  kernels   (CUDA with mamba-ssm only) qg's PyTorch Mamba-2 path against mamba-ssm's kernels on the same
-            weights: time and the largest output / gradient differences, float32 and bf16;
+  scan      the chunked SSD scan (what Mamba-2 runs) against the plain sequential recurrence of the
+            same math, forward + backward, on the same inputs;
+  backbone  one generator block (pre-norm residual mixer) with Mamba-2, LSTM or causal
+            self-attention at the same width: forward + backward time, peak memory and parameter
+            count;
+  kernels   (CUDA with mamba-ssm only) qg's PyTorch Mamba-2 path against mamba-ssm's kernels on the
+            same weights: time and the largest output / gradient differences, float32 and bf16;
   runtime   each target model of `--profile` (seeded random weights: size and speed do not depend on
-            training), PTQ group-wise at every bit-width 2..8, loaded packed (`qg.targets.runtime`): resident weight
-            bytes and seconds per batch of `--runtime-batch` images against FP32, and the seconds PTQ and
-            HQQ take to quantize the model (09_real_files measures the trained models, Gen included).
+            training), PTQ group-wise at every bit-width 2..8, loaded packed
+            (`qg.targets.runtime`): resident weight bytes and seconds per batch of `--runtime-batch`
+            images against FP32, and the seconds PTQ and HQQ take to quantize the model
+            (09_real_files measures the trained models, Gen included).
 Ratios are taken within one run on one machine; absolute times depend on the machine and its load.
-Memory: on CUDA the allocator's peak during a step; on CPU the bytes autograd saves for the backward pass
-(the part of training memory that grows with sequence length).
+Memory: on CUDA the allocator's peak during a step; on CPU the bytes autograd saves for the backward
+pass (the part of training memory that grows with sequence length).
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ def bench_scan(lengths, batch, d_model, repeats, device) -> list[dict]:
     rows = []
     for length in lengths:
         inputs = _scan_inputs(batch, length, d_model, device)
-        for name, fn in (("chunked SSD (chunk 64)", lambda: ssd_scan(*inputs, chunk_size=64)),
-                         ("sequential recurrence", lambda: ssd_sequential(*inputs))):
+        for name, fn in (
+            ("chunked SSD (chunk 64)", lambda: ssd_scan(*inputs, chunk_size=64)),
+            ("sequential recurrence", lambda: ssd_sequential(*inputs)),
+        ):
             seconds = median_seconds(lambda: fn().sum().backward(), repeats, device)
             rows.append({"bench": "scan", "case": name, "length": length, "seconds": seconds})
     return rows
@@ -84,12 +88,22 @@ def _block_step(backbone, batch, length, d_model, repeats, device) -> dict:
         peak, out = saved_activation_mb(lambda: block(x))
         out.sum().backward()
         seconds = median_seconds(step, repeats, device)
-    return {"bench": "backbone", "case": backbone, "length": length, "seconds": seconds, "peak_mb": peak,
-            "params": sum(p.numel() for p in block.parameters())}
+    return {
+        "bench": "backbone",
+        "case": backbone,
+        "length": length,
+        "seconds": seconds,
+        "peak_mb": peak,
+        "params": sum(p.numel() for p in block.parameters()),
+    }
 
 
 def bench_backbones(lengths, batch, d_model, repeats, device) -> list[dict]:
-    return [_block_step(b, batch, n, d_model, repeats, device) for n in lengths for b in ("mamba2", "lstm", "transformer")]
+    return [
+        _block_step(b, batch, n, d_model, repeats, device)
+        for n in lengths
+        for b in ("mamba2", "lstm", "transformer")
+    ]
 
 
 def bench_kernels(lengths, batch, d_model, repeats, device) -> list[dict]:
@@ -110,9 +124,20 @@ def bench_kernels(lengths, batch, d_model, repeats, device) -> list[dict]:
                 y.float().pow(2).mean().backward()
                 outs[name] = (y.detach().float(), xi.grad.float())
                 seconds = median_seconds(lambda: m(xi).float().sum().backward(), repeats, device)
-                rows.append({"bench": "kernels", "case": name, "length": length, "dtype": str(dtype), "seconds": seconds})
+                rows.append(
+                    {
+                        "bench": "kernels",
+                        "case": name,
+                        "length": length,
+                        "dtype": str(dtype),
+                        "seconds": seconds,
+                    }
+                )
             (ya, ga), (yb, gb) = outs.values()
-            rows[-1].update(max_abs_out_diff=(ya - yb).abs().max().item(), max_abs_grad_diff=(ga - gb).abs().max().item())
+            rows[-1].update(
+                max_abs_out_diff=(ya - yb).abs().max().item(),
+                max_abs_grad_diff=(ga - gb).abs().max().item(),
+            )
     return rows
 
 
@@ -125,9 +150,25 @@ def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
         torch.manual_seed(0)
         fp = build_model(model_spec).eval()
         sd = state_dict_of(fp)
-        x = torch.randn(batch, model_spec.kwargs.get("in_chans", 3), model_spec.img_size, model_spec.img_size)
-        base = {"bench": "runtime", "arch": name, "profile": profile["name"], "runtime_batch": batch, "device": _cpu()}
-        rows.append({**base, "case": "fp32", "bits": 32, "seconds": latency(fp, x, repeats), "weight_bytes": weight_bytes(fp)})
+        x = torch.randn(
+            batch, model_spec.kwargs.get("in_chans", 3), model_spec.img_size, model_spec.img_size
+        )
+        base = {
+            "bench": "runtime",
+            "arch": name,
+            "profile": profile["name"],
+            "runtime_batch": batch,
+            "device": _cpu(),
+        }
+        rows.append(
+            {
+                **base,
+                "case": "fp32",
+                "bits": 32,
+                "seconds": latency(fp, x, repeats),
+                "weight_bytes": weight_bytes(fp),
+            }
+        )
         for bits in range(2, 9):
             spec = spec_from(bits, "group", profile["quant"])
             made, seconds = {}, {}
@@ -136,8 +177,16 @@ def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
                 made[method] = quantize_model(sd, spec, method)[0]
                 seconds[f"{method}_seconds"] = time.perf_counter() - start
             packed = quantized_model(copy.deepcopy(fp), made["ptq"])
-            rows.append({**base, "case": f"packed {spec.name}", "bits": bits, "seconds": latency(packed, x, repeats),
-                         "weight_bytes": weight_bytes(packed), **seconds})
+            rows.append(
+                {
+                    **base,
+                    "case": f"packed {spec.name}",
+                    "bits": bits,
+                    "seconds": latency(packed, x, repeats),
+                    "weight_bytes": weight_bytes(packed),
+                    **seconds,
+                }
+            )
     return rows
 
 
@@ -147,22 +196,38 @@ def _cpu() -> str:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    p.add_argument("--profile", default="cpu", help="the runtime section's target models (params/<profile>.yaml)")
-    p.add_argument("--runtime-batch", type=int, default=256, help="images per forward pass in the runtime section")
+    p.add_argument(
+        "--profile",
+        default="cpu",
+        help="the runtime section's target models (params/<profile>.yaml)",
+    )
+    p.add_argument(
+        "--runtime-batch",
+        type=int,
+        default=256,
+        help="images per forward pass in the runtime section",
+    )
     p.add_argument("--out", help="CSV file to write the rows to")
     args = p.parse_args(argv)
     common = (args.lengths, args.batch, args.d_model, args.repeats, args.device)
@@ -190,7 +255,9 @@ def _report(df: pd.DataFrame) -> None:
     pd.set_option("display.width", 160)
     if (df.bench == "scan").any():
         scan = df[df.bench == "scan"].pivot(index="length", columns="case", values="seconds")
-        scan["sequential / chunked"] = scan["sequential recurrence"] / scan["chunked SSD (chunk 64)"]
+        scan["sequential / chunked"] = (
+            scan["sequential recurrence"] / scan["chunked SSD (chunk 64)"]
+        )
         print("SSD scan, forward + backward seconds\n", scan.round(4), "\n")
     bb = df[df.bench == "backbone"]
     for value in ("seconds", "peak_mb") if len(bb) else ():
@@ -205,11 +272,27 @@ def _report(df: pd.DataFrame) -> None:
         fp = rt[rt.case == "fp32"].set_index("arch")
         rt["memory vs fp32"] = rt.weight_bytes / rt.arch.map(fp.weight_bytes)
         rt["time vs fp32"] = rt.seconds / rt.arch.map(fp.seconds)
-        columns = ["arch", "case", "weight_bytes", "memory vs fp32", "seconds", "time vs fp32", "ptq_seconds", "hqq_seconds"]
-        print(f"Packed runtime vs FP32 (batch {int(rt.runtime_batch.iloc[0])}, forward seconds; quantization seconds)\n",
-              rt[columns].round(4).to_string(index=False), "\n")
+        columns = [
+            "arch",
+            "case",
+            "weight_bytes",
+            "memory vs fp32",
+            "seconds",
+            "time vs fp32",
+            "ptq_seconds",
+            "hqq_seconds",
+        ]
+        print(
+            f"Packed runtime vs FP32 (batch {int(rt.runtime_batch.iloc[0])}, forward seconds; "
+            "quantization seconds)\n",
+            rt[columns].round(4).to_string(index=False),
+            "\n",
+        )
     if (df.bench == "kernels").any():
-        print("\nPyTorch path vs mamba-ssm kernels\n", df[df.bench == "kernels"].dropna(axis=1, how="all").to_string(index=False))
+        print(
+            "\nPyTorch path vs mamba-ssm kernels\n",
+            df[df.bench == "kernels"].dropna(axis=1, how="all").to_string(index=False),
+        )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The study's methods: every way a model of the tables is made from a full-precision checkpoint.
 
-A method's `name` is what `evaluations.csv` and the cached files call it; its `kind` says which maker
-`Experiment.model_file` calls (`reference`: the checkpoint itself; `quantizer`: a data-free quantizer of
-`qg.quant.baselines`; `control`: PTQ of a modified input; `qat`: the QAT model 01_collect trained; `generator`:
-a generator's forward pass). Any quantized method with `+qwt` after its name is that method's file with QwT
-on top (`qg.quant.qwt`), which needs calibration images and the full-precision weights.
+A method's `name` is what `evaluations.csv` and the cached files call it; its `kind` says which
+maker `Experiment.model_file` calls (`reference`: the checkpoint itself; `quantizer`: a data-free
+quantizer of `qg.quant.baselines`; `control`: PTQ of a modified input; `qat`: the QAT model
+01_collect trained; `generator`: a generator's forward pass). Any quantized method with `+qwt` after
+its name is that method's file with QwT on top (`qg.quant.qwt`), which needs calibration images and
+the full-precision weights.
 
-Adding a method is one entry here plus its maker: a quantizer's function in `qg.quant.baselines.QUANTIZERS`,
-or the overrides of a generator's settings (`overrides`, applied to the profile's by `Setting.generator_for`).
+Adding a method is one entry here plus its maker: a quantizer's function in
+`qg.quant.baselines.QUANTIZERS`, or the overrides of a generator's settings (`overrides`, applied to
+the profile's by `Setting.generator_for`).
 """
 
 from __future__ import annotations
@@ -35,38 +37,70 @@ class Method:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise ValueError(
+                f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
+            )
 
 
 _GENERATOR = ("a trained generator",)
-REGISTRY = {m.name: m for m in (
-    Method("fp", "FP32", "reference", True),
-    Method("ptq", "PTQ", "quantizer", True, qwt_rows=True),
-    Method("rtn-asym", "RTN asym", "quantizer", True, scheme="asymmetric"),
-    Method("mse-clip", "RTN + MSE clip", "quantizer", True, scheme="symmetric"),
-    Method("hqq", "HQQ", "quantizer", True, scheme="asymmetric", qwt_rows=True),
-    Method("noise", "PTQ of ckpt + noise", "control", True),
-    Method("soup", "PTQ of the soup", "control", True, ("the training checkpoints",), per_checkpoint=False),
-    Method("qat", "QAT", "qat", False, ("training images",)),
-    Method("gen", "Gen", "generator", True, _GENERATOR, qwt_rows=True),
-    Method("gen-rtn", "Gen (RTN base)", "generator", True, _GENERATOR, variant="RTN base",
-           overrides={"tokenizer": {"base": "rtn"}, "generator": {"skip": "add"}}),
-)}
+REGISTRY = {
+    m.name: m
+    for m in (
+        Method("fp", "FP32", "reference", True),
+        Method("ptq", "PTQ", "quantizer", True, qwt_rows=True),
+        Method("rtn-asym", "RTN asym", "quantizer", True, scheme="asymmetric"),
+        Method("mse-clip", "RTN + MSE clip", "quantizer", True, scheme="symmetric"),
+        Method("hqq", "HQQ", "quantizer", True, scheme="asymmetric", qwt_rows=True),
+        Method("noise", "PTQ of ckpt + noise", "control", True),
+        Method(
+            "soup",
+            "PTQ of the soup",
+            "control",
+            True,
+            ("the training checkpoints",),
+            per_checkpoint=False,
+        ),
+        Method("qat", "QAT", "qat", False, ("training images",)),
+        Method("gen", "Gen", "generator", True, _GENERATOR, qwt_rows=True),
+        Method(
+            "gen-rtn",
+            "Gen (RTN base)",
+            "generator",
+            True,
+            _GENERATOR,
+            variant="RTN base",
+            overrides={"tokenizer": {"base": "rtn"}, "generator": {"skip": "add"}},
+        ),
+    )
+}
 
 
 def get(name: str) -> Method:
     """The method called `name`, `+qwt` ones included; a clear error for an unknown name."""
     base = name.removesuffix(QWT_SUFFIX)
     if base not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; the methods are {list(REGISTRY)}, "
-                         f"each quantized one also with {QWT_SUFFIX!r} after it")
+        raise ValueError(
+            f"unknown method {name!r}; the methods are {list(REGISTRY)}, "
+            f"each quantized one also with {QWT_SUFFIX!r} after it"
+        )
     if base == name:
         return REGISTRY[name]
     m = REGISTRY[base]
     if m.kind == "reference":
-        raise ValueError(f"QwT compensates a quantized model: `{name}` is not a method (try `ptq{QWT_SUFFIX}`)")
-    return Method(name, f"{m.label} + QwT", m.kind, False, (*m.needs, "calibration images", "the fp32 weights"),
-                  m.per_checkpoint, m.scheme, m.overrides, m.variant)
+        raise ValueError(
+            f"QwT compensates a quantized model: `{name}` is not a method (try `ptq{QWT_SUFFIX}`)"
+        )
+    return Method(
+        name,
+        f"{m.label} + QwT",
+        m.kind,
+        False,
+        (*m.needs, "calibration images", "the fp32 weights"),
+        m.per_checkpoint,
+        m.scheme,
+        m.overrides,
+        m.variant,
+    )
 
 
 def names(*kinds: str) -> tuple[str, ...]:
@@ -75,14 +109,16 @@ def names(*kinds: str) -> tuple[str, ...]:
 
 
 def label(name: str) -> str:
-    """A method's label in tables; a paired difference `a-b` reads `A − B`; anything else stays as it is."""
+    """A method's label in tables; a paired difference `a-b` reads `A − B`; anything else stays as
+    it is."""
     try:
         return get(name).label
     except ValueError:
         pass
-    for i in (i for i, ch in enumerate(name) if ch == "-"):  # names hold "-" too: split where both are known
-        if _known(name[:i]) and _known(name[i + 1:]):
-            return f"{label(name[:i])} − {label(name[i + 1:])}"
+    # names hold "-" too: split where both are known
+    for i in (i for i, ch in enumerate(name) if ch == "-"):
+        if _known(name[:i]) and _known(name[i + 1 :]):
+            return f"{label(name[:i])} − {label(name[i + 1 :])}"
     return name
 
 
@@ -96,7 +132,7 @@ def shown_with_qwt() -> tuple[str, ...]:
 
 
 def order() -> list[str]:
-    """The tables' order of methods: the registry's, each shown-with-QwT method followed by its `+qwt`, then
-    the generators' paired differences against PTQ."""
+    """The tables' order of methods: the registry's, each shown-with-QwT method followed by its
+    `+qwt`, then the generators' paired differences against PTQ."""
     shown = [x for n, m in REGISTRY.items() for x in ((n, n + QWT_SUFFIX) if m.qwt_rows else (n,))]
     return shown + [f"{g}-ptq" for g in names("generator")]

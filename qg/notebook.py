@@ -16,10 +16,10 @@ midway. nbval injects no parameters, so it counts as interactive, as every run d
 `findings(lines)` renders computed conclusions as the Markdown under a `## What we found` heading.
 
 What the ablation notebooks (04-07) share: `run_and_report(exp, factor)` trains or reads back every
-variant of one factor, writes its table and figures (`results/<profile>/ablation_<factor>.{csv,md,json}`,
-`figures/<profile>/ablation_<factor>_loss.png` and `ablation_<factor>.png`) and computes what was found;
-each notebook keeps on screen only its factor's own story. IPython is imported only when a function
-needs it.
+variant of one factor, writes its table and figures
+(`results/<profile>/ablation_<factor>.{csv,md,json}`, `figures/<profile>/ablation_<factor>_loss.png`
+and `ablation_<factor>.png`) and computes what was found; each notebook keeps on screen only its
+factor's own story. IPython is imported only when a function needs it.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ from .tables.ablations import ablation_figure, ablation_findings, ablation_table
 from .tables.common import loss_curves
 
 
-def setup(profile: str, overrides: dict | None = None,
-          history: Sequence[str] = ()) -> tuple[dict, Paths]:
+def setup(
+    profile: str, overrides: dict | None = None, history: Sequence[str] = ()
+) -> tuple[dict, Paths]:
     """A notebook's set-up: `P, paths = setup(profile, overrides, In)` (`In`: IPython's history).
 
     Returns the loaded profile and its `Paths`, folders made."""
@@ -60,8 +61,9 @@ def findings(lines: Iterable[str]):
     line; a line that starts with spaces is an item under the one before it."""
     from IPython.display import Markdown
 
-    return Markdown("\n".join(f"  - {line.strip()}" if line[:1].isspace() else f"- {line}"
-                              for line in lines))
+    return Markdown(
+        "\n".join(f"  - {line.strip()}" if line[:1].isspace() else f"- {line}" for line in lines)
+    )
 
 
 def _papermill(history: Sequence[str]) -> bool:

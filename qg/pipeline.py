@@ -1,17 +1,21 @@
 """The reproduction as a pipeline: a papermill runner that executes the notebooks in order.
 
-Every notebook takes two papermill parameters, `profile` (see `qg.config.profiles`) and `overrides` (a mapping merged
-into it, `{}` by default), and reads the rest from the YAML, so one file and one mapping say what a run did.
+Every notebook takes two papermill parameters, `profile` (see `qg.config.profiles`) and `overrides`
+(a mapping merged into it, `{}` by default), and reads the rest from the YAML, so one file and one
+mapping say what a run did.
 
     python -m qg.pipeline --profile cpu                  # every notebook, in order
     python -m qg.pipeline --profile cpu --jobs 2         # 03-10 two at a time, one core each
     python -m qg.pipeline --profile smoke 01_collect     # one step
-    python -m qg.pipeline --profile cpu --overrides "{train: {steps: 600}}" 02_train 03_generate   # a sweep point
-    python -m qg.pipeline --profile cpu --compare /other/root   # do its results/cpu tables equal ours?
+    # a sweep point
+    python -m qg.pipeline --profile cpu --overrides "{train: {steps: 600}}" 02_train 03_generate
+    # do its results/cpu tables equal ours?
+    python -m qg.pipeline --profile cpu --compare /other/root
 
 Executed notebooks go to `results/notebooks/<profile>/`, tables to `results/<profile>/`, figures to
-`figures/<profile>/`, cached artifacts to `artifacts/<profile>/` (each keyed by the parameters that made it,
-so a rerun recomputes only what changed), in the repository or under $QG_OUTPUT when it is set.
+`figures/<profile>/`, cached artifacts to `artifacts/<profile>/` (each keyed by the parameters that
+made it, so a rerun recomputes only what changed), in the repository or under $QG_OUTPUT when it is
+set.
 """
 
 from __future__ import annotations
@@ -27,39 +31,60 @@ import yaml
 from .config.profiles import ROOT, Paths, load_profile
 from .core.io import HASH_SUFFIX, damaged
 
-NOTEBOOKS = ("01_collect", "02_train", "03_generate", "04_ablate_padding", "05_ablate_diffusion",
-             "06_ablate_backbone", "07_ablate_token_size", "08_residual_qat", "09_real_files", "10_rpg")
-SHARED = ("01_collect", "02_train")  # what every later notebook reads the cache of; the later ones write only their own
+NOTEBOOKS = (
+    "01_collect",
+    "02_train",
+    "03_generate",
+    "04_ablate_padding",
+    "05_ablate_diffusion",
+    "06_ablate_backbone",
+    "07_ablate_token_size",
+    "08_residual_qat",
+    "09_real_files",
+    "10_rpg",
+)
+# what every later notebook reads the cache of; the later ones write only their own
+SHARED = ("01_collect", "02_train")
 
 
 def check_parameters(notebook: Path, parameters: dict) -> None:
-    """Refuse parameters the notebook's `parameters` cell does not declare (papermill only warns)."""
+    """Refuse parameters the notebook's `parameters` cell does not declare (papermill only
+    warns)."""
     import papermill
 
     declared = set(papermill.inspect_notebook(str(notebook)))
     unknown = sorted(set(parameters) - declared)
     if unknown:
-        raise ValueError(f"{notebook.name} has no parameter(s) {unknown}; it declares {sorted(declared)}")
+        raise ValueError(
+            f"{notebook.name} has no parameter(s) {unknown}; it declares {sorted(declared)}"
+        )
 
 
-def run(profile: str, notebooks: list[str] | None = None, parameters: dict | None = None, jobs: int = 1) -> list[Path]:
-    """Execute notebooks with papermill; returns the executed copies' paths, in the notebooks' order.
+def run(
+    profile: str, notebooks: list[str] | None = None, parameters: dict | None = None, jobs: int = 1
+) -> list[Path]:
+    """Execute notebooks with papermill; returns the executed copies' paths, in the notebooks'
+    order.
 
-    `SHARED` notebooks run first, in order. With `jobs` > 1 the others, which read only those notebooks' caches
-    and write results of their own, run `jobs` at a time, each in its own process with its kernel limited to
-    its share of the cores (OMP_NUM_THREADS): two kernels whose OpenMP threads wait for each other on one core
-    slow each other down many times over."""
+    `SHARED` notebooks run first, in order. With `jobs` > 1 the others, which read only those
+    notebooks' caches and write results of their own, run `jobs` at a time, each in its own process
+    with its kernel limited to its share of the cores (OMP_NUM_THREADS): two kernels whose OpenMP
+    threads wait for each other on one core slow each other down many times over."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    if profile.endswith((".yaml", ".yml")):  # the kernels run in notebooks/: a relative path must not change meaning
+    # the kernels run in notebooks/: a relative path must not change meaning
+    if profile.endswith((".yaml", ".yml")):
         profile = str(Path(profile).resolve())
     params = {"profile": profile, **(parameters or {})}
-    loaded = load_profile(profile, params.get("overrides"))  # fail before starting a kernel if the profile is wrong
+    # fail before starting a kernel if the profile is wrong
+    loaded = load_profile(profile, params.get("overrides"))
     _kernel_environment()
     names = notebooks or [n for n in NOTEBOOKS if (ROOT / "notebooks" / f"{n}.ipynb").is_file()]
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
-        raise ValueError(f"unknown notebook(s) {unknown}; the pipeline's notebooks are {list(NOTEBOOKS)}")
+        raise ValueError(
+            f"unknown notebook(s) {unknown}; the pipeline's notebooks are {list(NOTEBOOKS)}"
+        )
     out_dir = Paths.for_profile(loaded).notebooks
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:  # every notebook's parameters, before any runs
@@ -73,23 +98,29 @@ def run(profile: str, notebooks: list[str] | None = None, parameters: dict | Non
     return [out_dir / f"{name}.ipynb" for name in names]
 
 
-def _run_one(name: str, out_dir: Path, params: dict, profile_name: str, threads: int | None = None) -> None:
+def _run_one(
+    name: str, out_dir: Path, params: dict, profile_name: str, threads: int | None = None
+) -> None:
     if threads is not None:  # read by the kernel's torch when it starts
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     print(f"[qg.pipeline] {name} (profile {profile_name})", flush=True)
     _execute(ROOT / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb", params)
 
 
-def _in_parallel(names: list[str], jobs: int, out_dir: Path, params: dict, profile_name: str) -> None:
-    """Run `names` `jobs` at a time in worker processes (papermill changes the process's working directory,
-    so two notebooks cannot share one), each taken from the queue as a worker frees; the first failure stops
-    the ones not started and is raised once the running ones end."""
+def _in_parallel(
+    names: list[str], jobs: int, out_dir: Path, params: dict, profile_name: str
+) -> None:
+    """Run `names` `jobs` at a time in worker processes (papermill changes the process's working
+    directory, so two notebooks cannot share one), each taken from the queue as a worker frees; the
+    first failure stops the ones not started and is raised once the running ones end."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_one, name, out_dir, params, profile_name, threads) for name in names]
+        futures = [
+            pool.submit(_run_one, name, out_dir, params, profile_name, threads) for name in names
+        ]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f.exception() for f in futures if f in done and f.exception() is not None]
         for f in pending:
@@ -99,20 +130,29 @@ def _in_parallel(names: list[str], jobs: int, out_dir: Path, params: dict, profi
 
 
 def _execute(source: Path, out: Path, params: dict) -> None:
-    """Run one notebook into `out`, through a temporary copy: a run that dies writing (a full disk) keeps
-    the previous executed notebook instead of leaving a truncated one. A notebook that raises is kept, with
-    its traceback, and reported by its own message."""
+    """Run one notebook into `out`, through a temporary copy: a run that dies writing (a full disk)
+    keeps the previous executed notebook instead of leaving a truncated one. A notebook that raises
+    is kept, with its traceback, and reported by its own message."""
     import papermill
 
     running = out.with_name(f".{out.stem}.running.ipynb")
     try:
-        papermill.execute_notebook(str(source), str(running), parameters=params, cwd=str(ROOT / "notebooks"),
-                                   kernel_name="python3", progress_bar=True)
-    except papermill.PapermillExecutionError as e:  # the cell's own message, not 100 lines of traceback
+        papermill.execute_notebook(
+            str(source),
+            str(running),
+            parameters=params,
+            cwd=str(ROOT / "notebooks"),
+            kernel_name="python3",
+            progress_bar=True,
+        )
+    # the cell's own message, not 100 lines of traceback
+    except papermill.PapermillExecutionError as e:
         os.replace(running, out)
         _relative_paths(out)
-        raise NotebookError(f"{source.stem} stopped in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                            f"  the executed notebook, with the traceback: {out}") from None
+        raise NotebookError(
+            f"{source.stem} stopped in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+            f"  the executed notebook, with the traceback: {out}"
+        ) from None
     except BaseException:
         running.unlink(missing_ok=True)
         raise
@@ -121,14 +161,15 @@ def _execute(source: Path, out: Path, params: dict) -> None:
 
 
 class NotebookError(RuntimeError):
-    """A notebook of the pipeline raised: its message, and where the executed notebook with the traceback is."""
+    """A notebook of the pipeline raised: its message, and where the executed notebook with the
+    traceback is."""
 
 
 def _kernel_environment() -> None:
-    """What the kernels inherit: QG_OUTPUT made absolute (they run in notebooks/, where a relative one would
-    point elsewhere), this checkout first on PYTHONPATH (so they import its qg, not another checkout's
-    editable install); they also inherit the pinned CPU kernels that `import qg` set in this process's
-    environment (`qg.core.kernels`), whatever a notebook imports first."""
+    """What the kernels inherit: QG_OUTPUT made absolute (they run in notebooks/, where a relative
+    one would point elsewhere), this checkout first on PYTHONPATH (so they import its qg, not
+    another checkout's editable install); they also inherit the pinned CPU kernels that `import qg`
+    set in this process's environment (`qg.core.kernels`), whatever a notebook imports first."""
     if os.environ.get("QG_OUTPUT"):
         os.environ["QG_OUTPUT"] = str(Path(os.environ["QG_OUTPUT"]).resolve())
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
@@ -136,8 +177,9 @@ def _kernel_environment() -> None:
 
 
 def _relative_paths(executed: Path) -> None:
-    """papermill records the notebook's absolute input and output paths (the latter the temporary copy's):
-    record them relative to the repository, the output as the executed notebook's final name."""
+    """papermill records the notebook's absolute input and output paths (the latter the temporary
+    copy's): record them relative to the repository, the output as the executed notebook's final
+    name."""
     import nbformat
 
     from .core.report import portable
@@ -156,21 +198,24 @@ CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
 def store_checks(profile: str = "smoke", notebooks: list[str] | None = None) -> list[Path]:
     """Copy the outputs of checked cells from an executed run into `notebooks/*.ipynb`.
 
-    Those stored outputs are what `pytest --nbval-lax` compares a fresh execution against; every other
-    cell of the source notebooks is kept without outputs. Run after changing what a checked cell prints:
-    `python -m qg.pipeline --profile smoke --store-checks`.
+    Those stored outputs are what `pytest --nbval-lax` compares a fresh execution against; every
+    other cell of the source notebooks is kept without outputs. Run after changing what a checked
+    cell prints: `python -m qg.pipeline --profile smoke --store-checks`.
     """
     import nbformat
 
     changed = []
     for name in notebooks or NOTEBOOKS:
-        source_path, run_path = ROOT / "notebooks" / f"{name}.ipynb", Paths.of(profile).notebooks / f"{name}.ipynb"
+        source_path = ROOT / "notebooks" / f"{name}.ipynb"
+        run_path = Paths.of(profile).notebooks / f"{name}.ipynb"
         if not source_path.is_file():
             continue
         source, executed = nbformat.read(source_path, 4), nbformat.read(run_path, 4)
         ran = [c for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]
         if [c.source for c in ran] != [c.source for c in source.cells]:
-            raise ValueError(f"{run_path} was not executed from the current {source_path.name}; rerun it first")
+            raise ValueError(
+                f"{run_path} was not executed from the current {source_path.name}; rerun it first"
+            )
         for cell, done in zip(source.cells, ran):
             if cell.cell_type != "code":
                 continue
@@ -183,53 +228,69 @@ def store_checks(profile: str = "smoke", notebooks: list[str] | None = None) -> 
 
 
 def verify(profile: str) -> int:
-    """Report the damaged artifacts of a profile's cache (exit status 1 when there are any); change nothing."""
+    """Report the damaged artifacts of a profile's cache (exit status 1 when there are any); change
+    nothing."""
     root = Paths.of(profile).artifacts
     bad = damaged(root)
     for path in bad:
         print(f"damaged: {path.relative_to(root)}")
     checked = sum(1 for _ in root.rglob(f"*{HASH_SUFFIX}"))
-    print(f"[qg.pipeline] {checked} cached artifacts of {root} checked, {len(bad)} damaged"
-          + (" (the next run rebuilds them)" if bad else ""))
+    print(
+        f"[qg.pipeline] {checked} cached artifacts of {root} checked, {len(bad)} damaged"
+        + (" (the next run rebuilds them)" if bad else "")
+    )
     return 1 if bad else 0
 
 
-# What differs between two runs of the same code on the same inputs: wall-clock times, the commit, and a
-# quantized file's size (its header records the seconds it took as text: 8 bytes more or less, by alignment).
+# What differs between two runs of the same code on the same inputs: wall-clock times, the commit,
+# and a quantized file's size (its header records the seconds it took as text: 8 bytes more or less,
+# by alignment).
 CLOCK = r"seconds|minutes|time_vs|^file_bytes$|^fp32_over_file$"
 
 
 def compare(profile: str, other: Path) -> int:
-    """Compare every results CSV of a profile with the same file under another output root (a rerun, another
-    machine, another commit): cell for cell as written, wall-clock columns and rows (`CLOCK`) and the commit
-    left out. Prints one line per file; the exit status is 1 when any file differs or is missing."""
+    """Compare every results CSV of a profile with the same file under another output root (a rerun,
+    another machine, another commit): cell for cell as written, wall-clock columns and rows
+    (`CLOCK`) and the commit left out. Prints one line per file; the exit status is 1 when any file
+    differs or is missing."""
     import pandas as pd
 
     mine, theirs = Paths.of(profile).results, Paths.of(profile, Path(other)).results
     if not theirs.is_dir():
-        raise FileNotFoundError(f"{theirs} does not exist: give the root that holds results/{profile}/")
+        raise FileNotFoundError(
+            f"{theirs} does not exist: give the root that holds results/{profile}/"
+        )
     differing = 0
     for path in sorted(mine.glob("*.csv")):
-        a, b = (_comparable(pd.read_csv(p, dtype=str, keep_default_na=False)) if p.is_file() else None
-                for p in (path, theirs / path.name))
+        a, b = (
+            _comparable(pd.read_csv(p, dtype=str, keep_default_na=False)) if p.is_file() else None
+            for p in (path, theirs / path.name)
+        )
         if b is None:
             print(f"missing: {path.name} (not in {theirs})")
         elif a.shape != b.shape or list(a.columns) != list(b.columns):
             print(f"differs: {path.name}: shape {a.shape} vs {b.shape}")
         elif not a.equals(b):
             row = (a != b).any(axis=1).idxmax()
-            print(f"differs: {path.name}: {int((a != b).any(axis=1).sum())} rows, first {row}: "
-                  f"{a.loc[row][a.loc[row] != b.loc[row]].to_dict()} vs {b.loc[row][a.loc[row] != b.loc[row]].to_dict()}")
+            print(
+                f"differs: {path.name}: {int((a != b).any(axis=1).sum())} rows, first {row}: "
+                f"{a.loc[row][a.loc[row] != b.loc[row]].to_dict()} vs "
+                f"{b.loc[row][a.loc[row] != b.loc[row]].to_dict()}"
+            )
         else:
             print(f"identical: {path.name} ({len(a)} rows)")
             continue
         differing += 1
-    print(f"[qg.pipeline] {differing} of {len(list(mine.glob('*.csv')))} result files of {mine} differ from {theirs}")
+    print(
+        f"[qg.pipeline] {differing} of {len(list(mine.glob('*.csv')))} result files of {mine} "
+        f"differ from {theirs}"
+    )
     return 1 if differing else 0
 
 
 def _comparable(df):
-    """A results table without what legitimately differs between two runs: the commit and wall-clock times."""
+    """A results table without what legitimately differs between two runs: the commit and wall-clock
+    times."""
     df = df.drop(columns=[c for c in df.columns if c == "commit" or re.search(CLOCK, c)])
     if "metric" in df:
         df = df[~df.metric.str.contains(CLOCK)]
@@ -237,26 +298,57 @@ def _comparable(df):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params/<profile>.yaml")
-    p.add_argument("notebooks", nargs="*", help=f"which notebooks (default: all of {list(NOTEBOOKS)})")
-    p.add_argument("--overrides", type=yaml.safe_load, default=None,
-                   help="a YAML mapping merged into the profile, e.g. \"{train: {steps: 600}}\"")
-    p.add_argument("--verify", action="store_true",
-                   help="check every cached artifact of the profile against its recorded hash; run nothing")
-    p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 1)),
-                   help="after 01_collect and 02_train, run this many notebooks at a time (one core each on 2 cores)")
-    p.add_argument("--compare", metavar="ROOT", type=Path,
-                   help="compare results/<profile>/*.csv with those under ROOT (times and commit left out); run nothing")
-    p.add_argument("--store-checks", action="store_true",
-                   help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--profile", default=os.environ.get("PROFILE", "cpu"), help="params/<profile>.yaml"
+    )
+    p.add_argument(
+        "notebooks", nargs="*", help=f"which notebooks (default: all of {list(NOTEBOOKS)})"
+    )
+    p.add_argument(
+        "--overrides",
+        type=yaml.safe_load,
+        default=None,
+        help='a YAML mapping merged into the profile, e.g. "{train: {steps: 600}}"',
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every cached artifact of the profile against its recorded hash; run nothing",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("JOBS", 1)),
+        help="after 01_collect and 02_train, run this many notebooks at a time (one core each on 2 "
+        "cores)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="ROOT",
+        type=Path,
+        help="compare results/<profile>/*.csv with those under ROOT (times and commit left out); "
+        "run nothing",
+    )
+    p.add_argument(
+        "--store-checks",
+        action="store_true",
+        help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)",
+    )
     args = p.parse_args(argv)
     if args.verify:
         sys.exit(verify(args.profile))
     if args.compare:
         sys.exit(compare(args.profile, args.compare))
     try:
-        run(args.profile, args.notebooks or None, {"overrides": args.overrides} if args.overrides else None, args.jobs)
+        run(
+            args.profile,
+            args.notebooks or None,
+            {"overrides": args.overrides} if args.overrides else None,
+            args.jobs,
+        )
         if args.store_checks:
             for path in store_checks(args.profile, args.notebooks or None):
                 print(f"[qg.pipeline] stored checked outputs in {path.relative_to(ROOT)}")

@@ -1,5 +1,5 @@
-"""Test helpers: tiny timm target models and their checkpoints, and tiny fake datasets in the real on-disk
-formats, for tests of the data paths (no download anywhere)."""
+"""Test helpers: tiny timm target models and their checkpoints, and tiny fake datasets in the real
+on-disk formats, for tests of the data paths (no download anywhere)."""
 
 import gzip
 import pickle
@@ -12,10 +12,14 @@ from PIL import Image
 from qg.targets import data
 from qg.targets.models import ModelSpec, build_model, state_dict_of
 
-TINY_VIT = ModelSpec("VisionTransformer", dict(img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                                               embed_dim=32, depth=2, num_heads=2))
-TINY_MIXER = ModelSpec("MlpMixer", dict(img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                                        embed_dim=32, num_blocks=2))
+TINY_VIT = ModelSpec(
+    "VisionTransformer",
+    dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2),
+)
+TINY_MIXER = ModelSpec(
+    "MlpMixer",
+    dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, num_blocks=2),
+)
 
 
 def checkpoints(spec: ModelSpec, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -23,14 +27,20 @@ def checkpoints(spec: ModelSpec, n: int, seed: int = 0) -> list[dict[str, torch.
     torch.manual_seed(seed)
     base = state_dict_of(build_model(spec))
     gen = torch.Generator().manual_seed(seed + 1)
-    return [{k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(n)]
+    return [
+        {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        for _ in range(n)
+    ]
 
 
 def write_idx(path, array):
     """`array` (uint8) as a gzipped IDX file, the MNIST on-disk format."""
     magic = {3: 2051, 1: 2049}[array.ndim]
     with gzip.open(path, "wb") as f:
-        f.write(struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.astype(np.uint8).tobytes())
+        f.write(
+            struct.pack(f">{1 + array.ndim}i", magic, *array.shape)
+            + array.astype(np.uint8).tobytes()
+        )
 
 
 def write_fashion_mnist(folder, n_train=20, n_test=10, seed=0):
@@ -50,12 +60,17 @@ def write_fashion_mnist(folder, n_train=20, n_test=10, seed=0):
 
 def cifar_batch(n, label_key, seed):
     rng = np.random.default_rng(seed)
-    return {"batch_label": "fake", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            label_key: rng.integers(0, 10, n).tolist(), "filenames": [f"{i}.png" for i in range(n)]}
+    return {
+        "batch_label": "fake",
+        "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        label_key: rng.integers(0, 10, n).tolist(),
+        "filenames": [f"{i}.png" for i in range(n)],
+    }
 
 
 def write_cifar(root, name="cifar10", n=4):
-    """Fake CIFAR-10 or CIFAR-100 batches (`n` images per batch file) in torchvision's folder layout."""
+    """Fake CIFAR-10 or CIFAR-100 batches (`n` images per batch file) in torchvision's folder
+    layout."""
     folder_name, train_files, test_files, label_key = data.CIFAR_LAYOUT[name]
     folder = root / folder_name
     folder.mkdir(parents=True)
@@ -67,8 +82,6 @@ def write_cifar(root, name="cifar10", n=4):
 
 def write_cifar10(root, n=4):
     return write_cifar(root, "cifar10", n)
-
-
 
 
 def write_imagenet(root, classes=("n01440764", "n01443537"), per_class=2, size=(40, 60), seed=0):
@@ -83,16 +96,25 @@ def write_imagenet(root, classes=("n01440764", "n01443537"), per_class=2, size=(
     return root / "imagenet"
 
 
-def fake_collect(collect_dir, n_a: int = 5, n_b: int = 1, spec: ModelSpec | None = None, seed: int = 0) -> dict:
-    """A collect folder as 01_collect leaves it, for one (vit, full) pair on digits: run A's and run B's
-    checkpoints (seeded random weights) and the manifest naming them. Returns the manifest's runs."""
+def fake_collect(
+    collect_dir, n_a: int = 5, n_b: int = 1, spec: ModelSpec | None = None, seed: int = 0
+) -> dict:
+    """A collect folder as 01_collect leaves it, for one (vit, full) pair on digits: run A's and run
+    B's checkpoints (seeded random weights) and the manifest naming them. Returns the manifest's
+    runs."""
     from qg.core.io import write_json
     from qg.targets.models import save_checkpoint
 
     spec = spec or ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
-    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", n_a), ("runB", n_b))}
+    runs = {
+        run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)]
+        for run, n in (("runA", n_a), ("runB", n_b))
+    }
     torch.manual_seed(seed)
     for name in runs["runA"] + runs["runB"]:
         save_checkpoint(collect_dir / name, state_dict_of(build_model(spec)), spec)
-    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": {**runs, "task": {"dataset": "digits"}}}}}})
+    write_json(
+        collect_dir / "manifest.json",
+        {"archs": {"vit": {"tasks": {"full": {**runs, "task": {"dataset": "digits"}}}}}},
+    )
     return runs

@@ -1,4 +1,5 @@
-"""`python -m qg.pipeline --compare`: two runs' tables equal but for wall-clock times and the commit."""
+"""`python -m qg.pipeline --compare`: two runs' tables equal but for wall-clock times and the
+commit."""
 
 import pandas as pd
 import pytest
@@ -12,10 +13,18 @@ def _write(root, name, df):
     df.to_csv(out / name, index=False)
 
 
-def test_compare_ignores_times_and_commit_and_reports_the_first_difference(tmp_path, monkeypatch, capsys):
+def test_compare_ignores_times_and_commit_and_reports_the_first_difference(
+    tmp_path, monkeypatch, capsys
+):
     a, b = tmp_path / "a", tmp_path / "b"
-    tidy = pd.DataFrame({"method": ["ptq", "gen", "gen"], "metric": ["top1_accuracy", "top1_accuracy", "train_seconds"],
-                         "value": [84.5, 84.6, 12.0], "commit": ["abc", "abc", "abc"]})
+    tidy = pd.DataFrame(
+        {
+            "method": ["ptq", "gen", "gen"],
+            "metric": ["top1_accuracy", "top1_accuracy", "train_seconds"],
+            "value": [84.5, 84.6, 12.0],
+            "commit": ["abc", "abc", "abc"],
+        }
+    )
     runs = pd.DataFrame({"accuracy": [84.5, 84.6], "seconds": [0.1, 0.2]})
     for root, seconds, commit in ((a, 12.0, "abc"), (b, 99.0, "def")):
         _write(root, "table1.csv", tidy.assign(commit=commit, value=[84.5, 84.6, seconds]))

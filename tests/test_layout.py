@@ -1,5 +1,5 @@
-"""The package's layout: packages and modules import only downwards, as qg's docstrings list them, and the
-command line's quantize path never loads the study, its tables or the profiles."""
+"""The package's layout: packages and modules import only downwards, as qg's docstrings list them,
+and the command line's quantize path never loads the study, its tables or the profiles."""
 
 import ast
 import importlib
@@ -16,14 +16,18 @@ QG = Path(qg.__file__).parent
 
 
 def listed(doc: str) -> list[str]:
-    """The names a package docstring lists, in order (two-space-indented `name  description` lines)."""
+    """The names a package docstring lists, in order (two-space-indented `name description`
+    lines)."""
     return re.findall(r"^  (\w+)  ", doc, flags=re.M)
 
 
 def modules() -> list[tuple[str, Path]]:
     """Every module of qg as (dotted name under qg, path), package faces excluded."""
-    return [(".".join(p.relative_to(QG).with_suffix("").parts), p) for p in sorted(QG.rglob("*.py"))
-            if p.name != "__init__.py"]
+    return [
+        (".".join(p.relative_to(QG).with_suffix("").parts), p)
+        for p in sorted(QG.rglob("*.py"))
+        if p.name != "__init__.py"
+    ]
 
 
 def rank(dotted: str) -> tuple[int, int]:
@@ -37,23 +41,31 @@ def rank(dotted: str) -> tuple[int, int]:
 
 
 def imported(path: Path, dotted: str) -> set[str]:
-    """The qg modules (dotted under qg) a module imports, relative or absolute, packages resolved to modules."""
+    """The qg modules (dotted under qg) a module imports, relative or absolute, packages resolved to
+    modules."""
     package = dotted.split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - node.level + 1]
+                base = package[: len(package) - node.level + 1]
             elif (node.module or "").startswith("qg"):
                 base, node = [], node
             else:
                 continue
-            parts = base + ([m for m in (node.module or "").split(".") if m] if node.level else
-                            node.module.split(".")[1:])
-            for alias in node.names:  # `from qg.quant import qwt` names a module; `from .io import x` a name
+            parts = base + (
+                [m for m in (node.module or "").split(".") if m]
+                if node.level
+                else node.module.split(".")[1:]
+            )
+            # `from qg.quant import qwt` names a module; `from .io import x` a name
+            for alias in node.names:
                 candidate = ".".join(parts + [alias.name])
-                found.add(candidate if (QG / Path(*candidate.split("."))).with_suffix(".py").is_file()
-                          else ".".join(parts))
+                found.add(
+                    candidate
+                    if (QG / Path(*candidate.split("."))).with_suffix(".py").is_file()
+                    else ".".join(parts)
+                )
         elif isinstance(node, ast.Import):
             found |= {a.name[3:] for a in node.names if a.name.startswith("qg.")}
     return {f for f in found if f}
@@ -71,7 +83,8 @@ def test_every_module_is_listed_in_its_package_docstring():
 
 @pytest.mark.parametrize("dotted,path", modules(), ids=[d for d, _ in modules()])
 def test_imports_run_down_the_lists(dotted, path):
-    """A module imports only modules listed above it in its package and packages listed above its own."""
+    """A module imports only modules listed above it in its package and packages listed above its
+    own."""
     here = rank(dotted)
     for target in imported(path, dotted):
         if target in ("", dotted.split(".")[0]) or "." not in target and (QG / target).is_dir():
@@ -80,10 +93,13 @@ def test_imports_run_down_the_lists(dotted, path):
 
 
 def test_the_quantize_path_loads_neither_the_study_nor_the_tables():
-    """`python -m qg quantize` needs the quantizer, the target models and the generator, nothing else."""
-    code = ("import runpy, sys\nsys.argv = ['qg', 'quantize', '--help']\n"
-            "try:\n    runpy.run_module('qg', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith('qg.'))), file=sys.stderr)")
+    """`python -m qg quantize` needs the quantizer, the target models and the generator, nothing
+    else."""
+    code = (
+        "import runpy, sys\nsys.argv = ['qg', 'quantize', '--help']\n"
+        "try:\n    runpy.run_module('qg', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('qg.'))), file=sys.stderr)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = done.stderr.split()
     assert "qg.generator.model" in loaded and "qg.targets.models" in loaded, loaded

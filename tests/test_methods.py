@@ -13,12 +13,20 @@ def test_every_quantizer_method_has_its_maker_and_every_maker_a_method():
 def test_generators_carry_the_overrides_that_make_them():
     assert methods.get("gen").overrides == {} and methods.get("gen").variant == ""
     rtn = methods.get("gen-rtn")
-    assert rtn.overrides == {"tokenizer": {"base": "rtn"}, "generator": {"skip": "add"}} and rtn.variant
+    assert (
+        rtn.overrides == {"tokenizer": {"base": "rtn"}, "generator": {"skip": "add"}}
+        and rtn.variant
+    )
 
 
 def test_qwt_on_top_of_a_method_needs_data_and_the_fp_weights():
     m = methods.get("hqq+qwt")
-    assert (m.label, m.kind, m.data_free, m.scheme) == ("HQQ + QwT", "quantizer", False, "asymmetric")
+    assert (m.label, m.kind, m.data_free, m.scheme) == (
+        "HQQ + QwT",
+        "quantizer",
+        False,
+        "asymmetric",
+    )
     assert "calibration images" in m.needs
     with pytest.raises(ValueError, match=r"fp\+qwt. is not a method"):
         methods.get("fp+qwt")
@@ -27,14 +35,31 @@ def test_qwt_on_top_of_a_method_needs_data_and_the_fp_weights():
 
 
 def test_labels_of_methods_and_paired_differences():
-    assert [methods.label(m) for m in ("fp", "rtn-asym", "gen-ptq", "gen-rtn-ptq", "gen+qwt-ptq+qwt", "other")] == [
-        "FP32", "RTN asym", "Gen − PTQ", "Gen (RTN base) − PTQ", "Gen + QwT − PTQ + QwT", "other"]
+    assert [
+        methods.label(m)
+        for m in ("fp", "rtn-asym", "gen-ptq", "gen-rtn-ptq", "gen+qwt-ptq+qwt", "other")
+    ] == ["FP32", "RTN asym", "Gen − PTQ", "Gen (RTN base) − PTQ", "Gen + QwT − PTQ + QwT", "other"]
 
 
 def test_the_tables_order():
     """Rows of every table run in this order (the committed results' order)."""
-    assert methods.order() == ["fp", "ptq", "ptq+qwt", "rtn-asym", "mse-clip", "hqq", "hqq+qwt", "noise", "soup",
-                               "qat", "gen", "gen+qwt", "gen-rtn", "gen-ptq", "gen-rtn-ptq"]
+    assert methods.order() == [
+        "fp",
+        "ptq",
+        "ptq+qwt",
+        "rtn-asym",
+        "mse-clip",
+        "hqq",
+        "hqq+qwt",
+        "noise",
+        "soup",
+        "qat",
+        "gen",
+        "gen+qwt",
+        "gen-rtn",
+        "gen-ptq",
+        "gen-rtn-ptq",
+    ]
     assert methods.shown_with_qwt() == ("ptq", "ptq+qwt", "hqq", "hqq+qwt", "gen", "gen+qwt")
 
 

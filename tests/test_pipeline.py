@@ -1,4 +1,5 @@
-"""The pipeline's pieces: profiles, the papermill runner's checks, QAT targets, splits, tables, provenance."""
+"""The pipeline's pieces: profiles, the papermill runner's checks, QAT targets, splits, tables,
+provenance."""
 
 import json
 import os
@@ -17,14 +18,8 @@ from qg.core.io import content_digest, read_json, write_json
 from qg.quant.fileformat import read_quantized
 from qg.quant.quantizer import QuantSpec
 from qg.study import collect
-from qg.study.experiments import (
-    SPLITS,
-    Experiment,
-    Setting,
-    ablation_settings,
-    evenly_spaced,
-    main_settings,
-)
+from qg.study.experiments import Experiment, evenly_spaced
+from qg.study.settings import SPLITS, Setting, ablation_settings, main_settings
 from qg.tables import paper
 from qg.tables.main import figure3, table1
 from qg.targets.models import (
@@ -46,7 +41,9 @@ def test_profiles_load_and_name_every_table(name):
     assert {s.source for s in settings["table2"]} == {"qat"}
     assert all(s.condition in ("precision", "granularity") for s in settings["table3"])
     for factor in ("padding", "head", "backbone", "token_size"):
-        assert len(ablation_settings(P, factor, P["ablation"][factor])) == len(P["ablation"][factor]) * len(P["ablation"]["bits"])
+        variants = P["ablation"][factor]
+        expected = len(variants) * len(P["ablation"]["bits"])
+        assert len(ablation_settings(P, factor, variants)) == expected
 
 
 def test_unknown_profile_and_notebook_are_clear_errors():
@@ -58,8 +55,12 @@ def test_unknown_profile_and_notebook_are_clear_errors():
 
 def test_unknown_papermill_parameter_is_refused():
     with pytest.raises(ValueError, match="has no parameter"):
-        pipeline.check_parameters(profiles.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke", "profle": "x"})
-    pipeline.check_parameters(profiles.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke"})
+        pipeline.check_parameters(
+            profiles.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke", "profle": "x"}
+        )
+    pipeline.check_parameters(
+        profiles.ROOT / "notebooks" / "01_collect.ipynb", {"profile": "smoke"}
+    )
 
 
 def test_missing_upstream_says_which_notebook_to_run(tmp_path):
@@ -76,8 +77,12 @@ def test_notebooks_declare_the_profile_and_overrides_parameters_and_use_python3(
         assert nb.metadata.kernelspec.name == "python3"
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(params) == 1 and params[0].source.startswith('profile = "smoke"')
-        assert set(papermill.inspect_notebook(str(profiles.ROOT / "notebooks" / f"{name}.ipynb"))) == {"profile", "overrides"}
-        assert any(c.source.startswith(pipeline.CHECK_MARK) for c in nb.cells), f"{name} has no checked cell"
+        assert set(
+            papermill.inspect_notebook(str(profiles.ROOT / "notebooks" / f"{name}.ipynb"))
+        ) == {"profile", "overrides"}
+        assert any(c.source.startswith(pipeline.CHECK_MARK) for c in nb.cells), (
+            f"{name} has no checked cell"
+        )
 
 
 @pytest.mark.parametrize("bits", [3, 4])  # 3 bits: the amortized-QAT table's lowest
@@ -89,7 +94,9 @@ def test_qat_target_is_a_quantized_file_with_its_time(tmp_path, bits):
     save_checkpoint(ckpt, sd, spec_model)
     q = QuantSpec(bits, "group", 16)
     task = collect.TrainSpec("digits", 1, 1e-3, batch_size=64)
-    out = collect.qat_target(ckpt, q, collect.QATSpec(steps=3, lr=1e-3, batch_size=64), task, 0, tmp_path / "qat")
+    out = collect.qat_target(
+        ckpt, q, collect.QATSpec(steps=3, lr=1e-3, batch_size=64), task, 0, tmp_path / "qat"
+    )
     qsd, spec, meta = read_quantized(out)
     assert spec == q and meta["method"] == "qat" and meta["seconds"] > 0
     codes = [v.codes for v in qsd.values() if hasattr(v, "codes")]
@@ -97,21 +104,44 @@ def test_qat_target_is_a_quantized_file_with_its_time(tmp_path, bits):
     fp_sd, model_spec, _ = load_model_file(out)
     assert model_spec == spec_model and set(fp_sd) == set(sd)
     # QAT changed the weights (it trained), and a second call is read from the cache
-    assert any(not torch.equal(fp_sd[k], sd[k]) for k in sd if k.endswith(".weight") and sd[k].ndim >= 2)
+    assert any(
+        not torch.equal(fp_sd[k], sd[k]) for k in sd if k.endswith(".weight") and sd[k].ndim >= 2
+    )
     mtime = out.stat().st_mtime_ns
-    assert collect.qat_target(ckpt, q, collect.QATSpec(steps=3, lr=1e-3, batch_size=64), task, 0, tmp_path / "qat") == out
+    assert (
+        collect.qat_target(
+            ckpt, q, collect.QATSpec(steps=3, lr=1e-3, batch_size=64), task, 0, tmp_path / "qat"
+        )
+        == out
+    )
     assert out.stat().st_mtime_ns == mtime
 
 
 def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
-    P = {**profiles.load_profile("smoke"), "checkpoints": {"n": 10, "heldout_every": 5, "heldout_run": 2}}
+    P = {
+        **profiles.load_profile("smoke"),
+        "checkpoints": {"n": 10, "heldout_every": 5, "heldout_run": 2},
+    }
     paths = profiles.Paths.of("smoke", tmp_path)
     run_a = [str(tmp_path / "runA" / f"ckpt_{i:03d}.safetensors") for i in range(10)]
     run_b = [str(tmp_path / "runB" / f"ckpt_{i:03d}.safetensors") for i in range(2)]
-    write_json(paths.artifacts / "collect" / "manifest.json",
-               {"archs": {"vit": {"tasks": {"full": {"runA": run_a, "runB": run_b, "task": {"dataset": "fashion_mnist"}}}}}})
+    write_json(
+        paths.artifacts / "collect" / "manifest.json",
+        {
+            "archs": {
+                "vit": {
+                    "tasks": {
+                        "full": {"runA": run_a, "runB": run_b, "task": {"dataset": "fashion_mnist"}}
+                    }
+                }
+            }
+        },
+    )
     splits = Experiment(P, paths).collected.splits("vit", "full")
-    assert [p.name for p in splits["heldout_ckpt"]] == ["ckpt_004.safetensors", "ckpt_009.safetensors"]
+    assert [p.name for p in splits["heldout_ckpt"]] == [
+        "ckpt_004.safetensors",
+        "ckpt_009.safetensors",
+    ]
     assert len(splits["trained"]) == 8 and not set(splits["trained"]) & set(splits["heldout_ckpt"])
     assert [str(p) for p in splits["heldout_run"]] == run_b
     with pytest.raises(ValueError, match="made no mixer/full"):
@@ -119,7 +149,11 @@ def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
 
 
 def test_pick_is_even_and_total():
-    assert evenly_spaced(list(range(10)), 3) == [0, 4, 9] or evenly_spaced(list(range(10)), 3) == [0, 5, 9]
+    assert evenly_spaced(list(range(10)), 3) == [0, 4, 9] or evenly_spaced(list(range(10)), 3) == [
+        0,
+        5,
+        9,
+    ]
     assert evenly_spaced([1, 2], 5) == [1, 2] and evenly_spaced([1, 2, 3], None) == [1, 2, 3]
 
 
@@ -131,29 +165,56 @@ def test_setting_validation():
 
 
 def _fake_runs(seed=0):
-    """Per-checkpoint rows like qg.study.evaluation.evaluate's, for two bit-widths and all splits."""
+    """Per-checkpoint rows like qg.study.evaluation.evaluate's, for two bit-widths and all
+    splits."""
     rng = np.random.default_rng(seed)
     rows = []
     for bits, gran in ((8, "group"), (4, "group"), (8, "channel")):
         for split in SPLITS:
             for c in range(3):
                 for method, base in (("fp", 80), ("ptq", 79), ("gen", 78)):
-                    rows.append({"arch": "vit", "task": "full", "dataset": "fashion_mnist", "setting": f"s{bits}{gran}",
-                                 "source": "ptq", "condition": "", "variant": "", "method": method, "bits": bits,
-                                 "granularity": gran, "split": split, "checkpoint": f"{split}/{c}",
-                                 "accuracy": base + rng.normal(0, 0.1), "seconds": 0.01})
+                    rows.append(
+                        {
+                            "arch": "vit",
+                            "task": "full",
+                            "dataset": "fashion_mnist",
+                            "setting": f"s{bits}{gran}",
+                            "source": "ptq",
+                            "condition": "",
+                            "variant": "",
+                            "method": method,
+                            "bits": bits,
+                            "granularity": gran,
+                            "split": split,
+                            "checkpoint": f"{split}/{c}",
+                            "accuracy": base + rng.normal(0, 0.1),
+                            "seconds": 0.01,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
 def test_table1_has_paper_rows_and_paired_difference():
     P = profiles.load_profile("smoke")
     tidy, md = table1(_fake_runs(), P, "abc")
-    assert {"table", "method", "bits", "granularity", "split", "value", "std", "n", "profile", "commit"} <= set(tidy.columns)
+    assert {
+        "table",
+        "method",
+        "bits",
+        "granularity",
+        "split",
+        "value",
+        "std",
+        "n",
+        "profile",
+        "commit",
+    } <= set(tidy.columns)
     diff = tidy[(tidy.method == "gen-ptq") & (tidy.bits == 4)]
     assert np.allclose(diff.value, -1.0, atol=0.5) and (diff.n == 3).all()
     assert "Gen (paper, ImageNet-1K ViT-Tiny)" in md and "75.42" in md and "Gen − PTQ" in md
     assert paper.table1_value("full", "vit", "PTQ", "3-bit") == 53.17
-    assert paper.table1_value("full", "mixer", "PTQ", "3-bit") is None  # the paper has no ImageNet MLP-Mixer
+    # the paper has no ImageNet MLP-Mixer
+    assert paper.table1_value("full", "mixer", "PTQ", "3-bit") is None
 
 
 def test_write_table_records_provenance(tmp_path, monkeypatch):
@@ -197,57 +258,87 @@ def test_score_and_predictions_share_one_cached_evaluation(tmp_path):
 
 
 def test_a_moved_artifact_tree_is_reused_and_its_noise_control_unchanged(tmp_path):
-    """Cache keys and seeds name collected files relative to the collect folder, so moving the whole tree (another
-    checkout, another QG_OUTPUT) recomputes nothing and makes the same controls."""
+    """Cache keys and seeds name collected files relative to the collect folder, so moving the whole
+    tree (another checkout, another QG_OUTPUT) recomputes nothing and makes the same controls."""
     import shutil
 
     P = profiles.load_profile("smoke")
     spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
     collect_dir = profiles.Paths.of("smoke", tmp_path / "a").artifacts / "collect"
-    names = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 5), ("runB", 2))}
+    names = {
+        run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)]
+        for run, n in (("runA", 5), ("runB", 2))
+    }
     torch.manual_seed(0)
     for name in names["runA"] + names["runB"]:
         save_checkpoint(collect_dir / name, state_dict_of(build_model(spec_model)), spec_model)
-    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": {**names, "task": {"dataset": "digits"}}}}}})
+    write_json(
+        collect_dir / "manifest.json",
+        {"archs": {"vit": {"tasks": {"full": {**names, "task": {"dataset": "digits"}}}}}},
+    )
     spec, setting = QuantSpec(4, "group", 16), Setting("vit", "full", [QuantSpec(4, "group", 16)])
 
     def files(root):
         exp = Experiment(P, profiles.Paths.of("smoke", root))
         ckpt = exp.collected.splits("vit", "full")["heldout_run"][0]
-        made = {"ptq": exp.quantized(ckpt, spec), "noise": exp.control("noise", spec, [ckpt]),
-                "soup": exp.control("soup", spec, exp.collected.splits("vit", "full")["trained"])}
+        made = {
+            "ptq": exp.quantized(ckpt, spec),
+            "noise": exp.control("noise", spec, [ckpt]),
+            "soup": exp.control("soup", spec, exp.collected.splits("vit", "full")["trained"]),
+        }
         return exp, {k: p.relative_to(exp.paths.artifacts) for k, p in made.items()}, made
 
     exp_a, rel_a, made_a = files(tmp_path / "a")
     gen_dir_a = exp_a.generator_dir(setting).relative_to(exp_a.paths.artifacts)
     stamps = {k: p.stat().st_mtime_ns for k, p in made_a.items()}
-    noise_codes = {k: v.codes for k, v in read_quantized(made_a["noise"])[0].items() if hasattr(v, "codes")}
+    noise_codes = {
+        k: v.codes for k, v in read_quantized(made_a["noise"])[0].items() if hasattr(v, "codes")
+    }
     shutil.move(tmp_path / "a", tmp_path / "b")
 
     exp_b, rel_b, made_b = files(tmp_path / "b")
-    assert rel_b == rel_a and exp_b.generator_dir(setting).relative_to(exp_b.paths.artifacts) == gen_dir_a
-    assert {k: p.stat().st_mtime_ns for k, p in made_b.items()} == stamps  # read back, not made again
+    assert (
+        rel_b == rel_a
+        and exp_b.generator_dir(setting).relative_to(exp_b.paths.artifacts) == gen_dir_a
+    )
+    # read back, not made again
+    assert {k: p.stat().st_mtime_ns for k, p in made_b.items()} == stamps
     made_b["noise"].unlink()  # made afresh in the new place: the same noise
     again = read_quantized(files(tmp_path / "b")[2]["noise"])[0]
     assert all(torch.equal(again[k].codes, c) for k, c in noise_codes.items())
-    # another checkpoint under the same name (a rerun of 01_collect on other data): what was made from it is remade
+    # another checkpoint under the same name (a rerun of 01_collect on other data): what was made
+    # from it is remade
     exp_b, _, _ = files(tmp_path / "b")
     ckpt = exp_b.collected.splits("vit", "full")["heldout_run"][0]
     save_checkpoint(ckpt, state_dict_of(build_model(spec_model)), spec_model)
     ptq = exp_b.quantized(ckpt, spec)
     assert ptq.stat().st_mtime_ns != stamps["ptq"]
-    assert torch.equal(read_quantized(ptq)[0]["head.weight"].codes,
-                       read_quantized(exp_b.quantized(ckpt, spec))[0]["head.weight"].codes)  # and then kept
+    # and then kept
+    assert torch.equal(
+        read_quantized(ptq)[0]["head.weight"].codes,
+        read_quantized(exp_b.quantized(ckpt, spec))[0]["head.weight"].codes,
+    )
 
 
 def test_overrides_merge_into_the_profile_and_keep_its_cache(tmp_path):
-    """An overridden profile changes what it says, keeps the base profile's cache, writes its results apart,
-    and refuses overrides that name nothing or that would change what 01_collect makes."""
+    """An overridden profile changes what it says, keeps the base profile's cache, writes its
+    results apart, and refuses overrides that name nothing or that would change what 01_collect
+    makes."""
     base = profiles.load_profile("smoke")
     P = profiles.load_profile("smoke", {"train": {"steps": 7}, "eval": {"per_split": 1}})
-    assert P["train"] == {**base["train"], "steps": 7} and P["eval"]["per_split"] == 1 and P["tokenizer"] == base["tokenizer"]
-    assert P["name"].startswith("smoke+") and P["overrides"] == {"train": {"steps": 7}, "eval": {"per_split": 1}}
-    paths, base_paths = profiles.Paths.for_profile(P, tmp_path), profiles.Paths.for_profile(base, tmp_path)
+    assert (
+        P["train"] == {**base["train"], "steps": 7}
+        and P["eval"]["per_split"] == 1
+        and P["tokenizer"] == base["tokenizer"]
+    )
+    assert P["name"].startswith("smoke+") and P["overrides"] == {
+        "train": {"steps": 7},
+        "eval": {"per_split": 1},
+    }
+    paths, base_paths = (
+        profiles.Paths.for_profile(P, tmp_path),
+        profiles.Paths.for_profile(base, tmp_path),
+    )
     assert paths.artifacts == base_paths.artifacts and paths.results != base_paths.results
     assert profiles.load_profile("smoke", {"train": {"steps": 7}})["name"] != P["name"]
     with pytest.raises(ValueError, match="does not have"):
@@ -255,29 +346,39 @@ def test_overrides_merge_into_the_profile_and_keep_its_cache(tmp_path):
     with pytest.raises(ValueError, match="01_collect"):
         profiles.load_profile("smoke", {"checkpoints": {"n": 3}})
     with pytest.raises(ValueError, match="has no parameter"):
-        pipeline.check_parameters(profiles.ROOT / "notebooks" / "02_train.ipynb", {"profile": "smoke", "overide": {}})
+        pipeline.check_parameters(
+            profiles.ROOT / "notebooks" / "02_train.ipynb", {"profile": "smoke", "overide": {}}
+        )
 
 
 def test_the_qat_method_is_the_qat_model_whatever_the_generators_targets(tmp_path):
-    """`model_file(..., "qat")` is 01_collect's QAT file of the checkpoint for a PTQ-target setting too (08 scores
-    QAT beside generators of both sources)."""
+    """`model_file(..., "qat")` is 01_collect's QAT file of the checkpoint for a PTQ-target setting
+    too (08 scores QAT beside generators of both sources)."""
     P = profiles.load_profile("smoke")
     spec = QuantSpec(4, "group", 64)
     collect_dir = profiles.Paths.of("smoke", tmp_path).artifacts / "collect"
-    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 5), ("runB", 2))}
-    qat = {spec.name: {run: [f.replace("ckpt_", "qat_") for f in files] for run, files in runs.items()}}
+    runs = {
+        run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)]
+        for run, n in (("runA", 5), ("runB", 2))
+    }
+    qat = {
+        spec.name: {run: [f.replace("ckpt_", "qat_") for f in files] for run, files in runs.items()}
+    }
     task = {**runs, "qat": qat, "task": {"dataset": "digits"}}
     write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": task}}}})
     exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
     ckpt = exp.collected.splits("vit", "full")["heldout_run"][1]
     for source in ("ptq", "qat"):
         setting = Setting("vit", "full", [spec], source=source)
-        assert exp.model_file(setting, spec, ckpt, "qat") == collect_dir / "vit/full/runB-k/qat_001.safetensors"
+        assert (
+            exp.model_file(setting, spec, ckpt, "qat")
+            == collect_dir / "vit/full/runB-k/qat_001.safetensors"
+        )
 
 
 def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path, monkeypatch):
-    """papermill run directly (not through qg.pipeline) with a misspelt name stops in the setup cell:
-    every notebook's set-up is `qg.notebook.setup(profile, overrides, In)`, which checks the
+    """papermill run directly (not through qg.pipeline) with a misspelt name stops in the setup
+    cell: every notebook's set-up is `qg.notebook.setup(profile, overrides, In)`, which checks the
     parameters before it reads the profile, and turns on autoreload only outside papermill."""
     import IPython
 
@@ -288,8 +389,14 @@ def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path, monkeypatch)
     profiles.refuse_undeclared([params, '# Parameters\nprofile = "cpu"\n'])
     with pytest.raises(ValueError, match=r"unknown notebook parameter\(s\) \['profle'\]"):
         profiles.refuse_undeclared([params, '# Parameters\nprofle = "cpu"\n'])
-    misspelt = ["", params, '# Parameters\nprofle = "cpu"\n', "P, paths = setup(profile, overrides, In)"]
-    with pytest.raises(ValueError, match="unknown notebook parameter"):  # not the missing profile's error
+    misspelt = [
+        "",
+        params,
+        '# Parameters\nprofle = "cpu"\n',
+        "P, paths = setup(profile, overrides, In)",
+    ]
+    # not the missing profile's error
+    with pytest.raises(ValueError, match="unknown notebook parameter"):
         notebook.setup("no-such-profile", {}, misspelt)
     magics = []
 
@@ -301,115 +408,176 @@ def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path, monkeypatch)
     monkeypatch.setenv("QG_OUTPUT", str(tmp_path / "out"))
     with pd.option_context("display.width", 80, "display.max_columns", 20):  # restored after
         P, paths = notebook.setup("smoke", {}, ["", params, '# Parameters\nprofile = "smoke"\n'])
-        assert P["name"] == "smoke" and paths.results.is_dir() and paths.results.is_relative_to(tmp_path.resolve())
+        assert (
+            P["name"] == "smoke"
+            and paths.results.is_dir()
+            and paths.results.is_relative_to(tmp_path.resolve())
+        )
         assert pd.get_option("display.width") == 200 and not magics  # papermill: no autoreload
         notebook.setup("smoke", {}, ["", params])  # JupyterLab
     assert magics == [("load_ext", "autoreload"), ("autoreload", "2")]
-    for name in pipeline.NOTEBOOKS:  # every notebook's set-up is that one call, right below its parameters
-        cells = [c for c in nbformat.read(profiles.ROOT / "notebooks" / f"{name}.ipynb", 4).cells
-                 if c.cell_type == "code"]
+    # every notebook's set-up is that one call, right below its parameters
+    for name in pipeline.NOTEBOOKS:
+        cells = [
+            c
+            for c in nbformat.read(profiles.ROOT / "notebooks" / f"{name}.ipynb", 4).cells
+            if c.cell_type == "code"
+        ]
         assert cells[0].metadata.get("tags") == ["parameters"], name
         assert "P, paths = setup(profile, overrides, In)" in cells[1].source, name
         assert not any("load_profile(" in c.source or "autoreload" in c.source for c in cells), name
     import papermill
+
     with pytest.raises(papermill.PapermillExecutionError, match="unknown notebook parameter"):
-        papermill.execute_notebook(str(profiles.ROOT / "notebooks" / "01_collect.ipynb"), str(tmp_path / "out.ipynb"),
-                                   parameters={"profle": "cpu"}, kernel_name="python3", progress_bar=False,
-                                   cwd=str(profiles.ROOT / "notebooks"))
+        papermill.execute_notebook(
+            str(profiles.ROOT / "notebooks" / "01_collect.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters={"profle": "cpu"},
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(profiles.ROOT / "notebooks"),
+        )
 
 
-def test_a_failing_notebook_is_one_error_line_and_a_relative_output_stays_put(tmp_path, monkeypatch, capsys):
-    """02_train before 01_collect: the runner prints the notebook's own message and where the executed copy
-    is; a relative QG_OUTPUT means the same folder to the runner and to the kernels (which run in notebooks/)."""
+def test_a_failing_notebook_is_one_error_line_and_a_relative_output_stays_put(
+    tmp_path, monkeypatch, capsys
+):
+    """02_train before 01_collect: the runner prints the notebook's own message and where the
+    executed copy is; a relative QG_OUTPUT means the same folder to the runner and to the kernels
+    (which run in notebooks/)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QG_OUTPUT", "out")
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the runner edits both; restore them after
+    # the runner edits both; restore them after
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     with pytest.raises(SystemExit) as err:
         pipeline.main(["--profile", "smoke", "02_train"])
     message = str(err.value)
-    assert message.startswith("error: 02_train stopped in cell") and "run notebooks/01_collect.ipynb" in message
+    assert (
+        message.startswith("error: 02_train stopped in cell")
+        and "run notebooks/01_collect.ipynb" in message
+    )
     assert len(message.splitlines()) == 2
     executed = tmp_path / "out" / "results" / "notebooks" / "smoke"
-    assert (executed / "02_train.ipynb").is_file() and not list(executed.glob(".*"))  # no temporary copy left
+    # no temporary copy left
+    assert (executed / "02_train.ipynb").is_file() and not list(executed.glob(".*"))
     recorded = nbformat.read(executed / "02_train.ipynb", 4).metadata.papermill.output_path
     assert recorded == "results/notebooks/smoke/02_train.ipynb"
     assert not (profiles.ROOT / "notebooks" / "out").exists()
 
 
 def test_notebooks_run_two_at_a_time_and_a_failure_is_reported(tmp_path, monkeypatch):
-    """--jobs 2: the notebooks after 02_train run in two worker processes; one that raises (here both: nothing
-    was collected) is reported with its own message, and each executed copy is where it belongs."""
+    """--jobs 2: the notebooks after 02_train run in two worker processes; one that raises (here
+    both: nothing was collected) is reported with its own message, and each executed copy is where
+    it belongs."""
     monkeypatch.setenv("QG_OUTPUT", str(tmp_path / "out"))
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     with pytest.raises(SystemExit) as err:
-        pipeline.main(["--profile", "smoke", "--jobs", "2", "06_ablate_backbone", "07_ablate_token_size"])
+        pipeline.main(
+            ["--profile", "smoke", "--jobs", "2", "06_ablate_backbone", "07_ablate_token_size"]
+        )
     assert str(err.value).startswith("error: 0") and "stopped in cell" in str(err.value)
     executed = tmp_path / "out" / "results" / "notebooks" / "smoke"
-    assert sorted(p.name for p in executed.glob("*.ipynb")) == ["06_ablate_backbone.ipynb", "07_ablate_token_size.ipynb"]
+    assert sorted(p.name for p in executed.glob("*.ipynb")) == [
+        "06_ablate_backbone.ipynb",
+        "07_ablate_token_size.ipynb",
+    ]
     with pytest.raises(ValueError, match="jobs must be at least 1"):
         pipeline.run("smoke", ["06_ablate_backbone"], jobs=0)
 
 
 def test_a_generator_on_qat_targets_is_retrained_when_a_target_changes(tmp_path, capsys):
-    """QAT targets are collected files, not a function of the checkpoint as PTQ is: a generator trained on them
-    records their digests too, and other targets under the same names train it again."""
+    """QAT targets are collected files, not a function of the checkpoint as PTQ is: a generator
+    trained on them records their digests too, and other targets under the same names train it
+    again."""
     from qg.quant.fileformat import save_quantized
     from qg.quant.quantizer import quantize_state_dict
 
     P = profiles.load_profile("smoke", {"train": {"steps": 2, "ckpt_every": 2}})
-    spec, spec_model = QuantSpec(4, "group", 64), ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    spec, spec_model = (
+        QuantSpec(4, "group", 64),
+        ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits"),
+    )
     collect_dir = profiles.Paths.of("smoke", tmp_path).artifacts / "collect"
-    runs = {run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)] for run, n in (("runA", 3), ("runB", 1))}
-    qat = {spec.name: {run: [f.replace("ckpt_", "qat_") for f in files] for run, files in runs.items()}}
+    runs = {
+        run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)]
+        for run, n in (("runA", 3), ("runB", 1))
+    }
+    qat = {
+        spec.name: {run: [f.replace("ckpt_", "qat_") for f in files] for run, files in runs.items()}
+    }
     torch.manual_seed(0)
     for run, files in runs.items():
         for ckpt, target in zip(files, qat[spec.name][run]):
             sd = state_dict_of(build_model(spec_model))
             save_checkpoint(collect_dir / ckpt, sd, spec_model)
-            save_quantized(collect_dir / target, quantize_state_dict(sd, spec), spec, {"model": spec_model.to_dict()})
-    write_json(collect_dir / "manifest.json",
-               {"archs": {"vit": {"tasks": {"full": {**runs, "qat": qat, "task": {"dataset": "digits"}}}}}})
+            save_quantized(
+                collect_dir / target,
+                quantize_state_dict(sd, spec),
+                spec,
+                {"model": spec_model.to_dict()},
+            )
+    write_json(
+        collect_dir / "manifest.json",
+        {
+            "archs": {
+                "vit": {"tasks": {"full": {**runs, "qat": qat, "task": {"dataset": "digits"}}}}
+            }
+        },
+    )
     exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
     setting = Setting("vit", "full", [spec], source="qat")
     exp.generator(setting)
     marker = exp.generator_dir(setting) / "inputs.json"
     trained = exp.collected.splits("vit", "full")["trained"]
-    assert sum(1 for k in read_json(marker) if "qat_" in k) == len(trained)  # the trained split's targets
+    # the trained split's targets
+    assert sum(1 for k in read_json(marker) if "qat_" in k) == len(trained)
     target = exp.target(setting, spec, trained[0])
     other = quantize_state_dict(state_dict_of(build_model(spec_model)), spec)
     save_quantized(target, other, spec, {"model": spec_model.to_dict()})
     exp.generator(setting)
     assert "(or QAT targets) that have changed since" in capsys.readouterr().err
-    assert read_json(marker)[exp.collected.relative(target)] == content_digest(target)  # trained on the new one
+    # trained on the new one
+    assert read_json(marker)[exp.collected.relative(target)] == content_digest(target)
 
 
 def test_kernels_import_this_checkouts_qg_before_another_on_pythonpath(tmp_path, monkeypatch):
-    """Two checkouts: the runner's kernels import the qg of the checkout that runs them, even when PYTHONPATH
-    (or an editable install) names the other one first."""
+    """Two checkouts: the runner's kernels import the qg of the checkout that runs them, even when
+    PYTHONPATH (or an editable install) names the other one first."""
     import subprocess
     import sys
 
     other = tmp_path / "other-checkout"
     (other / "qg").mkdir(parents=True)
-    (other / "qg" / "__init__.py").write_text("raise ImportError('the other checkout was imported')\n")
+    (other / "qg" / "__init__.py").write_text(
+        "raise ImportError('the other checkout was imported')\n"
+    )
     monkeypatch.setenv("PYTHONPATH", str(other))
     monkeypatch.setenv("QG_OUTPUT", "relative-out")
     pipeline._kernel_environment()
     assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(profiles.ROOT), str(other)]
     assert os.path.isabs(os.environ["QG_OUTPUT"])
-    found = subprocess.run([sys.executable, "-c", "import qg; print(qg.__file__)"], cwd=tmp_path, env=dict(os.environ),
-                           capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(
+        [sys.executable, "-c", "import qg; print(qg.__file__)"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert found == str(profiles.ROOT / "qg" / "__init__.py")
 
 
 def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
-    """End to end: flip a byte of a PTQ file and of a generated file, truncate an HQQ file, garble a cached
-    prediction, delete a checkpoint's hash record: the next evaluation rebuilds what is damaged (one warning line
-    each) and its rows equal the first run's."""
+    """End to end: flip a byte of a PTQ file and of a generated file, truncate an HQQ file, garble a
+    cached prediction, delete a checkpoint's hash record: the next evaluation rebuilds what is
+    damaged (one warning line each) and its rows equal the first run's."""
     from qg.core.io import HASH_SUFFIX
     from qg.study.evaluation import evaluate
 
-    P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}, "train": {"steps": 2, "ckpt_every": 2}})
+    P = profiles.load_profile(
+        "smoke",
+        {"eval": {"per_split": 1, "test_subset": 60}, "train": {"steps": 2, "ckpt_every": 2}},
+    )
     fake_collect(profiles.Paths.of("smoke", tmp_path).artifacts / "collect")
     exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
     setting = Setting("vit", "full", [QuantSpec(3, "group", 16)])
@@ -426,7 +594,9 @@ def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
     pred = next(ptq.parent.glob(ptq.name + ".pred-*.safetensors"))
     pred.write_bytes(pred.read_bytes()[:10])
     (ckpt.parent / (ckpt.name + HASH_SUFFIX)).unlink(missing_ok=True)
-    again = evaluate(Experiment(P, profiles.Paths.of("smoke", tmp_path)), setting, methods).drop(columns="seconds")
+    again = evaluate(Experiment(P, profiles.Paths.of("smoke", tmp_path)), setting, methods).drop(
+        columns="seconds"
+    )
     pd.testing.assert_frame_equal(first, again)
     err = capsys.readouterr().err
     assert err.count("rebuilding it") >= 3 and all(str(p) in err for p in (ptq, hqq, gen))

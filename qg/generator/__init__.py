@@ -4,8 +4,11 @@ its training loop, and RPG mode.
 Modules, each importing only those above it here (and packages listed before this one in qg):
   mamba2     pure-PyTorch Mamba-2 mixer, state_dict-compatible with mamba_ssm.Mamba2
   diffusion  RPG-style diffusion head (1D conv denoiser + DDPM/DDIM), for the ablation
+  layout     which token holds what: a checkpoint's layers as fixed-width tokens, 2D positions
   tokenizer  checkpoints <-> fixed-width token sequences, with a layout and position embedding
-  model      the QuantGen generator (mixer blocks + embeddings + head) and its files
+  model      the generator: mixer blocks (Mamba-2, LSTM, Transformer) + embeddings + head
+  directory  a trained generator's files, and QuantGen: generator + tokenizer, one forward pass
+  pairs      the training set: fp tokens in, target tokens out, with bases, masks and dead zones
   train      the training loop (AdamW + cosine, resumable, DDP)
   rpg        RPG mode: whole full-precision models sampled from noise (tokenizer of every tensor,
              fit, sample)

@@ -33,8 +33,10 @@ import torch
 
 from ..core.io import read_json, read_safetensors, save_safetensors, write_json
 from ..quant.quantizer import check_finite
-from .model import Generator, GeneratorConfig, GeneratorDirectory
-from .train import TokenPairs, TrainConfig, train
+from .directory import GeneratorDirectory
+from .model import Generator, GeneratorConfig
+from .pairs import TokenPairs
+from .train import TrainConfig, train
 
 
 class ParamTokenizer:

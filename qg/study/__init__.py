@@ -1,10 +1,15 @@
-"""The reproduction's experiments: collected checkpoints, the generators each table needs, their scores.
+"""The reproduction's experiments: collected checkpoints, the generators each table needs, their
+scores.
 
 Modules, each importing only those above it here (and packages listed before this one in qg):
+  training     one cached training run of a target model, and a task's starting points
   collect      collecting checkpoints and QAT targets (01_collect), and reading them back
-  scoring      top-1 of a model file on the profile's test subset, predictions cached beside the file
+  scoring      top-1 of a model file on the profile's test subset, predictions cached beside the
+               file
   fidelity     how faithful a generated quantized model is, and whether it follows its input
-  experiments  the generators each table needs and every method's quantized file (PTQ, controls, Gen)
+  settings     which generators (Setting) and methods each table needs, per profile
+  experiments  every method's quantized file (PTQ, controls, Gen) and the generators, cached
   evaluation   scoring the experiments into tidy rows: evaluate, diagnose, convergence, ablations
-  rpg_study    RPG's own experiment (10_rpg): its samples, the baselines and the memorisation tests, scored
+  rpg_study    RPG's own experiment (10_rpg): its samples, the baselines and the memorisation tests,
+               scored
 """

@@ -1,36 +1,37 @@
-"""Collecting the full-precision checkpoints the generator learns from (the paper's Sec. 4.1, scaled down).
+"""Collecting the full-precision checkpoints the generator learns from (the paper's Sec. 4.1, scaled
+down).
 
 Two tasks per architecture, as in the paper:
-  full  the ImageNet setting: a model trained on the task ("pretrained"), then one more epoch of full
-        fine-tuning from which N checkpoints are saved at evenly spaced steps;
-  head  the CIFAR setting: the pretrained model's features are frozen and a new classification head is
-        trained on another dataset; checkpoints come from the final training epoch.
-Each task is collected twice from the same starting weights: run A (seed s; the generator trains on most
-of it, the rest are held-out checkpoints) and run B (seed s + 1; never trained on, the held-out run).
+  full  the ImageNet setting: a model trained on the task ("pretrained"), then one more epoch of
+        full fine-tuning from which N checkpoints are saved at evenly spaced steps;
+  head  the CIFAR setting: the pretrained model's features are frozen and a new classification head
+        is trained on another dataset; checkpoints come from the final training epoch.
+Each task is collected twice from the same starting weights: run A (seed s; the generator trains on
+most of it, the rest are held-out checkpoints) and run B (seed s + 1; never trained on, the held-out
+run).
 
-QAT targets (the paper's QAT setting) are made per checkpoint: a short quantization-aware fine-tuning
-started from the checkpoint, then quantized; its wall time is recorded in the file, since "time to
-quantize N models with QAT" is what the generator is compared against (Table 2, Figure 1).
+QAT targets (the paper's QAT setting) are made per checkpoint: a short quantization-aware
+fine-tuning started from the checkpoint, then quantized; its wall time is recorded in the file,
+since "time to quantize N models with QAT" is what the generator is compared against (Table 2,
+Figure 1).
 
 Every run is cached under a directory named by the hash of everything that determines it, and marked
-complete by `run.json`, written last and atomically: a finished run is never recomputed, an interrupted
-one is redone, and one whose checkpoints no longer match their recorded hashes (or are gone) is trained again.
+complete by `run.json`, written last and atomically: a finished run is never recomputed, an
+interrupted one is redone, and one whose checkpoints no longer match their recorded hashes (or are
+gone) is trained again.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from ..config.profiles import require, selected
-from ..core.io import cached, file_sha256, params_key, read_json, record_hash, verified, write_json
+from ..core.io import cached, file_sha256, params_key, write_json
 from ..quant.fileformat import save_quantized
 from ..quant.quantizer import QuantSpec, quantize_state_dict
-from ..targets.data import batches, dataset_info, fingerprint
+from ..targets.data import batches, dataset_info
 from ..targets.models import (
     ModelSpec,
     build_model,
@@ -43,107 +44,35 @@ from ..targets.models import (
     save_checkpoint,
     state_dict_of,
 )
+from .training import TrainSpec, task_start, train_model
 
 
-@dataclass(frozen=True)
-class TrainSpec:
-    """One training run of a target model on a dataset."""
-
-    dataset: str
-    epochs: float
-    lr: float
-    batch_size: int = 128
-    weight_decay: float = 0.05
-    head_only: bool = False
-    train_subset: int | None = None
-
-
-def _run_dir(root: Path, kind: str, params: dict) -> Path:
-    return Path(root) / f"{kind}-{params_key(params)}"
-
-
-def train_model(spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, root, n_checkpoints: int = 0,
-                label: str = "run", device: str = "cpu") -> tuple[list[Path], dict]:
-    """Train `spec` from `start` (random init if None); save `n_checkpoints` from the final epoch.
-
-    Returns the checkpoint paths (the final weights when n_checkpoints is 0) and the run record.
-    Cached: a finished run with the same parameters is read back instead of retrained (on any device).
-    """
-    params = {"model": spec.to_dict(), "run": asdict(run), "seed": seed, "n_checkpoints": n_checkpoints,
-              "start": params_key({k: v.sum().item() for k, v in start.items()}) if start else None}
-    out = _run_dir(root, label, params)
-    data = fingerprint(run.dataset, "train")  # content, not name: other files under the same name retrain the run
-    if (out / "run.json").is_file():
-        record = read_json(out / "run.json")
-        paths = [out / name for name in record["checkpoints"]]
-        adopted = "data" not in record  # a run from before fingerprints: its data is today's
-        same_data = record.setdefault("data", data) == data
-        if same_data and all([verified(p) for p in paths]):  # a list: check (and warn on) every checkpoint
-            if adopted:
-                write_json(out / "run.json", record)
-            return paths, record
-        print(f"[qg] warning: {out.name} " + ("lost a checkpoint" if same_data else f"was trained on other {run.dataset} data")
-              + "; training the run again", file=sys.stderr, flush=True)
-        (out / "run.json").unlink()
-    torch.manual_seed(seed)
-    model = build_model(spec)
-    if start is not None:
-        load_weights(model, start, "start weights")
-    trainable = model.get_classifier().parameters() if run.head_only else model.parameters()
-    if run.head_only:
-        model.requires_grad_(False)
-        model.get_classifier().requires_grad_(True)
-    loader = batches(run.dataset, "train", spec.img_size, run.batch_size, shuffle=True, subset=run.train_subset,
-                     seed=seed, norm=spec.norm)
-    total = max(1, round(run.epochs * len(loader)))
-    last_epoch = max(1, min(len(loader), total))
-    save_at = {total - last_epoch + round((i + 1) * last_epoch / n_checkpoints) for i in range(n_checkpoints)} or {total}
-    saved: list[str] = []
-
-    def on_step(step: int, m) -> None:
-        if step in save_at:
-            name = f"ckpt_{len(saved):03d}.safetensors"
-            save_checkpoint(out / name, state_dict_of(m), spec, {"step": step, "seed": seed, "label": label})
-            record_hash(out / name)
-            saved.append(name)
-
-    start_time = time.perf_counter()
-    losses = fit(model, loader, run.epochs, run.lr, run.weight_decay, params=trainable, on_step=on_step, desc=label,
-                 device=device)
-    record = {"params": params, "checkpoints": saved, "data": data, "seconds": time.perf_counter() - start_time,
-              "final_loss": losses[-1], "steps": len(losses), "device": device}
-    write_json(out / "run.json", record)
-    return [out / name for name in saved], record
-
-
-def new_head(sd: dict[str, torch.Tensor], spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
-    """`sd` with the classification head re-initialised (seeded): the start of the transfer task."""
-    torch.manual_seed(seed)
-    fresh = build_model(spec)
-    head = {f"{n}" for n, _ in fresh.named_parameters() if n.startswith(_head_prefix(fresh))}
-    return {k: (fresh.state_dict()[k].clone() if k in head else v) for k, v in sd.items()}
-
-
-def _head_prefix(model) -> str:
-    return next(n for n, m in model.named_modules() if m is model.get_classifier())
-
-
-def task_start(pretrained: dict, spec: ModelSpec, task: TrainSpec, seed: int) -> dict:
-    """The weights a task starts from: the pretrained ones, with a new head for a head-only task or for a
-    dataset with another number of classes (ImageNet weights fine-tuned on CIFAR)."""
-    shapes = build_model(spec).state_dict()
-    fits = all(shapes[k].shape == v.shape for k, v in pretrained.items() if k in shapes)
-    return new_head(pretrained, spec, seed) if task.head_only or not fits else pretrained
-
-
-def collect_task(spec: ModelSpec, pretrained: dict, task: TrainSpec, n_checkpoints: int, n_heldout_run: int,
-                 seed: int, root, device: str = "cpu") -> dict:
-    """Run A (n_checkpoints) and run B (n_heldout_run, seed + 1) of one task; returns their file lists."""
+def collect_task(
+    spec: ModelSpec,
+    pretrained: dict,
+    task: TrainSpec,
+    n_checkpoints: int,
+    n_heldout_run: int,
+    seed: int,
+    root,
+    device: str = "cpu",
+) -> dict:
+    """Run A (n_checkpoints) and run B (n_heldout_run, seed + 1) of one task; returns their file
+    lists."""
     start = task_start(pretrained, spec, task, seed)
-    run_a, rec_a = train_model(spec, task, start, seed, root, n_checkpoints, label="runA", device=device)
-    run_b, rec_b = train_model(spec, task, start, seed + 1, root, n_heldout_run, label="runB", device=device)
-    return {"model": spec.to_dict(), "task": asdict(task), "runA": [str(p) for p in run_a],
-            "runB": [str(p) for p in run_b], "seconds": rec_a["seconds"] + rec_b["seconds"]}
+    run_a, rec_a = train_model(
+        spec, task, start, seed, root, n_checkpoints, label="runA", device=device
+    )
+    run_b, rec_b = train_model(
+        spec, task, start, seed + 1, root, n_heldout_run, label="runB", device=device
+    )
+    return {
+        "model": spec.to_dict(),
+        "task": asdict(task),
+        "runA": [str(p) for p in run_a],
+        "runB": [str(p) for p in run_b],
+        "seconds": rec_a["seconds"] + rec_b["seconds"],
+    }
 
 
 @dataclass(frozen=True)
@@ -156,66 +85,147 @@ class QATSpec:
     weight_decay: float = 0.0
 
 
-def qat_target(checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec, seed: int, root,
-               device: str = "cpu") -> Path:
-    """The QAT-quantized model of one checkpoint, as a quantized file (cached by content and settings).
+def qat_target(
+    checkpoint: Path,
+    spec: QuantSpec,
+    qat: QATSpec,
+    task: TrainSpec,
+    seed: int,
+    root,
+    device: str = "cpu",
+) -> Path:
+    """The QAT-quantized model of one checkpoint, as a quantized file (cached by content and
+    settings).
 
-    The whole network is fine-tuned with fake-quantized weights, then quantized with `spec`; the file's
-    metadata records the wall time of the fine-tuning (`seconds`), the cost Table 2 charges to QAT.
+    The whole network is fine-tuned with fake-quantized weights, then quantized with `spec`; the
+    file's metadata records the wall time of the fine-tuning (`seconds`), the cost Table 2 charges
+    to QAT.
     """
-    key = params_key({"ckpt": file_sha256(checkpoint), "spec": spec.to_dict(), "qat": asdict(qat),
-                      "task": asdict(task), "seed": seed})
-    return cached(Path(root) / spec.name / f"{Path(checkpoint).stem}-{key}.safetensors",
-                  lambda out: _fine_tune_qat(out, checkpoint, spec, qat, task, seed, device))
+    key = params_key(
+        {
+            "ckpt": file_sha256(checkpoint),
+            "spec": spec.to_dict(),
+            "qat": asdict(qat),
+            "task": asdict(task),
+            "seed": seed,
+        }
+    )
+    return cached(
+        Path(root) / spec.name / f"{Path(checkpoint).stem}-{key}.safetensors",
+        lambda out: _fine_tune_qat(out, checkpoint, spec, qat, task, seed, device),
+    )
 
 
-def _fine_tune_qat(out: Path, checkpoint: Path, spec: QuantSpec, qat: QATSpec, task: TrainSpec, seed: int,
-                   device: str) -> None:
+def _fine_tune_qat(
+    out: Path,
+    checkpoint: Path,
+    spec: QuantSpec,
+    qat: QATSpec,
+    task: TrainSpec,
+    seed: int,
+    device: str,
+) -> None:
     sd, model_spec, meta = load_checkpoint(checkpoint)
     model = load_weights(build_model(model_spec), sd)
-    loader = batches(task.dataset, "train", model_spec.img_size, qat.batch_size, shuffle=True, subset=task.train_subset,
-                     seed=seed, subset_seed=meta.get("seed", seed), norm=model_spec.norm)  # the data its run saw
+    # the data its run saw
+    loader = batches(
+        task.dataset,
+        "train",
+        model_spec.img_size,
+        qat.batch_size,
+        shuffle=True,
+        subset=task.train_subset,
+        seed=seed,
+        subset_seed=meta.get("seed", seed),
+        norm=model_spec.norm,
+    )
     start = time.perf_counter()
-    fit(model, loader, qat.steps / len(loader), qat.lr, qat.weight_decay, quant=spec, desc=f"QAT {spec.name}",
-        device=device)
+    fit(
+        model,
+        loader,
+        qat.steps / len(loader),
+        qat.lr,
+        qat.weight_decay,
+        quant=spec,
+        desc=f"QAT {spec.name}",
+        device=device,
+    )
     seconds = time.perf_counter() - start
-    save_quantized(out, quantize_state_dict(state_dict_of(model), spec), spec,
-                   {"model": model_spec.to_dict(), "method": "qat", "source": str(checkpoint), "seconds": seconds,
-                    "fp_meta": meta, "device": device})
+    save_quantized(
+        out,
+        quantize_state_dict(state_dict_of(model), spec),
+        spec,
+        {
+            "model": model_spec.to_dict(),
+            "method": "qat",
+            "source": str(checkpoint),
+            "seconds": seconds,
+            "fp_meta": meta,
+            "device": device,
+        },
+    )
 
 
-def collect_qat(task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root, device: str = "cpu") -> dict:
-    """QAT targets for every checkpoint of both runs of a collected task: {spec name: {run: [files]}}."""
+def collect_qat(
+    task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root, device: str = "cpu"
+) -> dict:
+    """QAT targets for every checkpoint of both runs of a collected task: {spec name: {run:
+    [files]}}."""
     task = TrainSpec(**task_entry["task"])
-    return {spec.name: {run: [str(qat_target(Path(p), spec, qat, task, seed + i, Path(root) / "qat", device))
-                              for i, p in enumerate(task_entry[run])] for run in ("runA", "runB")}
-            for spec in specs}
+    return {
+        spec.name: {
+            run: [
+                str(qat_target(Path(p), spec, qat, task, seed + i, Path(root) / "qat", device))
+                for i, p in enumerate(task_entry[run])
+            ]
+            for run in ("runA", "runB")
+        }
+        for spec in specs
+    }
 
 
 def pretrained_start(spec: ModelSpec, file, root) -> tuple[ModelSpec, Path]:
-    """timm's pretrained weights for `spec` (from the hub, or `file`), saved once as a checkpoint under `root`
-    so that reruns need neither; the returned spec carries the input normalisation those weights expect."""
+    """timm's pretrained weights for `spec` (from the hub, or `file`), saved once as a checkpoint
+    under `root` so that reruns need neither; the returned spec carries the input normalisation
+    those weights expect."""
     if file is not None:
         check_pretrained_file(file)
     spec = replace(spec, norm=spec.norm or pretrained_norm(spec.arch))
-    key = params_key({"model": spec.to_dict(), "file": file_sha256(file) if file is not None else "timm hub"})
-    out = cached(Path(root) / f"pretrained-{key}.safetensors",
-                 lambda path: save_checkpoint(path, pretrained_weights(spec, file), spec, {"source": str(file or "timm hub")}))
+    key = params_key(
+        {"model": spec.to_dict(), "file": file_sha256(file) if file is not None else "timm hub"}
+    )
+    out = cached(
+        Path(root) / f"pretrained-{key}.safetensors",
+        lambda path: save_checkpoint(
+            path, pretrained_weights(spec, file), spec, {"source": str(file or "timm hub")}
+        ),
+    )
     return spec, out
 
 
-def collect(archs: dict, pretrain: dict | None, tasks: dict, n_checkpoints: int, n_heldout_run: int, seed: int,
-            root, qat: dict | None = None, quant: dict | None = None, device: str = "cpu") -> dict:
-    """Pretrain every architecture, then collect every task (and its QAT targets): the manifest 02_train reads
-    (`root/manifest.json`, its file paths relative to `root`; read it back with `Collected`).
+def collect(
+    archs: dict,
+    pretrain: dict | None,
+    tasks: dict,
+    n_checkpoints: int,
+    n_heldout_run: int,
+    seed: int,
+    root,
+    qat: dict | None = None,
+    quant: dict | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Pretrain every architecture, then collect every task (and its QAT targets): the manifest
+    02_train reads (`root/manifest.json`, its file paths relative to `root`; read it back with
+    `Collected`).
 
     `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data; optional: a
-    `pretrained_file` of weights for offline use, and `tasks`, the tasks it takes part in, default all).
-    `pretrain` and each entry of `tasks` are TrainSpec fields; `pretrain` None starts from timm's pretrained
-    weights (the paper profile) instead of training here. Task models share the architecture and take the
-    task's dataset and number of classes. `qat` (QATSpec fields plus `bits` and `granularity`, optionally
-    `archs` and `tasks` to limit it; `quant` gives group size and scheme) asks for QAT targets of every
-    checkpoint. Training runs on `device`.
+    `pretrained_file` of weights for offline use, and `tasks`, the tasks it takes part in, default
+    all). `pretrain` and each entry of `tasks` are TrainSpec fields; `pretrain` None starts from
+    timm's pretrained weights (the paper profile) instead of training here. Task models share the
+    architecture and take the task's dataset and number of classes. `qat` (QATSpec fields plus
+    `bits` and `granularity`, optionally `archs` and `tasks` to limit it; `quant` gives group size
+    and scheme) asks for QAT targets of every checkpoint. Training runs on `device`.
     """
     root = Path(root)
     manifest = {"archs": {}, "seed": seed}
@@ -225,22 +235,46 @@ def collect(archs: dict, pretrain: dict | None, tasks: dict, n_checkpoints: int,
             spec, path = pretrained_start(spec, arch.get("pretrained_file"), root / arch_name)
             seconds = 0.0
         else:
-            paths, record = train_model(spec, TrainSpec(**pretrain), None, seed, root / arch_name, label="pretrain",
-                                        device=device)
+            paths, record = train_model(
+                spec,
+                TrainSpec(**pretrain),
+                None,
+                seed,
+                root / arch_name,
+                label="pretrain",
+                device=device,
+            )
             path, seconds = paths[-1], record["seconds"]
         pretrained = load_checkpoint(path)[0]
         entry = {"pretrained": _relative(path, root), "pretrain_seconds": seconds, "tasks": {}}
         for task_name, task in tasks.items():
-            if task_name not in arch.get("tasks", tasks):  # an archs entry may list the tasks it takes part in
+            # an archs entry may list the tasks it takes part in
+            if task_name not in arch.get("tasks", tasks):
                 continue
             classes = dataset_info(task["dataset"])["num_classes"]
-            task_spec = ModelSpec(spec.arch, {**spec.kwargs, "num_classes": classes}, task["dataset"], spec.norm)
+            task_spec = ModelSpec(
+                spec.arch, {**spec.kwargs, "num_classes": classes}, task["dataset"], spec.norm
+            )
             task_dir = root / arch_name / task_name
-            task_entry = collect_task(task_spec, pretrained, TrainSpec(**task), n_checkpoints, n_heldout_run, seed,
-                                      task_dir, device)
+            task_entry = collect_task(
+                task_spec,
+                pretrained,
+                TrainSpec(**task),
+                n_checkpoints,
+                n_heldout_run,
+                seed,
+                task_dir,
+                device,
+            )
             if qat and selected(qat, arch_name, task_name):
                 specs = [QuantSpec(b, qat["granularity"], **(quant or {})) for b in qat["bits"]]
-                training = QATSpec(**{k: v for k, v in qat.items() if k not in ("bits", "granularity", "archs", "tasks")})
+                training = QATSpec(
+                    **{
+                        k: v
+                        for k, v in qat.items()
+                        if k not in ("bits", "granularity", "archs", "tasks")
+                    }
+                )
                 task_entry["qat"] = collect_qat(task_entry, specs, training, seed, task_dir, device)
             entry["tasks"][task_name] = _relative_entry(task_entry, root)
         manifest["archs"][arch_name] = entry
@@ -253,27 +287,33 @@ def _relative(path, root: Path) -> str:
 
 
 def _relative_entry(entry: dict, root: Path) -> dict:
-    """A task's manifest entry with its checkpoint and QAT files relative to the collect folder, so the
-    artifact tree can move (to another checkout, another $QG_OUTPUT) without changing what it names."""
+    """A task's manifest entry with its checkpoint and QAT files relative to the collect folder, so
+    the artifact tree can move (to another checkout, another $QG_OUTPUT) without changing what it
+    names."""
     out = {**entry, **{run: [_relative(p, root) for p in entry[run]] for run in ("runA", "runB")}}
     if "qat" in entry:
-        out["qat"] = {spec: {run: [_relative(p, root) for p in files] for run, files in runs.items()}
-                      for spec, runs in entry["qat"].items()}
+        out["qat"] = {
+            spec: {run: [_relative(p, root) for p in files] for run, files in runs.items()}
+            for spec, runs in entry["qat"].items()
+        }
     return out
 
 
 class Collected:
-    """What 01_collect made, read back from its manifest: each (architecture, task)'s checkpoints, their
-    splits and QAT targets, as paths under the collect folder wherever that folder now lives.
+    """What 01_collect made, read back from its manifest: each (architecture, task)'s checkpoints,
+    their splits and QAT targets, as paths under the collect folder wherever that folder now lives.
 
-    Splits (the honest part): run A's checkpoints are split into `trained` (the generator learns from them)
-    and `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never trained on); run B, a
-    second fine-tuning with another seed, is `heldout_run`. The paper evaluates on `trained` only.
+    Splits (the honest part): run A's checkpoints are split into `trained` (the generator learns
+    from them) and `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never
+    trained on); run B, a second fine-tuning with another seed, is `heldout_run`. The paper
+    evaluates on `trained` only.
     """
 
     def __init__(self, root: Path, heldout_every: int):
         self.root = Path(root)
-        self.manifest = require(self.root / "manifest.json", "01_collect", "the checkpoints and QAT targets")
+        self.manifest = require(
+            self.root / "manifest.json", "01_collect", "the checkpoints and QAT targets"
+        )
         self.heldout_every = heldout_every
 
     def pairs(self) -> list[tuple[str, str]]:
@@ -283,19 +323,26 @@ class Collected:
     def pretrained(self, arch: str) -> Path:
         """The pretrained checkpoint every task of `arch` starts from."""
         if arch not in self.manifest["archs"]:
-            raise ValueError(f"01_collect made no {arch} for this profile; it has {list(self.manifest['archs'])}")
+            raise ValueError(
+                f"01_collect made no {arch} for this profile; it has {list(self.manifest['archs'])}"
+            )
         return self.path(self.manifest["archs"][arch]["pretrained"])
 
     def entry(self, arch: str, task: str) -> dict:
-        """The manifest entry of one (architecture, task), as 01_collect wrote it (paths relative)."""
+        """The manifest entry of one (architecture, task), as 01_collect wrote it (paths
+        relative)."""
         try:
             return self.manifest["archs"][arch]["tasks"][task]
         except KeyError:
-            raise ValueError(f"01_collect made no {arch}/{task} for this profile; it has "
-                             f"{[f'{a}/{t}' for a, t in self.pairs()]} (rerun 01_collect after editing the profile)") from None
+            raise ValueError(
+                f"01_collect made no {arch}/{task} for this profile; it has "
+                f"{[f'{a}/{t}' for a, t in self.pairs()]} (rerun 01_collect after editing the "
+                "profile)"
+            ) from None
 
     def path(self, name: str) -> Path:
-        """A file named in the manifest (older manifests hold absolute paths, which pass through)."""
+        """A file named in the manifest (older manifests hold absolute paths, which pass
+        through)."""
         return self.root / name
 
     def run(self, arch: str, task: str, run: str) -> list[Path]:
@@ -305,19 +352,28 @@ class Collected:
     def splits(self, arch: str, task: str) -> dict[str, list[Path]]:
         """Checkpoint files of each split (see the class docstring)."""
         run_a, every = self.run(arch, task, "runA"), self.heldout_every
-        return {"trained": [p for i, p in enumerate(run_a) if i % every != every - 1],
-                "heldout_ckpt": [p for i, p in enumerate(run_a) if i % every == every - 1],
-                "heldout_run": self.run(arch, task, "runB")}
+        return {
+            "trained": [p for i, p in enumerate(run_a) if i % every != every - 1],
+            "heldout_ckpt": [p for i, p in enumerate(run_a) if i % every == every - 1],
+            "heldout_run": self.run(arch, task, "runB"),
+        }
 
     def qat(self, arch: str, task: str, spec: QuantSpec, checkpoint: Path) -> Path:
         """The QAT target of one checkpoint."""
         entry = self.entry(arch, task)
         if spec.name not in entry.get("qat", {}):
-            raise ValueError(f"01_collect made no QAT targets for {spec.name}; the profile's qat.bits decides which")
-        files = {ckpt: self.path(q) for run in ("runA", "runB")
-                 for ckpt, q in zip(self.run(arch, task, run), entry["qat"][spec.name][run])}
+            raise ValueError(
+                f"01_collect made no QAT targets for {spec.name}; the profile's qat.bits decides "
+                "which"
+            )
+        files = {
+            ckpt: self.path(q)
+            for run in ("runA", "runB")
+            for ckpt, q in zip(self.run(arch, task, run), entry["qat"][spec.name][run])
+        }
         return files[Path(checkpoint)]
 
     def relative(self, path: Path) -> str:
-        """A collected file's name relative to the collect folder: what cache keys and seeds are made of."""
+        """A collected file's name relative to the collect folder: what cache keys and seeds are
+        made of."""
         return _relative(path, self.root)

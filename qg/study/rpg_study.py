@@ -1,18 +1,21 @@
-"""RPG's own experiment at our scale (10_rpg): whole models sampled from noise, scored against the checkpoints
-RPG learned from, with the memorisation tests and the two baselines a weight generator must beat (Zeng et
-al., "Generative Modeling of Weights: Generalization or Memorization?", arXiv 2506.07998):
+"""RPG's own experiment at our scale (10_rpg): whole models sampled from noise, scored against the
+checkpoints RPG learned from, with the memorisation tests and the two baselines a weight generator
+must beat (Zeng et al., "Generative Modeling of Weights: Generalization or Memorization?", arXiv
+2506.07998):
 
     original   run A's training checkpoints of the profile's `rpg.task`: what RPG learns from
-    heldout    run B's checkpoints: genuinely new models of the same recipe (another seed), never seen
+    heldout    run B's checkpoints: genuinely new models of the same recipe (another seed), never
+               seen
     generated  RPG's samples, each from its own noise (`qg.generator.rpg`)
     noise      a training checkpoint plus Gaussian noise of `rpg.noise` x each tensor's std
     average    the mean of `rpg.average_of` randomly drawn training checkpoints (weight averaging)
 
-Every model is a checkpoint file (cached, keyed by what made it) scored by `qg.study.scoring.Scorer`. Each one
-gets its distance to the nearest training checkpoint other than itself, relative to the training
-checkpoints' mean norm (`qg.study.fidelity.distances`), and the IoU of its test-set mistakes with that
-checkpoint's (`qg.study.fidelity.error_iou`). A replay of the training set sits at distance ~0 with IoU ~1; a
-new model of the recipe sits where the held-out run does.
+Every model is a checkpoint file (cached, keyed by what made it) scored by
+`qg.study.scoring.Scorer`. Each one gets its distance to the nearest training checkpoint other than
+itself, relative to the training checkpoints' mean norm (`qg.study.fidelity.distances`), and the IoU
+of its test-set mistakes with that checkpoint's (`qg.study.fidelity.error_iou`). A replay of the
+training set sits at distance ~0 with IoU ~1; a new model of the recipe sits where the held-out run
+does.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config.schema import BinaryRun, Rpg, RpgBinary
+from ..config.blocks import BinaryRun, Rpg, RpgBinary
 from ..core.io import cached, content_digest, params_key, read_json, write_json
 from ..generator.rpg import RPG
 from ..generator.train import TrainConfig
@@ -37,26 +40,38 @@ from ..targets.models import (
     save_checkpoint,
     top1,
 )
-from .collect import TrainSpec, task_start, train_model
 from .experiments import Experiment, evenly_spaced
 from .fidelity import distances, error_iou
+from .training import TrainSpec, task_start, train_model
 
 KINDS = ("original", "heldout", "generated", "noise", "average")
 
 
 def _defaults(block) -> dict:
-    """A schema block's defaults that are values (a profile's dict holds only the keys its file set)."""
-    return {k: f.default for k, f in block.model_fields.items() if not f.is_required() and f.default is not None}
+    """A schema block's defaults that are values (a profile's dict holds only the keys its file
+    set)."""
+    return {
+        k: f.default
+        for k, f in block.model_fields.items()
+        if not f.is_required() and f.default is not None
+    }
 
 
 def rpg_config(profile: dict) -> dict:
-    """The profile's `rpg` block with its defaults: generator settings as written (RPG mode's head is the
-    diffusion head), training settings as written or, if unset, the profile's `train` block."""
+    """The profile's `rpg` block with its defaults: generator settings as written (RPG mode's head
+    is the diffusion head), training settings as written or, if unset, the profile's `train`
+    block."""
     block = profile.get("rpg")
     if not block:
-        raise ValueError("this profile has no `rpg` block: 10_rpg has nothing to run (see params/cpu.yaml)")
-    return {**_defaults(Rpg), **block, "generator": {**block.get("generator", {}), "head": "diffusion"},
-            "train": block.get("train", profile["train"])}
+        raise ValueError(
+            "this profile has no `rpg` block: 10_rpg has nothing to run (see params/cpu.yaml)"
+        )
+    return {
+        **_defaults(Rpg),
+        **block,
+        "generator": {**block.get("generator", {}), "head": "diffusion"},
+        "train": block.get("train", profile["train"]),
+    }
 
 
 def _training(exp: Experiment, arch: str) -> list[Path]:
@@ -67,24 +82,39 @@ def rpg_dir(exp: Experiment, arch: str) -> Path:
     """Where the RPG of `arch` lives, named by everything that determines it."""
     conf = rpg_config(exp.profile)
     params = {k: conf[k] for k in ("task", "token_size", "generator", "train")}
-    params.update(seed=exp.profile["seed"], data=[exp.collected.relative(p) for p in _training(exp, arch)])
+    params.update(
+        seed=exp.profile["seed"], data=[exp.collected.relative(p) for p in _training(exp, arch)]
+    )
     return exp.paths.artifacts / "rpg" / f"{arch}-{conf['task']}-{params_key(params)}"
 
 
 def trained_rpg(exp: Experiment, arch: str) -> RPG:
-    """RPG trained on the training checkpoints of `arch`: read back when cached, trained (resumably) when not."""
+    """RPG trained on the training checkpoints of `arch`: read back when cached, trained (resumably)
+    when not."""
     out, ckpts, conf = rpg_dir(exp, arch), _training(exp, arch), rpg_config(exp.profile)
-    inputs, marker = {exp.collected.relative(p): content_digest(p) for p in ckpts}, out / "inputs.json"
+    inputs = {exp.collected.relative(p): content_digest(p) for p in ckpts}
+    marker = out / "inputs.json"
     if marker.is_file() and read_json(marker) != inputs:
-        print(f"[qg] warning: {out.name} was trained on checkpoints that have changed since; training it again",
-              file=sys.stderr, flush=True)
+        print(
+            f"[qg] warning: {out.name} was trained on checkpoints that have changed since; "
+            "training it again",
+            file=sys.stderr,
+            flush=True,
+        )
         shutil.rmtree(out)
     if RPG.complete(out):
         return RPG.load(out, exp.device)
-    write_json(marker, inputs)  # before training starts: an interrupted run resumes only on the same inputs
+    # before training starts: an interrupted run resumes only on the same inputs
+    write_json(marker, inputs)
     train_cfg = TrainConfig(seed=exp.profile["seed"], **conf["train"])
-    rpg = RPG.fit([load_checkpoint(p)[0] for p in ckpts], out, conf["generator"], train_cfg,
-                  token_size=conf["token_size"], device=exp.device)
+    rpg = RPG.fit(
+        [load_checkpoint(p)[0] for p in ckpts],
+        out,
+        conf["generator"],
+        train_cfg,
+        token_size=conf["token_size"],
+        device=exp.device,
+    )
     rpg.record.update(arch=arch, task=conf["task"], n_train_checkpoints=len(ckpts))
     rpg.save(out)
     return rpg
@@ -103,36 +133,67 @@ def model_files(exp: Experiment, arch: str) -> dict[str, list[Path]]:
         def write(path: Path) -> None:
             start = time.perf_counter()
             sd, source = make()
-            save_checkpoint(path, sd, spec, {"method": kind, "source": source, "seconds": time.perf_counter() - start})
+            save_checkpoint(
+                path,
+                sd,
+                spec,
+                {"method": kind, "source": source, "seconds": time.perf_counter() - start},
+            )
+
         return cached(out / kind / f"{i:03d}.safetensors", write, inputs)
 
     def noisy(path: Path, i: int):
         sd = load_checkpoint(path)[0]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        return ({k: v + conf["noise"] * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
-                 for k, v in sd.items()}, [exp.collected.relative(path)])
+        return (
+            {
+                k: v + conf["noise"] * v.std() * torch.randn(v.shape, generator=gen)
+                if v.numel() > 1
+                else v
+                for k, v in sd.items()
+            },
+            [exp.collected.relative(path)],
+        )
 
     def averaged(i: int):
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-        chosen = [train[j] for j in sorted(pick[:conf["average_of"]].tolist())]
+        pick = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + i)
+        )
+        chosen = [train[j] for j in sorted(pick[: conf["average_of"]].tolist())]
         sds = [load_checkpoint(p)[0] for p in chosen]
-        return {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]}, [exp.collected.relative(p) for p in chosen]
+        return (
+            {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]},
+            [exp.collected.relative(p) for p in chosen],
+        )
 
     digests = {exp.collected.relative(p): content_digest(p) for p in train}
     return {
         "original": list(train),
         "heldout": list(splits["heldout_run"]),
-        "generated": [file("generated", i, lambda i=i: (rpg.sample_one(i, seed=seed), []), made_by) for i in range(n)],
-        "noise": [file(f"noise-{params_key({'sigma': conf['noise']})}", i, lambda p=p, i=i: noisy(p, i),
-                       {exp.collected.relative(p): content_digest(p)})
-                  for i, p in enumerate(evenly_spaced(train, n))],
-        "average": [file(f"average-{conf['average_of']}", i, lambda i=i: averaged(i), digests) for i in range(n)],
+        "generated": [
+            file("generated", i, lambda i=i: (rpg.sample_one(i, seed=seed), []), made_by)
+            for i in range(n)
+        ],
+        "noise": [
+            file(
+                f"noise-{params_key({'sigma': conf['noise']})}",
+                i,
+                lambda p=p, i=i: noisy(p, i),
+                {exp.collected.relative(p): content_digest(p)},
+            )
+            for i, p in enumerate(evenly_spaced(train, n))
+        ],
+        "average": [
+            file(f"average-{conf['average_of']}", i, lambda i=i: averaged(i), digests)
+            for i in range(n)
+        ],
     }
 
 
 def rpg_rows(exp: Experiment, arch: str) -> pd.DataFrame:
-    """One row per model of the study: its kind, accuracy, seconds to make it, distance to the nearest training
-    checkpoint other than itself (relative to their mean norm) and the IoU of its test mistakes with that one's."""
+    """One row per model of the study: its kind, accuracy, seconds to make it, distance to the
+    nearest training checkpoint other than itself (relative to their mean norm) and the IoU of its
+    test mistakes with that one's."""
     files, conf = model_files(exp, arch), rpg_config(exp.profile)
     train = files["original"]
     train_sds = [load_checkpoint(p)[0] for p in train]
@@ -142,51 +203,85 @@ def rpg_rows(exp: Experiment, arch: str) -> pd.DataFrame:
         loaded = [load_checkpoint(p) for p in paths]
         d = distances([sd for sd, _, _ in loaded], train_sds)
         if kind == "original":
-            d.fill_diagonal_(float("inf"))  # an original's nearest training checkpoint is another one
+            # an original's nearest training checkpoint is another one
+            d.fill_diagonal_(float("inf"))
         for i, (path, (_, _, meta)) in enumerate(zip(paths, loaded)):
-            seconds = meta.get("seconds", float("nan")) if kind not in ("original", "heldout") else float("nan")
+            seconds = (
+                meta.get("seconds", float("nan"))
+                if kind not in ("original", "heldout")
+                else float("nan")
+            )
             nearest = int(d[i].argmin())
             pred, labels = exp.scorer.predictions(path)
-            rows.append({"arch": arch, "task": conf["task"], "kind": kind, "model": f"{path.parent.name}/{path.stem}",
-                         "accuracy": top1(pred, labels), "seconds": float(seconds),
-                         "to_nearest_train": float(d[i, nearest]), "nearest_train": train[nearest].stem,
-                         "error_iou": error_iou(pred, train_preds[nearest], labels)})
+            rows.append(
+                {
+                    "arch": arch,
+                    "task": conf["task"],
+                    "kind": kind,
+                    "model": f"{path.parent.name}/{path.stem}",
+                    "accuracy": top1(pred, labels),
+                    "seconds": float(seconds),
+                    "to_nearest_train": float(d[i, nearest]),
+                    "nearest_train": train[nearest].stem,
+                    "error_iou": error_iou(pred, train_preds[nearest], labels),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-# ---------------------------------------------------------------------------------------------------- unseen tasks
-# RPG Sec. 4: binary tasks made by giving each class of a dataset the label 0 or 1 (a 10-bit embedding for 10
-# classes; 1022 hold both labels). Head-only classifiers of a frozen pretrained model are collected for `seen`
-# embeddings; RPG, conditioned on the embedding, is trained on them and asked for models of `unseen` ones.
+# ------------------------------------------------------------------------------------- unseen tasks
+# RPG Sec. 4: binary tasks made by giving each class of a dataset the label 0 or 1 (a 10-bit
+# embedding for 10 classes; 1022 hold both labels). Head-only classifiers of a frozen pretrained
+# model are collected for `seen` embeddings; RPG, conditioned on the embedding, is trained on them
+# and asked for models of `unseen` ones.
+
 
 def embeddings(n_classes: int) -> list[str]:
-    """Every binary task of `n_classes` classes: the 2^n - 2 strings of 0/1 holding both labels, in order."""
-    return [format(i, f"0{n_classes}b") for i in range(1, 2 ** n_classes - 1)]
+    """Every binary task of `n_classes` classes: the 2^n - 2 strings of 0/1 holding both labels, in
+    order."""
+    return [format(i, f"0{n_classes}b") for i in range(1, 2**n_classes - 1)]
 
 
-def task_split(n_classes: int, n_seen: int, n_unseen: int, seed: int) -> tuple[list[str], list[str]]:
+def task_split(
+    n_classes: int, n_seen: int, n_unseen: int, seed: int
+) -> tuple[list[str], list[str]]:
     """(seen, unseen) embeddings, disjoint, drawn by a seeded permutation of `embeddings`."""
     every = embeddings(n_classes)
     if n_seen + n_unseen > len(every):
-        raise ValueError(f"{n_seen} seen + {n_unseen} unseen tasks: only {len(every)} binary tasks of {n_classes} classes")
+        raise ValueError(
+            f"{n_seen} seen + {n_unseen} unseen tasks: only {len(every)} binary tasks of "
+            f"{n_classes} classes"
+        )
     order = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [every[i] for i in order[n_unseen: n_unseen + n_seen]], [every[i] for i in order[:n_unseen]]
+    return (
+        [every[i] for i in order[n_unseen : n_unseen + n_seen]],
+        [every[i] for i in order[:n_unseen]],
+    )
 
 
 def binary_config(profile: dict) -> dict:
-    """The `rpg.binary` block with its defaults: the first of `rpg.archs`, RPG's generator and training settings."""
+    """The `rpg.binary` block with its defaults: the first of `rpg.archs`, RPG's generator and
+    training settings."""
     rpg = rpg_config(profile)
     block = rpg.get("binary")
     if not block:
-        raise ValueError("this profile has no `rpg.binary` block: the unseen-task study has nothing to run")
-    return {**_defaults(RpgBinary), "arch": rpg["archs"][0], "rpg_train": rpg["train"], **block,
-            "train": {**_defaults(BinaryRun), **block.get("train", {})},
-            "generator": {**rpg["generator"], **block.get("generator", {}), "head": "diffusion"}}
+        raise ValueError(
+            "this profile has no `rpg.binary` block: the unseen-task study has nothing to run"
+        )
+    return {
+        **_defaults(RpgBinary),
+        "arch": rpg["archs"][0],
+        "rpg_train": rpg["train"],
+        **block,
+        "train": {**_defaults(BinaryRun), **block.get("train", {})},
+        "generator": {**rpg["generator"], **block.get("generator", {}), "head": "diffusion"},
+    }
 
 
 def _task_spec(exp: Experiment, embedding: str) -> tuple[ModelSpec, TrainSpec]:
-    """(ModelSpec, TrainSpec) of the binary task `embedding`: the pretrained model of `rpg.binary.arch` (its
-    architecture and input normalisation) with a two-class head, trained head-only on the relabelled data."""
+    """(ModelSpec, TrainSpec) of the binary task `embedding`: the pretrained model of
+    `rpg.binary.arch` (its architecture and input normalisation) with a two-class head, trained
+    head-only on the relabelled data."""
     conf = binary_config(exp.profile)
     base = load_model_description(exp.collected.pretrained(conf["arch"]))
     name = relabelled(conf["dataset"], embedding)
@@ -195,33 +290,46 @@ def _task_spec(exp: Experiment, embedding: str) -> tuple[ModelSpec, TrainSpec]:
 
 
 def task_checkpoints(exp: Experiment, embedding: str) -> list[Path]:
-    """The head-only classifiers of one binary task (cached): `rpg.binary.checkpoints` from the last epoch of
-    one run from the pretrained model of 01_collect."""
+    """The head-only classifiers of one binary task (cached): `rpg.binary.checkpoints` from the last
+    epoch of one run from the pretrained model of 01_collect."""
     conf, seed = binary_config(exp.profile), exp.profile["seed"]
     spec, task = _task_spec(exp, embedding)
     pretrained = load_checkpoint(exp.collected.pretrained(conf["arch"]))[0]
     start = task_start(pretrained, spec, task, seed)
     root = exp.paths.artifacts / "rpg" / "binary" / conf["arch"] / embedding
-    return train_model(spec, task, start, seed, root, conf["checkpoints"], label="run", device=exp.device)[0]
+    return train_model(
+        spec, task, start, seed, root, conf["checkpoints"], label="run", device=exp.device
+    )[0]
 
 
 def binary_dir(exp: Experiment) -> Path:
     """Where the unseen-task RPG lives, named by everything that determines it."""
     conf, (seen, _) = binary_config(exp.profile), binary_tasks(exp.profile)
-    params = {k: conf[k] for k in ("arch", "dataset", "token_size", "generator", "train", "rpg_train", "checkpoints")}
-    return exp.paths.artifacts / "rpg" / "binary" / f"rpg-{params_key({**params, 'seed': exp.profile['seed'], 'seen': seen})}"
+    params = {
+        k: conf[k]
+        for k in ("arch", "dataset", "token_size", "generator", "train", "rpg_train", "checkpoints")
+    }
+    key = params_key({**params, "seed": exp.profile["seed"], "seen": seen})
+    return exp.paths.artifacts / "rpg" / "binary" / f"rpg-{key}"
 
 
 def binary_rpg(exp: Experiment) -> RPG:
-    """RPG conditioned on the task embedding, trained on the seen tasks' classifiers (cached, resumable)."""
+    """RPG conditioned on the task embedding, trained on the seen tasks' classifiers (cached,
+    resumable)."""
     conf, seed, out = binary_config(exp.profile), exp.profile["seed"], binary_dir(exp)
     if RPG.complete(out):
         return RPG.load(out, exp.device)
     seen, _ = binary_tasks(exp.profile)
     ckpts = [(e, p) for e in seen for p in task_checkpoints(exp, e)]
-    rpg = RPG.fit([load_checkpoint(p)[0] for _, p in ckpts], out, {**conf["generator"], "cond_bits": len(seen[0])},
-                  TrainConfig(seed=seed, **conf["rpg_train"]), conditions=[e for e, _ in ckpts],
-                  token_size=conf["token_size"], device=exp.device)
+    rpg = RPG.fit(
+        [load_checkpoint(p)[0] for _, p in ckpts],
+        out,
+        {**conf["generator"], "cond_bits": len(seen[0])},
+        TrainConfig(seed=seed, **conf["rpg_train"]),
+        conditions=[e for e, _ in ckpts],
+        token_size=conf["token_size"],
+        device=exp.device,
+    )
     rpg.record.update(arch=conf["arch"], seen_tasks=len(seen), n_train_checkpoints=len(ckpts))
     rpg.save(out)
     return rpg
@@ -242,10 +350,10 @@ def hamming(a: str, b: str) -> int:
 
 
 def binary_rows(exp: Experiment) -> pd.DataFrame:
-    """One row per model scored on an unseen task: the task's own classifiers (which RPG never saw), RPG's
-    samples for its embedding, and the baseline that needs no generator, the classifiers of the nearest seen
-    task (Hamming distance of the embeddings); each with its distance to the nearest of RPG's training
-    checkpoints (relative to their mean norm)."""
+    """One row per model scored on an unseen task: the task's own classifiers (which RPG never saw),
+    RPG's samples for its embedding, and the baseline that needs no generator, the classifiers of
+    the nearest seen task (Hamming distance of the embeddings); each with its distance to the
+    nearest of RPG's training checkpoints (relative to their mean norm)."""
     conf, seed = binary_config(exp.profile), exp.profile["seed"]
     seen, unseen = binary_tasks(exp.profile)
     rpg, out = binary_rpg(exp), binary_dir(exp)
@@ -259,18 +367,38 @@ def binary_rows(exp: Experiment) -> pd.DataFrame:
         def write(path: Path, sd: dict, method: str, source: list[str]) -> None:
             save_checkpoint(path, sd, spec, {"method": method, "source": source, "embedding": e})
 
-        files = {"original": task_checkpoints(exp, e),
-                 "generated": [cached(out / "samples" / e / f"{i:03d}.safetensors",
-                                      lambda path, i=i: write(path, rpg.sample_one(i, e, seed), "rpg", []), made_by)
-                               for i in range(conf["samples"])],
-                 "nearest seen": [cached(out / "nearest" / e / f"{near}-{j:03d}.safetensors",
-                                         lambda path, p=p: write(path, load_checkpoint(p)[0], "nearest seen", [p.name]),
-                                         {p.name: content_digest(p)})
-                                  for j, p in enumerate(task_checkpoints(exp, near))]}
+        files = {
+            "original": task_checkpoints(exp, e),
+            "generated": [
+                cached(
+                    out / "samples" / e / f"{i:03d}.safetensors",
+                    lambda path, i=i: write(path, rpg.sample_one(i, e, seed), "rpg", []),
+                    made_by,
+                )
+                for i in range(conf["samples"])
+            ],
+            "nearest seen": [
+                cached(
+                    out / "nearest" / e / f"{near}-{j:03d}.safetensors",
+                    lambda path, p=p: write(path, load_checkpoint(p)[0], "nearest seen", [p.name]),
+                    {p.name: content_digest(p)},
+                )
+                for j, p in enumerate(task_checkpoints(exp, near))
+            ],
+        }
         for kind, paths in files.items():
             d = distances([load_checkpoint(p)[0] for p in paths], train_sds).min(1).values
             for path, dist in zip(paths, d):
-                rows.append({"arch": conf["arch"], "embedding": e, "kind": kind, "model": f"{path.parent.name}/{path.stem}",
-                             "accuracy": exp.scorer.score(path), "to_nearest_train": float(dist),
-                             "nearest_seen": near, "hamming": hamming(near, e)})
+                rows.append(
+                    {
+                        "arch": conf["arch"],
+                        "embedding": e,
+                        "kind": kind,
+                        "model": f"{path.parent.name}/{path.stem}",
+                        "accuracy": exp.scorer.score(path),
+                        "to_nearest_train": float(dist),
+                        "nearest_seen": near,
+                        "hamming": hamming(near, e),
+                    }
+                )
     return pd.DataFrame(rows)

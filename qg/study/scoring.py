@@ -1,8 +1,8 @@
 """Scoring model files: top-1 accuracy on a profile's seeded test subset, from the file alone.
 
-Every checkpoint and quantized file is evaluated once; its predicted classes (and the labels) are cached
-beside it, so accuracies and the memorisation tests' error overlaps (`qg.study.fidelity.error_iou`) share one
-evaluation.
+Every checkpoint and quantized file is evaluated once; its predicted classes (and the labels) are
+cached beside it, so accuracies and the memorisation tests' error overlaps
+(`qg.study.fidelity.error_iou`) share one evaluation.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from ..targets.models import (
 
 
 class Scorer:
-    """Predictions and accuracy of model files on one profile's test subset (`eval` block, `seed`)."""
+    """Predictions and accuracy of model files on one profile's test subset (`eval` block,
+    `seed`)."""
 
     def __init__(self, profile: dict):
         self.eval, self.seed = profile["eval"], profile["seed"]
@@ -40,13 +41,21 @@ class Scorer:
         self._test_sets: dict = {}
 
     def test_set(self, spec: ModelSpec):
-        """Batches of the seeded test subset every model of this profile is scored on: held in memory when it
-        fits in `eval.hold_mb` (default 8192), else streamed from disk for each model."""
+        """Batches of the seeded test subset every model of this profile is scored on: held in
+        memory when it fits in `eval.hold_mb` (default 8192), else streamed from disk for each
+        model."""
         key = (spec.dataset, spec.img_size, spec.norm)
         if key not in self._test_sets:
             ev = self.eval
-            loader = batches(spec.dataset, "test", spec.img_size, ev.get("batch_size", 1000),
-                             subset=ev.get("test_subset"), seed=self.seed, norm=spec.norm)
+            loader = batches(
+                spec.dataset,
+                "test",
+                spec.img_size,
+                ev.get("batch_size", 1000),
+                subset=ev.get("test_subset"),
+                seed=self.seed,
+                norm=spec.norm,
+            )
             self._test_sets[key] = held(loader, ev.get("hold_mb", 8192))
         return self._test_sets[key]
 
@@ -55,29 +64,43 @@ class Scorer:
         return top1(*self.predictions(path))
 
     def predictions(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted classes, labels) of a checkpoint or quantized file on the profile's test subset.
+        """(predicted classes, labels) of a checkpoint or quantized file on the profile's test
+        subset.
 
-        Evaluated from the file once and cached beside it (`<file>.pred-<key>.safetensors`, keyed by the test
-        subset and seed, and made from the file's content and the test set's: `qg.core.io.cached`), so accuracies and
-        the memorisation tests' error overlaps share one evaluation. A cache that is damaged, or was computed
-        from another file or other test data under the same names, is evaluated again.
+        Evaluated from the file once and cached beside it (`<file>.pred-<key>.safetensors`, keyed by
+        the test subset and seed, and made from the file's content and the test set's:
+        `qg.core.io.cached`), so accuracies and the memorisation tests' error overlaps share one
+        evaluation. A cache that is damaged, or was computed from another file or other test data
+        under the same names, is evaluated again.
         """
         test_key = params_key({"test_subset": self.eval.get("test_subset"), "seed": self.seed})
         cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
         spec = load_model_description(path)
-        inputs = {"model file": content_digest(path), "test data": fingerprint(spec.dataset, "test")}
-        t = read_safetensors(cached(cache, lambda out: self._evaluate(path, out), inputs, check=_newer_than(path)))[0]
+        inputs = {
+            "model file": content_digest(path),
+            "test data": fingerprint(spec.dataset, "test"),
+        }
+        t = read_safetensors(
+            cached(cache, lambda out: self._evaluate(path, out), inputs, check=_newer_than(path))
+        )[0]
         return t["pred"].long(), t["labels"].long()
 
     def _evaluate(self, path: Path, out: Path) -> None:
         sd, spec, _ = load_model_file(path)
         pred, labels = predict(build_from(spec, sd, str(path)), self.test_set(spec), self.device)
-        save_safetensors({"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)}, out, {"file": path.name})
+        save_safetensors(
+            {"pred": pred.to(torch.int16), "labels": labels.to(torch.int16)},
+            out,
+            {"file": path.name},
+        )
 
 
 def _newer_than(model_file: Path):
-    """A prediction cache from before caches recorded their inputs is trusted only if newer than its model file."""
+    """A prediction cache from before caches recorded their inputs is trusted only if newer than its
+    model file."""
+
     def check(cache: Path) -> None:
         if cache.stat().st_mtime < model_file.stat().st_mtime:
             raise CorruptFileError(f"older than {model_file.name}")
+
     return check

@@ -1,13 +1,15 @@
-"""The paper's tables and figures, rebuilt from per-checkpoint evaluations (`qg.study.evaluation` rows), one
-module per notebook that shows them.
+"""The paper's tables and figures, rebuilt from per-checkpoint evaluations (`qg.study.evaluation`
+rows), one module per notebook that shows them.
 
-Each `*_table` returns (tidy DataFrame, Markdown) for `report.write_table`; each `*_figure` returns a
-matplotlib figure for `report.save_figure`. Markdown tables are shaped like the paper's, with our three
-splits as rows and the paper's own numbers (for the counterpart setting) in rows marked "paper".
+Each `*_table` returns (tidy DataFrame, Markdown) for `report.write_table`; each `*_figure` returns
+a matplotlib figure for `report.save_figure`. Markdown tables are shaped like the paper's, with our
+three splits as rows and the paper's own numbers (for the counterpart setting) in rows marked
+"paper".
 
 Modules, each importing only those above it here (and the packages before this one in qg):
   paper        the papers' own numbers (QuantGen Tables 1-6 and 10; RPG Tables 1, 9 and 14)
-  common       method labels and order, paired differences, the notes under every table, loss curves
+  common       method labels and order, paired differences, the notes under every table, loss
+               curves
   convergence  02_train's convergence study
   main         03_generate: Tables 1-3, Figures 1 and 3, Gen − PTQ per checkpoint, QwT
   fidelity     03_generate and 08: fidelity and memorisation of generated models

@@ -10,7 +10,7 @@ import seaborn as sns
 
 from ..config.profiles import ablation_setup
 from ..core.report import SPLIT_LABELS, cell, summarize
-from ..study.experiments import SPLITS
+from ..study.settings import SPLITS
 from . import paper
 from .common import paired_difference, profile_markdown
 
@@ -25,89 +25,148 @@ def paper_ablation_note(factor: str) -> str:
         rows = "; ".join(f"{k}: {' '.join(f'{x:.2f}' for x in v)}" for k, v in paper.TABLE4.items())
         return f"Paper, Table 4 (ImageNet-1K ViT-Base, group-wise, 8..3 bits): {rows}."
     if factor == "backbone":
-        rows = "; ".join(f"{k} {a:.2f} / {h} h / {gb} GB" for k, (a, h, gb) in paper.TABLE10.items())
-        return f"Paper, Table 10 (ImageNet-1K ViT-Tiny; accuracy %, training hours, GB on a GPU): {rows}."
+        rows = "; ".join(
+            f"{k} {a:.2f} / {h} h / {gb} GB" for k, (a, h, gb) in paper.TABLE10.items()
+        )
+        return (
+            "Paper, Table 10 (ImageNet-1K ViT-Tiny; accuracy %, training hours, GB on a GPU): "
+            f"{rows}."
+        )
     table, number = {"padding": (paper.TABLE6, 6), "head": (paper.TABLE5, 5)}[factor]
     return f"Paper, Table {number} (ImageNet-1K ViT-Tiny, 8-bit): {_pairs(table)}."
 
 
-def ablation_table(runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
-    """One factor's variants: accuracy of Gen (and the paired Gen − PTQ) per split and bit-width, plus cost.
+def ablation_table(
+    runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: dict, commit: str
+) -> tuple[pd.DataFrame, str]:
+    """One factor's variants: accuracy of Gen (and the paired Gen − PTQ) per split and bit-width,
+    plus cost.
 
-    `costs` has one row per (variant, bits) generator: train_seconds, activation_mb, n_params, final_loss.
+    `costs` has one row per (variant, bits) generator: train_seconds, activation_mb, n_params,
+    final_loss.
     """
     runs = pd.concat([runs, paired_difference(runs)], ignore_index=True)
     tidy = summarize(runs, f"ablation_{factor}", profile, commit)
     cost_tidy = costs.melt(id_vars=["variant", "bits"], var_name="metric", value_name="value")
-    cost_tidy = cost_tidy.assign(table=f"ablation_{factor}", std=0.0, n=1, profile=profile["name"], commit=commit)
+    cost_tidy = cost_tidy.assign(
+        table=f"ablation_{factor}", std=0.0, n=1, profile=profile["name"], commit=commit
+    )
     tidy = pd.concat([tidy, cost_tidy], ignore_index=True)
     acc = tidy[tidy.metric == "top1_accuracy"]
     variants = list(dict.fromkeys(runs.variant))
     rows = []
     for split in [s for s in SPLITS if s in set(acc.split)]:
         ref = acc[(acc.split == split) & (acc.method == "ptq")].drop_duplicates("bits")
-        rows.append({"variant": "PTQ (reference)", "split": SPLIT_LABELS[split],
-                     **{f"{b}-bit": cell(v, s) for b, v, s in zip(ref.bits, ref.value, ref["std"])}})
+        rows.append(
+            {
+                "variant": "PTQ (reference)",
+                "split": SPLIT_LABELS[split],
+                **{f"{b}-bit": cell(v, s) for b, v, s in zip(ref.bits, ref.value, ref["std"])},
+            }
+        )
         for variant in variants:
             r = {"variant": variant, "split": SPLIT_LABELS[split]}
             for method, suffix in (("gen", ""), ("gen-ptq", " Gen − PTQ")):
                 sel = acc[(acc.split == split) & (acc.variant == variant) & (acc.method == method)]
-                r.update({f"{b}-bit{suffix}": cell(v, s) for b, v, s in zip(sel.bits, sel.value, sel["std"])})
+                r.update(
+                    {
+                        f"{b}-bit{suffix}": cell(v, s)
+                        for b, v, s in zip(sel.bits, sel.value, sel["std"])
+                    }
+                )
             rows.append(r)
     gen_seconds = runs[runs.method == "gen"].groupby("variant").seconds.mean()
     for variant, g in costs.groupby("variant", sort=False):
-        rows.append({"variant": variant, "split": "cost (per generator)",
-                     "train (s)": f"{g.train_seconds.mean():.1f}",
-                     "generate (s/model)": f"{gen_seconds.get(variant, float('nan')):.3f}",
-                     "activation (MB)": f"{g.activation_mb.mean():.1f}", "params": f"{int(g.n_params.mean()):,}",
-                     "final loss": f"{g.final_loss.mean():.4g}"})
+        rows.append(
+            {
+                "variant": variant,
+                "split": "cost (per generator)",
+                "train (s)": f"{g.train_seconds.mean():.1f}",
+                "generate (s/model)": f"{gen_seconds.get(variant, float('nan')):.3f}",
+                "activation (MB)": f"{g.activation_mb.mean():.1f}",
+                "params": f"{int(g.n_params.mean()):,}",
+                "final loss": f"{g.final_loss.mean():.4g}",
+            }
+        )
     md = pd.DataFrame(rows).fillna("")
     a = ablation_setup(profile, factor)
-    title = (f"Ablation of the {factor.replace('_', ' ')} ({a['arch']}, {a['task']}, {a['granularity']}-wise; "
-             "top-1 %, mean ± std over checkpoints)")
-    return tidy, profile_markdown(md, title, profile, [
-        paper_ablation_note(factor),
-        "activation (MB): tensors autograd saves for one training step (batch of the profile), a deterministic "
-        "stand-in for peak training memory; times are wall-clock on the machine in the provenance file."])
+    title = (
+        f"Ablation of the {factor.replace('_', ' ')} ({a['arch']}, {a['task']}, "
+        f"{a['granularity']}-wise; top-1 %, mean ± std over checkpoints)"
+    )
+    return tidy, profile_markdown(
+        md,
+        title,
+        profile,
+        [
+            paper_ablation_note(factor),
+            "activation (MB): tensors autograd saves for one training step (batch of the profile), "
+            "a deterministic stand-in for peak training memory; times are wall-clock on the "
+            "machine in the provenance file.",
+        ],
+    )
 
 
 def ablation_figure(runs: pd.DataFrame, factor: str):
-    """Gen − PTQ (paired, same checkpoint) of every variant, per split and bit-width, mean ± std over checkpoints.
+    """Gen − PTQ (paired, same checkpoint) of every variant, per split and bit-width, mean ± std
+    over checkpoints.
 
-    The difference, not the accuracy: the effects the ablations are about are tenths of a point on an 85 %
-    scale, which bars starting at 0 hide. A variant far below the others (a failed generator) still shows,
-    its points on the same axis.
+    The difference, not the accuracy: the effects the ablations are about are tenths of a point on
+    an 85 % scale, which bars starting at 0 hide. A variant far below the others (a failed
+    generator) still shows, its points on the same axis.
     """
     diff = paired_difference(runs).assign(split=lambda d: d.split.map(SPLIT_LABELS))
     order = list(dict.fromkeys(runs.variant))
     bits = sorted(diff.bits.unique())
-    fig, axes = plt.subplots(1, len(bits), figsize=(5.2 * len(bits), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(bits), figsize=(5.2 * len(bits), 3.6), squeeze=False, sharey=True
+    )
     for ax, b in zip(axes[0], bits):
-        sns.pointplot(data=diff[diff.bits == b], x="variant", y="accuracy", hue="split", order=order,
-                      hue_order=list(SPLIT_LABELS.values()), errorbar="sd", dodge=0.4, linestyle="none",
-                      markersize=5, capsize=0.1, ax=ax)
+        sns.pointplot(
+            data=diff[diff.bits == b],
+            x="variant",
+            y="accuracy",
+            hue="split",
+            order=order,
+            hue_order=list(SPLIT_LABELS.values()),
+            errorbar="sd",
+            dodge=0.4,
+            linestyle="none",
+            markersize=5,
+            capsize=0.1,
+            ax=ax,
+        )
         ax.axhline(0, color="k", lw=0.8, ls="--")
         ax.set(title=f"{b}-bit", xlabel=factor.replace("_", " "), ylabel="Gen − PTQ (points)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, title=None)
-    fig.suptitle(f"Ablation of the {factor.replace('_', ' ')}: Gen − PTQ on the same checkpoints (0: as good as PTQ)")
+    fig.suptitle(
+        f"Ablation of the {factor.replace('_', ' ')}: Gen − PTQ on the same checkpoints "
+        "(0: as good as PTQ)"
+    )
     fig.tight_layout()
     return fig
 
 
 def ablation_findings(runs: pd.DataFrame, factor: str, split: str = "heldout_run") -> list[str]:
-    """The computed conclusion of one ablation, per bit-width: each variant's Gen − PTQ on `split` (mean ± std
-    over checkpoints), the best and the worst, and whether their gap is larger than twice the largest spread
-    between checkpoints (a difference one would bet on) or not; then the paper's own numbers."""
+    """The computed conclusion of one ablation, per bit-width: each variant's Gen − PTQ on `split`
+    (mean ± std over checkpoints), the best and the worst, and whether their gap is larger than
+    twice the largest spread between checkpoints (a difference one would bet on) or not; then the
+    paper's own numbers."""
     diff = paired_difference(runs)
     lines = []
     for bits, g in diff[diff.split == split].groupby("bits"):
         stats = g.groupby("variant", sort=False).accuracy.agg(["mean", "std"]).fillna(0.0)
         best, worst = stats["mean"].idxmax(), stats["mean"].idxmin()
         gap, spread = stats.loc[best, "mean"] - stats.loc[worst, "mean"], stats["std"].max()
-        verdict = "larger than the spread between checkpoints" if gap > 2 * spread else \
-            "within the spread between checkpoints: no measurable effect"
+        verdict = (
+            "larger than the spread between checkpoints"
+            if gap > 2 * spread
+            else "within the spread between checkpoints: no measurable effect"
+        )
         each = ", ".join(f"{v} {r['mean']:+.2f} ± {r['std']:.2f}" for v, r in stats.iterrows())
-        lines.append(f"{bits}-bit, Gen − PTQ on the {SPLIT_LABELS[split]}: {each}; best {best}, worst {worst}, "
-                     f"gap {gap:.2f} points ({verdict})")
+        lines.append(
+            f"{bits}-bit, Gen − PTQ on the {SPLIT_LABELS[split]}: {each}; best {best}, worst "
+            f"{worst}, gap {gap:.2f} points ({verdict})"
+        )
     return lines + [paper_ablation_note(factor)]

@@ -1,5 +1,4 @@
-"""Amortized QAT (08_residual_qat): one data-free forward pass against QAT and HQQ.
-"""
+"""Amortized QAT (08_residual_qat): one data-free forward pass against QAT and HQQ."""
 
 from __future__ import annotations
 
@@ -12,20 +11,32 @@ from .common import ordered, profile_markdown
 
 
 def _amortized_column(method: str, source: str, variant: str) -> str:
-    """The column of an amortized-QAT row: a baseline, or Gen by target (direct / residual) and source."""
+    """The column of an amortized-QAT row: a baseline, or Gen by target (direct / residual) and
+    source."""
     return f"Gen {variant} ({source.upper()})" if method == "gen" else methods.label(method)
 
 
-AMORTIZED_DIFFS = (("Gen residual (PTQ)", "PTQ"), ("Gen direct (QAT)", "HQQ"), ("Gen residual (QAT)", "HQQ"),
-                   ("Gen direct (QAT)", "QAT"), ("Gen residual (QAT)", "QAT"))
+AMORTIZED_DIFFS = (
+    ("Gen residual (PTQ)", "PTQ"),
+    ("Gen direct (QAT)", "HQQ"),
+    ("Gen residual (QAT)", "HQQ"),
+    ("Gen direct (QAT)", "QAT"),
+    ("Gen residual (QAT)", "QAT"),
+)
 
 
 def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (arch, task, bits, split, checkpoint), one column per method (baselines once, Gen by target
-    and source) and the paired differences of `AMORTIZED_DIFFS` as `A − B`."""
+    """One row per (arch, task, bits, split, checkpoint), one column per method (baselines once, Gen
+    by target and source) and the paired differences of `AMORTIZED_DIFFS` as `A − B`."""
     keys = ["arch", "task", "bits", "granularity", "split", "checkpoint"]
-    runs = runs.assign(column=[_amortized_column(m, s, v) for m, s, v in zip(runs.method, runs.source, runs.variant)])
-    wide = runs.pivot_table(index=keys, columns="column", values="accuracy", aggfunc="first").reset_index()
+    runs = runs.assign(
+        column=[
+            _amortized_column(m, s, v) for m, s, v in zip(runs.method, runs.source, runs.variant)
+        ]
+    )
+    wide = runs.pivot_table(
+        index=keys, columns="column", values="accuracy", aggfunc="first"
+    ).reset_index()
     for a, b in AMORTIZED_DIFFS:
         if {a, b} <= set(wide.columns):
             wide[f"{a} − {b}"] = wide[a] - wide[b]
@@ -33,49 +44,118 @@ def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def amortized_table(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
-    """Amortized QAT: FP32, PTQ, HQQ, QAT and the generators of both targets and both sources, per pair, bit-width
-    and split, with the paired differences that answer the questions (is residual-on-PTQ PTQ? does Gen-on-QAT
-    beat HQQ, and how close does it come to QAT itself?)."""
+    """Amortized QAT: FP32, PTQ, HQQ, QAT and the generators of both targets and both sources, per
+    pair, bit-width and split, with the paired differences that answer the questions (is
+    residual-on-PTQ PTQ? does Gen-on-QAT beat HQQ, and how close does it come to QAT itself?)."""
     wide = amortized_wide(runs)
     keys = ["arch", "task", "bits", "granularity", "split"]
     columns = [c for c in wide.columns if c not in keys + ["checkpoint"]]
-    tidy = wide.melt(id_vars=keys + ["checkpoint"], value_vars=columns, var_name="method", value_name="accuracy")
-    tidy = tidy.groupby(keys + ["method"], dropna=False).accuracy.agg(value="mean", std="std", n="count").reset_index()
-    tidy = tidy.assign(table="amortized_qat", std=tidy["std"].fillna(0.0), profile=profile["name"], commit=commit,
-                       metric=["paired_difference" if " − " in m else "top1_accuracy" for m in tidy.method])
-    order = ["FP32", "PTQ", "HQQ", "QAT", "Gen direct (PTQ)", "Gen residual (PTQ)", "Gen direct (QAT)", "Gen residual (QAT)"]
-    shown = [c for c in order if c in columns] + [f"{a} − {b}" for a, b in AMORTIZED_DIFFS if f"{a} − {b}" in columns]
+    tidy = wide.melt(
+        id_vars=keys + ["checkpoint"], value_vars=columns, var_name="method", value_name="accuracy"
+    )
+    tidy = (
+        tidy.groupby(keys + ["method"], dropna=False)
+        .accuracy.agg(value="mean", std="std", n="count")
+        .reset_index()
+    )
+    tidy = tidy.assign(
+        table="amortized_qat",
+        std=tidy["std"].fillna(0.0),
+        profile=profile["name"],
+        commit=commit,
+        metric=["paired_difference" if " − " in m else "top1_accuracy" for m in tidy.method],
+    )
+    order = [
+        "FP32",
+        "PTQ",
+        "HQQ",
+        "QAT",
+        "Gen direct (PTQ)",
+        "Gen residual (PTQ)",
+        "Gen direct (QAT)",
+        "Gen residual (QAT)",
+    ]
+    shown = [c for c in order if c in columns] + [
+        f"{a} − {b}" for a, b in AMORTIZED_DIFFS if f"{a} − {b}" in columns
+    ]
     rows = []
-    for (task, arch, bits, split), g in ordered(tidy).groupby(["task", "arch", "bits", "split"], sort=False):
+    for (task, arch, bits, split), g in ordered(tidy).groupby(
+        ["task", "arch", "bits", "split"], sort=False
+    ):
         by = g.set_index("method")
-        rows.append({"task": task, "arch": arch, "bits": bits, "split": SPLIT_LABELS[split],
-                     **{c: cell(by.value.get(c), by["std"].get(c) if " − " in c else None) for c in shown}})
-    md = pd.DataFrame(rows).sort_values(["task", "arch", "bits"], ascending=[True, True, False], kind="stable")
-    return tidy, profile_markdown(md, f"Amortized QAT: one data-free forward pass against QAT and HQQ "
-                           f"({profile['qat']['granularity']}-wise; top-1 %, mean over checkpoints)", profile, [
-        "Gen direct: the paper's target (codes, S, Z); Gen residual: offsets from round-to-nearest of the same checkpoint "
-        "(ours, qg.generator.tokenizer); (PTQ) / (QAT): trained on PTQ or QAT targets. Gen residual (PTQ) − PTQ is a correctness "
-        "check: an untrained residual generator is PTQ, and trained on PTQ targets it should stay there.",
-        "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; QAT fine-tunes each model "
-        f"on data ({profile['qat']['steps']} steps); Gen needs neither at inference."])
+        rows.append(
+            {
+                "task": task,
+                "arch": arch,
+                "bits": bits,
+                "split": SPLIT_LABELS[split],
+                **{
+                    c: cell(by.value.get(c), by["std"].get(c) if " − " in c else None)
+                    for c in shown
+                },
+            }
+        )
+    md = pd.DataFrame(rows).sort_values(
+        ["task", "arch", "bits"], ascending=[True, True, False], kind="stable"
+    )
+    return tidy, profile_markdown(
+        md,
+        f"Amortized QAT: one data-free forward pass against QAT and HQQ "
+        f"({profile['qat']['granularity']}-wise; top-1 %, mean over checkpoints)",
+        profile,
+        [
+            "Gen direct: the paper's target (codes, S, Z); Gen residual: offsets from "
+            "round-to-nearest of the same checkpoint (ours, qg.generator.tokenizer); (PTQ) / "
+            "(QAT): trained on PTQ or QAT targets. Gen residual (PTQ) − PTQ is a correctness "
+            "check: an untrained residual generator is PTQ, and trained on PTQ targets it should "
+            "stay there.",
+            "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; QAT "
+            f"fine-tunes each model on data ({profile['qat']['steps']} steps); Gen needs neither "
+            "at inference.",
+        ],
+    )
 
 
 def amortized_figure(runs: pd.DataFrame, split: str = "heldout_run"):
-    """Each method's accuracy minus PTQ's on the same checkpoints against bits, one panel per (arch, task)."""
+    """Each method's accuracy minus PTQ's on the same checkpoints against bits, one panel per (arch,
+    task)."""
     wide = amortized_wide(runs)
     wide = wide[wide.split == split]
-    methods = [c for c in ("HQQ", "QAT", "Gen direct (QAT)", "Gen residual (QAT)", "Gen residual (PTQ)") if c in wide]
-    wide = wide.assign(**{m: wide[m] - wide.PTQ for m in methods})  # paired: the same checkpoint's PTQ
-    long = wide.melt(id_vars=["arch", "task", "bits", "checkpoint"], value_vars=methods, var_name="method")
+    methods = [
+        c
+        for c in ("HQQ", "QAT", "Gen direct (QAT)", "Gen residual (QAT)", "Gen residual (PTQ)")
+        if c in wide
+    ]
+    # paired: the same checkpoint's PTQ
+    wide = wide.assign(**{m: wide[m] - wide.PTQ for m in methods})
+    long = wide.melt(
+        id_vars=["arch", "task", "bits", "checkpoint"], value_vars=methods, var_name="method"
+    )
     long["pair"] = long.arch + "/" + long.task
-    grid = sns.relplot(data=long, x="bits", y="value", hue="method", style="method", col="pair", kind="line",
-                       markers=True, dashes=False, errorbar="sd", height=3.0, aspect=1.05, facet_kws={"sharey": False})
+    grid = sns.relplot(
+        data=long,
+        x="bits",
+        y="value",
+        hue="method",
+        style="method",
+        col="pair",
+        kind="line",
+        markers=True,
+        dashes=False,
+        errorbar="sd",
+        height=3.0,
+        aspect=1.05,
+        facet_kws={"sharey": False},
+    )
     for ax in grid.axes.flat:
         ax.axhline(0, color="k", lw=0.8, ls="--")
         ax.set_xticks(sorted(long.bits.unique()))
         ax.grid(alpha=0.3)
     grid.set_titles("{col_name}")
     grid.set_axis_labels("bits (group-wise)", "accuracy − PTQ (points)")
-    grid.figure.suptitle(f"Amortized QAT on the {SPLIT_LABELS[split]}: gain over PTQ on the same checkpoints (0 = PTQ)",
-                         y=1.04)
+    grid.figure.suptitle(
+        f"Amortized QAT on the {SPLIT_LABELS[split]}: gain over PTQ on the same checkpoints "
+        "(0 = PTQ)",
+        y=1.04,
+    )
     return grid.figure

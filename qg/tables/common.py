@@ -1,5 +1,5 @@
-"""What every table shares: method labels and order, paired differences, the Markdown notes that name
-the profile and its generator, training-loss curves.
+"""What every table shares: method labels and order, paired differences, the Markdown notes that
+name the profile and its generator, training-loss curves.
 """
 
 from __future__ import annotations
@@ -9,12 +9,24 @@ import pandas as pd
 
 from .. import methods
 from ..core.report import SPLIT_LABELS, markdown
-from ..study.experiments import SPLITS
+from ..study.settings import SPLITS
 
 
 def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.DataFrame:
-    """Per-checkpoint accuracy of method `a` minus method `b` (same checkpoint, same spec) as method `a-b`."""
-    keys = ["arch", "task", "dataset", "source", "condition", "variant", "bits", "granularity", "split", "checkpoint"]
+    """Per-checkpoint accuracy of method `a` minus method `b` (same checkpoint, same spec) as method
+    `a-b`."""
+    keys = [
+        "arch",
+        "task",
+        "dataset",
+        "source",
+        "condition",
+        "variant",
+        "bits",
+        "granularity",
+        "split",
+        "checkpoint",
+    ]
     wide = runs.pivot_table(index=keys, columns="method", values="accuracy").reset_index()
     wide = wide.dropna(subset=[a, b])
     out = wide[keys].copy()
@@ -23,25 +35,37 @@ def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.
 
 
 def generator_differences(runs: pd.DataFrame) -> pd.DataFrame:
-    """`paired_difference` against PTQ of every generator method in `runs` (`qg.methods`), each labelled with
-    its generator's `variant` as `Setting.generator_for` sets it (what `Experiment.diagnose` tags its rows with)."""
+    """`paired_difference` against PTQ of every generator method in `runs` (`qg.methods`), each
+    labelled with its generator's `variant` as `Setting.generator_for` sets it (what
+    `Experiment.diagnose` tags its rows with)."""
     generators = [methods.get(m) for m in methods.names("generator") if m in set(runs.method)]
-    return pd.concat([paired_difference(runs, g.name).assign(**({"variant": g.variant} if g.variant else {}))
-                      for g in generators], ignore_index=True)
+    return pd.concat(
+        [
+            paired_difference(runs, g.name).assign(**({"variant": g.variant} if g.variant else {}))
+            for g in generators
+        ],
+        ignore_index=True,
+    )
 
 
-ORDER = {k: i for i, k in enumerate([*SPLITS, *methods.order()])}  # splits, then methods, as rows run
+# splits, then methods, as rows run
+ORDER = {k: i for i, k in enumerate([*SPLITS, *methods.order()])}
 
 
 def ordered(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows by task, architecture, split (trained-on first) and method (FP32, PTQ, QAT, Gen, Gen − PTQ)."""
+    """Rows by task, architecture, split (trained-on first) and method (FP32, PTQ, QAT, Gen,
+    Gen − PTQ)."""
     keys = [k for k in ("task", "arch", "split", "condition", "method") if k in df]
-    return df.sort_values(keys, key=lambda s: s.map(lambda v: ORDER.get(v, v)) if s.name in ("split", "method") else s,
-                          kind="stable")
+    return df.sort_values(
+        keys,
+        key=lambda s: s.map(lambda v: ORDER.get(v, v)) if s.name in ("split", "method") else s,
+        kind="stable",
+    )
 
 
 def spec_label(df: pd.DataFrame) -> pd.Series:
-    """`w4 group`, `w8 channel`: a spec as the size, QwT and runtime tables name their columns or rows."""
+    """`w4 group`, `w8 channel`: a spec as the size, QwT and runtime tables name their columns or
+    rows."""
     return "w" + df.bits.astype(str) + " " + df.granularity
 
 
@@ -55,24 +79,44 @@ def labelled(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def generator_note(profile: dict) -> str:
-    """Which generator `Gen` is in a profile's tables: the paper's head, or ours (skip / log-S tokens)."""
-    skip, log_scale = profile["generator"].get("skip", "none"), profile["tokenizer"].get("log_scale", False)
-    rtn = (" Gen (RTN base): the same with `skip: add` on round-to-nearest of the input (`tokenizer.base: rtn`)."
-           if "gen-rtn" in profile["table1"].get("generators", []) else "")
+    """Which generator `Gen` is in a profile's tables: the paper's head, or ours (skip / log-S
+    tokens)."""
+    skip, log_scale = (
+        profile["generator"].get("skip", "none"),
+        profile["tokenizer"].get("log_scale", False),
+    )
+    rtn = (
+        " Gen (RTN base): the same with `skip: add` on round-to-nearest of the input "
+        "(`tokenizer.base: rtn`)."
+        if "gen-rtn" in profile["table1"].get("generators", [])
+        else ""
+    )
     if skip == "none" and not log_scale:
         return "Gen: the paper's generator (MSE head, linear S tokens)." + rtn
-    return (f"Gen: our generator (head `skip: {skip}`{', log-S tokens' if log_scale else ''}; the paper's is `skip: none` "
-            "with linear S tokens, compared in 02_train's convergence study); the paper's rows are its own generator." + rtn)
+    return (
+        f"Gen: our generator (head `skip: {skip}`{', log-S tokens' if log_scale else ''}; "
+        "the paper's is `skip: none` with linear S tokens, compared in 02_train's convergence "
+        "study); the paper's rows are its own generator." + rtn
+    )
 
 
 def profile_markdown(df: pd.DataFrame, title: str, profile: dict, notes: list[str]) -> str:
-    return markdown(df, title, [*notes, generator_note(profile), f"Profile `{profile['name']}`; splits: "
-                                + "; ".join(f"{v}" for v in SPLIT_LABELS.values()) + "."])
+    return markdown(
+        df,
+        title,
+        [
+            *notes,
+            generator_note(profile),
+            f"Profile `{profile['name']}`; splits: "
+            + "; ".join(f"{v}" for v in SPLIT_LABELS.values())
+            + ".",
+        ],
+    )
 
 
 def loss_curves(curves: dict[str, pd.DataFrame], title: str, ax=None, legend_max: int = 12):
-    """Smoothed training loss of each generator (label -> loss.csv frame), log scale, on `ax` or a new
-    figure; the legend is left out beyond `legend_max` lines. Returns the figure."""
+    """Smoothed training loss of each generator (label -> loss.csv frame), log scale, on `ax` or a
+    new figure; the legend is left out beyond `legend_max` lines. Returns the figure."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
     for label, curve in curves.items():

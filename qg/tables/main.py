@@ -1,5 +1,5 @@
-"""The paper's main results (03_generate): Tables 1-3 and Figures 1 and 3 beside the paper's numbers,
-Gen − PTQ per checkpoint, and QwT on top of PTQ, HQQ and Gen.
+"""The paper's main results (03_generate): Tables 1-3 and Figures 1 and 3 beside the paper's
+numbers, Gen − PTQ per checkpoint, and QwT on top of PTQ, HQQ and Gen.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from .common import (
 
 
 def _with_columns(tidy: pd.DataFrame, group_bits: int) -> pd.DataFrame:
-    """One row per Table 1 column each measurement fills (8-bit group fills both '8-bit' and 'Group')."""
+    """One row per Table 1 column each measurement fills (8-bit group fills both '8-bit' and
+    'Group')."""
     rows = []
     for r in tidy.to_dict("records"):
         for col in paper.table1_column(int(r["bits"]), r["granularity"], group_bits):
@@ -36,7 +37,9 @@ def _pivot(tidy: pd.DataFrame, index: list[str], group_bits: int) -> pd.DataFram
     df = _with_columns(tidy, group_bits)
     df["cell"] = [cell(m, s) for m, s in zip(df["value"], df["std"])]
     columns = [c for c in paper.TABLE1_COLUMNS if c in set(df["column"])]
-    wide = df.pivot_table(index=index, columns="column", values="cell", aggfunc="first").reindex(columns=columns)
+    wide = df.pivot_table(index=index, columns="column", values="cell", aggfunc="first").reindex(
+        columns=columns
+    )
     return wide.fillna("NA").reset_index()
 
 
@@ -47,13 +50,21 @@ def _paper_rows(tasks_archs, methods, columns, value) -> pd.DataFrame:
             vals = {c: value(task, arch, method, c) for c in columns}
             if any(v is not None for v in vals.values()):
                 counterpart = f"{paper.COUNTERPART.get(task)} {paper.MODEL.get(arch)}"
-                rows.append({"task": task, "arch": arch, "method": f"{method} (paper, {counterpart})",
-                             "split": "paper", **{c: cell(v) for c, v in vals.items()}})
+                rows.append(
+                    {
+                        "task": task,
+                        "arch": arch,
+                        "method": f"{method} (paper, {counterpart})",
+                        "split": "paper",
+                        **{c: cell(v) for c, v in vals.items()},
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def table1(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
-    """Gen vs PTQ at every precision (group-wise) and granularity (8-bit), per split, beside the paper's."""
+    """Gen vs PTQ at every precision (group-wise) and granularity (8-bit), per split, beside the
+    paper's."""
     gbits = profile["table1"]["granularity_bits"]
     generators = [m for m in methods.names("generator") if m in set(runs.method)]
     runs = pd.concat([runs] + [paired_difference(runs, m) for m in generators], ignore_index=True)
@@ -62,38 +73,75 @@ def table1(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
     ours = _pivot(tidy, index, gbits)
     columns = [c for c in paper.TABLE1_COLUMNS if c in ours.columns]
     ours = ordered(ours)
-    ref = _paper_rows(ours[["task", "arch"]].drop_duplicates().itertuples(index=False), ("PTQ", "Gen"), columns,
-                      paper.table1_value)
-    md = labelled(pd.concat([ours, ref], ignore_index=True)).sort_values(["task", "arch"], kind="stable")
-    return tidy, profile_markdown(md, "Table 1: Gen vs PTQ (top-1 %, mean ± std over checkpoints)", profile, [
-        "Columns: group-wise at each bit-width; Channel/Group at "
-        f"{gbits} bits. `Gen − PTQ` is the paired difference on the same checkpoints. `Gen (RTN base)`: the same "
-        "generator whose skip adds to round-to-nearest of its input (the group ranges given, qg.generator.tokenizer), where "
-        "PTQ is its starting point.",
-        "Paper rows are the paper's counterpart setting (full fine-tuning ↔ ImageNet-1K, head-only ↔ CIFAR-10) at "
-        "its scale; compare trends, not absolute numbers."])
+    ref = _paper_rows(
+        ours[["task", "arch"]].drop_duplicates().itertuples(index=False),
+        ("PTQ", "Gen"),
+        columns,
+        paper.table1_value,
+    )
+    md = labelled(pd.concat([ours, ref], ignore_index=True)).sort_values(
+        ["task", "arch"], kind="stable"
+    )
+    return tidy, profile_markdown(
+        md,
+        "Table 1: Gen vs PTQ (top-1 %, mean ± std over checkpoints)",
+        profile,
+        [
+            f"Columns: group-wise at each bit-width; Channel/Group at {gbits} bits. `Gen − PTQ` is "
+            "the paired difference on the same checkpoints. `Gen (RTN base)`: the same generator "
+            "whose skip adds to round-to-nearest of its input (the group ranges given, "
+            "qg.generator.tokenizer), where PTQ is its starting point.",
+            "Paper rows are the paper's counterpart setting (full fine-tuning ↔ ImageNet-1K, "
+            "head-only ↔ CIFAR-10) at its scale; compare trends, not absolute numbers.",
+        ],
+    )
 
 
-def table2(runs: pd.DataFrame, records: dict, profile: dict, commit: str, n_models: int = 50) -> tuple[pd.DataFrame, str]:
-    """QAT vs Gen (QAT targets) at each bit-width: accuracy per split and the time to quantize `n_models`.
+def table2(
+    runs: pd.DataFrame, records: dict, profile: dict, commit: str, n_models: int = 50
+) -> tuple[pd.DataFrame, str]:
+    """QAT vs Gen (QAT targets) at each bit-width: accuracy per split and the time to quantize
+    `n_models`.
 
-    `records[setting name]` holds the generator's `train_seconds`. Gen's time is counted two ways: as the
-    paper does (generator training + n generations) and all-in (+ the QAT runs that made its training targets).
+    `records[setting name]` holds the generator's `train_seconds`. Gen's time is counted two ways:
+    as the paper does (generator training + n generations) and all-in (+ the QAT runs that made its
+    training targets).
     """
     tidy = summarize(runs, "table2", profile, commit)
     time_rows = []
     for (arch, task, bits, setting), g in runs.groupby(["arch", "task", "bits", "setting"]):
         t_qat = g.loc[g.method == "qat", "seconds"].mean()
         t_gen = g.loc[g.method == "gen", "seconds"].mean()
-        train_s, n_targets = records[setting]["train_seconds"], records[setting]["n_train_checkpoints"]
-        for method, minutes in (("qat", n_models * t_qat / 60),
-                                ("gen", (train_s + n_models * t_gen) / 60),
-                                ("gen+targets", (train_s + n_models * t_gen + n_targets * t_qat) / 60)):
-            time_rows.append({"table": "table2", "arch": arch, "task": task, "dataset": g.dataset.iloc[0],
-                              "source": "qat", "condition": "", "variant": "", "method": method, "bits": bits,
-                              "granularity": profile["qat"]["granularity"], "split": "", "value": minutes, "std": 0.0,
-                              "n": n_models, "metric": f"minutes_for_{n_models}_models", "profile": profile["name"],
-                              "commit": commit})
+        train_s, n_targets = (
+            records[setting]["train_seconds"],
+            records[setting]["n_train_checkpoints"],
+        )
+        for method, minutes in (
+            ("qat", n_models * t_qat / 60),
+            ("gen", (train_s + n_models * t_gen) / 60),
+            ("gen+targets", (train_s + n_models * t_gen + n_targets * t_qat) / 60),
+        ):
+            time_rows.append(
+                {
+                    "table": "table2",
+                    "arch": arch,
+                    "task": task,
+                    "dataset": g.dataset.iloc[0],
+                    "source": "qat",
+                    "condition": "",
+                    "variant": "",
+                    "method": method,
+                    "bits": bits,
+                    "granularity": profile["qat"]["granularity"],
+                    "split": "",
+                    "value": minutes,
+                    "std": 0.0,
+                    "n": n_models,
+                    "metric": f"minutes_for_{n_models}_models",
+                    "profile": profile["name"],
+                    "commit": commit,
+                }
+            )
     tidy = pd.concat([tidy, pd.DataFrame(time_rows)], ignore_index=True)
     acc = tidy[tidy.metric == "top1_accuracy"]
     mins = tidy[tidy.metric != "top1_accuracy"]
@@ -101,27 +149,67 @@ def table2(runs: pd.DataFrame, records: dict, profile: dict, commit: str, n_mode
     for (task, arch), g in acc.groupby(["task", "arch"]):
         for split in g.split.unique():
             for method in ("fp", "ptq", "qat", "gen"):
-                r = {"task": task, "arch": arch, "method": methods.label(method), "split": SPLIT_LABELS[split]}
+                r = {
+                    "task": task,
+                    "arch": arch,
+                    "method": methods.label(method),
+                    "split": SPLIT_LABELS[split],
+                }
                 for bits in sorted(g.bits.unique(), reverse=True):
                     sel = g[(g.split == split) & (g.method == method) & (g.bits == bits)]
-                    r[f"{bits}-bit acc (%)"] = cell(sel.value.iloc[0], sel["std"].iloc[0]) if len(sel) else "NA"
+                    r[f"{bits}-bit acc (%)"] = (
+                        cell(sel.value.iloc[0], sel["std"].iloc[0]) if len(sel) else "NA"
+                    )
                 rows.append(r)
-        for method, label in (("qat", "QAT"), ("gen", "Gen (as the paper counts)"), ("gen+targets", "Gen + its QAT targets")):
-            r = {"task": task, "arch": arch, "method": label, "split": f"time for {n_models} models"}
+        for method, label in (
+            ("qat", "QAT"),
+            ("gen", "Gen (as the paper counts)"),
+            ("gen+targets", "Gen + its QAT targets"),
+        ):
+            r = {
+                "task": task,
+                "arch": arch,
+                "method": label,
+                "split": f"time for {n_models} models",
+            }
             for bits in sorted(g.bits.unique(), reverse=True):
-                sel = mins[(mins.task == task) & (mins.arch == arch) & (mins.bits == bits) & (mins.method == method)]
+                sel = mins[
+                    (mins.task == task)
+                    & (mins.arch == arch)
+                    & (mins.bits == bits)
+                    & (mins.method == method)
+                ]
                 r[f"{bits}-bit acc (%)"] = f"{sel.value.iloc[0]:.2f} min" if len(sel) else "NA"
             rows.append(r)
     for method, vals in paper.TABLE2.items():
-        rows.append({"task": "full", "arch": "vit", "method": f"{method} (paper, ImageNet-1K ViT-Tiny)", "split": "paper",
-                     **{f"{b}-bit acc (%)": f"{a:.2f} / {t} min" for b, (a, t) in sorted(vals.items(), reverse=True)}})
-    md = pd.DataFrame(rows).sort_values(["task", "arch"], kind="stable").fillna("NA")  # the paper has no 3-bit QAT
+        rows.append(
+            {
+                "task": "full",
+                "arch": "vit",
+                "method": f"{method} (paper, ImageNet-1K ViT-Tiny)",
+                "split": "paper",
+                **{
+                    f"{b}-bit acc (%)": f"{a:.2f} / {t} min"
+                    for b, (a, t) in sorted(vals.items(), reverse=True)
+                },
+            }
+        )
+    # the paper has no 3-bit QAT
+    md = pd.DataFrame(rows).sort_values(["task", "arch"], kind="stable").fillna("NA")
     title = f"Table 2: QAT vs Gen trained on QAT targets ({profile['qat']['granularity']}-wise)"
-    return tidy, profile_markdown(md, title, profile, [
-        f"Time rows: minutes to quantize {n_models} models. QAT = {n_models} x the measured QAT run per model. "
-        "'Gen (as the paper counts)' = generator training + one forward pass per model; "
-        "'Gen + its QAT targets' adds the QAT runs that made the generator's training targets.",
-        f"Our QAT is {profile['qat']['steps']} fine-tuning steps per model on a 2-core CPU; the paper's is GPU hours."])
+    return tidy, profile_markdown(
+        md,
+        title,
+        profile,
+        [
+            f"Time rows: minutes to quantize {n_models} models. QAT = {n_models} x the measured "
+            "QAT run per model. 'Gen (as the paper counts)' = generator training + one forward "
+            "pass per model; 'Gen + its QAT targets' adds the QAT runs that made the generator's "
+            "training targets.",
+            f"Our QAT is {profile['qat']['steps']} fine-tuning steps per model on a 2-core CPU; "
+            "the paper's is GPU hours.",
+        ],
+    )
 
 
 def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
@@ -129,7 +217,8 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
     gbits = profile["table1"]["granularity_bits"]
     tidy = summarize(runs, "table3", profile, commit)
     view = tidy[tidy.method != "fp"].copy()
-    view.loc[view.method == "ptq", "condition"] = "NA"  # PTQ does not depend on the generator's condition
+    # PTQ does not depend on the generator's condition
+    view.loc[view.method == "ptq", "condition"] = "NA"
     ours = ordered(_pivot(view, ["task", "arch", "method", "condition", "split"], gbits))
     ours["condition"] = ours["condition"].map({"precision": "P", "granularity": "G", "NA": "NA"})
     columns = [c for c in paper.TABLE1_COLUMNS if c in ours.columns]
@@ -140,67 +229,123 @@ def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
             return paper.table1_value(task, arch, "PTQ", column)
         if paper.MODEL.get(arch) != "ViT-Tiny":  # the paper's Table 3 is ViT-Tiny only
             return None
-        return paper.TABLE3.get(d, {}).get(method[-1], (None,) * 8)[paper.TABLE1_COLUMNS.index(column)]
+        return paper.TABLE3.get(d, {}).get(method[-1], (None,) * 8)[
+            paper.TABLE1_COLUMNS.index(column)
+        ]
 
-    ref = _paper_rows(ours[["task", "arch"]].drop_duplicates().itertuples(index=False), ("PTQ", "Gen P", "Gen G"),
-                      columns, value)
-    md = labelled(pd.concat([ours, ref], ignore_index=True)).sort_values(["task", "arch"], kind="stable")
-    return tidy, profile_markdown(md, "Table 3: controllable generation (top-1 %, mean ± std over checkpoints)", profile, [
-        "Condition P: one generator for every bit-width (group-wise), one-hot over precision; "
-        f"G: one generator for channel and group at {gbits} bits."])
+    ref = _paper_rows(
+        ours[["task", "arch"]].drop_duplicates().itertuples(index=False),
+        ("PTQ", "Gen P", "Gen G"),
+        columns,
+        value,
+    )
+    md = labelled(pd.concat([ours, ref], ignore_index=True)).sort_values(
+        ["task", "arch"], kind="stable"
+    )
+    return tidy, profile_markdown(
+        md,
+        "Table 3: controllable generation (top-1 %, mean ± std over checkpoints)",
+        profile,
+        [
+            "Condition P: one generator for every bit-width (group-wise), one-hot over precision; "
+            f"G: one generator for channel and group at {gbits} bits."
+        ],
+    )
 
 
 def figure1(runs: pd.DataFrame, records: dict, arch: str, task: str, max_models: int = 1000):
-    """Total time to quantize n models: QAT grows linearly; Gen pays training once, then ~nothing per model.
-    Colour by method, line style by bit-width, log axes (the quantities span decades)."""
+    """Total time to quantize n models: QAT grows linearly; Gen pays training once, then ~nothing
+    per model. Colour by method, line style by bit-width, log axes (the quantities span decades)."""
     n = np.unique(np.geomspace(1, max_models, 200).round())
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     sel = runs[(runs.arch == arch) & (runs.task == task)]
-    colors = dict(zip(("QAT", "Gen (training + one pass per model)", "Gen + the QAT runs of its targets"),
-                      sns.color_palette("tab10")))
+    colors = dict(
+        zip(
+            ("QAT", "Gen (training + one pass per model)", "Gen + the QAT runs of its targets"),
+            sns.color_palette("tab10"),
+        )
+    )
     for (bits, setting), g in sel.groupby(["bits", "setting"]):
-        t_qat, t_gen = g.loc[g.method == "qat", "seconds"].mean(), g.loc[g.method == "gen", "seconds"].mean()
+        t_qat, t_gen = (
+            g.loc[g.method == "qat", "seconds"].mean(),
+            g.loc[g.method == "gen", "seconds"].mean(),
+        )
         rec, style = records[setting], {8: "-", 4: "--", 3: ":"}.get(int(bits), "-.")
-        for label, minutes in (("QAT", n * t_qat / 60),
-                               ("Gen (training + one pass per model)", (rec["train_seconds"] + n * t_gen) / 60),
-                               ("Gen + the QAT runs of its targets",
-                                (rec["train_seconds"] + rec["n_train_checkpoints"] * t_qat + n * t_gen) / 60)):
+        for label, minutes in (
+            ("QAT", n * t_qat / 60),
+            ("Gen (training + one pass per model)", (rec["train_seconds"] + n * t_gen) / 60),
+            (
+                "Gen + the QAT runs of its targets",
+                (rec["train_seconds"] + rec["n_train_checkpoints"] * t_qat + n * t_gen) / 60,
+            ),
+        ):
             ax.plot(n, minutes, style, color=colors[label], label=f"{label}, {bits}-bit")
-    ax.set(xscale="log", yscale="log", xlabel="number of target models", ylabel="total time (min)",
-           title=f"Figure 1: QAT vs Gen ({arch}, {task})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="number of target models",
+        ylabel="total time (min)",
+        title=f"Figure 1: QAT vs Gen ({arch}, {task})",
+    )
     ax.legend(fontsize=6.5, ncol=1)
     ax.grid(alpha=0.3, which="both")
     return fig
 
 
 def figure3(runs: pd.DataFrame, arch: str, task: str):
-    """Accuracy at every (bits, granularity) for Gen and the data-free quantizers, one panel per split."""
+    """Accuracy at every (bits, granularity) for Gen and the data-free quantizers, one panel per
+    split."""
     shown = ["ptq", "rtn-asym", "mse-clip", "hqq", "gen", "ptq+qwt", "hqq+qwt", "gen+qwt"]
     sel = runs[(runs.arch == arch) & (runs.task == task) & runs.method.isin(shown)].copy()
     sel["method"] = sel.method.map(methods.label)
     sel["split"] = sel.split.map(SPLIT_LABELS)
-    grid = sns.relplot(data=sel, x="bits", y="accuracy", hue="method", style="granularity", col="split", kind="line",
-                       markers=True, errorbar="sd", height=3.2, aspect=1.0, facet_kws={"sharey": True})
+    grid = sns.relplot(
+        data=sel,
+        x="bits",
+        y="accuracy",
+        hue="method",
+        style="granularity",
+        col="split",
+        kind="line",
+        markers=True,
+        errorbar="sd",
+        height=3.2,
+        aspect=1.0,
+        facet_kws={"sharey": True},
+    )
     grid.set_titles("{col_name}")
     grid.figure.suptitle(f"Figure 3: bits x granularity ({arch}, {task})", y=1.03)
     return grid.figure
 
 
 def gen_minus_ptq_figure(diff: pd.DataFrame):
-    """Paired Gen − PTQ per checkpoint (`paired_difference` rows) against bits, one panel per granularity,
-    the three splits side by side in their protocol order."""
+    """Paired Gen − PTQ per checkpoint (`paired_difference` rows) against bits, one panel per
+    granularity, the three splits side by side in their protocol order."""
     diff = diff.assign(split=diff.split.map(SPLIT_LABELS))
     grans = [g for g in ("group", "channel") if g in set(diff.granularity)]
-    fig, axes = plt.subplots(1, len(grans), figsize=(6.5 * len(grans), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(grans), figsize=(6.5 * len(grans), 3.6), squeeze=False, sharey=True
+    )
     for ax, gran in zip(axes[0], grans):
         sel = diff[diff.granularity == gran]
-        sns.boxplot(data=sel, x="bits", y="accuracy", hue="split", hue_order=list(SPLIT_LABELS.values()),
-                    order=sorted(sel.bits.unique()), fliersize=2, ax=ax)
+        sns.boxplot(
+            data=sel,
+            x="bits",
+            y="accuracy",
+            hue="split",
+            hue_order=list(SPLIT_LABELS.values()),
+            order=sorted(sel.bits.unique()),
+            fliersize=2,
+            ax=ax,
+        )
         ax.axhline(0, color="k", lw=0.8)
         ax.set(title=f"{gran}-wise", xlabel="bits", ylabel="Gen − PTQ, same checkpoint (points)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, title=None)
-    fig.suptitle("Where Gen wins (> 0) and loses (< 0) against PTQ, every generator of Tables 1-3 and Figure 3")
+    fig.suptitle(
+        "Where Gen wins (> 0) and loses (< 0) against PTQ, every generator of Tables 1-3 and "
+        "Figure 3"
+    )
     fig.tight_layout()
     return fig
 
@@ -208,26 +353,38 @@ def gen_minus_ptq_figure(diff: pd.DataFrame):
 QWT_METHODS = methods.shown_with_qwt()
 
 
-def qwt_table(runs: pd.DataFrame, profile: dict, commit: str, split: str = "heldout_run") -> tuple[pd.DataFrame, str]:
-    """PTQ, HQQ and Gen with and without QwT on `split` (all splits in the CSV), with the paired gains of QwT and
-    the fair comparisons: Gen against PTQ (both data-free), Gen + QwT against PTQ + QwT (both calibrated)."""
+def qwt_table(
+    runs: pd.DataFrame, profile: dict, commit: str, split: str = "heldout_run"
+) -> tuple[pd.DataFrame, str]:
+    """PTQ, HQQ and Gen with and without QwT on `split` (all splits in the CSV), with the paired
+    gains of QwT and the fair comparisons: Gen against PTQ (both data-free), Gen + QwT against PTQ +
+    QwT (both calibrated)."""
     sel = runs[runs.method.isin(QWT_METHODS)]
     pairs = [("ptq+qwt", "ptq"), ("hqq+qwt", "hqq"), ("gen+qwt", "gen"), ("gen+qwt", "ptq+qwt")]
     diffs = pd.concat([paired_difference(sel, a, b) for a, b in pairs], ignore_index=True)
     tidy = summarize(pd.concat([sel, diffs], ignore_index=True), "qwt", profile, commit)
     seconds = sel.groupby("method").seconds.mean()
     shown = tidy[tidy.split == split].assign(
-        spec=spec_label, column=lambda d: d.method.map(methods.label),
-        cell=lambda d: [cell(v, s) for v, s in zip(d.value, d["std"])])
-    wide = shown.pivot_table(index=["task", "arch", "spec"], columns="column", values="cell", aggfunc="first", sort=False)
+        spec=spec_label,
+        column=lambda d: d.method.map(methods.label),
+        cell=lambda d: [cell(v, s) for v, s in zip(d.value, d["std"])],
+    )
+    wide = shown.pivot_table(
+        index=["task", "arch", "spec"], columns="column", values="cell", aggfunc="first", sort=False
+    )
     order = [methods.label(m) for m in [*QWT_METHODS, *(f"{a}-{b}" for a, b in pairs)]]
     wide = wide[[c for c in order if c in wide.columns]].reset_index()
     images = (profile.get("qwt") or {}).get("images", qwt.IMAGES)
-    notes = [f"{SPLIT_LABELS[split]}; top-1 %, mean ± std over checkpoints; differences paired on the same checkpoints.",
-             f"QwT fits one linear layer per block in closed form on {images} training images of the task (never its test "
-             "images), on top of each method's file, with its fp32 checkpoint as the reference: it needs data and the "
-             "full-precision weights, which PTQ, HQQ and Gen do not. The fair comparisons: Gen against PTQ / HQQ, "
-             "Gen + QwT against PTQ + QwT.",
-             "Seconds per model (this machine, mean): " + ", ".join(f"{methods.label(m)} {seconds[m]:.3f}" for m in QWT_METHODS
-                                                                  if m in seconds) + ".", generator_note(profile)]
+    notes = [
+        f"{SPLIT_LABELS[split]}; top-1 %, mean ± std over checkpoints; differences paired on the "
+        "same checkpoints.",
+        f"QwT fits one linear layer per block in closed form on {images} training images of the "
+        "task (never its test images), on top of each method's file, with its fp32 checkpoint as "
+        "the reference: it needs data and the full-precision weights, which PTQ, HQQ and Gen do "
+        "not. The fair comparisons: Gen against PTQ / HQQ, Gen + QwT against PTQ + QwT.",
+        "Seconds per model (this machine, mean): "
+        + ", ".join(f"{methods.label(m)} {seconds[m]:.3f}" for m in QWT_METHODS if m in seconds)
+        + ".",
+        generator_note(profile),
+    ]
     return tidy, markdown(wide, "QwT on top of PTQ, HQQ and Gen", notes)

@@ -1,4 +1,5 @@
-"""The profile schema: the committed profiles pass unchanged, bad ones are refused before anything runs."""
+"""The profile schema: the committed profiles pass unchanged, bad ones are refused before anything
+runs."""
 
 import dataclasses
 import inspect
@@ -13,7 +14,8 @@ from qg.generator.diffusion import DiffusionHead
 from qg.generator.model import GeneratorConfig
 from qg.generator.tokenizer import Tokenizer
 from qg.generator.train import TrainConfig
-from qg.study.collect import QATSpec, TrainSpec
+from qg.study.collect import QATSpec
+from qg.study.training import TrainSpec
 
 
 def _fields(cls) -> set[str]:
@@ -24,19 +26,40 @@ def _fields(cls) -> set[str]:
 def test_committed_profiles_validate_unchanged(name):
     raw = yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())
     checked = schema.validated(raw, name)
-    assert params_key(checked) == params_key(raw)  # nothing added, no 3 -> 3.0: the cache keys stay what the file says
+    # nothing added, no 3 -> 3.0: the cache keys stay what the file says
+    assert params_key(checked) == params_key(raw)
     assert params_key(checked["pretrain"] or {}) == params_key(raw["pretrain"] or {})
 
 
 def test_blocks_mirror_the_code_they_configure():
     assert set(schema.TrainBlock.model_fields) == _fields(TrainConfig) - {"seed"}
-    assert set(schema.GeneratorBlock.model_fields) == _fields(GeneratorConfig) - {"token_size", "n_tokens", "conditions",
-                                                                                   "target", "fp_input", "cond_bits"}
-    fit = set(inspect.signature(Tokenizer.fit).parameters) - {"cls", "fp_checkpoints", "quantized", "seed"}
+    assert set(schema.GeneratorBlock.model_fields) == _fields(GeneratorConfig) - {
+        "token_size",
+        "n_tokens",
+        "conditions",
+        "target",
+        "fp_input",
+        "cond_bits",
+    }
+    fit = set(inspect.signature(Tokenizer.fit).parameters) - {
+        "cls",
+        "fp_checkpoints",
+        "quantized",
+        "seed",
+    }
     assert set(schema.TokenizerBlock.model_fields) == fit
     assert set(schema.TrainRun.model_fields) == _fields(TrainSpec)
-    assert set(schema.Qat.model_fields) == _fields(QATSpec) | {"bits", "granularity", "archs", "tasks"}
-    head = set(inspect.signature(DiffusionHead.__init__).parameters) - {"self", "token_size", "cond_dim"}
+    assert set(schema.Qat.model_fields) == _fields(QATSpec) | {
+        "bits",
+        "granularity",
+        "archs",
+        "tasks",
+    }
+    head = set(inspect.signature(DiffusionHead.__init__).parameters) - {
+        "self",
+        "token_size",
+        "cond_dim",
+    }
     assert set(schema.DiffusionBlock.model_fields) == head
 
 
@@ -52,19 +75,25 @@ def _smoke_with(tmp_path, edit):
     return _write(tmp_path, yaml.safe_dump(raw))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: p["train"].update(stpes=5), r"train\.stpes: unknown key; did you mean `steps`\?"),
-    (lambda p: p.update(trian=p.pop("train")), r"trian: unknown key; did you mean `train`\?"),
-    (lambda p: p["train"].update(steps=-5), r"train\.steps: .*greater than or equal to 1"),
-    (lambda p: p["train"].update(steps=0), r"train\.steps"),
-    (lambda p: p["checkpoints"].update(n=-3), r"checkpoints\.n"),
-    (lambda p: p["pretrain"].update(epochs=-1), r"pretrain\.epochs: .*greater than 0"),
-    (lambda p: p["quant"].update(group_size=0), r"quant\.group_size"),
-    (lambda p: p["table1"].update(bits=[8, 9]), r"table1\.bits\.1: .*less than or equal to 8"),
-    (lambda p: p["train"].update(steps="forty"), r"train\.steps: .*valid integer"),
-    (lambda p: p["generator"].update(backbone="gru"), r"generator\.backbone"),
-    (lambda p: p.pop("eval"), r"eval: missing"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda p: p["train"].update(stpes=5),
+            r"train\.stpes: unknown key; did you mean `steps`\?",
+        ),
+        (lambda p: p.update(trian=p.pop("train")), r"trian: unknown key; did you mean `train`\?"),
+        (lambda p: p["train"].update(steps=-5), r"train\.steps: .*greater than or equal to 1"),
+        (lambda p: p["train"].update(steps=0), r"train\.steps"),
+        (lambda p: p["checkpoints"].update(n=-3), r"checkpoints\.n"),
+        (lambda p: p["pretrain"].update(epochs=-1), r"pretrain\.epochs: .*greater than 0"),
+        (lambda p: p["quant"].update(group_size=0), r"quant\.group_size"),
+        (lambda p: p["table1"].update(bits=[8, 9]), r"table1\.bits\.1: .*less than or equal to 8"),
+        (lambda p: p["train"].update(steps="forty"), r"train\.steps: .*valid integer"),
+        (lambda p: p["generator"].update(backbone="gru"), r"generator\.backbone"),
+        (lambda p: p.pop("eval"), r"eval: missing"),
+    ],
+)
 def test_bad_profiles_are_refused_with_the_key(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         load_profile(_smoke_with(tmp_path, edit))
@@ -72,14 +101,25 @@ def test_bad_profiles_are_refused_with_the_key(tmp_path, edit, message):
 
 def test_yaml_ambiguities_are_coerced(tmp_path):
     # YAML 1.1 reads 3e-3 as a string; a quoted count is a count
-    path = _write(tmp_path, (ROOT / "params" / "smoke.yaml").read_text().replace("lr: 0.003", "lr: 3e-3")
-                  .replace("steps: 40, batch_size: 4", 'steps: "40", batch_size: 4'))
+    path = _write(
+        tmp_path,
+        (ROOT / "params" / "smoke.yaml")
+        .read_text()
+        .replace("lr: 0.003", "lr: 3e-3")
+        .replace("steps: 40, batch_size: 4", 'steps: "40", batch_size: 4'),
+    )
     P = load_profile(path)
     assert P["train"]["lr"] == 0.003 and P["train"]["steps"] == 40
 
 
-@pytest.mark.parametrize("text, message", [("", "YAML mapping"), ("- a\n- b\n", "YAML mapping.*got list"),
-                                           ("train: {steps: [\n", "not valid YAML")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "YAML mapping"),
+        ("- a\n- b\n", "YAML mapping.*got list"),
+        ("train: {steps: [\n", "not valid YAML"),
+    ],
+)
 def test_empty_list_or_broken_yaml(tmp_path, text, message):
     with pytest.raises(ValueError, match=message):
         load_profile(_write(tmp_path, text))
@@ -95,7 +135,11 @@ def test_overrides_are_validated_by_the_same_schema():
 
 def test_readme_reference_is_the_schema():
     readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- profile reference: python -m qg.config.schema -->\n", "<!-- end of profile reference -->"
+    start, end = (
+        "<!-- profile reference: python -m qg.config.schema -->\n",
+        "<!-- end of profile reference -->",
+    )
     assert start in readme and end in readme, "README lacks the generated profile reference"
     assert readme.split(start)[1].split(end)[0].strip() == schema.reference_markdown().strip(), (
-        "README's profile reference is stale: paste the output of `python -m qg.config.schema`")
+        "README's profile reference is stale: paste the output of `python -m qg.config.schema`"
+    )

@@ -1,4 +1,5 @@
-"""The cache rule: artifacts are made once, their hash recorded, and rebuilt when damaged instead of trusted."""
+"""The cache rule: artifacts are made once, their hash recorded, and rebuilt when damaged instead of
+trusted."""
 
 import os
 import time
@@ -16,11 +17,13 @@ from qg.core.io import (
     save_safetensors,
     verified,
 )
-from qg.generator.model import Generator, GeneratorConfig, QuantGen
+from qg.generator.directory import QuantGen
+from qg.generator.model import Generator, GeneratorConfig
+from qg.generator.pairs import TokenPairs
 from qg.generator.tokenizer import Tokenizer
-from qg.generator.train import TokenPairs, TrainConfig, _resume, fit_generator
+from qg.generator.train import TrainConfig, _resume, fit_generator
 from qg.quant.quantizer import QuantSpec, quantize_state_dict
-from qg.study.collect import TrainSpec, train_model
+from qg.study.training import TrainSpec, train_model
 from qg.targets.models import ModelSpec
 
 
@@ -28,6 +31,7 @@ def _maker(calls):
     def make(path):
         calls.append(path)
         save_safetensors({"x": torch.arange(1000.0)}, path)
+
     return make
 
 
@@ -43,7 +47,8 @@ def test_cached_makes_once_and_rebuilds_damaged_files(tmp_path, capsys):
     assert (tmp_path / ("a.safetensors" + HASH_SUFFIX)).is_file()
     cached(out, _maker(calls))
     assert len(calls) == 1  # a good file is read back
-    _flip(out, at=len(out.read_bytes()) - 7)  # one flipped byte inside the tensor data: still a readable file
+    # one flipped byte inside the tensor data: still a readable file
+    _flip(out, at=len(out.read_bytes()) - 7)
     read_safetensors(out)
     cached(out, _maker(calls))
     assert len(calls) == 2 and "does not match its recorded hash" in capsys.readouterr().err
@@ -58,7 +63,8 @@ def test_cached_makes_once_and_rebuilds_damaged_files(tmp_path, capsys):
 
 def test_files_from_before_hashes_are_adopted(tmp_path):
     out, calls = tmp_path / "old.safetensors", []
-    save_safetensors({"x": torch.ones(3)}, out)  # written without a hash, as caches made before hashing were
+    # written without a hash, as caches made before hashing were
+    save_safetensors({"x": torch.ones(3)}, out)
     cached(out, _maker(calls))
     assert not calls and verified(out) and (tmp_path / ("old.safetensors" + HASH_SUFFIX)).is_file()
 
@@ -85,25 +91,39 @@ def test_a_run_that_lost_a_checkpoint_is_trained_again(tmp_path, capsys):
     first, meta = read_safetensors(paths[1])
     paths[1].unlink()
     again, _ = train_model(spec, run, None, 0, tmp_path, n_checkpoints=2)
-    tensors, meta_again = read_safetensors(again[1])  # (safetensors orders metadata keys at random: not the bytes)
-    assert again == paths and meta_again == meta and all(torch.equal(first[k], tensors[k]) for k in first)  # seeded
+    # (safetensors orders metadata keys at random: not the bytes)
+    tensors, meta_again = read_safetensors(again[1])
+    # seeded
+    assert (
+        again == paths
+        and meta_again == meta
+        and all(torch.equal(first[k], tensors[k]) for k in first)
+    )
     assert "lost a checkpoint" in capsys.readouterr().err
 
 
-def test_a_damaged_generator_is_not_loaded_and_a_truncated_training_state_restarts(tmp_path, capsys):
+def test_a_damaged_generator_is_not_loaded_and_a_truncated_training_state_restarts(
+    tmp_path, capsys
+):
     spec = QuantSpec(4, "group", 16)
     sds = checkpoints(TINY_VIT, 2)
     qs = {spec: [quantize_state_dict(sd, spec) for sd in sds]}
     tok = Tokenizer.fit(sds, qs, 64)
-    cfg = GeneratorConfig(token_size=64, n_tokens=tok.shape[0], d_state=16, headdim=16, chunk_size=32)
+    cfg = GeneratorConfig(
+        token_size=64, n_tokens=tok.shape[0], d_state=16, headdim=16, chunk_size=32
+    )
     data, train_cfg = TokenPairs.build(tok, sds, qs), TrainConfig(steps=4, ckpt_every=2)
     fit_generator(tok, data, cfg, train_cfg, tmp_path)
     assert QuantGen.complete(tmp_path)
     _flip(tmp_path / "generator.safetensors", at=-5)
-    assert not QuantGen.complete(tmp_path) and "generator.safetensors does not match" in capsys.readouterr().err
+    assert (
+        not QuantGen.complete(tmp_path)
+        and "generator.safetensors does not match" in capsys.readouterr().err
+    )
     state = tmp_path / "train_state.pt"
     state.write_bytes(state.read_bytes()[:200])
-    net = Generator.for_tokenizer(cfg, tok)  # a damaged resume point is only a resume point: start over, warned
+    # a damaged resume point is only a resume point: start over, warned
+    net = Generator.for_tokenizer(cfg, tok)
     opt = torch.optim.AdamW(net.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     assert _resume(state, net, opt, sched, train_cfg, "cpu") == (0, [], 0.0)
@@ -111,8 +131,9 @@ def test_a_damaged_generator_is_not_loaded_and_a_truncated_training_state_restar
 
 
 def test_caches_know_the_data_they_were_computed_from(tmp_path, monkeypatch, capsys):
-    """Wrong test labels, then the right ones under the same file names: the cached score is computed again;
-    other training data under the same names retrains the run (both were kept before), within one process."""
+    """Wrong test labels, then the right ones under the same file names: the cached score is
+    computed again; other training data under the same names retrains the run (both were kept
+    before), within one process."""
     import numpy as np
     from fakes import write_fashion_mnist, write_idx
 
@@ -129,14 +150,16 @@ def test_caches_know_the_data_they_were_computed_from(tmp_path, monkeypatch, cap
     pred, labels = scorer.predictions(ckpt)
     wrong = (labels + 1) % 10
     write_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz", wrong.numpy().astype(np.uint8))
-    # the same process (a notebook kernel that outlives a rerun of the data): its memos see the new files
+    # the same process (a notebook kernel that outlives a rerun of the data): its memos see the new
+    # files
     _, labels_now = Scorer({"eval": {"test_subset": None}, "seed": 0}).predictions(ckpt)
     assert torch.equal(labels_now, wrong) and "inputs that have changed" in capsys.readouterr().err
 
     run = TrainSpec("fashion_mnist", epochs=1, lr=1e-3, batch_size=16)
     first, _ = train_model(spec, run, None, 0, tmp_path / "runs", n_checkpoints=1)
     before = read_safetensors(first[0])[0]["head.weight"]
-    write_fashion_mnist(tmp_path / "data", n_train=64, n_test=40, seed=1)  # other images, same names
+    # other images, same names
+    write_fashion_mnist(tmp_path / "data", n_train=64, n_test=40, seed=1)
     again, _ = train_model(spec, run, None, 0, tmp_path / "runs", n_checkpoints=1)
     assert "trained on other fashion_mnist data" in capsys.readouterr().err and again == first
     assert not torch.equal(before, read_safetensors(again[0])[0]["head.weight"])
@@ -147,7 +170,10 @@ def test_verify_reports_damaged_artifacts_and_changes_nothing(tmp_path, monkeypa
 
     monkeypatch.setenv("QG_OUTPUT", str(tmp_path))
     root = tmp_path / "artifacts" / "smoke"
-    good, bad = cached(root / "a.safetensors", _maker([])), cached(root / "sub" / "b.safetensors", _maker([]))
+    good, bad = (
+        cached(root / "a.safetensors", _maker([])),
+        cached(root / "sub" / "b.safetensors", _maker([])),
+    )
     assert pipeline.verify("smoke") == 0
     _flip(bad, at=-3)
     before = bad.read_bytes()
@@ -155,7 +181,11 @@ def test_verify_reports_damaged_artifacts_and_changes_nothing(tmp_path, monkeypa
         pipeline.main(["--profile", "smoke", "--verify"])
     assert err.value.code == 1
     out = capsys.readouterr().out
-    assert "damaged: sub/b.safetensors" in out and "2 cached artifacts" in out and "a.safetensors" not in out.split("\n")[0]
+    assert (
+        "damaged: sub/b.safetensors" in out
+        and "2 cached artifacts" in out
+        and "a.safetensors" not in out.split("\n")[0]
+    )
     assert bad.read_bytes() == before and good.is_file()
 
 
@@ -168,8 +198,8 @@ def test_an_empty_sidecar_or_a_file_its_reader_refuses_is_rebuilt(tmp_path, caps
     (tmp_path / ("a.safetensors" + HASH_SUFFIX)).write_text("")
     cached(out, _maker(calls))
     assert len(calls) == 2 and "does not match its recorded hash" in capsys.readouterr().err
-    # a symmetric file with a non-zero zero point, as generators wrote (in format version 1) before Z = 0 was
-    # enforced: adopted by its hash (no sidecar), refused by its reader, so remade
+    # a symmetric file with a non-zero zero point, as generators wrote (in format version 1) before
+    # Z = 0 was enforced: adopted by its hash (no sidecar), refused by its reader, so remade
     spec = QuantSpec(4, "group", 16)
     old = quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec)
     name = next(k for k, v in old.items() if hasattr(v, "codes"))
@@ -179,13 +209,23 @@ def test_an_empty_sidecar_or_a_file_its_reader_refuses_is_rebuilt(tmp_path, caps
     with pytest.raises(CorruptFileError):
         read_quantized(path)
     fixed = []
-    cached(path, lambda p: fixed.append(save_quantized(p, quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec), spec, {})),
-           check=read_quantized)
-    assert fixed and "is not what its reader accepts" in capsys.readouterr().err and read_quantized(path)
+    cached(
+        path,
+        lambda p: fixed.append(
+            save_quantized(p, quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec), spec, {})
+        ),
+        check=read_quantized,
+    )
+    assert (
+        fixed
+        and "is not what its reader accepts" in capsys.readouterr().err
+        and read_quantized(path)
+    )
 
 
 def test_a_cached_version_1_file_is_remade_packed_with_the_same_model(tmp_path, capsys):
-    """The pipeline's check (`read_current`) remakes a good version-1 file in version 2; a plain read keeps it."""
+    """The pipeline's check (`read_current`) remakes a good version-1 file in version 2; a plain
+    read keeps it."""
     from qg.quant.fileformat import format_version, read_current, read_quantized, save_quantized
 
     spec = QuantSpec(3, "group", 16)
@@ -194,24 +234,42 @@ def test_a_cached_version_1_file_is_remade_packed_with_the_same_model(tmp_path, 
     _version_1_file(path, qsd, spec)
     assert verified(path, check=read_quantized) and format_version(path) == "1"
     cached(path, lambda p: save_quantized(p, qsd, spec, {}), check=read_current)
-    assert format_version(path) == "2" and "is in format version 1, not 2" in capsys.readouterr().err
+    assert (
+        format_version(path) == "2" and "is in format version 1, not 2" in capsys.readouterr().err
+    )
     back = read_quantized(path)[0]
-    assert all(torch.equal(back[k].codes, q.codes) and torch.equal(back[k].scale, q.scale)
-               for k, q in qsd.items() if hasattr(q, "codes"))
+    assert all(
+        torch.equal(back[k].codes, q.codes) and torch.equal(back[k].scale, q.scale)
+        for k, q in qsd.items()
+        if hasattr(q, "codes")
+    )
     _version_1_file(tmp_path / "v1.safetensors", qsd, spec)
-    assert path.stat().st_size < 0.6 * (tmp_path / "v1.safetensors").stat().st_size  # 3-bit packed against int8
+    # 3-bit packed against int8
+    assert path.stat().st_size < 0.6 * (tmp_path / "v1.safetensors").stat().st_size
 
 
 def _version_1_file(path, qsd, spec):
-    """A quantized file as qg wrote it before bit-packing (format version 1: int8 codes, Z always stored)."""
+    """A quantized file as qg wrote it before bit-packing (format version 1: int8 codes, Z always
+    stored)."""
     import json
 
     from qg.quant.quantizer import QTensor
+
     tensors = {}
     for name, v in qsd.items():
         if isinstance(v, QTensor):
-            tensors.update({f"{name}.qweight": v.codes, f"{name}.scale": v.scale, f"{name}.zero": v.zero})
+            tensors.update(
+                {f"{name}.qweight": v.codes, f"{name}.scale": v.scale, f"{name}.zero": v.zero}
+            )
         else:
             tensors[name] = v
-    save_safetensors(tensors, path, {"format": "qg-quantized", "format_version": "1", "spec": json.dumps(spec.to_dict()),
-                                     "meta": "{}"})
+    save_safetensors(
+        tensors,
+        path,
+        {
+            "format": "qg-quantized",
+            "format_version": "1",
+            "spec": json.dumps(spec.to_dict()),
+            "meta": "{}",
+        },
+    )

@@ -55,7 +55,8 @@ def test_q_sample_at_t0_is_x0():
     g = gen(0)
     x0, noise = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
     xt = head.q_sample(x0, torch.zeros(6, dtype=torch.long), noise)
-    assert (xt - x0).abs().max() <= 0.0101 * (x0.abs() + noise.abs()).max()  # sqrt(1 - abar_0) = 0.01
+    # sqrt(1 - abar_0) = 0.01
+    assert (xt - x0).abs().max() <= 0.0101 * (x0.abs() + noise.abs()).max()
     xT = head.q_sample(x0, torch.full((6,), 999), noise)
     assert (xT - noise).abs().max() <= 0.01 * (x0.abs() + noise.abs()).max()  # sqrt(abar_T) < 0.01
 
@@ -75,8 +76,9 @@ def test_masked_loss_ignores_masked_positions():
     changed = x0.clone()
     changed[~mask] = 1000.0
     assert head.loss(x0, cond, mask, rng=gen(3)) == head.loss(changed, cond, mask, rng=gen(3))
-    assert head.loss(x0, cond, mask, n_tokens=3, rng=gen(3)) == head.loss(changed, cond, mask, n_tokens=3,
-                                                                                rng=gen(3))
+    assert head.loss(x0, cond, mask, n_tokens=3, rng=gen(3)) == head.loss(
+        changed, cond, mask, n_tokens=3, rng=gen(3)
+    )
     assert head.loss(x0, cond, rng=gen(3)) != head.loss(changed, cond, rng=gen(3))
 
 
@@ -103,7 +105,8 @@ def test_sampling_is_deterministic_given_a_generator():
 
 def test_state_dict_round_trips_strictly():
     head = small_head(n_steps=100)
-    head.loss(torch.randn(1, 4, 24), torch.randn(1, 4, 12)).backward()  # moves BatchNorm's running stats
+    # moves BatchNorm's running stats
+    head.loss(torch.randn(1, 4, 24), torch.randn(1, 4, 12)).backward()
     other = small_head(n_steps=100)
     torch.nn.init.normal_(other.net.cond_proj.weight)
     other.load_state_dict(head.state_dict(), strict=True)
@@ -112,13 +115,14 @@ def test_state_dict_round_trips_strictly():
 
 
 def test_tiny_head_overfits_four_tokens():
-    """Four fixed targets, each with its own fixed condition: after training, DDIM sampling from those
-    conditions must land on the right target (chance: a fresh N(0, I) draw is ~sqrt(2) relative error away,
-    and lands nearest its own target one time in four)."""
+    """Four fixed targets, each with its own fixed condition: after training, DDIM sampling from
+    those conditions must land on the right target (chance: a fresh N(0, I) draw is ~sqrt(2)
+    relative error away, and lands nearest its own target one time in four)."""
     g = gen(0)
     x0, cond = torch.randn(1, 4, 16, generator=g), torch.randn(1, 4, 16, generator=g)
     torch.manual_seed(0)
-    head = DiffusionHead(16, 16, channels=(1, 16, 32, 64, 32, 16, 1))  # RPG's depth at half width, for speed
+    # RPG's depth at half width, for speed
+    head = DiffusionHead(16, 16, channels=(1, 16, 32, 64, 32, 16, 1))
     steps, copies = 800, 16  # each step sees every target 16 times, at 16 random timesteps
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -138,5 +142,6 @@ def test_tiny_head_overfits_four_tokens():
     rel = (out - x0).norm(dim=-1) / x0.norm(dim=-1)  # (draws, 4)
     assert rel.median(0).values.max() < 0.3, rel
     assert (rel < 0.3).float().mean() >= 0.75, rel
-    nearest = torch.cdist(out, x0.expand(draws, -1, -1)).argmin(-1)  # which target each sample lands on
+    # which target each sample lands on
+    nearest = torch.cdist(out, x0.expand(draws, -1, -1)).argmin(-1)
     assert (nearest == torch.arange(4)).float().mean() >= 0.9, nearest

@@ -6,19 +6,25 @@ import sys
 import pytest
 import torch
 
-from qg.generator.model import Generator, GeneratorConfig, QuantGen
+from qg.generator.directory import QuantGen
+from qg.generator.model import Generator, GeneratorConfig
+from qg.generator.pairs import TokenPairs
 from qg.generator.tokenizer import Tokenizer
-from qg.generator.train import TokenPairs, TrainConfig, fit_generator, train
+from qg.generator.train import TrainConfig, fit_generator, train
 from qg.quant.fileformat import load_quantized, save_quantized
 from qg.quant.quantizer import QTensor, QuantSpec, quantize_state_dict
 
 SPEC = QuantSpec(8, "group", group_size=16)
 
 
-def tiny_checkpoints(n, seed=0, shapes=(("a.weight", (16, 24)), ("a.bias", (16,)), ("b.weight", (8, 16)))):
+def tiny_checkpoints(
+    n, seed=0, shapes=(("a.weight", (16, 24)), ("a.bias", (16,)), ("b.weight", (8, 16)))
+):
     g = torch.Generator().manual_seed(seed)
     base = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes}
-    return [{k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    return [
+        {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)
+    ]
 
 
 def tiny_data(specs=(SPEC,), n=2, token_size=32, conditional=False):
@@ -29,7 +35,14 @@ def tiny_data(specs=(SPEC,), n=2, token_size=32, conditional=False):
 
 
 def tiny_config(tok, **kw):
-    base = dict(token_size=tok.shape[1], n_tokens=tok.shape[0], d_state=8, headdim=16, chunk_size=8, n_heads=2)
+    base = dict(
+        token_size=tok.shape[1],
+        n_tokens=tok.shape[0],
+        d_state=8,
+        headdim=16,
+        chunk_size=8,
+        n_heads=2,
+    )
     return GeneratorConfig(**{**base, **kw})
 
 
@@ -38,7 +51,9 @@ def test_overfits_tiny_pairs(tmp_path, backbone):
     tok, data, _ = tiny_data()
     torch.manual_seed(0)
     model = Generator(tiny_config(tok, backbone=backbone), tok.layout.positions())
-    rec = train(model, data, TrainConfig(steps=400, batch_size=2, lr=3e-3, ckpt_every=1000), tmp_path)
+    rec = train(
+        model, data, TrainConfig(steps=400, batch_size=2, lr=3e-3, ckpt_every=1000), tmp_path
+    )
     losses = [float(r.split(",")[1]) for r in (tmp_path / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 400 and rec["steps"] == 400
     assert losses[0] / min(losses[-10:]) > 100, (losses[0], losses[-10:])
@@ -78,15 +93,22 @@ def test_resume_is_exact(tmp_path):
     train(resumed, data, cfg, tmp_path / "resumed")
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
-    assert (tmp_path / "full" / "loss.csv").read_text() == (tmp_path / "resumed" / "loss.csv").read_text()
+    assert (tmp_path / "full" / "loss.csv").read_text() == (
+        tmp_path / "resumed" / "loss.csv"
+    ).read_text()
 
 
 def test_conditional_generator_and_quantize_end_to_end(tmp_path):
     specs = (QuantSpec(4, "group", 16), QuantSpec(8, "channel"))
     tok, data, sds = tiny_data(specs, conditional=True)
     assert data.conditions == [s.name for s in specs] and len(data) == 4
-    qg = fit_generator(tok, data, tiny_config(tok, conditions=data.conditions),
-                       TrainConfig(steps=5, batch_size=2, ckpt_every=5), tmp_path / "gen")
+    qg = fit_generator(
+        tok,
+        data,
+        tiny_config(tok, conditions=data.conditions),
+        TrainConfig(steps=5, batch_size=2, ckpt_every=5),
+        tmp_path / "gen",
+    )
     loaded = QuantGen.load(tmp_path / "gen")
     assert loaded.record["steps"] == 5 and loaded.record["train_seconds"] > 0
     for spec in specs:
@@ -108,7 +130,9 @@ def test_conditional_generator_and_quantize_end_to_end(tmp_path):
 
 def test_bad_inputs_are_clear(tmp_path):
     tok, data, sds = tiny_data()
-    qg = fit_generator(tok, data, tiny_config(tok), TrainConfig(steps=2, batch_size=2), tmp_path / "gen")
+    qg = fit_generator(
+        tok, data, tiny_config(tok), TrainConfig(steps=2, batch_size=2), tmp_path / "gen"
+    )
     # A checkpoint of another architecture.
     other = tiny_checkpoints(1, shapes=(("a.weight", (16, 24)), ("c.weight", (4, 4))))[0]
     with pytest.raises(ValueError, match="does not match the tokenizer layout"):
@@ -137,14 +161,30 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path):
     tok, data, _ = tiny_data(n=4)
     tok.save(tmp_path / "data")
     data.save(tmp_path / "data" / "pairs.safetensors")
-    overrides = {"generator": {"d_state": 8, "headdim": 16, "chunk_size": 8},
-                 "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "ckpt_every": 3}}
+    overrides = {
+        "generator": {"d_state": 8, "headdim": 16, "chunk_size": 8},
+        "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "ckpt_every": 3},
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(overrides))
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     for nproc, out in ((2, "ddp"), (1, "single")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-               "-m", "qg.generator.train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / out),
-               "--config", str(tmp_path / "cfg.json"), "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--standalone",
+            "-m",
+            "qg.generator.train",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / out),
+            "--config",
+            str(tmp_path / "cfg.json"),
+            "--device",
+            "cpu",
+        ]
         run = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
     ddp, single = QuantGen.load(tmp_path / "ddp"), QuantGen.load(tmp_path / "single")
@@ -155,7 +195,8 @@ def test_torchrun_data_parallel_matches_one_process(tmp_path):
 
 @pytest.mark.parametrize("skip", ["add", "gain"])
 def test_skip_generator_starts_as_its_input_on_weights(tmp_path, skip):
-    """With a skip and a zeroed output layer, the prediction is the fp weight tokens (padding not copied)."""
+    """With a skip and a zeroed output layer, the prediction is the fp weight tokens (padding not
+    copied)."""
     tok, data, _ = tiny_data()
     model = Generator.for_tokenizer(tiny_config(tok, skip=skip), tok)
     torch.nn.init.zeros_(model.proj_out.weight)
@@ -170,9 +211,17 @@ def test_skip_generator_starts_as_its_input_on_weights(tmp_path, skip):
         tiny_config(tok, skip=skip, head="diffusion")
     with pytest.raises(ValueError, match="skip must be one of"):
         tiny_config(tok, skip="mul")
-    rec = fit_generator(tok, data, tiny_config(tok, skip=skip), TrainConfig(steps=3, batch_size=2, ckpt_every=10), tmp_path)
+    rec = fit_generator(
+        tok,
+        data,
+        tiny_config(tok, skip=skip),
+        TrainConfig(steps=3, batch_size=2, ckpt_every=10),
+        tmp_path,
+    )
     back = QuantGen.load(tmp_path)
-    assert back.model.cfg.skip == skip and torch.equal(back.model.generate(x, base=base), rec.model.generate(x, base=base))
+    assert back.model.cfg.skip == skip and torch.equal(
+        back.model.generate(x, base=base), rec.model.generate(x, base=base)
+    )
 
 
 def test_log_scale_tokens_round_trip_and_segment_weights():
@@ -187,14 +236,18 @@ def test_log_scale_tokens_round_trip_and_segment_weights():
     mask = tok.loss_mask(SPEC)
     assert torch.equal(element, mask.float()) and torch.equal(segment > 0, mask)
     assert segment[mask].mean().item() == pytest.approx(1)
-    totals = [segment.view(-1)[s.start * 32: s.start * 32 + tok.layout.numel(s, SPEC)].sum().item() for s in tok.layout.segments]
+    totals = [
+        segment.view(-1)[s.start * 32 : s.start * 32 + tok.layout.numel(s, SPEC)].sum().item()
+        for s in tok.layout.segments
+    ]
     assert max(totals) == pytest.approx(min(totals))  # every (layer, kind) segment weighs the same
     with pytest.raises(ValueError, match="loss weighting"):
         tok.loss_weights(SPEC, "balanced")
 
 
 def test_a_run_saved_before_new_settings_existed_resumes(tmp_path):
-    """A train_state.pt whose stored settings lack fields added later (skip, loss_weighting) still resumes."""
+    """A train_state.pt whose stored settings lack fields added later (skip, loss_weighting) still
+    resumes."""
     tok, data, _ = tiny_data()
     cfg = TrainConfig(steps=6, batch_size=2, ckpt_every=3)
     torch.manual_seed(0)
@@ -216,13 +269,21 @@ def test_loss_weights_must_match_the_run(tmp_path):
     weighted.save(tmp_path / "pairs.safetensors")
     assert TokenPairs.load(tmp_path / "pairs.safetensors").loss_weighting == "segment"
     with pytest.raises(ValueError, match="mask_padding=False"):
-        train(model, weighted, TrainConfig(steps=1, batch_size=2, loss_weighting="segment", mask_padding=False), tmp_path)
+        train(
+            model,
+            weighted,
+            TrainConfig(steps=1, batch_size=2, loss_weighting="segment", mask_padding=False),
+            tmp_path,
+        )
 
 
 def residual_data(specs=(SPEC,), n=3, targets=None):
-    """A residual tokenizer and pairs; `targets(sd, spec)` makes each target (default: RTN, i.e. PTQ)."""
+    """A residual tokenizer and pairs; `targets(sd, spec)` makes each target (default: RTN, i.e.
+    PTQ)."""
     sds = tiny_checkpoints(n)
-    qs = {s: [targets(sd, s) if targets else quantize_state_dict(sd, s) for sd in sds] for s in specs}
+    qs = {
+        s: [targets(sd, s) if targets else quantize_state_dict(sd, s) for sd in sds] for s in specs
+    }
     tok = Tokenizer.fit(sds, qs, 32, target="residual")
     return tok, TokenPairs.build(tok, sds, qs, conditional=len(specs) > 1), sds, qs
 
@@ -230,19 +291,31 @@ def residual_data(specs=(SPEC,), n=3, targets=None):
 @pytest.mark.parametrize("skip", ["none", "add", "gain"])
 def test_an_untrained_residual_generator_is_ptq(skip):
     """Zeroed offsets decode to round-to-nearest of the input: codes, S and Z exactly PTQ's."""
-    specs = (QuantSpec(3, "group", group_size=16), QuantSpec(8, "channel"), QuantSpec(4, "group", 16, "asymmetric"))
+    specs = (
+        QuantSpec(3, "group", group_size=16),
+        QuantSpec(8, "channel"),
+        QuantSpec(4, "group", 16, "asymmetric"),
+    )
     tok, data, sds, qs = residual_data(specs)
-    assert (data.y * data.masks[data.cond]).abs().max() == 0  # PTQ targets: no real value departs from RTN
+    # PTQ targets: no real value departs from RTN
+    assert (data.y * data.masks[data.cond]).abs().max() == 0
     torch.manual_seed(0)
-    gen = QuantGen(Generator.for_tokenizer(tiny_config(tok, skip=skip, target="residual", conditions=data.conditions), tok), tok)
+    gen = QuantGen(
+        Generator.for_tokenizer(
+            tiny_config(tok, skip=skip, target="residual", conditions=data.conditions), tok
+        ),
+        tok,
+    )
     for spec in specs:
         qsd, _ = gen.quantize(sds[1], spec)
         for name, qt in qs[spec][1].items():
             if isinstance(qt, QTensor):
-                assert torch.equal(qsd[name].codes, qt.codes) and torch.equal(qsd[name].scale, qt.scale), (spec, name)
+                assert torch.equal(qsd[name].codes, qt.codes), (spec, name)
+                assert torch.equal(qsd[name].scale, qt.scale), (spec, name)
                 assert torch.equal(qsd[name].zero, qt.zero), (spec, name)
     batch = data.batch(torch.arange(len(data)), torch.eye(len(data.conditions)))
-    assert gen.model(**batch).item() == 0  # RTN is inside every dead zone: PTQ targets train nothing away
+    # RTN is inside every dead zone: PTQ targets train nothing away
+    assert gen.model(**batch).item() == 0
     with pytest.raises(ValueError, match="target"):
         Generator.for_tokenizer(tiny_config(tok, skip=skip, conditions=data.conditions), tok)
     with pytest.raises(ValueError, match="diffusion"):
@@ -250,8 +323,9 @@ def test_an_untrained_residual_generator_is_ptq(skip):
 
 
 def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
-    """A target that departs from RTN (codes +1 where w/S sits above the middle, S x 1.1) is encoded as
-    offsets / log ratios scaled by their RMS and decoded back exactly; S decodes through exp, always > 0."""
+    """A target that departs from RTN (codes +1 where w/S sits above the middle, S x 1.1) is encoded
+    as offsets / log ratios scaled by their RMS and decoded back exactly; S decodes through exp,
+    always > 0."""
     from qg.quant.quantizer import quantize, quantize_with, remainder
 
     def shifted(sd, spec):
@@ -274,11 +348,13 @@ def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
             torch.testing.assert_close(qt.scale, qsd[name].scale, rtol=1e-5, atol=0)
     stats = tok.q_stats[SPEC.name]
     assert (stats[:, :, 0] == 0).all()  # no mean shift: zero tokens stay RTN
-    assert torch.allclose(stats[:, 1, 1], torch.tensor(1.1).log(), rtol=1e-4)  # RMS of log(S / S_rtn)
+    # RMS of log(S / S_rtn)
+    assert torch.allclose(stats[:, 1, 1], torch.tensor(1.1).log(), rtol=1e-4)
     r = tok.base_tokens(sds[0], SPEC)[tok.layout.value_mask(SPEC, "fp")] * stats[0, 0, 1]
     assert r.abs().max() <= 0.5 + 1e-5  # remainders of RTN, in code units
     tol, codes = tok.loss_tolerance(tokens, SPEC) * stats[0, 0, 1], tokens * stats[0, 0, 1]
-    first = slice(0, tok.layout.numel(tok.layout.segments[0], SPEC))  # the first layer's code offsets
+    # the first layer's code offsets
+    first = slice(0, tok.layout.numel(tok.layout.segments[0], SPEC))
     departs = codes.view(-1)[first].abs() > 0.5
     moved, kept = tol.view(-1)[first][departs], tol.view(-1)[first][~departs]
     assert departs.any() and torch.allclose(moved, torch.full_like(moved, 0.4))
@@ -292,19 +368,33 @@ def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
 
 
 def test_a_residual_generator_learns_a_departure_from_rtn(tmp_path):
-    """Targets that round up wherever the remainder exceeds 0.25: the gain skip on the remainder can express
-    round(r + 0.25), so a short training run recovers most of the changed codes that RTN gets wrong."""
+    """Targets that round up wherever the remainder exceeds 0.25: the gain skip on the remainder can
+    express round(r + 0.25), so a short training run recovers most of the changed codes that RTN
+    gets wrong."""
     from qg.quant.quantizer import quantize, remainder
 
     def up(sd, spec):
-        return {k: QTensor((quantize(w, spec).codes + (remainder(w, quantize(w, spec)) > 0.25).to(torch.int8))
-                           .clamp(spec.qmin, spec.qmax), quantize(w, spec).scale, quantize(w, spec).zero, spec)
-                if w.ndim >= 2 else w for k, w in sd.items()}
+        return {
+            k: QTensor(
+                (
+                    quantize(w, spec).codes
+                    + (remainder(w, quantize(w, spec)) > 0.25).to(torch.int8)
+                ).clamp(spec.qmin, spec.qmax),
+                quantize(w, spec).scale,
+                quantize(w, spec).zero,
+                spec,
+            )
+            if w.ndim >= 2
+            else w
+            for k, w in sd.items()
+        }
 
     tok, data, sds, qs = residual_data(targets=up, n=4)
     torch.manual_seed(0)
     cfg = tiny_config(tok, skip="gain", target="residual")
-    gen = fit_generator(tok, data, cfg, TrainConfig(steps=300, batch_size=2, lr=3e-3, ckpt_every=1000), tmp_path)
+    gen = fit_generator(
+        tok, data, cfg, TrainConfig(steps=300, batch_size=2, lr=3e-3, ckpt_every=1000), tmp_path
+    )
     qsd, _ = gen.quantize(sds[0], SPEC)
     target, rtn = qs[SPEC][0], quantize_state_dict(sds[0], SPEC)
     moved = {k: target[k].codes != rtn[k].codes for k in target if isinstance(target[k], QTensor)}
@@ -320,23 +410,34 @@ def rtn_base_data(specs=(SPEC,), n=3):
     return tok, TokenPairs.build(tok, sds, qs, conditional=len(specs) > 1), sds, qs
 
 
-def test_the_rtn_base_is_within_half_a_step_of_ptq_and_an_untrained_generator_on_it_is_ptq(tmp_path):
-    """`base: rtn`: the skip adds to RTN of the input (codes before rounding), so a PTQ target's codes are
-    within half a step of the base, S and Z equal it, the zero-initialised head decodes to PTQ exactly and
-    its loss, inside the rounding dead zone, is zero."""
-    specs = (QuantSpec(3, "group", group_size=16), QuantSpec(8, "channel"), QuantSpec(4, "group", 16, "asymmetric"))
+def test_the_rtn_base_is_within_half_a_step_of_ptq_and_an_untrained_generator_on_it_is_ptq(
+    tmp_path,
+):
+    """`base: rtn`: the skip adds to RTN of the input (codes before rounding), so a PTQ target's
+    codes are within half a step of the base, S and Z equal it, the zero-initialised head decodes to
+    PTQ exactly and its loss, inside the rounding dead zone, is zero."""
+    specs = (
+        QuantSpec(3, "group", group_size=16),
+        QuantSpec(8, "channel"),
+        QuantSpec(4, "group", 16, "asymmetric"),
+    )
     tok, data, sds, qs = rtn_base_data(specs)
     stats = {s: tok.q_stats[s.name] for s in specs}
     for i, spec in enumerate(specs):
         rows = data.cond == i
         gap = (data.y[rows] - data.base[rows]) * data.masks[i]
-        for seg in tok.layout.segments:  # in code units: a code's gap is its rounding, S and Z have none
+        # in code units: a code's gap is its rounding, S and Z have none
+        for seg in tok.layout.segments:
             at = slice(seg.start, seg.start + seg.n_tokens)
-            step = float(stats[spec][seg.layer_index, ("weight", "scale", "zero").index(seg.kind), 1])
+            step = float(
+                stats[spec][seg.layer_index, ("weight", "scale", "zero").index(seg.kind), 1]
+            )
             bound = 0.5 + 1e-4 if seg.kind == "weight" else 1e-4
             assert (gap[:, at] * step).abs().max() <= bound, (spec.name, seg.kind)
     torch.manual_seed(0)
-    gen = QuantGen(Generator.for_tokenizer(tiny_config(tok, skip="add", conditions=data.conditions), tok), tok)
+    gen = QuantGen(
+        Generator.for_tokenizer(tiny_config(tok, skip="add", conditions=data.conditions), tok), tok
+    )
     for spec in specs:
         qsd, _ = gen.quantize(sds[1], spec)
         for name, qt in qs[spec][1].items():
@@ -345,19 +446,22 @@ def test_the_rtn_base_is_within_half_a_step_of_ptq_and_an_untrained_generator_on
                 torch.testing.assert_close(qsd[name].scale, qt.scale, rtol=1e-5, atol=0)
                 assert torch.equal(qsd[name].zero, qt.zero), (spec.name, name)
     batch = data.batch(torch.arange(len(data)), torch.eye(len(data.conditions)))
-    assert gen.model(**batch).item() == 0  # PTQ is inside every dead zone: PTQ targets train nothing away
+    # PTQ is inside every dead zone: PTQ targets train nothing away
+    assert gen.model(**batch).item() == 0
     gen.save(tmp_path)
     assert QuantGen.load(tmp_path).tokenizer.base == "rtn"
 
 
 def test_rounding_ties_keep_the_rtn_base_exact_through_training(tmp_path):
-    """Weights that sit on a rounding tie (w / S = k + 1/2) come out of the normalisation a hair past the
-    boundary: they keep RTN's code, so the loss of RTN is exactly zero, every gradient is zero, and training a
-    generator on the RTN base on PTQ targets takes no step and would change none of its codes if it did
-    (before the tie margin these positions counted as departures, the loss was 1e-6 here and AdamW made codes
-    drift). Only float error can still round an exact tie the other way, on a few of them."""
+    """Weights that sit on a rounding tie (w / S = k + 1/2) come out of the normalisation a hair
+    past the boundary: they keep RTN's code, so the loss of RTN is exactly zero, every gradient is
+    zero, and training a generator on the RTN base on PTQ targets takes no step and would change
+    none of its codes if it did (before the tie margin these positions counted as departures, the
+    loss was 1e-6 here and AdamW made codes drift). Only float error can still round an exact tie
+    the other way, on a few of them."""
     sds = tiny_checkpoints(3, shapes=(("a.weight", (16, 32)), ("a.bias", (16,))))
-    for sd in sds:  # every group of a.weight: its max at code 127, the others on ties k + 1/2 of that step
+    # every group of a.weight: its max at code 127, the others on ties k + 1/2 of that step
+    for sd in sds:
         w = sd["a.weight"].view(16, -1, 16)
         step = w.abs().amax(-1, keepdim=True) / 127
         k = torch.randint(-100, 100, w.shape, generator=torch.Generator().manual_seed(1)).float()
@@ -366,16 +470,28 @@ def test_rounding_ties_keep_the_rtn_base_exact_through_training(tmp_path):
     tok = Tokenizer.fit(sds, qs, 32, log_scale=True, base="rtn")
     data = TokenPairs.build(tok, sds, qs)
     stats = tok.q_stats[SPEC.name]
-    gap = ((data.y - data.base) * stats[0, 0, 1]).view(len(sds), -1)[:, :16 * 32].abs()
+    gap = ((data.y - data.base) * stats[0, 0, 1]).view(len(sds), -1)[:, : 16 * 32].abs()
     assert ((gap - 0.5).abs() < 1e-3).float().mean() > 0.5  # most of a.weight's codes are ties
     torch.manual_seed(0)
     model = Generator.for_tokenizer(tiny_config(tok, skip="add"), tok)
     assert model(**data.batch(torch.arange(len(data)))).item() == 0
     before, _ = QuantGen(model, tok).quantize(sds[0], SPEC)
-    record = train(model, data, TrainConfig(steps=20, batch_size=2, lr=1e-2, warmup=2, ckpt_every=100), tmp_path / "a")
-    assert record["exact_at_start"] and record["steps"] == 0 and record["final_loss"] == 0  # at the minimum: no step
-    # the steps it skips would change nothing (weight decay, which would, keeps them: the zero head stays zero)
-    record = train(model, data, TrainConfig(steps=20, batch_size=2, lr=1e-2, warmup=2, weight_decay=1e-2), tmp_path / "b")
+    record = train(
+        model,
+        data,
+        TrainConfig(steps=20, batch_size=2, lr=1e-2, warmup=2, ckpt_every=100),
+        tmp_path / "a",
+    )
+    # at the minimum: no step
+    assert record["exact_at_start"] and record["steps"] == 0 and record["final_loss"] == 0
+    # the steps it skips would change nothing (weight decay, which would, keeps them: the zero head
+    # stays zero)
+    record = train(
+        model,
+        data,
+        TrainConfig(steps=20, batch_size=2, lr=1e-2, warmup=2, weight_decay=1e-2),
+        tmp_path / "b",
+    )
     assert not record["exact_at_start"] and record["steps"] == 20 and record["final_loss"] == 0
     after, _ = QuantGen(model, tok).quantize(sds[0], SPEC)
     ptq = qs[SPEC][0]["a.weight"].codes

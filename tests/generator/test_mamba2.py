@@ -17,15 +17,28 @@ def scan_inputs(b=2, length=37, h=4, p=3, g=2, n=5, seed=0):
 @pytest.mark.parametrize("groups,d_shape", [(1, None), (2, "head"), (4, "hdim")])
 def test_chunked_scan_matches_sequential_recurrence(chunk, groups, d_shape):
     x, dt, A, B, C = scan_inputs(g=groups)
-    D = {None: None, "head": torch.randn(4, dtype=torch.float64), "hdim": torch.randn(4, 3, dtype=torch.float64)}[d_shape]
-    torch.testing.assert_close(ssd_scan(x, dt, A, B, C, chunk, D), ssd_sequential(x, dt, A, B, C, D), rtol=1e-10, atol=1e-10)
+    D = {
+        None: None,
+        "head": torch.randn(4, dtype=torch.float64),
+        "hdim": torch.randn(4, 3, dtype=torch.float64),
+    }[d_shape]
+    torch.testing.assert_close(
+        ssd_scan(x, dt, A, B, C, chunk, D),
+        ssd_sequential(x, dt, A, B, C, D),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 def test_initial_states():
     x, dt, A, B, C = scan_inputs()
     h0 = torch.randn(2, 4, 3, 5, dtype=torch.float64)
-    torch.testing.assert_close(ssd_scan(x, dt, A, B, C, 8, initial_states=h0),
-                               ssd_sequential(x, dt, A, B, C, initial_states=h0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ssd_scan(x, dt, A, B, C, 8, initial_states=h0),
+        ssd_sequential(x, dt, A, B, C, initial_states=h0),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 def tiny(**kw):
@@ -37,15 +50,31 @@ def tiny(**kw):
 @pytest.fixture
 def reference_forward(monkeypatch):
     """The module's forward with the sequential recurrence in place of the chunked scan."""
+
     def forward(m: Mamba2, u):
         with monkeypatch.context() as patch:
-            patch.setattr(mamba2, "ssd_scan", lambda x, dt, A, B, C, chunk_size, D=None: ssd_sequential(x, dt, A, B, C, D))
+            patch.setattr(
+                mamba2,
+                "ssd_scan",
+                lambda x, dt, A, B, C, chunk_size, D=None: ssd_sequential(x, dt, A, B, C, D),
+            )
             return m(u)
+
     return forward
 
 
-@pytest.mark.parametrize("kw", [{}, {"ngroups": 2}, {"D_has_hdim": True}, {"d_ssm": 16}, {"rmsnorm": False},
-                                {"norm_before_gate": True}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"ngroups": 2},
+        {"D_has_hdim": True},
+        {"d_ssm": 16},
+        {"rmsnorm": False},
+        {"norm_before_gate": True},
+    ],
+    ids=str,
+)
 def test_module_matches_reference_and_is_chunk_invariant(kw, reference_forward):
     m = tiny(**kw)
     u = torch.randn(2, 29, 16, dtype=torch.float64)
@@ -64,19 +93,38 @@ def test_gradcheck():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-@pytest.mark.parametrize("d_model,kw", [(64, {}), (128, {"ngroups": 2, "d_state": 16}), (96, {"headdim": 32, "D_has_hdim": True}),
-                                        (64, {"d_ssm": 64})])
+@pytest.mark.parametrize(
+    "d_model,kw",
+    [
+        (64, {}),
+        (128, {"ngroups": 2, "d_state": 16}),
+        (96, {"headdim": 32, "D_has_hdim": True}),
+        (64, {"d_ssm": 64}),
+    ],
+)
 def test_state_dict_matches_mamba_ssm_formulas(d_model, kw):
     m = Mamba2(d_model, **kw)
-    d_state, expand, headdim, ngroups, d_conv = kw.get("d_state", 128), 2, kw.get("headdim", 64), kw.get("ngroups", 1), 4
+    d_state, expand, headdim, ngroups, d_conv = (
+        kw.get("d_state", 128),
+        2,
+        kw.get("headdim", 64),
+        kw.get("ngroups", 1),
+        4,
+    )
     d_inner = expand * d_model
     d_ssm = kw.get("d_ssm", d_inner)
     nheads = d_ssm // headdim
     conv_dim = d_ssm + 2 * ngroups * d_state
-    expected = [("dt_bias", (nheads,)), ("A_log", (nheads,)), ("D", (d_ssm if kw.get("D_has_hdim") else nheads,)),
-                ("in_proj.weight", (2 * d_inner + 2 * ngroups * d_state + nheads, d_model)),
-                ("conv1d.weight", (conv_dim, 1, d_conv)), ("conv1d.bias", (conv_dim,)), ("norm.weight", (d_ssm,)),
-                ("out_proj.weight", (d_model, d_inner))]
+    expected = [
+        ("dt_bias", (nheads,)),
+        ("A_log", (nheads,)),
+        ("D", (d_ssm if kw.get("D_has_hdim") else nheads,)),
+        ("in_proj.weight", (2 * d_inner + 2 * ngroups * d_state + nheads, d_model)),
+        ("conv1d.weight", (conv_dim, 1, d_conv)),
+        ("conv1d.bias", (conv_dim,)),
+        ("norm.weight", (d_ssm,)),
+        ("out_proj.weight", (d_model, d_inner)),
+    ]
     assert [(k, tuple(v.shape)) for k, v in m.state_dict().items()] == expected
     other = Mamba2(d_model, **kw)
     other.load_state_dict(m.state_dict(), strict=True)

@@ -1,4 +1,5 @@
-"""RPG mode: whole models sampled from noise (qg.generator.rpg), and the memorisation metrics on full-precision models."""
+"""RPG mode: whole models sampled from noise (qg.generator.rpg), and the memorisation metrics on
+full-precision models."""
 
 import pytest
 import torch
@@ -12,15 +13,28 @@ from qg.study.fidelity import error_iou, nearest_distances
 from qg.study.rpg_study import embeddings, hamming, task_split
 from qg.targets.models import build_model
 
-TINY_RPG = {"d_model": 32, "n_layers": 1, "d_state": 8, "headdim": 16, "chunk_size": 16,
-            "diffusion": {"channels": [1, 8, 1], "n_steps": 20, "sampler": "ddim", "sample_steps": 4, "diffusion_batch": 64}}
+TINY_RPG = {
+    "d_model": 32,
+    "n_layers": 1,
+    "d_state": 8,
+    "headdim": 16,
+    "chunk_size": 16,
+    "diffusion": {
+        "channels": [1, 8, 1],
+        "n_steps": 20,
+        "sampler": "ddim",
+        "sample_steps": 4,
+        "diffusion_batch": 64,
+    },
+}
 
 
 def test_param_tokenizer_round_trips_every_tensor(model_spec):
     sds = checkpoints(model_spec, 3)
     tok = ParamTokenizer.fit(sds, token_size=32)
     n_values = sum(v.numel() for v in sds[0].values())
-    assert tok.mask().sum() == n_values  # every value has one place; the rest is a tensor's last-token padding
+    # every value has one place; the rest is a tensor's last-token padding
+    assert tok.mask().sum() == n_values
     assert tok.positions().shape == (tok.shape[0], 2)
     tokens = tok.encode(sds[1])
     assert tokens.shape == tok.shape and torch.all(tokens[~tok.mask()] == 0)
@@ -53,7 +67,8 @@ def test_training_data_has_no_input():
     sds = checkpoints(TINY_VIT, 3)
     tok = ParamTokenizer.fit(sds, token_size=32)
     data = training_data(tok, sds, [None] * 3)
-    assert data.x.shape == (1, *tok.shape) and torch.all(data.x == 0)  # one blank row: RPG reads no weights
+    # one blank row: RPG reads no weights
+    assert data.x.shape == (1, *tok.shape) and torch.all(data.x == 0)
     assert torch.equal(data.y[2], tok.encode(sds[2]))
     with pytest.raises(ValueError, match="every checkpoint"):
         training_data(tok, sds, ["a", None, "b"])
@@ -61,13 +76,16 @@ def test_training_data_has_no_input():
 
 def test_rpg_samples_whole_models_that_load_strictly_into_timm(tmp_path):
     sds = checkpoints(TINY_VIT, 4)
-    rpg = RPG.fit(sds, tmp_path / "rpg", TINY_RPG, TrainConfig(steps=3, batch_size=2, lr=1e-3), token_size=32)
+    rpg = RPG.fit(
+        sds, tmp_path / "rpg", TINY_RPG, TrainConfig(steps=3, batch_size=2, lr=1e-3), token_size=32
+    )
     samples = rpg.sample(2, seed=0)
     for sd in samples:
         model = build_model(TINY_VIT)
         model.load_state_dict(sd, strict=True)
         assert all(torch.isfinite(v).all() for v in sd.values())
-    assert not torch.equal(samples[0]["head.weight"], samples[1]["head.weight"])  # each sample its own noise
+    # each sample its own noise
+    assert not torch.equal(samples[0]["head.weight"], samples[1]["head.weight"])
     again = RPG.load(tmp_path / "rpg").sample(2, seed=0)  # from the saved directory, same samples
     for a, b in zip(samples, again):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -80,7 +98,14 @@ def test_rpg_with_bit_conditions_reaches_an_unseen_condition(tmp_path):
     sds = checkpoints(TINY_VIT, 4)
     seen = ["0011", "0101", "0110", "1001"]
     cfg = {**TINY_RPG, "cond_bits": 4}
-    rpg = RPG.fit(sds, tmp_path / "rpg", cfg, TrainConfig(steps=2, batch_size=2), conditions=seen, token_size=32)
+    rpg = RPG.fit(
+        sds,
+        tmp_path / "rpg",
+        cfg,
+        TrainConfig(steps=2, batch_size=2),
+        conditions=seen,
+        token_size=32,
+    )
     assert rpg.model.cfg.conditions == sorted(seen)
     assert torch.equal(rpg.model.condition_matrix()[1], torch.tensor([0.0, 1.0, 0.0, 1.0]))
     unseen = rpg.sample(1, condition="1111")[0]  # a task embedding never trained on
@@ -95,11 +120,17 @@ def test_memorisation_metrics_on_full_precision_models():
     train = checkpoints(TINY_VIT, 4, seed=0)
     new = checkpoints(TINY_VIT, 1, seed=5)[0]
     d = nearest_distances([train[2], new], None, train)
-    assert d.to_nearest_train[0] == 0 and d.nearest_train[0] == 2  # a copy of a training checkpoint: distance 0
+    # a copy of a training checkpoint: distance 0
+    assert d.to_nearest_train[0] == 0 and d.nearest_train[0] == 2
     assert d.to_nearest_train[1] > 0 and d.to_own.isna().all()  # RPG's samples have no own target
-    norm = sum(sum(float(v.double().pow(2).sum()) for v in t.values()) ** 0.5 for t in train) / len(train)
-    nearest = min(sum(float((new[k].double() - t[k].double()).pow(2).sum()) for k in new) ** 0.5 for t in train)
-    assert d.to_nearest_train[1] == pytest.approx(nearest / norm)  # every tensor counts, not only quantized layers
+    norms = (sum(float(v.double().pow(2).sum()) for v in t.values()) ** 0.5 for t in train)
+    norm = sum(norms) / len(train)
+    nearest = min(
+        sum(float((new[k].double() - t[k].double()).pow(2).sum()) for k in new) ** 0.5
+        for t in train
+    )
+    # every tensor counts, not only quantized layers
+    assert d.to_nearest_train[1] == pytest.approx(nearest / norm)
     preds, labels = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 1, 1])
     assert error_iou(preds, preds.clone(), labels) == 1.0  # a copy makes the same mistakes
     quantized = quantize_state_dict(train[0], QuantSpec(8, "group"))
@@ -108,15 +139,24 @@ def test_memorisation_metrics_on_full_precision_models():
 
 
 def test_frozen_tensors_are_kept_not_generated(tmp_path):
-    """Head-only classifiers share every tensor but the head: RPG generates the head and copies the rest."""
+    """Head-only classifiers share every tensor but the head: RPG generates the head and copies the
+    rest."""
     base = checkpoints(TINY_VIT, 1)[0]
     gen = torch.Generator().manual_seed(3)
-    heads = [{**base, "head.weight": torch.randn(base["head.weight"].shape, generator=gen),
-              "head.bias": torch.randn(base["head.bias"].shape, generator=gen)} for _ in range(3)]
+    heads = [
+        {
+            **base,
+            "head.weight": torch.randn(base["head.weight"].shape, generator=gen),
+            "head.bias": torch.randn(base["head.bias"].shape, generator=gen),
+        }
+        for _ in range(3)
+    ]
     tok = ParamTokenizer.fit(heads, token_size=16)
     assert [n for n, _ in tok.shapes] == ["head.weight", "head.bias"]
     assert tok.shape[0] == -(-base["head.weight"].numel() // 16) + 1
-    rpg = RPG.fit(heads, tmp_path / "rpg", TINY_RPG, TrainConfig(steps=2, batch_size=2), token_size=16)
+    rpg = RPG.fit(
+        heads, tmp_path / "rpg", TINY_RPG, TrainConfig(steps=2, batch_size=2), token_size=16
+    )
     sample = RPG.load(tmp_path / "rpg").sample_one(0)
     build_model(TINY_VIT).load_state_dict(sample, strict=True)
     assert all(torch.equal(sample[k], v) for k, v in base.items() if not k.startswith("head."))
@@ -126,11 +166,18 @@ def test_frozen_tensors_are_kept_not_generated(tmp_path):
 
 def test_binary_tasks_split_into_disjoint_seen_and_unseen_sets():
     every = embeddings(10)
-    assert len(every) == 1022 and len(set(every)) == 1022 and "0" * 10 not in every and "1" * 10 not in every
+    assert (
+        len(every) == 1022
+        and len(set(every)) == 1022
+        and "0" * 10 not in every
+        and "1" * 10 not in every
+    )
     seen, unseen = task_split(10, 1012, 10, seed=0)
-    assert not set(seen) & set(unseen) and len(set(seen) | set(unseen)) == 1022  # no unseen task leaks into training
+    # no unseen task leaks into training
+    assert not set(seen) & set(unseen) and len(set(seen) | set(unseen)) == 1022
     assert task_split(10, 50, 10, seed=0) == task_split(10, 50, 10, seed=0)
-    assert task_split(10, 50, 10, seed=0)[1] == unseen  # the unseen set does not depend on how many are seen
+    # the unseen set does not depend on how many are seen
+    assert task_split(10, 50, 10, seed=0)[1] == unseen
     with pytest.raises(ValueError, match="only 1022"):
         task_split(10, 1020, 10, seed=0)
     assert hamming("0110", "0011") == 2

@@ -4,7 +4,8 @@ import pytest
 import torch
 from fakes import TINY_MIXER, TINY_VIT, checkpoints
 
-from qg.generator.tokenizer import Layout, Tokenizer, sinusoidal_2d
+from qg.generator.layout import Layout, sinusoidal_2d
+from qg.generator.tokenizer import Tokenizer
 from qg.quant.quantizer import QuantSpec, quantize_state_dict
 
 
@@ -14,12 +15,15 @@ def fitted(spec_m, specs, token_size, padding="gaussian", n=3):
     return Tokenizer.fit(sds, qs, token_size, padding=padding), sds, qs
 
 
-# Token sizes: 16 (every layer spans many tokens), 100 (not a divisor of any width), 4096 (every layer
-# smaller than one token).
+# Token sizes: 16 (every layer spans many tokens), 100 (not a divisor of any width), 4096 (every
+# layer smaller than one token).
 @pytest.mark.parametrize("token_size", [16, 100, 4096])
 @pytest.mark.parametrize("padding", ["gaussian", "zero", "one"])
 def test_round_trip_exact(model_spec, token_size, padding):
-    specs = [QuantSpec(b, "group") for b in (3, 8)] + [QuantSpec(8, "channel"), QuantSpec(4, "group", scheme="asymmetric")]
+    specs = [QuantSpec(b, "group") for b in (3, 8)] + [
+        QuantSpec(8, "channel"),
+        QuantSpec(4, "group", scheme="asymmetric"),
+    ]
     tok, sds, qs = fitted(model_spec, specs, token_size, padding)
     for s in specs:
         for sd, qsd in zip(sds, qs[s]):
@@ -36,12 +40,21 @@ def test_round_trip_exact(model_spec, token_size, padding):
 
 def test_layout_counts_and_positions():
     shapes = [("a.weight", (10, 30)), ("b.weight", (4, 3, 2, 2))]
-    layout = Layout(shapes, [QuantSpec(8, "channel"), QuantSpec(8, "group", group_size=8)], token_size=16)
+    layout = Layout(
+        shapes, [QuantSpec(8, "channel"), QuantSpec(8, "group", group_size=8)], token_size=16
+    )
     kinds = [(s.layer, s.kind, s.n_tokens) for s in layout.segments]
-    # a: 300 weights -> 19 tokens; S/Z sized for the finer spec: 10 rows x 4 groups = 40 -> 3 tokens each.
+    # a: 300 weights -> 19 tokens; S/Z sized for the finer spec: 10 rows x 4 groups = 40 -> 3 tokens
+    # each.
     # b: 48 weights -> 3 tokens; 4 rows x 2 groups = 8 -> 1 token each.
-    assert kinds == [("a.weight", "weight", 19), ("a.weight", "scale", 3), ("a.weight", "zero", 3),
-                     ("b.weight", "weight", 3), ("b.weight", "scale", 1), ("b.weight", "zero", 1)]
+    assert kinds == [
+        ("a.weight", "weight", 19),
+        ("a.weight", "scale", 3),
+        ("a.weight", "zero", 3),
+        ("b.weight", "weight", 3),
+        ("b.weight", "scale", 1),
+        ("b.weight", "zero", 1),
+    ]
     assert layout.n_tokens == 30
     pos = layout.positions()
     assert pos[:25, 0].eq(0).all() and pos[25:, 0].eq(1).all()
@@ -53,12 +66,17 @@ def test_layout_counts_and_positions():
 
 def test_padding_fills_blanks_and_placeholders():
     spec = QuantSpec(8, "channel")
-    for mode, check in (("zero", lambda v: v.eq(0).all()), ("one", lambda v: v.eq(1).all()),
-                        ("gaussian", lambda v: abs(v.std() - 1) < 0.2)):
+    for mode, check in (
+        ("zero", lambda v: v.eq(0).all()),
+        ("one", lambda v: v.eq(1).all()),
+        ("gaussian", lambda v: abs(v.std() - 1) < 0.2),
+    ):
         tok, sds, qs = fitted(TINY_VIT, [spec], 64, mode, n=1)
         fp_blank = ~tok.layout.value_mask(spec, "fp")
         q_blank = ~tok.loss_mask(spec)
-        assert check(tok.encode_fp(sds[0])[fp_blank]) and check(tok.encode_quantized(qs[spec][0], spec)[q_blank])
+        assert check(tok.encode_fp(sds[0])[fp_blank]) and check(
+            tok.encode_quantized(qs[spec][0], spec)[q_blank]
+        )
     # Gaussian padding is seeded: the same tokenizer seed gives the same noise.
     a, _, _ = fitted(TINY_VIT, [spec], 64, "gaussian", n=1)
     assert torch.equal(a.encode_fp(sds[0]), tok.encode_fp(sds[0]))
@@ -80,7 +98,9 @@ def test_save_load(tmp_path):
     tok.save(tmp_path)
     tok2 = Tokenizer.load(tmp_path)
     assert torch.equal(tok.encode_fp(sds[0]), tok2.encode_fp(sds[0]))
-    assert torch.equal(tok.encode_quantized(qs[spec][0], spec), tok2.encode_quantized(qs[spec][0], spec))
+    assert torch.equal(
+        tok.encode_quantized(qs[spec][0], spec), tok2.encode_quantized(qs[spec][0], spec)
+    )
 
 
 def test_mismatched_checkpoint_and_spec_are_refused():
@@ -114,8 +134,8 @@ def test_sinusoidal_2d():
 
 
 def test_symmetric_decode_has_no_zero_point():
-    """Eq. 1 has no zero point: whatever a generator writes in the Z tokens, a symmetric file carries Z = 0
-    (issue 19 found non-zero Z in ~20 % of groups of generated symmetric files)."""
+    """Eq. 1 has no zero point: whatever a generator writes in the Z tokens, a symmetric file
+    carries Z = 0 (issue 19 found non-zero Z in ~20 % of groups of generated symmetric files)."""
     sym, asym = QuantSpec(4, "group"), QuantSpec(4, "group", scheme="asymmetric")
     tok, _, _ = fitted(TINY_VIT, [sym, asym], 100, n=2)
     noise = torch.randn(tok.shape, generator=torch.Generator().manual_seed(0)) * 5

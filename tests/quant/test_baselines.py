@@ -1,4 +1,5 @@
-"""The data-free baselines: valid codes in the shared file format, and the error ordering they exist for."""
+"""The data-free baselines: valid codes in the shared file format, and the error ordering they exist
+for."""
 
 import pytest
 import torch
@@ -22,7 +23,11 @@ def test_every_method_gives_valid_codes_and_round_trips_through_a_file(bits, gra
     for method in QUANTIZERS:
         qsd, spec = quantize_model(sd, QuantSpec(bits, granularity, 16), method)
         q = qsd["layer.weight"]
-        assert q.codes.dtype == torch.int8 and spec.qmin <= q.codes.min() and q.codes.max() <= spec.qmax
+        assert (
+            q.codes.dtype == torch.int8
+            and spec.qmin <= q.codes.min()
+            and q.codes.max() <= spec.qmax
+        )
         assert (q.scale > 0).all() and torch.equal(qsd["layer.bias"], sd["layer.bias"])
         save_quantized(tmp_path / f"{method}.safetensors", qsd, spec)
         back, spec_back, _ = load_quantized(tmp_path / f"{method}.safetensors")
@@ -32,8 +37,12 @@ def test_every_method_gives_valid_codes_and_round_trips_through_a_file(bits, gra
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_stronger_baselines_have_lower_weight_error_than_plain_rtn(bits):
     w = weights()["layer.weight"]
-    err = {m: float(((dequantize(quantize_model({"w.weight": w}, QuantSpec(bits, "channel"), m)[0]["w.weight"]) - w) ** 2).mean())
-           for m in QUANTIZERS}
+
+    def error(m):
+        q = quantize_model({"w.weight": w}, QuantSpec(bits, "channel"), m)[0]["w.weight"]
+        return float(((dequantize(q) - w) ** 2).mean())
+
+    err = {m: error(m) for m in QUANTIZERS}
     assert err["mse-clip"] <= err["ptq"] + 1e-12  # ratio 1.0 is among the candidates
     assert err["hqq"] < err["ptq"] and err["rtn-asym"] < err["ptq"]
 

@@ -13,7 +13,11 @@ SPEC = QuantSpec(8, "group", group_size=16)
 
 def models(n, seed=0, frozen=False):
     g = torch.Generator().manual_seed(seed)
-    base = {"a.weight": torch.randn(8, 32, generator=g), "b.weight": torch.randn(4, 8, generator=g), "a.bias": torch.zeros(8)}
+    base = {
+        "a.weight": torch.randn(8, 32, generator=g),
+        "b.weight": torch.randn(4, 8, generator=g),
+        "a.bias": torch.zeros(8),
+    }
     out = []
     for _ in range(n):
         sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
@@ -27,9 +31,22 @@ def test_layer_fidelity_of_a_copy_and_of_a_shifted_copy():
     (t,) = models(1)
     exact = layer_fidelity(t, t)
     assert list(exact.layer) == ["a.weight", "b.weight"]
-    assert (exact.codes_equal == 1).all() and (exact.code_mae == 0).all() and (exact.weight_rel_err == 0).all()
-    shifted = {k: QTensor((v.codes.short() + 1).clamp(SPEC.qmin, SPEC.qmax).to(torch.int8), v.scale * 1.1, v.zero, v.spec)
-               if isinstance(v, QTensor) else v for k, v in t.items()}
+    assert (
+        (exact.codes_equal == 1).all()
+        and (exact.code_mae == 0).all()
+        and (exact.weight_rel_err == 0).all()
+    )
+    shifted = {
+        k: QTensor(
+            (v.codes.short() + 1).clamp(SPEC.qmin, SPEC.qmax).to(torch.int8),
+            v.scale * 1.1,
+            v.zero,
+            v.spec,
+        )
+        if isinstance(v, QTensor)
+        else v
+        for k, v in t.items()
+    }
     f = layer_fidelity(shifted, t)
     assert (f.codes_equal < 0.05).all() and f.code_mae.between(0.9, 1.0).all()
     assert f.scale_rel_err.sub(0.1).abs().max() < 1e-5
@@ -40,16 +57,29 @@ def test_code_error_splits_into_a_wrong_group_range_and_per_element_noise():
     g = torch.Generator().manual_seed(3)
 
     def remade(fn):
-        return {k: QTensor(fn(v.codes.float()).round().clamp(SPEC.qmin, SPEC.qmax).to(torch.int8), v.scale, v.zero, v.spec)
-                if isinstance(v, QTensor) else v for k, v in t.items()}
+        return {
+            k: QTensor(
+                fn(v.codes.float()).round().clamp(SPEC.qmin, SPEC.qmax).to(torch.int8),
+                v.scale,
+                v.zero,
+                v.spec,
+            )
+            if isinstance(v, QTensor)
+            else v
+            for k, v in t.items()
+        }
 
     # every code 10 % too small: all of the error is the group's gain, nothing is left per element
     gain = layer_fidelity(remade(lambda c: 0.9 * c), t)
     assert gain.group_gain_err.sub(0.1).abs().max() < 0.01 and (gain.code_mae_local < 0.35).all()
     assert (gain.code_mae > 2).all()
     # independent noise of +-3 steps: the gain is right, the error is all per element
-    noise = layer_fidelity(remade(lambda c: c + torch.randint(-3, 4, c.shape, generator=g).float()), t)
-    assert (noise.group_gain_err < 0.05).all() and (noise.code_mae_local > 0.8 * noise.code_mae).all()
+    noise = layer_fidelity(
+        remade(lambda c: c + torch.randint(-3, 4, c.shape, generator=g).float()), t
+    )
+    assert (noise.group_gain_err < 0.05).all() and (
+        noise.code_mae_local > 0.8 * noise.code_mae
+    ).all()
     exact = layer_fidelity(t, t)
     assert (exact.group_gain_err < 1e-6).all() and (exact.code_mae_local < 1e-6).all()
 
@@ -61,8 +91,13 @@ def test_sensitivity_is_one_for_a_copier_and_zero_for_a_constant():
     constant = sensitivity(a, a, a, b)  # returns model a whatever it is given
     assert (constant.sensitivity == 0).all() and (constant.alignment == 0).all()
     swapped = sensitivity(b, a, a, b)  # moves as much, the wrong way
-    assert swapped.sensitivity.sub(1).abs().max() < 1e-6 and swapped.alignment.add(1).abs().max() < 1e-6
-    half = {k: QTensor(v.codes, v.scale, v.zero, v.spec) for k, v in a.items() if isinstance(v, QTensor)}
+    assert (
+        swapped.sensitivity.sub(1).abs().max() < 1e-6
+        and swapped.alignment.add(1).abs().max() < 1e-6
+    )
+    half = {
+        k: QTensor(v.codes, v.scale, v.zero, v.spec) for k, v in a.items() if isinstance(v, QTensor)
+    }
     assert (sensitivity(half, half, a, b).target_moves > 0).all()
 
 
@@ -78,7 +113,8 @@ def test_nearest_distances_tell_a_replica_from_a_faithful_quantizer():
     train, new = models(5, seed=1), models(3, seed=2)
     faithful = nearest_distances(new, new, train)
     assert (faithful.to_own == 0).all() and (faithful.to_nearest_train > 0).all()
-    replica = nearest_distances([train[3]] * 3, new, train)  # returns training model 3 whatever it is given
+    # returns training model 3 whatever it is given
+    replica = nearest_distances([train[3]] * 3, new, train)
     assert (replica.to_nearest_train == 0).all() and (replica.nearest_train == 3).all()
     assert (replica.to_own > 0).all()
     assert faithful.train_spacing.iloc[0] > 0
@@ -86,13 +122,20 @@ def test_nearest_distances_tell_a_replica_from_a_faithful_quantizer():
 
 def test_nearest_distances_are_euclidean_distances_of_the_dequantized_weights():
     (a,), train = models(1, seed=3), models(4, seed=4)
+
     def flat(q):
-        return torch.cat([dequantize(q[k]).double().reshape(-1) for k in sorted(k for k in q if k.endswith("weight"))])
+        return torch.cat(
+            [
+                dequantize(q[k]).double().reshape(-1)
+                for k in sorted(k for k in q if k.endswith("weight"))
+            ]
+        )
 
     scale = torch.stack([flat(t).norm() for t in train]).mean()
     d = nearest_distances([a], [train[0]], train).iloc[0]
     direct = torch.stack([(flat(a) - flat(t)).norm() for t in train]) / scale
-    assert d.to_nearest_train == pytest.approx(float(direct.min())) and d.nearest_train == int(direct.argmin())
+    assert d.to_nearest_train == pytest.approx(float(direct.min()))
+    assert d.nearest_train == int(direct.argmin())
     assert d.to_own == pytest.approx(float(direct[0]))
     with pytest.raises(ValueError, match="one target per model"):
         nearest_distances([a], [], train)

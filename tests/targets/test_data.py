@@ -1,4 +1,5 @@
-"""qg.targets.data on tiny fake files in each on-disk format, plus the real Fashion-MNIST when it is installed."""
+"""qg.targets.data on tiny fake files in each on-disk format, plus the real Fashion-MNIST when it is
+installed."""
 
 import gzip
 import os
@@ -29,15 +30,21 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.delenv("QG_DATA", raising=False)
     monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
-    monkeypatch.setattr(data, "_download_fashion_mnist", lambda target: "URLError: no network in tests")
+    monkeypatch.setattr(
+        data, "_download_fashion_mnist", lambda target: "URLError: no network in tests"
+    )
 
 
-# ------------------------------------------------------------------------------------------- Fashion-MNIST
+# ------------------------------------------------------------------------------------ Fashion-MNIST
+
 
 def test_fashion_mnist_from_root(tmp_path):
     images, labels = write_fashion_mnist(tmp_path / "fm")
     train = data.load_dataset("fashion_mnist", "train", root=tmp_path / "fm")
-    assert len(train) == 20 and len(data.load_dataset("fashion_mnist", "test", root=tmp_path / "fm")) == 10
+    assert (
+        len(train) == 20
+        and len(data.load_dataset("fashion_mnist", "test", root=tmp_path / "fm")) == 10
+    )
     image, label = train[3]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert isinstance(label, int) and label == labels[3]
@@ -49,8 +56,14 @@ def test_a_binary_task_relabels_the_classes_of_the_same_images(tmp_path, monkeyp
     images, labels = write_fashion_mnist(tmp_path / "fm", n_train=30)
     monkeypatch.setenv("QG_DATA", str(tmp_path / "fm"))
     name = data.relabelled("fashion_mnist", "0110001011")
-    assert name == "fashion_mnist~0110001011" and data.split_name(name) == ("fashion_mnist", "0110001011")
-    assert data.dataset_info(name)["num_classes"] == 2 and data.dataset_info("fashion_mnist")["num_classes"] == 10
+    assert name == "fashion_mnist~0110001011" and data.split_name(name) == (
+        "fashion_mnist",
+        "0110001011",
+    )
+    assert (
+        data.dataset_info(name)["num_classes"] == 2
+        and data.dataset_info("fashion_mnist")["num_classes"] == 10
+    )
     task, base = data.load_dataset(name, "train"), data.load_dataset("fashion_mnist", "train")
     assert torch.equal(task.pixels, base.pixels)  # the same images
     assert task.labels.tolist() == [int("0110001011"[c]) for c in labels]
@@ -101,22 +114,32 @@ def test_fashion_mnist_missing_explains_the_fix(tmp_path):
 
 
 def test_fashion_mnist_uses_a_successful_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_download_fashion_mnist",
-                        lambda target: write_fashion_mnist(target / "FashionMNIST" / "raw", n_train=5) and None)
+    monkeypatch.setattr(
+        data,
+        "_download_fashion_mnist",
+        lambda target: write_fashion_mnist(target / "FashionMNIST" / "raw", n_train=5) and None,
+    )
     monkeypatch.setenv("QG_DATA", str(tmp_path / "downloads"))
     assert len(data.load_dataset("fashion_mnist", "train")) == 5
 
 
-@pytest.mark.skipif(not (REAL_DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not (REAL_DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="dataset-fashion-mnist is not installed",
+)
 def test_real_fashion_mnist(monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", REAL_DEBIAN_FASHION_MNIST)
-    train, test = data.load_dataset("fashion_mnist", "train"), data.load_dataset("fashion_mnist", "test")
+    train, test = (
+        data.load_dataset("fashion_mnist", "train"),
+        data.load_dataset("fashion_mnist", "test"),
+    )
     assert (len(train), len(test)) == (60000, 10000)
-    assert train.pixels.shape == (60000, 1, 28, 28) and sorted(set(test.labels.tolist())) == list(range(10))
+    assert train.pixels.shape == (60000, 1, 28, 28)
+    assert sorted(set(test.labels.tolist())) == list(range(10))
 
 
 # ------------------------------------------------------------------------------------------- digits
+
 
 def test_digits_split_sizes_and_determinism():
     train, test = data.load_dataset("digits", "train"), data.load_dataset("digits", "test")
@@ -129,21 +152,45 @@ def test_digits_split_sizes_and_determinism():
     assert torch.equal(again.pixels, train.pixels) and torch.equal(again.labels, train.labels)
 
 
-# ------------------------------------------------------------------------------------------- CIFAR
+# -------------------------------------------------------------------------------------------- CIFAR
+
 
 def python2_cifar_pickle(data_array, labels):
     """A batch pickled the way the official (Python 2) CIFAR files are: protocol 2, byte strings as
     BINSTRING, `numpy.core.multiarray._reconstruct`, and a version-3 dtype state."""
+
     def string(s):
         return b"U" + bytes([len(s)]) + s  # SHORT_BINSTRING
+
     def int4(i):
         return b"J" + struct.pack("<i", i)  # BININT
-    dtype = (b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R"
-             + b"(K\x03" + string(b"|") + b"NNN" + int4(-1) + int4(-1) + b"K\x00tb")
+
+    dtype = (
+        b"cnumpy\ndtype\n"
+        + string(b"u1")
+        + b"K\x00K\x01\x87R"
+        + b"(K\x03"
+        + string(b"|")
+        + b"NNN"
+        + int4(-1)
+        + int4(-1)
+        + b"K\x00tb"
+    )
     raw = data_array.tobytes()
-    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R"
-             + b"(K\x01" + int4(data_array.shape[0]) + int4(data_array.shape[1]) + b"\x86" + dtype
-             + b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tb")
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
+        + string(b"b")
+        + b"\x87R"
+        + b"(K\x01"
+        + int4(data_array.shape[0])
+        + int4(data_array.shape[1])
+        + b"\x86"
+        + dtype
+        + b"\x89T"
+        + struct.pack("<I", len(raw))
+        + raw
+        + b"tb"
+    )
     label_list = b"](" + b"".join(b"K" + bytes([label]) for label in labels) + b"e"
     return b"\x80\x02}(" + string(b"data") + array + string(b"fine_labels") + label_list + b"u."
 
@@ -156,7 +203,9 @@ def test_cifar10(tmp_path):
     image, label = test[1]
     batch = cifar_batch(4, "labels", seed=5)
     assert image.shape == (3, 32, 32) and label == batch["labels"][1]
-    red = (torch.tensor(batch["data"][1, :1024], dtype=torch.float32).view(32, 32) / 255 - 0.4914) / 0.2470
+    red = (
+        torch.tensor(batch["data"][1, :1024], dtype=torch.float32).view(32, 32) / 255 - 0.4914
+    ) / 0.2470
     torch.testing.assert_close(image[0], red)
 
 
@@ -184,7 +233,9 @@ def test_cifar_refuses_a_malicious_pickle(tmp_path):
 
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({"data": Exploit(), "labels": []}, f)
-    with pytest.raises(CorruptFileError, match=r"test_batch.*refused to load global '(posix|os)\.system'"):
+    with pytest.raises(
+        CorruptFileError, match=r"test_batch.*refused to load global '(posix|os)\.system'"
+    ):
         data.load_dataset("cifar10", "test", root=tmp_path)
     assert not marker.exists()
 
@@ -195,11 +246,14 @@ def test_cifar_wrong_content_and_missing_folder(tmp_path):
         pickle.dump({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}, f)
     with pytest.raises(CorruptFileError, match="expected uint8 data N x 3072"):
         data.load_dataset("cifar10", "test", root=tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"(?s)cifar-100-python.*CIFAR100\(ROOT, download=True\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"(?s)cifar-100-python.*CIFAR100\(ROOT, download=True\)"
+    ):
         data.load_dataset("cifar100", "train", root=tmp_path)
 
 
-# ------------------------------------------------------------------------------------------- ImageNet
+# ----------------------------------------------------------------------------------------- ImageNet
+
 
 def test_imagenet_folder(tmp_path):
     write_imagenet(tmp_path)
@@ -211,44 +265,73 @@ def test_imagenet_folder(tmp_path):
         data.load_dataset("imagenet", "val", root=tmp_path / "imagenet" / "train")
 
 
-# ------------------------------------------------------------------------------------------- API
+# ---------------------------------------------------------------------------------------------- API
+
 
 def test_batches_subset_is_deterministic(tmp_path):
     write_fashion_mnist(tmp_path, n_train=20, n_test=10)
 
     def first_epoch(seed):
-        train = data.batches("fashion_mnist", "train", 28, 4, shuffle=True, subset=8, seed=seed, root=tmp_path)
+        train = data.batches(
+            "fashion_mnist", "train", 28, 4, shuffle=True, subset=8, seed=seed, root=tmp_path
+        )
         test = data.batches("fashion_mnist", "test", 28, 4, subset=8, seed=seed, root=tmp_path)
-        assert isinstance(train, data.TensorLoader) and (len(train.dataset), len(test.dataset)) == (8, 8)
+        assert isinstance(train, data.TensorLoader) and (len(train.dataset), len(test.dataset)) == (
+            8,
+            8,
+        )
         return torch.cat([y for _, y in train]), torch.cat([x for x, _ in test])
 
     (labels_a, test_a), (labels_b, test_b) = first_epoch(0), first_epoch(0)
     assert torch.equal(labels_a, labels_b) and torch.equal(test_a, test_b)
     assert not torch.equal(first_epoch(1)[1], test_a)
-    assert len(data.batches("fashion_mnist", "train", 28, 4, subset=1000, root=tmp_path).dataset) == 20
+    assert (
+        len(data.batches("fashion_mnist", "train", 28, 4, subset=1000, root=tmp_path).dataset) == 20
+    )
     with pytest.raises(ValueError, match="subset must be a positive number"):
         data.batches("fashion_mnist", "train", 28, 4, subset=0, root=tmp_path)
 
 
 def test_batches_stream_what_does_not_fit_with_the_same_images(tmp_path):
-    """CIFAR at a large input size is streamed by a DataLoader; it yields the images the in-memory path does."""
+    """CIFAR at a large input size is streamed by a DataLoader; it yields the images the in-memory
+    path does."""
     write_cifar(tmp_path, "cifar100", n=6)
     kw = dict(subset=5, seed=3, root=tmp_path)
     in_memory = data.batches("cifar100", "train", 48, 2, **kw)
     streamed = data.batches("cifar100", "train", 48, 2, in_memory_mb=0, num_workers=0, **kw)
-    assert isinstance(in_memory, data.TensorLoader) and isinstance(streamed, torch.utils.data.DataLoader)
-    (x_mem, y_mem), (x_str, y_str) = ([torch.cat(t) for t in zip(*loader)] for loader in (in_memory, streamed))
+    assert isinstance(in_memory, data.TensorLoader) and isinstance(
+        streamed, torch.utils.data.DataLoader
+    )
+    (x_mem, y_mem), (x_str, y_str) = (
+        [torch.cat(t) for t in zip(*loader)] for loader in (in_memory, streamed)
+    )
     assert x_str.shape == (5, 3, 48, 48) and torch.equal(y_mem, y_str)
     torch.testing.assert_close(x_str, x_mem)
-    half = ((0.5,) * 3, (0.5,) * 3)  # a pretrained timm ViT's normalisation instead of CIFAR's statistics
+    # a pretrained timm ViT's normalisation instead of CIFAR's statistics
+    half = ((0.5,) * 3, (0.5,) * 3)
     x_mem = next(iter(data.batches("cifar100", "train", 32, 5, norm=half, **kw)))[0]
-    x_str = next(iter(data.batches("cifar100", "train", 32, 5, norm=half, in_memory_mb=0, num_workers=0, **kw)))[0]
+    x_str = next(
+        iter(
+            data.batches("cifar100", "train", 32, 5, norm=half, in_memory_mb=0, num_workers=0, **kw)
+        )
+    )[0]
     dataset = data.load_dataset("cifar100", "train", root=tmp_path)
-    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(3))[:5].sort().values
+    index = (
+        torch.randperm(len(dataset), generator=torch.Generator().manual_seed(3))[:5].sort().values
+    )
     torch.testing.assert_close(x_mem, dataset.pixels[index].float() / 127.5 - 1)
     torch.testing.assert_close(x_str, x_mem)
-    shuffled = [torch.cat([y for _, y in data.batches("cifar100", "train", 48, 2, shuffle=True, in_memory_mb=0,
-                                                      num_workers=2, **kw)]) for _ in range(2)]
+    shuffled = [
+        torch.cat(
+            [
+                y
+                for _, y in data.batches(
+                    "cifar100", "train", 48, 2, shuffle=True, in_memory_mb=0, num_workers=2, **kw
+                )
+            ]
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(*shuffled) and sorted(shuffled[0].tolist()) == sorted(y_mem.tolist())
 
 
@@ -283,7 +366,8 @@ def test_bad_names_and_splits_list_the_valid_ones():
 
 
 def test_qg_data_is_the_only_folder_searched_when_set(tmp_path, monkeypatch):
-    """An empty or incomplete QG_DATA is an error, even when another copy (here: the Debian folder) exists."""
+    """An empty or incomplete QG_DATA is an error, even when another copy (here: the Debian folder)
+    exists."""
     write_fashion_mnist(tmp_path / "debian")
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
     assert len(data.load_dataset("fashion_mnist", "test")) == 10  # unset: the Debian copy is found
@@ -300,7 +384,9 @@ def test_qg_data_is_the_only_folder_searched_when_set(tmp_path, monkeypatch):
 def test_images_of_another_size_and_labels_outside_the_classes_are_refused(tmp_path):
     rng = np.random.default_rng(0)
     write_fashion_mnist(tmp_path)
-    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (10, 32, 32), dtype=np.uint8))
+    write_idx(
+        tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (10, 32, 32), dtype=np.uint8)
+    )
     with pytest.raises(CorruptFileError, match="images are 32x32, expected 28x28"):
         data.load_dataset("fashion_mnist", "test", root=tmp_path)
     write_fashion_mnist(tmp_path)

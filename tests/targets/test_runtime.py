@@ -15,8 +15,15 @@ from qg.targets.runtime import (
 
 
 @pytest.mark.parametrize("model_spec", [TINY_VIT, TINY_MIXER], ids=lambda m: m.arch)
-@pytest.mark.parametrize("spec", [QuantSpec(3, "group", 16), QuantSpec(4, "channel", scheme="asymmetric"),
-                                  QuantSpec(7, "group", 64, "asymmetric")], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(3, "group", 16),
+        QuantSpec(4, "channel", scheme="asymmetric"),
+        QuantSpec(7, "group", 64, "asymmetric"),
+    ],
+    ids=lambda s: s.name,
+)
 def test_runtime_matches_the_simulated_model_and_keeps_weights_packed(tmp_path, model_spec, spec):
     sd = checkpoints(model_spec, 1)[0]
     qsd = quantize_state_dict(sd, spec)
@@ -26,10 +33,12 @@ def test_runtime_matches_the_simulated_model_and_keeps_weights_packed(tmp_path, 
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert spec2 == spec and max_logit_difference(runtime, simulated, x) < 1e-4
     layers = [m for m in runtime.modules() if isinstance(m, QuantizedLayer)]
-    assert len(layers) == sum(1 for v in qsd.values() if hasattr(v, "codes"))  # every Linear and the Conv2d patch embedding
+    # every Linear and the Conv2d patch embedding
+    assert len(layers) == sum(1 for v in qsd.values() if hasattr(v, "codes"))
     assert all(m.layer.weight is None and m.packed.dtype == torch.uint8 for m in layers)
     assert weight_bytes(runtime) < weight_bytes(simulated) * (spec.bits + 16) / 32 + 4 * sum(
-        v.numel() for v in qsd.values() if not hasattr(v, "codes"))
+        v.numel() for v in qsd.values() if not hasattr(v, "codes")
+    )
     assert latency(runtime, x, repeats=1) > 0
 
 
@@ -38,7 +47,9 @@ def test_packed_layers_run_version_1_files():
 
     from qg.quant.fileformat import read_quantized
     from qg.targets.runtime import quantized_model
-    qsd = read_quantized(Path(__file__).parents[1] / "fixtures" / "v1_w5-channel-asy.safetensors")[0]
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "v1_w5-channel-asy.safetensors"
+    qsd = read_quantized(fixture)[0]
     linear = torch.nn.Linear(49, 6)
     model = torch.nn.Sequential()
     model.add_module("fc", linear)

@@ -1,0 +1,221 @@
+"""Which generators a profile's tables need: a `Setting` is one generator (an architecture and task,
+the spec(s) it produces, where its targets come from, overrides for the ablations), and these
+functions list the settings and methods of every table, the convergence study, the ablations and
+amortized QAT.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+from .. import methods
+from ..config.profiles import ablation_setup, pairs, selected
+from ..generator.tokenizer import TARGETS
+from ..quant.quantizer import QuantSpec, spec_from
+
+SPLITS = ("trained", "heldout_ckpt", "heldout_run")
+
+
+SOURCES = ("ptq", "qat")
+
+
+@dataclass
+class Setting:
+    """One generator to train: which model, which spec(s), which targets, which overrides."""
+
+    arch: str
+    task: str
+    specs: list[QuantSpec]
+    source: str = "ptq"
+    condition: str | None = None  # None (one spec), "precision" or "granularity"
+    # {"tokenizer"|"generator"|"train": {...}} for ablations
+    overrides: dict = field(default_factory=dict)
+    label: str = ""  # names an ablation variant in tables
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if len(self.specs) > 1 and self.condition is None:
+            raise ValueError(
+                "a setting with several specs is a conditional generator: give condition="
+            )
+
+    @property
+    def name(self) -> str:
+        """Names the generator (not the ablation label: a variant equal to the default shares its
+        generator)."""
+        what = f"cond-{self.condition}" if self.condition else self.specs[0].name
+        return "-".join([self.arch, self.task, self.source, what])
+
+    def generator_for(self, method: str) -> "Setting":
+        """The setting of the generator that makes `method`'s models (a `generator` of `qg.methods`,
+        with its overrides and variant label): this one for `gen`."""
+        m = methods.get(method)
+        if m.kind != "generator":
+            raise ValueError(
+                f"{method!r} is not a generator method; they are {list(methods.names('generator'))}"
+            )
+        if not m.overrides:
+            return self
+        merged = copy.deepcopy(self.overrides)
+        for part, conf in m.overrides.items():
+            merged[part] = {**merged.get(part, {}), **conf}
+        return replace(self, overrides=merged, label=m.variant)
+
+    def config(self, profile: dict, part: str) -> dict:
+        """The profile's `tokenizer`, `generator` or `train` settings for this generator, updated in
+        turn by `conditional_train` (conditional generators), the architecture's own entry
+        (ViT-Base's larger tokens) and the setting's overrides (ablations, convergence variants)."""
+        conf = copy.deepcopy(profile[part])
+        if self.condition and part == "train":
+            conf.update(profile.get("conditional_train", {}))
+        conf.update(profile["archs"][self.arch].get(part, {}))
+        conf.update(self.overrides.get(part, {}))
+        return conf
+
+
+def main_settings(profile: dict) -> dict[str, list[Setting]]:
+    """The generators Tables 1-3 and Figure 3 need, by the table that first needs them.
+
+    table1: unconditional, PTQ targets, group-wise at every bit-width and channel-wise at
+    `granularity_bits`, for every (architecture, task); figure3: channel-wise at the other
+    bit-widths for one (architecture, task); table2: QAT targets; table3: one generator conditional
+    on precision, one on granularity.
+    """
+    quant, t1 = profile["quant"], profile["table1"]
+    bits, gbits = t1["bits"], t1["granularity_bits"]
+    f3, t3 = profile["figure3"], profile["table3"]
+    qat = profile["qat"]
+    settings = {
+        "table1": [
+            Setting(a, t, [spec_from(b, "group", quant)]) for a, t in pairs(profile) for b in bits
+        ]
+        + [Setting(a, t, [spec_from(gbits, "channel", quant)]) for a, t in pairs(profile)],
+        "figure3": [
+            Setting(f3["arch"], f3["task"], [spec_from(b, "channel", quant)])
+            for b in bits
+            if b != gbits
+        ],
+        "table2": [
+            Setting(a, t, [spec_from(b, qat["granularity"], quant)], source="qat")
+            for a, t in pairs(profile)
+            if selected(qat, a, t)
+            for b in qat["bits"]
+        ],
+        "table3": [],
+    }
+    for a, t in pairs(profile):
+        if selected(t3, a, t):
+            settings["table3"] += [
+                Setting(a, t, [spec_from(b, "group", quant) for b in bits], condition="precision"),
+                Setting(
+                    a,
+                    t,
+                    [spec_from(gbits, g, quant) for g in ("channel", "group")],
+                    condition="granularity",
+                ),
+            ]
+    return settings
+
+
+def table1_generators(profile: dict) -> tuple[str, ...]:
+    """The generator methods (`qg.methods`) Table 1 compares for each of its settings."""
+    return tuple(profile["table1"].get("generators", ["gen"]))
+
+
+def table_methods(profile: dict) -> dict[str, tuple[str, ...]]:
+    """The methods (`qg.methods`) 03_generate scores for each table on every split: Table 1 and
+    Figure 3 set the generators against FP32 and every data-free quantizer and per-checkpoint
+    control; Tables 2 and 3 against PTQ (and QAT)."""
+    baselines = tuple(
+        n for n in methods.names("quantizer", "control") if methods.get(n).per_checkpoint
+    )
+    return {
+        "table1": ("fp", *baselines, *table1_generators(profile)),
+        "figure3": ("fp", *baselines, "gen"),
+        "table2": ("fp", "ptq", "qat", "gen"),
+        "table3": ("fp", "ptq", "gen"),
+    }
+
+
+def qwt_methods(profile: dict) -> tuple[str, ...]:
+    """The methods 03_generate also scores with QwT on top (needs calibration data): none without a
+    `qwt` block."""
+    shown = methods.shown_with_qwt()
+    return tuple(m for m in shown if m.endswith(methods.QWT_SUFFIX)) if profile.get("qwt") else ()
+
+
+def convergence_settings(profile: dict) -> list[Setting]:
+    """The convergence study of 02_train: every (architecture, task) at one spec, once per variant
+    of the profile's `convergence` block (label -> overrides of tokenizer / generator / train
+    settings: more steps, the paper's head, another width). A variant equal to the defaults is the
+    Table 1 generator, not a new one; no block (or no variants) means no study."""
+    c = profile.get("convergence") or {}
+    if not c.get("variants"):
+        return []
+    spec = spec_from(c["bits"], c["granularity"], profile["quant"])
+    return [
+        Setting(a, t, [spec], overrides=copy.deepcopy(overrides or {}), label=label)
+        for a, t in pairs(profile)
+        for label, overrides in c["variants"].items()
+    ]
+
+
+ABLATIONS = {
+    # factor -> how one variant value overrides the profile (the ablation notebooks 04-07, and
+    # 08's target)
+    "target": lambda v: {"tokenizer": {"target": v}} if v != "direct" else {},
+    "padding": lambda v: {"tokenizer": {"padding": v}},
+    "head": lambda v: {"generator": v},
+    "backbone": lambda v: {"generator": {"backbone": v}},
+    # RPG: width = token
+    "token_size": lambda v: {"tokenizer": {"token_size": v}, "generator": {"d_model": v}},
+}
+
+
+def amortized_settings(profile: dict) -> list[Setting]:
+    """08_residual_qat: for every (architecture, task) with QAT targets and each of
+    `amortized_qat.bits`, one generator per target (`direct`, the paper's; `residual`, offsets from
+    RTN) and per source (PTQ targets: the correctness check, where the right answer is to change
+    nothing; QAT targets: amortized QAT). The direct ones are Tables 1 and 2's generators, read from
+    the cache."""
+    qat = profile["qat"]
+    return [
+        Setting(
+            a,
+            t,
+            [spec_from(b, qat["granularity"], profile["quant"])],
+            source,
+            overrides=ABLATIONS["target"](target),
+            label=target,
+        )
+        for a, t in pairs(profile)
+        if selected(qat, a, t)
+        for b in (profile.get("amortized_qat") or {}).get("bits", [])
+        for source in SOURCES
+        for target in TARGETS
+    ]
+
+
+def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Setting]:
+    """One generator per (variant, spec) of the profile's ablation setting, changing only `factor`.
+
+    `variants` maps a label to the factor's value (for `head`, GeneratorConfig fields). A variant
+    equal to the profile's default trains nothing new: it is the main tables' generator, read from
+    the cache.
+    """
+    if factor not in ABLATIONS:
+        raise ValueError(f"unknown ablation factor {factor!r}; one of {sorted(ABLATIONS)}")
+    a = ablation_setup(profile, factor)
+    return [
+        Setting(
+            a["arch"],
+            a["task"],
+            [spec_from(b, a["granularity"], profile["quant"])],
+            overrides=ABLATIONS[factor](value),
+            label=str(label),
+        )
+        for label, value in variants.items()
+        for b in a["bits"]
+    ]
