@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qg.targets import data
+from qg.targets import sources
 from qg.targets.models import ModelSpec, build_model, state_dict_of
 
 TINY_VIT = ModelSpec(
@@ -51,7 +51,7 @@ def write_fashion_mnist(folder, n_train=20, n_test=10, seed=0):
     for split, n in (("train", n_train), ("test", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, n, dtype=np.uint8)
-        images_file, labels_file = data.FASHION_MNIST_FILES[split]
+        images_file, labels_file = sources.FASHION_MNIST_FILES[split]
         write_idx(folder / images_file, images)
         write_idx(folder / labels_file, labels)
         arrays[split] = images, labels
@@ -71,7 +71,7 @@ def cifar_batch(n, label_key, seed):
 def write_cifar(root, name="cifar10", n=4):
     """Fake CIFAR-10 or CIFAR-100 batches (`n` images per batch file) in torchvision's folder
     layout."""
-    folder_name, train_files, test_files, label_key = data.CIFAR_LAYOUT[name]
+    folder_name, train_files, test_files, label_key = sources.CIFAR_LAYOUT[name]
     folder = root / folder_name
     folder.mkdir(parents=True)
     for seed, file in enumerate(train_files + test_files):

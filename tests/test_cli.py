@@ -306,7 +306,7 @@ def test_quantize_with_qwt_writes_the_compensations_and_says_when_data_is_missin
     (tmp_path / "no-data-here").mkdir()
     monkeypatch.setenv("QG_DATA", str(tmp_path / "no-data-here"))
     monkeypatch.setattr(
-        "qg.targets.data._download_fashion_mnist", lambda target: "no network (test)"
+        "qg.targets.sources._download_fashion_mnist", lambda target: "no network (test)"
     )
     with pytest.raises(
         SystemExit,

@@ -16,7 +16,8 @@ from ..generator.tokenizer import BASES, LOSS_WEIGHTINGS, PADDING_MODES, TARGETS
 from ..generator.train import TrainConfig
 from ..quant import qwt
 from ..quant.quantizer import GRANULARITIES, SCHEMES
-from ..targets.data import DATASET_INFO, IN_MEMORY
+from ..targets.data import IN_MEMORY
+from ..targets.sources import DATASET_INFO
 
 Bits = Annotated[int, Field(ge=2, le=8)]
 

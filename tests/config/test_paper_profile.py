@@ -27,7 +27,6 @@ from qg.generator.model import Generator, GeneratorConfig
 from qg.quant.quantizer import is_quantized_weight
 from qg.study.experiments import Experiment
 from qg.study.settings import main_settings
-from qg.targets.data import DATASET_INFO
 from qg.targets.models import (
     ModelSpec,
     build_model,
@@ -37,6 +36,7 @@ from qg.targets.models import (
     resolve_device,
     state_dict_of,
 )
+from qg.targets.sources import DATASET_INFO
 
 PAPER_GENERATOR_PARAMS = {8192: 1018e6, 16384: 3076e6}  # the paper's Table 7 (Base, Large)
 

@@ -19,19 +19,19 @@ from fakes import (
 )
 
 from qg.core.io import CorruptFileError
-from qg.targets import data
+from qg.targets import data, sources
 
-REAL_DEBIAN_FASHION_MNIST = data.DEBIAN_FASHION_MNIST
+REAL_DEBIAN_FASHION_MNIST = sources.DEBIAN_FASHION_MNIST
 
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """No test sees the real QG_DATA, the user's cache, the Debian files or the network."""
     monkeypatch.delenv("QG_DATA", raising=False)
-    monkeypatch.setattr(data, "DEFAULT_CACHE", tmp_path / "cache")
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(sources, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     monkeypatch.setattr(
-        data, "_download_fashion_mnist", lambda target: "URLError: no network in tests"
+        sources, "_download_fashion_mnist", lambda target: "URLError: no network in tests"
     )
 
 
@@ -115,7 +115,7 @@ def test_fashion_mnist_missing_explains_the_fix(tmp_path):
 
 def test_fashion_mnist_uses_a_successful_download(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        data,
+        sources,
         "_download_fashion_mnist",
         lambda target: write_fashion_mnist(target / "FashionMNIST" / "raw", n_train=5) and None,
     )
@@ -128,7 +128,7 @@ def test_fashion_mnist_uses_a_successful_download(tmp_path, monkeypatch):
     reason="dataset-fashion-mnist is not installed",
 )
 def test_real_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", REAL_DEBIAN_FASHION_MNIST)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", REAL_DEBIAN_FASHION_MNIST)
     train, test = (
         data.load_dataset("fashion_mnist", "train"),
         data.load_dataset("fashion_mnist", "test"),
@@ -147,7 +147,7 @@ def test_digits_split_sizes_and_determinism():
     assert torch.bincount(test.labels).min() >= 43  # stratified: about 45 per class
     image, label = train[0]
     assert image.shape == (1, 8, 8) and isinstance(label, int)
-    data._digits_split.cache_clear()
+    sources._digits_split.cache_clear()
     again = data.load_dataset("digits", "train")
     assert torch.equal(again.pixels, train.pixels) and torch.equal(again.labels, train.labels)
 
@@ -369,7 +369,7 @@ def test_qg_data_is_the_only_folder_searched_when_set(tmp_path, monkeypatch):
     """An empty or incomplete QG_DATA is an error, even when another copy (here: the Debian folder)
     exists."""
     write_fashion_mnist(tmp_path / "debian")
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
     assert len(data.load_dataset("fashion_mnist", "test")) == 10  # unset: the Debian copy is found
     (tmp_path / "mine").mkdir()
     monkeypatch.setenv("QG_DATA", str(tmp_path / "mine"))
