@@ -11,7 +11,7 @@ diffusion head, which samples that position's token of full-precision weights (R
              into tokens of `token_size`; a tensor's last token is padded with zeros, which the loss
              ignores. A tensor equal in every training checkpoint (a frozen backbone's, when only
              the head is trained, as in RPG Sec. 4) is kept by the tokenizer, not generated
-    body     `qg.generator.Generator` in RPG mode (`fp_input: false`): Mamba-2 blocks over
+    body     `qg.generator.model.Generator` in RPG mode (`fp_input: false`): Mamba-2 blocks over
              position embedding (+ Linear(condition vector))
     head     `qg.generator.diffusion.DiffusionHead`: a 1D conv denoiser per token, DDPM-trained,
              sampled by DDPM/DDIM

@@ -62,7 +62,7 @@ def _checked_header(path, metadata: dict) -> QuantSpec:
     if metadata.get("format") != FORMAT_NAME:
         raise CorruptFileError(
             f"{path} is not a {FORMAT_NAME} file (format={metadata.get('format')!r}); "
-            "write it with qg.quant.save_quantized"
+            "write it with qg.quant.fileformat.save_quantized"
         )
     if metadata.get("format_version") not in READABLE_VERSIONS:
         raise CorruptFileError(

@@ -20,7 +20,7 @@ def _pairs(table: dict) -> str:
 
 
 def paper_ablation_note(factor: str) -> str:
-    """The paper's own numbers for one ablation (from `qg.paper`), as the note under our table."""
+    """The paper's own numbers for one ablation (`qg.tables.paper`), as the note under our table."""
     if factor == "token_size":
         rows = "; ".join(f"{k}: {' '.join(f'{x:.2f}' for x in v)}" for k, v in paper.TABLE4.items())
         return f"Paper, Table 4 (ImageNet-1K ViT-Base, group-wise, 8..3 bits): {rows}."
