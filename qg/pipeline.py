@@ -98,13 +98,25 @@ def run(
     return [out_dir / f"{name}.ipynb" for name in names]
 
 
+KERNEL_START_FAILED = "Kernel died before replying to kernel_info"
+
+
 def _run_one(
     name: str, out_dir: Path, params: dict, profile_name: str, threads: int | None = None
 ) -> None:
     if threads is not None:  # read by the kernel's torch when it starts
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     print(f"[qg.pipeline] {name} (profile {profile_name})", flush=True)
-    _execute(ROOT / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb", params)
+    source, out = ROOT / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb"
+    try:
+        _execute(source, out, params)
+    except RuntimeError as e:
+        # Two kernels starting at once can be handed the same free TCP port (jupyter_client picks
+        # ports before the kernel binds them): the kernel dies before any cell ran, so start again.
+        if KERNEL_START_FAILED not in str(e):
+            raise
+        print(f"[qg.pipeline] {name}: its kernel died while starting ({e}); starting it again")
+        _execute(source, out, params)
 
 
 def _in_parallel(
