@@ -134,5 +134,6 @@ def shown_with_qwt() -> tuple[str, ...]:
 def order() -> list[str]:
     """The tables' order of methods: the registry's, each shown-with-QwT method followed by its
     `+qwt`, then the generators' paired differences against PTQ."""
-    shown = [x for n, m in REGISTRY.items() for x in ((n, n + QWT_SUFFIX) if m.qwt_rows else (n,))]
+    qwt = shown_with_qwt()
+    shown = [x for n in REGISTRY for x in ((n, n + QWT_SUFFIX) if n in qwt else (n,))]
     return shown + [f"{g}-ptq" for g in names("generator")]

@@ -142,8 +142,9 @@ def table_methods(profile: dict) -> dict[str, tuple[str, ...]]:
 def qwt_methods(profile: dict) -> tuple[str, ...]:
     """The methods 03_generate also scores with QwT on top (needs calibration data): none without a
     `qwt` block."""
-    shown = methods.shown_with_qwt()
-    return tuple(m for m in shown if m.endswith(methods.QWT_SUFFIX)) if profile.get("qwt") else ()
+    if not profile.get("qwt"):
+        return ()
+    return tuple(m for m in methods.shown_with_qwt() if m.endswith(methods.QWT_SUFFIX))
 
 
 def convergence_settings(profile: dict) -> list[Setting]:
