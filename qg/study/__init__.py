@@ -12,4 +12,5 @@ Modules, each importing only those above it here (and packages listed before thi
   evaluation   scoring the experiments into tidy rows: evaluate, diagnose, convergence, ablations
   rpg_study    RPG's own experiment (10_rpg): its samples, the baselines and the memorisation tests,
                scored
+  rpg_binary   RPG on binary tasks it never saw: relabelled tasks, per-task classifiers, samples
 """

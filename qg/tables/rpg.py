@@ -10,7 +10,7 @@ import pandas as pd
 import seaborn as sns
 
 from ..core.report import cell, markdown
-from ..study import rpg_study
+from ..study import rpg_binary, rpg_study
 from . import paper
 
 RPG_KIND_LABELS = {
@@ -167,9 +167,9 @@ def rpg_figure(rows: pd.DataFrame):
 def binary_table(
     rows: pd.DataFrame, record: dict, profile: dict, commit: str
 ) -> tuple[pd.DataFrame, str]:
-    """RPG's Tables 9 and 14 at our scale (`rpg_study.binary_rows`): per unseen binary task, its own
-    classifiers, RPG's samples (best, mean ± std) and the nearest seen task's classifiers, beside
-    the paper's averages."""
+    """RPG's Tables 9 and 14 at our scale (`rpg_binary.binary_rows`): per unseen binary task,
+    its own classifiers, RPG's samples (best, mean ± std) and the nearest seen task's
+    classifiers, beside the paper's averages."""
     by = rows.groupby(["arch", "embedding", "kind"], sort=False)
     stats = by.agg(
         mean=("accuracy", "mean"),
@@ -227,7 +227,7 @@ def binary_table(
         "nearest seen task": "NA",
     }
     shown = pd.concat([shown, pd.DataFrame([summary, paper_row])], ignore_index=True)
-    b = rpg_study.binary_config(profile)
+    b = rpg_binary.binary_config(profile)
     return tidy, markdown(
         shown,
         "RPG on binary tasks it never saw (top-1 %, RPG Tables 9 and 14 at our scale)",

@@ -10,7 +10,7 @@ from qg.generator.rpg import RPG, ParamTokenizer, training_data
 from qg.generator.train import TrainConfig
 from qg.quant.quantizer import QuantSpec, quantize_state_dict
 from qg.study.fidelity import error_iou, nearest_distances
-from qg.study.rpg_study import embeddings, hamming, task_split
+from qg.study.rpg_binary import embeddings, hamming, task_split
 from qg.targets.models import build_model
 
 TINY_RPG = {
