@@ -154,12 +154,28 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        {"quantize": quantize, "evaluate": evaluate}[args.command](args)
+    except (ValueError, OSError, CorruptFileError) as err:
+        sys.exit(f"error: {err}")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qg",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
+    for sp in (_quantize_arguments(sub), _evaluate_arguments(sub)):
+        sp.add_argument(
+            "--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)"
+        )
+    return p
+
+
+def _quantize_arguments(sub) -> argparse.ArgumentParser:
     q = sub.add_parser(
         "quantize", help="quantize a full-precision checkpoint with a trained generator"
     )
@@ -196,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         "-o", "--output", required=True, help="quantized model file to write (.safetensors)"
     )
     q.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    return q
+
+
+def _evaluate_arguments(sub) -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="top-1 accuracy of a quantized model file or a checkpoint")
     e.add_argument("file")
     e.add_argument(
@@ -214,15 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         "float one",
     )
     e.add_argument("--seed", type=int, default=0)
-    for sp in (q, e):
-        sp.add_argument(
-            "--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)"
-        )
-    args = p.parse_args(argv)
-    try:
-        {"quantize": quantize, "evaluate": evaluate}[args.command](args)
-    except (ValueError, OSError, CorruptFileError) as err:
-        sys.exit(f"error: {err}")
+    return e
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from .generator.mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequentia
 from .generator.model import Block, GeneratorConfig
 from .generator.train import saved_activation_mb
 from .quant.baselines import quantize_model
-from .quant.quantizer import spec_from
 from .targets.models import ModelSpec, build_model, state_dict_of
 from .targets.runtime import latency, median_seconds, quantized_model, weight_bytes
 
@@ -145,8 +144,8 @@ def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
     """Packed runtime against FP32, per architecture of the profile and bit-width (CPU)."""
     profile = load_profile(profile_name)
     rows = []
-    for name, arch in profile["archs"].items():
-        model_spec = ModelSpec.from_dict(arch)
+    for name in profile.archs:
+        model_spec = ModelSpec.from_dict(profile.set_in("archs", name))
         torch.manual_seed(0)
         fp = build_model(model_spec).eval()
         sd = state_dict_of(fp)
@@ -156,7 +155,7 @@ def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
         base = {
             "bench": "runtime",
             "arch": name,
-            "profile": profile["name"],
+            "profile": profile.name,
             "runtime_batch": batch,
             "device": _cpu(),
         }
@@ -170,7 +169,7 @@ def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
             }
         )
         for bits in range(2, 9):
-            spec = spec_from(bits, "group", profile["quant"])
+            spec = profile.quant.spec(bits, "group")
             made, seconds = {}, {}
             for method in ("ptq", "hqq"):
                 start = time.perf_counter()

@@ -33,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .config.profiles import Paths, load_profile, refuse_undeclared
+from .config.schema import Profile
 from .core import report
 from .study.evaluation import run_ablation
 from .study.experiments import Experiment
@@ -42,10 +43,11 @@ from .tables.common import loss_curves
 
 def setup(
     profile: str, overrides: dict | None = None, history: Sequence[str] = ()
-) -> tuple[dict, Paths]:
+) -> tuple[Profile, Paths]:
     """A notebook's set-up: `P, paths = setup(profile, overrides, In)` (`In`: IPython's history).
 
-    Returns the loaded profile and its `Paths`, folders made."""
+    Returns the loaded profile (`P.train.steps`; `P.written`: as its file wrote it) and its
+    `Paths`, folders made."""
     warnings.filterwarnings("ignore", category=UserWarning)
     refuse_undeclared(list(history))  # first: an unknown parameter is the error reported
     P = load_profile(profile, overrides)
@@ -106,7 +108,7 @@ class AblationReport:
 
 
 def run_and_report(exp: Experiment, factor: str) -> AblationReport:
-    """Run the ablation of `factor` (`exp.profile["ablation"][factor]`'s variants) and write its
+    """Run the ablation of `factor` (the variants of `ablation.<factor>`) and write its
     table, with provenance, and its two figures under `exp.paths`.
 
     The figures are closed once saved, so a notebook shows each once, where it displays the

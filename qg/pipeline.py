@@ -91,10 +91,10 @@ def run(
         check_parameters(ROOT / "notebooks" / f"{name}.ipynb", params)
     first = [n for n in names if jobs == 1 or n in SHARED]
     for name in first:
-        _run_one(name, out_dir, params, loaded["name"])
+        _run_one(name, out_dir, params, loaded.name)
     later = [n for n in names if n not in first]
     if later:
-        _in_parallel(later, jobs, out_dir, params, loaded["name"])
+        _in_parallel(later, jobs, out_dir, params, loaded.name)
     return [out_dir / f"{name}.ipynb" for name in names]
 
 
@@ -310,6 +310,26 @@ def _comparable(df):
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.verify:
+        sys.exit(verify(args.profile))
+    if args.compare:
+        sys.exit(compare(args.profile, args.compare))
+    try:
+        run(
+            args.profile,
+            args.notebooks or None,
+            {"overrides": args.overrides} if args.overrides else None,
+            args.jobs,
+        )
+        if args.store_checks:
+            for path in store_checks(args.profile, args.notebooks or None):
+                print(f"[qg.pipeline] stored checked outputs in {path.relative_to(ROOT)}")
+    except (ValueError, OSError, NotebookError) as e:
+        sys.exit(f"error: {e}")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -349,23 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="after running, store the checked cells' outputs in notebooks/ (what nbval compares)",
     )
-    args = p.parse_args(argv)
-    if args.verify:
-        sys.exit(verify(args.profile))
-    if args.compare:
-        sys.exit(compare(args.profile, args.compare))
-    try:
-        run(
-            args.profile,
-            args.notebooks or None,
-            {"overrides": args.overrides} if args.overrides else None,
-            args.jobs,
-        )
-        if args.store_checks:
-            for path in store_checks(args.profile, args.notebooks or None):
-                print(f"[qg.pipeline] stored checked outputs in {path.relative_to(ROOT)}")
-    except (ValueError, OSError, NotebookError) as e:
-        sys.exit(f"error: {e}")
+    return p
 
 
 if __name__ == "__main__":

@@ -35,15 +35,14 @@ from qg.targets.models import (
 def test_profiles_load_and_name_every_table(name):
     P = profiles.load_profile(name)
     settings = main_settings(P)
-    assert P["name"] == name and set(settings) == {"table1", "figure3", "table2", "table3"}
-    pairs = len(P["archs"]) * len(P["tasks"])
-    assert len(settings["table1"]) == pairs * (len(P["table1"]["bits"]) + 1)
+    assert P.name == name and set(settings) == {"table1", "figure3", "table2", "table3"}
+    pairs = len(P.archs) * len(P.tasks)
+    assert len(settings["table1"]) == pairs * (len(P.table1.bits) + 1)
     assert {s.source for s in settings["table2"]} == {"qat"}
     assert all(s.condition in ("precision", "granularity") for s in settings["table3"])
     for factor in ("padding", "head", "backbone", "token_size"):
-        variants = P["ablation"][factor]
-        expected = len(variants) * len(P["ablation"]["bits"])
-        assert len(ablation_settings(P, factor, variants)) == expected
+        expected = len(P.set_in("ablation", factor)) * len(P.ablation.bits)
+        assert len(ablation_settings(P, factor)) == expected
 
 
 def test_unknown_profile_and_notebook_are_clear_errors():
@@ -118,10 +117,8 @@ def test_qat_target_is_a_quantized_file_with_its_time(tmp_path, bits):
 
 
 def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
-    P = {
-        **profiles.load_profile("smoke"),
-        "checkpoints": {"n": 10, "heldout_every": 5, "heldout_run": 2},
-    }
+    P = profiles.load_profile("smoke")
+    P.checkpoints = {"n": 10, "heldout_every": 5, "heldout_run": 2}
     paths = profiles.Paths.of("smoke", tmp_path)
     run_a = [str(tmp_path / "runA" / f"ckpt_{i:03d}.safetensors") for i in range(10)]
     run_b = [str(tmp_path / "runB" / f"ckpt_{i:03d}.safetensors") for i in range(2)]
@@ -327,11 +324,12 @@ def test_overrides_merge_into_the_profile_and_keep_its_cache(tmp_path):
     base = profiles.load_profile("smoke")
     P = profiles.load_profile("smoke", {"train": {"steps": 7}, "eval": {"per_split": 1}})
     assert (
-        P["train"] == {**base["train"], "steps": 7}
-        and P["eval"]["per_split"] == 1
-        and P["tokenizer"] == base["tokenizer"]
+        P.written["train"] == {**base.written["train"], "steps": 7}
+        and P.train == base.train.model_copy(update={"steps": 7})
+        and P.eval.per_split == 1
+        and P.tokenizer == base.tokenizer
     )
-    assert P["name"].startswith("smoke+") and P["overrides"] == {
+    assert P.name.startswith("smoke+") and P.overrides == P.written["overrides"] == {
         "train": {"steps": 7},
         "eval": {"per_split": 1},
     }
@@ -340,7 +338,7 @@ def test_overrides_merge_into_the_profile_and_keep_its_cache(tmp_path):
         profiles.Paths.for_profile(base, tmp_path),
     )
     assert paths.artifacts == base_paths.artifacts and paths.results != base_paths.results
-    assert profiles.load_profile("smoke", {"train": {"steps": 7}})["name"] != P["name"]
+    assert profiles.load_profile("smoke", {"train": {"steps": 7}}).name != P.name
     with pytest.raises(ValueError, match="does not have"):
         profiles.load_profile("smoke", {"trian": {"steps": 7}})
     with pytest.raises(ValueError, match="01_collect"):
@@ -409,7 +407,7 @@ def test_notebooks_refuse_undeclared_papermill_parameters(tmp_path, monkeypatch)
     with pd.option_context("display.width", 80, "display.max_columns", 20):  # restored after
         P, paths = notebook.setup("smoke", {}, ["", params, '# Parameters\nprofile = "smoke"\n'])
         assert (
-            P["name"] == "smoke"
+            P.name == "smoke"
             and paths.results.is_dir()
             and paths.results.is_relative_to(tmp_path.resolve())
         )

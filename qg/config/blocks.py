@@ -11,11 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import methods
 from ..generator.diffusion import SAMPLERS
+from ..generator.loss import LOSS_WEIGHTINGS
 from ..generator.model import HEADS, MIXERS, SKIPS, GeneratorConfig
-from ..generator.tokenizer import BASES, LOSS_WEIGHTINGS, PADDING_MODES, TARGETS
+from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
 from ..generator.train import TrainConfig
 from ..quant import qwt
-from ..quant.quantizer import GRANULARITIES, SCHEMES
+from ..quant.quantizer import GRANULARITIES, SCHEMES, QuantSpec
 from ..targets.data import IN_MEMORY
 from ..targets.sources import DATASET_INFO
 
@@ -183,6 +184,10 @@ class Quant(Block):
 
     group_size: Positive = Field(64, description="values per group (group-wise)")
     scheme: Literal[SCHEMES] = Field("symmetric", description="symmetric (Eq. 1) or asymmetric")
+
+    def spec(self, bits: int, granularity: str) -> QuantSpec:
+        """The spec of `bits` and `granularity` with this group size and scheme."""
+        return QuantSpec(bits, granularity, self.group_size, self.scheme)
 
 
 class Selection(Block):

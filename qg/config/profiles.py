@@ -21,14 +21,15 @@ from pathlib import Path
 import yaml
 
 from ..core.io import ROOT, params_key, read_json
-from .schema import validated
+from .blocks import AblationSetup, Selection
+from .schema import Profile, validated
 
 # What 01_collect makes from: overriding these would change the checkpoints under the shared cache's
 # manifest, so a variant of them is a profile file of its own, not an override.
 COLLECT_KEYS = ("seed", "archs", "pretrain", "tasks", "checkpoints", "quant", "qat")
 
 
-def load_profile(name: str, overrides: dict | None = None) -> dict:
+def load_profile(name: str, overrides: dict | None = None) -> Profile:
     """The settings of profile `name` from `params/<name>.yaml` (a path to a YAML file also works),
     with `overrides` merged in (nested dicts key by key; the papermill way to sweep a value without
     editing files).
@@ -48,13 +49,15 @@ def load_profile(name: str, overrides: dict | None = None) -> dict:
         profile = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"profile {path} is not valid YAML: {e}") from None
+    if isinstance(profile, dict):
+        profile = {**profile, "name": path.stem, "cache": path.stem}
     profile = validated(profile, str(path))
-    profile["name"] = profile["cache"] = path.stem
     if overrides:
-        _check_overrides(profile, overrides, path)
-        profile = validated(_merged(profile, overrides), f"{path} with overrides {overrides}")
-        profile["overrides"] = overrides
-        profile["name"] = f"{path.stem}+{params_key(overrides)[:8]}"
+        _check_overrides(profile.written, overrides, path)
+        named = {"overrides": overrides, "name": f"{path.stem}+{params_key(overrides)[:8]}"}
+        profile = validated(
+            {**_merged(profile.written, overrides), **named}, f"{path} with overrides {overrides}"
+        )
     problems = profile_problems(profile)
     if problems:
         raise ValueError(
@@ -93,32 +96,37 @@ def _assigned(source: str) -> set[str]:
     }
 
 
-def pairs(profile: dict) -> list[tuple[str, str]]:
+def pairs(profile: Profile) -> list[tuple[str, str]]:
     """Every collected (architecture, task): all tasks, or those an archs entry lists under
     `tasks`."""
     return [
         (a, t)
-        for a, entry in profile["archs"].items()
-        for t in profile["tasks"]
-        if t in entry.get("tasks", profile["tasks"])
+        for a, entry in profile.archs.items()
+        for t in profile.tasks
+        if entry.tasks is None or t in entry.tasks
     ]
 
 
-def selected(block: dict, arch: str, task: str) -> bool:
+def selected(block: Selection, arch: str, task: str) -> bool:
     """Whether a profile block (`qat`, `table3`) that may list `archs` and `tasks` covers (arch,
     task)."""
-    return arch in block.get("archs", [arch]) and task in block.get("tasks", [task])
+    return (block.archs is None or arch in block.archs) and (
+        block.tasks is None or task in block.tasks
+    )
 
 
-def ablation_setup(profile: dict, factor: str) -> dict:
+def ablation_setup(profile: Profile, factor: str) -> AblationSetup:
     """The (arch, task, bits, granularity) one ablation runs on: the `ablation` block's, updated by
     its `per_factor` entry for that factor (the paper ablates token size on ViT-Base, the rest on
     ViT-Tiny)."""
-    a = profile["ablation"]
-    return {
-        **{k: a[k] for k in ("arch", "task", "bits", "granularity")},
-        **a.get("per_factor", {}).get(factor, {}),
-    }
+    a = profile.ablation
+    own = a.per_factor.get(factor)
+    return AblationSetup(
+        **{
+            **{k: getattr(a, k) for k in ("arch", "task", "bits", "granularity")},
+            **(own.model_dump(exclude_unset=True) if own else {}),
+        }
+    )
 
 
 def _check_overrides(profile: dict, overrides: dict, path: Path) -> None:
@@ -155,13 +163,13 @@ def _merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-def profile_problems(profile: dict) -> list[str]:
+def profile_problems(profile: Profile) -> list[str]:
     """Names in a profile that refer to nothing (a typo would silently drop a model, a table or a
     figure)."""
-    archs, tasks, collected = list(profile["archs"]), list(profile["tasks"]), pairs(profile)
-    lists = [(f"archs.{a}.tasks", e.get("tasks"), tasks) for a, e in profile["archs"].items()]
+    archs, tasks, collected = list(profile.archs), list(profile.tasks), pairs(profile)
+    lists = [(f"archs.{a}.tasks", e.tasks, tasks) for a, e in profile.archs.items()]
     lists += [
-        (f"{b}.{k}", profile.get(b, {}).get(k), valid)
+        (f"{b}.{k}", getattr(getattr(profile, b), k), valid)
         for b in ("qat", "table3")
         for k, valid in (("archs", archs), ("tasks", tasks))
     ]
@@ -170,50 +178,57 @@ def profile_problems(profile: dict) -> list[str]:
     for where, value, valid in lists:
         if value is not None and not set(value) <= set(valid):
             problems.append(f"{where} names {sorted(set(value) - set(valid))}, not among {valid}")
-    ablation = profile.get("ablation", {})
-    factors = [k for k, v in ablation.items() if isinstance(v, dict) and k != "per_factor"]
-    wanted = {"figure1": profile.get("figure1"), "figure3": profile.get("figure3")}
+    factors = ablation_factors(profile)
+    wanted = {"figure1": profile.figure1, "figure3": profile.figure3}
     wanted.update({f"ablation ({factor})": ablation_setup(profile, factor) for factor in factors})
     problems += [
         f"ablation.per_factor.{factor} is not an ablation of this profile ({factors})"
-        for factor in ablation.get("per_factor", {})
+        for factor in profile.ablation.per_factor
         if factor not in factors
     ]
     problems += [
-        f"{where} uses {block['arch']}/{block['task']}, which 01_collect does not make (it makes "
+        f"{where} uses {block.arch}/{block.task}, which 01_collect does not make (it makes "
         f"{[f'{a}/{t}' for a, t in collected]})"
         for where, block in wanted.items()
-        if block and (block["arch"], block["task"]) not in collected
+        if (block.arch, block.task) not in collected
     ]
-    amortized = profile.get("amortized_qat") or {}
-    missing = sorted(set(amortized.get("bits", [])) - set(profile.get("qat", {}).get("bits", [])))
+    amortized = profile.amortized_qat.bits if profile.amortized_qat else []
+    missing = sorted(set(amortized) - set(profile.qat.bits))
     if missing:
         problems.append(
             f"amortized_qat.bits {missing} have no QAT targets: add them to qat.bits (01_collect "
             "makes them)"
         )
-    rpg = profile.get("rpg") or {}
+    if profile.rpg:
+        problems += _rpg_problems(profile.rpg, archs, collected)
+    problems += _convergence_problems(profile.convergence)
+    return problems
+
+
+def ablation_factors(profile: Profile) -> list[str]:
+    """The factors the profile ablates (the `ablation` block's variant tables that are set)."""
+    a = profile.ablation
+    return [f for f in ("padding", "head", "backbone", "token_size") if getattr(a, f) is not None]
+
+
+def _rpg_problems(rpg, archs: list[str], collected: list[tuple[str, str]]) -> list[str]:
+    problems = [f"rpg.archs names {a!r}, not among {archs}" for a in rpg.archs if a not in archs]
     problems += [
-        f"rpg.archs names {a!r}, not among {archs}" for a in rpg.get("archs", []) if a not in archs
+        f"rpg uses {a}/{rpg.task}, which 01_collect does not make"
+        for a in rpg.archs
+        if a in archs and (a, rpg.task) not in collected
     ]
-    problems += [
-        f"rpg uses {a}/{rpg.get('task', 'full')}, which 01_collect does not make"
-        for a in rpg.get("archs", [])
-        if a in archs and (a, rpg.get("task", "full")) not in collected
-    ]
-    binary = rpg.get("binary") or {}
-    if binary.get("arch") and binary["arch"] not in archs:
-        problems.append(f"rpg.binary.arch names {binary['arch']!r}, not among {archs}")
-    convergence = profile.get("convergence") or {}
-    if convergence.get("variants") and not {"bits", "granularity"} <= set(convergence):
+    if rpg.binary and rpg.binary.arch and rpg.binary.arch not in archs:
+        problems.append(f"rpg.binary.arch names {rpg.binary.arch!r}, not among {archs}")
+    return problems
+
+
+def _convergence_problems(convergence) -> list[str]:
+    if not convergence or not convergence.variants:
+        return []
+    problems = []
+    if convergence.bits is None or convergence.granularity is None:
         problems.append("convergence needs `bits` and `granularity` beside its `variants`")
-    for label, overrides in (convergence.get("variants") or {}).items():
-        unknown = sorted(set(overrides or {}) - {"tokenizer", "generator", "train"})
-        if unknown:
-            problems.append(
-                f"convergence.variants.{label} overrides {unknown}; only tokenizer, generator and "
-                "train can change"
-            )
     return problems
 
 
@@ -241,10 +256,10 @@ class Paths:
         )
 
     @classmethod
-    def for_profile(cls, profile: dict, root: Path | None = None) -> "Paths":
+    def for_profile(cls, profile: Profile, root: Path | None = None) -> "Paths":
         """Paths of a loaded profile: its own results, the cache of the profile file it came
         from."""
-        return cls.of(profile["name"], root, profile.get("cache"))
+        return cls.of(profile.name, root, profile.cache)
 
     def make(self) -> "Paths":
         for p in (self.artifacts, self.results, self.figures):

@@ -4,9 +4,10 @@
 starts, so a typo, a string where a number belongs or a negative step count is refused at once with
 the key's path and, for a misspelt name, the nearest known one. Types are coerced where YAML is
 ambiguous (`lr: 3e-3`, which YAML 1.1 reads as a string, becomes 0.003; `steps: "40"` becomes 40)
-and refused otherwise. The validated profile is returned as the plain dict the notebooks read,
-holding only the keys the file set, with the file's own values (an int stays an int), so that
-validation changes no cache key.
+and refused otherwise. The code reads the checked `Profile` itself (`P.train.steps`: every default
+is the schema's, stated once); cache keys and provenance are made from `Profile.written`, the keys
+the file set with the file's own values (an int stays an int), so that a default added to the
+schema or a number's coercion changes no cache key.
 
 The tokenizer, generator and train blocks (in `qg.config.blocks`) mirror `Tokenizer.fit`,
 `GeneratorConfig` and `TrainConfig` (their defaults are read from there; a test keeps the key sets
@@ -18,12 +19,13 @@ QAT targets) are `profiles.profile_problems`. The README's profile reference is
 
 from __future__ import annotations
 
+import copy
 import difflib
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from .blocks import (
@@ -90,6 +92,22 @@ class Profile(Block):
     name: str | None = None
     cache: str | None = None
     overrides: dict | None = None
+    _written: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def written(self) -> dict:
+        """The profile as its file wrote it (a copy): only the keys it set, its own values, and the
+        name, cache and overrides `load_profile` gave it. Cache keys and provenance are made from
+        this, never from the defaults filled in."""
+        return copy.deepcopy(self._written)
+
+    def set_in(self, *keys: str) -> dict:
+        """The keys the file set under `keys` (`set_in("archs", "vit", "train")`), as written; empty
+        when it set none there. Settings merged from several blocks are keyed from these."""
+        block = self._written
+        for k in keys:
+            block = block.get(k) or {}
+        return copy.deepcopy(block)
 
     @field_validator("device")
     @classmethod
@@ -102,6 +120,28 @@ class Profile(Block):
     def _token_size(self):
         if self.tokenizer.token_size is None:
             raise ValueError("tokenizer.token_size is required")
+        return self
+
+    @model_validator(mode="after")
+    def _rtn_base_adds(self):
+        """The one rule spanning two blocks: an RTN base is what the head's skip adds to (checked
+        for the profile's blocks, each architecture's own and each convergence variant's)."""
+
+        def value(block, own, key):
+            return getattr(own if own and key in own.model_fields_set else block, key)
+
+        variants = self.convergence.variants if self.convergence else {}
+        places = [("", None)]
+        places += [(f"archs.{n}.", a) for n, a in self.archs.items()]
+        places += [(f"convergence.variants.{n}.", v) for n, v in variants.items() if v]
+        for where, own in places:
+            base = value(self.tokenizer, own and own.tokenizer, "base")
+            skip = value(self.generator, own and own.generator, "skip")
+            if base == "rtn" and skip != "add":
+                raise ValueError(
+                    f"{where}tokenizer.base: rtn is what the generator's skip adds to: set "
+                    f"{where}generator.skip: add (it is {skip!r})"
+                )
         return self
 
 
@@ -135,22 +175,23 @@ MODELS = [
 KNOWN_KEYS = sorted({k for m in MODELS for k in m.model_fields})
 
 
-def validated(raw: Any, source: str) -> dict:
-    """`raw` checked against `Profile`, as the dict of the keys it set (coerced); a ValueError
-    listing every problem, each with its key's path, otherwise."""
+def validated(raw: Any, source: str) -> Profile:
+    """`raw` checked against `Profile` (its `written` the keys `raw` set); a ValueError listing
+    every problem, each with its key's path, otherwise."""
     if not isinstance(raw, dict):
         raise ValueError(
             f"profile {source} must be a YAML mapping of sections (seed, archs, ...), "
             f"got {type(raw).__name__}"
         )
     try:
-        checked = Profile.model_validate(raw).model_dump(exclude_unset=True)
+        profile = Profile.model_validate(raw)
     except ValidationError as e:
         lines = [_problem(err) for err in e.errors()]
         raise ValueError(
             f"profile {source} does not validate ({len(lines)} problem(s)):\n" + "\n".join(lines)
         ) from None
-    return _as_written(raw, checked)
+    profile._written = _as_written(raw, profile.model_dump(exclude_unset=True))
+    return profile
 
 
 def _as_written(raw, checked):

@@ -41,9 +41,10 @@ SPLIT_LABELS = {
 
 
 def summarize(
-    runs: pd.DataFrame, table: str, profile: dict, commit: str, metric: str = "accuracy"
+    runs: pd.DataFrame, table: str, profile, commit: str, metric: str = "accuracy"
 ) -> pd.DataFrame:
-    """Per-checkpoint rows -> one tidy row per group: mean, std (over checkpoints) and n."""
+    """Per-checkpoint rows -> one tidy row per group: mean, std (over checkpoints) and n (`profile`:
+    a loaded `qg.config.schema.Profile`, whose name the rows carry)."""
     keys = [k for k in GROUP_KEYS if k in runs.columns]
     out = (
         runs.groupby(keys, dropna=False)[metric]
@@ -53,7 +54,7 @@ def summarize(
     out["std"] = out["std"].fillna(0.0)
     out.insert(0, "table", table)
     out["metric"] = "top1_accuracy" if metric == "accuracy" else metric
-    out["profile"], out["commit"] = profile["name"], commit
+    out["profile"], out["commit"] = profile.name, commit
     return out
 
 
@@ -103,14 +104,13 @@ def _portable_values(value):
     return portable(value) if isinstance(value, str) and os.path.isabs(value) else value
 
 
-def provenance(
-    profile: dict, commit: str, inputs: list[Path] = (), extra: dict | None = None
-) -> dict:
-    """What produced a results file: profile and its parameters, code commit, input hashes,
-    software, and the CPU kernels and threads its floats depend on (`qg.core.kernels`)."""
+def provenance(profile, commit: str, inputs: list[Path] = (), extra: dict | None = None) -> dict:
+    """What produced a results file: profile (a loaded `qg.config.schema.Profile`) and its
+    parameters as written, code commit, input hashes, software, and the CPU kernels and threads its
+    floats depend on (`qg.core.kernels`)."""
     return {
-        "profile": profile["name"],
-        "parameters": _portable_values(profile),
+        "profile": profile.name,
+        "parameters": _portable_values(profile.written),
         "commit": commit,
         "inputs": {
             portable(p): file_sha256(p) for p in sorted(map(Path, inputs)) if Path(p).is_file()

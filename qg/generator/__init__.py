@@ -6,6 +6,7 @@ Modules, each importing only those above it here (and packages listed before thi
   diffusion  RPG-style diffusion head (1D conv denoiser + DDPM/DDIM), for the ablation
   layout     which token holds what: a checkpoint's layers as fixed-width tokens, 2D positions
   tokenizer  checkpoints <-> fixed-width token sequences, with a layout and position embedding
+  loss       what the MSE counts at each target position: weights, and dead zones from RTN
   model      the generator: mixer blocks (Mamba-2, LSTM, Transformer) + embeddings + head
   directory  a trained generator's files, and QuantGen: generator + tokenizer, one forward pass
   pairs      the training set: fp tokens in, target tokens out, with bases, masks and dead zones

@@ -299,7 +299,7 @@ class Generator(nn.Module):
     ) -> torch.Tensor:
         """Training loss: MSE to the target tokens, weighted by `mask` (False or 0 on padding, which
         is excluded), or the diffusion loss. `base`: the tokenizer's base tokens, needed with a
-        skip; `tolerance`: a dead zone per position (`Tokenizer.loss_tolerance`), inside which an
+        skip; `tolerance`: a dead zone per position (`loss.loss_tolerance`), inside which an
         error costs nothing.
         (Inference is `generate`; the loss is the forward so DDP can wrap it.)"""
         feats = self.features(tokens, onehot)

@@ -10,6 +10,7 @@ import torch
 
 from ..core.io import read_safetensors, save_safetensors
 from ..quant.quantizer import QuantSpec
+from .loss import loss_tolerance, loss_weights
 from .tokenizer import Tokenizer
 
 
@@ -18,8 +19,8 @@ class TokenPairs:
     """Training pairs: fp tokens `x` (one row per fp checkpoint), target tokens `y`, the base tokens
     the head's skip starts from (`base`, one row per target: `Tokenizer.base_tokens`), which fp row
     each target comes from (`src`), its condition index (`cond`), the loss weights of each condition
-    (`masks`: 0 on padding; see `Tokenizer.loss_weights`) and, for the residual target, each
-    target's dead zone (`tolerance`: `Tokenizer.loss_tolerance`; None for the paper's plain MSE)."""
+    (`masks`: 0 on padding; see `loss.loss_weights`) and, for the residual target, each target's
+    dead zone (`tolerance`: `loss.loss_tolerance`; None for the paper's plain MSE)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -59,10 +60,10 @@ class TokenPairs:
             for i, (sd, qsd) in enumerate(zip(fp_checkpoints, quantized[spec])):
                 ys.append(tokenizer.encode_quantized(qsd, spec, sd))
                 bases.append(tokenizer.base_tokens(sd, spec))
-                tols.append(tokenizer.loss_tolerance(ys[-1], spec, bases[-1]))
+                tols.append(loss_tolerance(tokenizer, ys[-1], spec, bases[-1]))
                 src.append(i)
                 cond.append(c)
-        masks = torch.stack([tokenizer.loss_weights(s, loss_weighting) for s in specs])
+        masks = torch.stack([loss_weights(tokenizer, s, loss_weighting) for s in specs])
         names = [s.name for s in specs] if conditional else []
         return cls(
             x,

@@ -32,9 +32,9 @@ target tokens, before rounding: codes w / S_rtn + Z_rtn, S_rtn (or log S_rtn) an
 target's own normalisation. The target tokens stay the paper's; the skip changes, from the weights
 (which a code equals up to a factor 1 / S of its group, a max over the group that the body has to
 infer) to a value a PTQ target is within half a step of, and the MSE gets the residual target's dead
-zone (`loss_tolerance`), without which it fits the rounding of the training checkpoints and moves
-codes of new ones (measured: -2.7 points at 3 bits, ViT head-only). 02_train's convergence study
-measures what the change buys.
+zone (`loss.loss_tolerance`), without which it fits the rounding of the training checkpoints and
+moves codes of new ones (measured: -2.7 points at 3 bits, ViT head-only). 02_train's convergence
+study measures what the change buys.
 
 A layout serves one or several quantization specs (a conditional generator covers several): S/Z
 segments are sized for the spec with the most groups, and each spec has its own statistics. The
@@ -59,14 +59,9 @@ from ..quant.quantizer import (
 from .layout import KINDS, Layout, Segment
 
 PADDING_MODES = ("gaussian", "zero", "one")
-LOSS_WEIGHTINGS = ("element", "segment")
 MAX_LOG_SCALE = 80.0  # a diverged generated log S decodes to a huge but finite S, never inf
 TARGETS = ("direct", "residual")
 BASES = ("weights", "rtn")
-# code units: how far past a rounding boundary a departing residual offset must be predicted
-ROUNDING_MARGIN = 0.1
-# code units: an offset from RTN this close to 0.5 is a rounding tie (float error), not a departure
-TIE = 1e-3
 
 
 def _mean_std(values: list[torch.Tensor]) -> tuple[float, float]:
@@ -210,6 +205,11 @@ class Tokenizer:
             )
         return spec
 
+    def stats(self, spec: QuantSpec) -> torch.Tensor:
+        """(layers, 3 kinds, [mean, std]) of the target side under `spec`: what a target value is
+        normalised by."""
+        return self.q_stats[self._spec(spec).name]
+
     def _write(self, side: str, values: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
         """Place flat value vectors at their segments on top of the side's padding canvas."""
         flat = self._canvas[side].clone().view(-1)
@@ -345,73 +345,9 @@ class Tokenizer:
                 out[name] = (self._read(tokens, seg, math.prod(shape)) * std + mean).reshape(shape)
         return out
 
-    def loss_tolerance(
-        self, target: torch.Tensor, spec: QuantSpec, base: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """Half-width of the loss's dead zone at each position of a target sequence (None for the
-        direct target relative to the weights, the paper's plain MSE).
-
-        Relative to RTN (the residual target, or the direct one with `base: rtn`, whose `base`
-        tokens are needed here), an integer (code or Z) is right when the prediction rounds to it,
-        so the loss counts only the distance beyond the rounding boundary: 0.5 (in code units) where
-        the target keeps RTN's value, and 0.5 - ROUNDING_MARGIN where it departs, so a prediction
-        has to cross the boundary, not stop on it. A departure moves a code by a whole step, so its
-        offset from RTN's unrounded code is over 0.5; one within TIE of 0.5 is a tie that float
-        error put a hair past the boundary, and keeps RTN's value. Where the target keeps it, the
-        half-width also covers the `base` (what the untrained generator outputs), so RTN itself
-        costs exactly nothing, every gradient is zero and PTQ targets train nothing away.
-        S is continuous: no dead zone.
-        """
-        if self.target == "direct" and self.base == "weights":
-            return None
-        if self.base == "rtn" and base is None:
-            raise ValueError(
-                "the dead zone of the RTN base is relative to RTN of the checkpoint: "
-                "pass its base tokens"
-            )
-        stats, ts = self.q_stats[self._spec(spec).name], self.layout.token_size
-        flat, tol = target.reshape(-1), torch.zeros(target.numel())
-        # from RTN, normalised
-        offset = flat if self.target == "residual" else flat - base.reshape(-1)
-        # what the untrained generator (its base) misses by
-        gap = offset if base is None else flat - base.reshape(-1)
-        for seg in self.layout.segments:
-            if seg.kind == "scale":
-                continue
-            std = float(stats[seg.layer_index, KINDS.index(seg.kind), 1])
-            at = slice(seg.start * ts, seg.start * ts + self.layout.numel(seg, spec))
-            # covers the base: RTN's loss is exactly 0
-            keeps = torch.maximum(gap[at].abs(), torch.tensor(0.5 / std))
-            tol[at] = torch.where(
-                offset[at].abs() * std > 0.5 + TIE, (0.5 - ROUNDING_MARGIN) / std, keeps
-            )
-        return tol.view_as(target)
-
     def loss_mask(self, spec: QuantSpec) -> torch.Tensor:
         """Target positions that hold real values under `spec` (padding excluded from the loss)."""
         return self.layout.value_mask(self._spec(spec), "quantized")
-
-    def loss_weights(self, spec: QuantSpec, weighting: str = "element") -> torch.Tensor:
-        """(n_tokens, token_size) float weights of each target value in the MSE, 0 on padding,
-        mean 1.
-
-        `element` is the paper's plain MSE: every real value counts once, so a layer's few S and Z
-        values and the small layers weigh almost nothing. `segment` (ours) gives every (layer, kind)
-        segment the same total weight, so the S of a group, which scales all of its codes, is not
-        drowned by them.
-        """
-        if weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
-        mask = self.loss_mask(spec)
-        if weighting == "element":
-            return mask.float()
-        weights = torch.zeros(mask.numel())
-        ts = self.layout.token_size
-        for seg in self.layout.segments:
-            n = self.layout.numel(seg, spec)
-            weights[seg.start * ts : seg.start * ts + n] = 1.0 / n
-        weights = weights.view_as(mask) * mask
-        return weights * mask.sum() / weights.sum()
 
     def save(self, directory) -> None:
         """Write `tokenizer.json` (layout, padding, seed) and `tokenizer.safetensors`

@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     mask_padding: bool = True
     ckpt_every: int = 100
-    # `Tokenizer.loss_weights`: the paper's plain MSE, or per segment (ours)
+    # `qg.generator.loss.loss_weights`: the paper's plain MSE, or per segment (ours)
     loss_weighting: str = "element"
 
 

@@ -103,13 +103,6 @@ class QTensor:
         return self.codes.shape
 
 
-def spec_from(bits: int, granularity: str, quant: dict) -> QuantSpec:
-    """A QuantSpec with the profile's group size and scheme."""
-    return QuantSpec(
-        bits, granularity, quant.get("group_size", 64), quant.get("scheme", "symmetric")
-    )
-
-
 def is_quantized_weight(name: str, tensor: torch.Tensor) -> bool:
     """The one rule for what gets quantized: Linear/Conv kernels (`*.weight` with ndim >= 2)."""
     return name.endswith(".weight") and tensor.ndim >= 2

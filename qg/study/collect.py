@@ -27,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..config.profiles import require, selected
+from ..config.profiles import pairs, require, selected
+from ..config.schema import Profile
 from ..core.io import cached, file_sha256, params_key, write_json
 from ..quant.fileformat import save_quantized
 from ..quant.quantizer import QuantSpec, quantize_state_dict
@@ -203,41 +204,30 @@ def pretrained_start(spec: ModelSpec, file, root) -> tuple[ModelSpec, Path]:
     return spec, out
 
 
-def collect(
-    archs: dict,
-    pretrain: dict | None,
-    tasks: dict,
-    n_checkpoints: int,
-    n_heldout_run: int,
-    seed: int,
-    root,
-    qat: dict | None = None,
-    quant: dict | None = None,
-    device: str = "cpu",
-) -> dict:
-    """Pretrain every architecture, then collect every task (and its QAT targets): the manifest
-    02_train reads (`root/manifest.json`, its file paths relative to `root`; read it back with
-    `Collected`).
+def collect(profile: Profile, root, device: str = "cpu") -> dict:
+    """Pretrain every architecture of the profile, then collect every task (and its QAT targets):
+    the manifest 02_train reads (`root/manifest.json`, its file paths relative to `root`; read it
+    back with `Collected`).
 
-    `archs` maps a name to a ModelSpec dict (its `dataset` is the pretraining data; optional: a
-    `pretrained_file` of weights for offline use, and `tasks`, the tasks it takes part in, default
-    all). `pretrain` and each entry of `tasks` are TrainSpec fields; `pretrain` None starts from
-    timm's pretrained weights (the paper profile) instead of training here. Task models share the
-    architecture and take the task's dataset and number of classes. `qat` (QATSpec fields plus
-    `bits` and `granularity`, optionally `archs` and `tasks` to limit it; `quant` gives group size
-    and scheme) asks for QAT targets of every checkpoint. Training runs on `device`.
+    `archs` maps a name to a ModelSpec (its `dataset` is the pretraining data; optional: a
+    `pretrained_file` of weights for offline use, and `tasks`, the tasks it takes part in).
+    `pretrain` and each entry of `tasks` are TrainSpec fields; `pretrain` null starts from timm's
+    pretrained weights (the paper profile) instead of training here. Task models share the
+    architecture and take the task's dataset and number of classes. `qat` asks for QAT targets
+    (QATSpec fields) of every checkpoint of the pairs it selects. Every run is keyed by the values
+    as the profile file wrote them. Training runs on `device`.
     """
-    root = Path(root)
+    root, written, seed = Path(root), profile.written, profile.seed
     manifest = {"archs": {}, "seed": seed}
-    for arch_name, arch in archs.items():
-        spec = ModelSpec.from_dict(arch)
-        if pretrain is None:
-            spec, path = pretrained_start(spec, arch.get("pretrained_file"), root / arch_name)
+    for arch_name, arch in profile.archs.items():
+        spec = ModelSpec.from_dict(written["archs"][arch_name])
+        if profile.pretrain is None:
+            spec, path = pretrained_start(spec, arch.pretrained_file, root / arch_name)
             seconds = 0.0
         else:
             paths, record = train_model(
                 spec,
-                TrainSpec(**pretrain),
+                TrainSpec(**written["pretrain"]),
                 None,
                 seed,
                 root / arch_name,
@@ -247,39 +237,42 @@ def collect(
             path, seconds = paths[-1], record["seconds"]
         pretrained = load_checkpoint(path)[0]
         entry = {"pretrained": _relative(path, root), "pretrain_seconds": seconds, "tasks": {}}
-        for task_name, task in tasks.items():
-            # an archs entry may list the tasks it takes part in
-            if task_name not in arch.get("tasks", tasks):
+        for task_name, task in profile.tasks.items():
+            if (arch_name, task_name) not in pairs(profile):
                 continue
-            classes = dataset_info(task["dataset"])["num_classes"]
+            classes = dataset_info(task.dataset)["num_classes"]
             task_spec = ModelSpec(
-                spec.arch, {**spec.kwargs, "num_classes": classes}, task["dataset"], spec.norm
+                spec.arch, {**spec.kwargs, "num_classes": classes}, task.dataset, spec.norm
             )
             task_dir = root / arch_name / task_name
             task_entry = collect_task(
                 task_spec,
                 pretrained,
-                TrainSpec(**task),
-                n_checkpoints,
-                n_heldout_run,
+                TrainSpec(**written["tasks"][task_name]),
+                profile.checkpoints.n,
+                profile.checkpoints.heldout_run,
                 seed,
                 task_dir,
                 device,
             )
-            if qat and selected(qat, arch_name, task_name):
-                specs = [QuantSpec(b, qat["granularity"], **(quant or {})) for b in qat["bits"]]
-                training = QATSpec(
-                    **{
-                        k: v
-                        for k, v in qat.items()
-                        if k not in ("bits", "granularity", "archs", "tasks")
-                    }
+            if selected(profile.qat, arch_name, task_name):
+                task_entry["qat"] = collect_qat(
+                    task_entry, _qat_specs(profile), _qat_training(profile), seed, task_dir, device
                 )
-                task_entry["qat"] = collect_qat(task_entry, specs, training, seed, task_dir, device)
             entry["tasks"][task_name] = _relative_entry(task_entry, root)
         manifest["archs"][arch_name] = entry
     write_json(root / "manifest.json", manifest)
     return manifest
+
+
+def _qat_specs(profile: Profile) -> list[QuantSpec]:
+    return [profile.quant.spec(b, profile.qat.granularity) for b in profile.qat.bits]
+
+
+def _qat_training(profile: Profile) -> QATSpec:
+    """The QAT run's own settings (the `qat` block less what selects and names its specs)."""
+    skip = ("bits", "granularity", "archs", "tasks")
+    return QATSpec(**{k: v for k, v in profile.set_in("qat").items() if k not in skip})
 
 
 def _relative(path, root: Path) -> str:

@@ -45,7 +45,7 @@ def evaluate(
     for split, ckpts in exp.collected.splits(setting.arch, setting.task).items():
         if split not in splits:
             continue
-        for ckpt in evenly_spaced(ckpts, exp.profile["eval"].get("per_split")):
+        for ckpt in evenly_spaced(ckpts, exp.profile.eval.per_split):
             for spec in setting.specs:
                 for method in methods:
                     path = exp.model_file(
@@ -109,8 +109,8 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
     worst = layers.code_mae.idxmax()
     ev = evaluate(exp, setting, ("ptq", "gen"), splits=(split,))
     acc = ev.groupby("method").accuracy.mean()
-    gen_cfg = setting.config(exp.profile, "generator")
-    tok_cfg = setting.config(exp.profile, "tokenizer")
+    gen_cfg = setting.block(exp.profile, "generator")
+    tok_cfg = setting.block(exp.profile, "tokenizer")
     return {
         "arch": setting.arch,
         "task": setting.task,
@@ -118,9 +118,9 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
         "bits": spec.bits,
         "granularity": spec.granularity,
         "split": split,
-        "skip": gen_cfg.get("skip", "none"),
-        "base": tok_cfg.get("base", "weights"),
-        "d_model": gen_cfg.get("d_model") or tok_cfg["token_size"],
+        "skip": gen_cfg.skip,
+        "base": tok_cfg.base,
+        "d_model": gen_cfg.d_model or tok_cfg.token_size,
         "steps": record["steps"],
         "n_params": record["n_params"],
         "train_seconds": record["train_seconds"],
@@ -148,9 +148,7 @@ def run_ablation(
     seconds, activation MB, parameters, final loss) and each generator's loss curve.
     """
     runs, costs, curves = [], [], {}
-    for s in progress(
-        ablation_settings(exp.profile, factor, exp.profile["ablation"][factor]), desc=factor
-    ):
+    for s in progress(ablation_settings(exp.profile, factor), desc=factor):
         record = exp.generator(s).record
         runs.append(evaluate(exp, s, ("ptq", "gen")))
         costs.append(
@@ -186,7 +184,7 @@ def diagnose(
     """
     quantgen = exp.generator(setting)
     splits = exp.collected.splits(setting.arch, setting.task)
-    ckpts = evenly_spaced(splits[split], exp.profile["eval"].get("per_split"))
+    ckpts = evenly_spaced(splits[split], exp.profile.eval.per_split)
     gen_files = [exp.generated(setting, spec, c, quantgen) for c in ckpts]
     own_files = [exp.target(setting, spec, c) for c in ckpts]
     gen, own = ([read_quantized(p)[0] for p in files] for files in (gen_files, own_files))

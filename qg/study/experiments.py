@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from .. import methods
+from ..config.blocks import Qwt
 from ..config.profiles import Paths
+from ..config.schema import Profile
 from ..core.io import cached, content_digest, params_key, read_json, write_json
 from ..core.report import git_commit
 from ..generator.directory import QuantGen
@@ -36,7 +38,6 @@ from ..generator.model import GeneratorConfig
 from ..generator.pairs import TokenPairs
 from ..generator.tokenizer import Tokenizer
 from ..generator.train import TrainConfig, fit_generator
-from ..quant import qwt
 from ..quant.baselines import quantize_model
 from ..quant.fileformat import read_current, read_quantized, save_quantized
 from ..quant.quantizer import QuantSpec, is_quantized_weight
@@ -59,14 +60,14 @@ class Experiment:
     """One profile's collected checkpoints, generators and scores, with everything cached on
     disk."""
 
-    def __init__(self, profile: dict, paths: Paths | None = None):
+    def __init__(self, profile: Profile, paths: Paths | None = None):
         self.profile = profile
         self.paths = (paths or Paths.for_profile(profile)).make()
         self.collected = Collected(
-            self.paths.artifacts / "collect", profile["checkpoints"]["heldout_every"]
+            self.paths.artifacts / "collect", profile.checkpoints.heldout_every
         )
         self.commit = git_commit()
-        self.scorer = Scorer(profile)
+        self.scorer = Scorer(profile.eval, profile.seed, profile.device)
         self.device = self.scorer.device
 
     # ------------------------------------------------------------------ targets and quantized files
@@ -110,7 +111,7 @@ class Experiment:
         first = checkpoints[0]
         if name == "noise":
             stem = first.stem
-            params = {"sigma": self.profile["controls"]["noise"], "seed": self.profile["seed"]}
+            params = {"sigma": self.profile.controls.noise, "seed": self.profile.seed}
 
             def make_input(sds):
                 return self._perturbed(sds[0], first)
@@ -162,11 +163,11 @@ class Experiment:
         return {self.collected.relative(p): content_digest(p) for p in checkpoints}
 
     def _perturbed(self, sd: dict, checkpoint: Path) -> dict:
-        sigma = self.profile["controls"]["noise"]
+        sigma = self.profile.controls.noise
         # not the absolute path: the same noise wherever the tree lives
         name = self.collected.relative(checkpoint)
         gen = torch.Generator().manual_seed(
-            self.profile["seed"] + int(params_key({"c": name})[:6], 16)
+            self.profile.seed + int(params_key({"c": name})[:6], 16)
         )
         return {
             k: v + sigma * v.std() * torch.randn(v.shape, generator=gen)
@@ -183,7 +184,7 @@ class Experiment:
             "tokenizer": setting.config(self.profile, "tokenizer"),
             "generator": setting.config(self.profile, "generator"),
             "train": setting.config(self.profile, "train"),
-            "seed": self.profile["seed"],
+            "seed": self.profile.seed,
             "data": [
                 self.collected.relative(p)
                 for p in self.collected.splits(setting.arch, setting.task)["trained"]
@@ -219,18 +220,18 @@ class Experiment:
             spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
             for spec in setting.specs
         }
-        tok = setting.config(self.profile, "tokenizer")
+        tok = setting.block(self.profile, "tokenizer")
         tokenizer = Tokenizer.fit(
             fp,
             targets,
-            tok["token_size"],
-            tok.get("padding", "gaussian"),
-            self.profile["seed"],
-            tok.get("log_scale", False),
-            tok.get("target", "direct"),
-            tok.get("base", "weights"),
+            tok.token_size,
+            tok.padding,
+            self.profile.seed,
+            tok.log_scale,
+            tok.target,
+            tok.base,
         )
-        train_cfg = TrainConfig(seed=self.profile["seed"], **setting.config(self.profile, "train"))
+        train_cfg = TrainConfig(seed=self.profile.seed, **setting.config(self.profile, "train"))
         data = TokenPairs.build(
             tokenizer,
             fp,
@@ -271,7 +272,7 @@ class Experiment:
         def make(path: Path) -> None:
             sd, model_spec, _ = load_checkpoint(checkpoint)
             qsd, seconds = (quantgen or self.generator(setting)).quantize(
-                sd, spec, seed=self.profile["seed"]
+                sd, spec, seed=self.profile.seed
             )
             save_quantized(
                 path,
@@ -337,13 +338,9 @@ class Experiment:
         `qwt.images` images of the task's training split (seeded; never the test split), as a cached
         quantized file under `qwt-<key of images, batch size, seed>/` mirroring the base file's
         place, with the compensations, the fits and both wall times in it."""
-        conf = {
-            "images": qwt.IMAGES,
-            "batch_size": qwt.BATCH_SIZE,
-            **(self.profile.get("qwt") or {}),
-            "seed": self.profile["seed"],
-        }
-        conf.pop("splits", None)  # which checkpoints get QwT rows, not how a file is made
+        q = self.profile.qwt or Qwt()
+        # not `splits`: which checkpoints get QwT rows, not how a file is made
+        conf = {"images": q.images, "batch_size": q.batch_size, "seed": self.profile.seed}
         spec_model = load_model_description(checkpoint)
         inputs = {
             "base file": content_digest(base),

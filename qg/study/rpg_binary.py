@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from ..config.blocks import BinaryRun, RpgBinary
+from ..config.schema import Profile
 from ..core.io import cached, content_digest, params_key
 from ..generator.rpg import RPG
 from ..generator.train import TrainConfig
@@ -51,22 +52,22 @@ def task_split(
     )
 
 
-def binary_config(profile: dict) -> dict:
+def binary_config(profile: Profile) -> dict:
     """The `rpg.binary` block with its defaults: the first of `rpg.archs`, RPG's generator and
     training settings."""
     rpg = rpg_config(profile)
-    block = rpg.get("binary")
-    if not block:
+    if profile.rpg.binary is None:
         raise ValueError(
             "this profile has no `rpg.binary` block: the unseen-task study has nothing to run"
         )
+    own = ("rpg", "binary")
     return {
         **block_defaults(RpgBinary),
         "arch": rpg["archs"][0],
         "rpg_train": rpg["train"],
-        **block,
-        "train": {**block_defaults(BinaryRun), **block.get("train", {})},
-        "generator": {**rpg["generator"], **block.get("generator", {}), "head": "diffusion"},
+        **profile.set_in(*own),
+        "train": {**block_defaults(BinaryRun), **profile.set_in(*own, "train")},
+        "generator": {**rpg["generator"], **profile.set_in(*own, "generator"), "head": "diffusion"},
     }
 
 
@@ -84,7 +85,7 @@ def _task_spec(exp: Experiment, embedding: str) -> tuple[ModelSpec, TrainSpec]:
 def task_checkpoints(exp: Experiment, embedding: str) -> list[Path]:
     """The head-only classifiers of one binary task (cached): `rpg.binary.checkpoints` from the last
     epoch of one run from the pretrained model of 01_collect."""
-    conf, seed = binary_config(exp.profile), exp.profile["seed"]
+    conf, seed = binary_config(exp.profile), exp.profile.seed
     spec, task = _task_spec(exp, embedding)
     pretrained = load_checkpoint(exp.collected.pretrained(conf["arch"]))[0]
     start = task_start(pretrained, spec, task, seed)
@@ -101,14 +102,14 @@ def binary_dir(exp: Experiment) -> Path:
         k: conf[k]
         for k in ("arch", "dataset", "token_size", "generator", "train", "rpg_train", "checkpoints")
     }
-    key = params_key({**params, "seed": exp.profile["seed"], "seen": seen})
+    key = params_key({**params, "seed": exp.profile.seed, "seen": seen})
     return exp.paths.artifacts / "rpg" / "binary" / f"rpg-{key}"
 
 
 def binary_rpg(exp: Experiment) -> RPG:
     """RPG conditioned on the task embedding, trained on the seen tasks' classifiers (cached,
     resumable)."""
-    conf, seed, out = binary_config(exp.profile), exp.profile["seed"], binary_dir(exp)
+    conf, seed, out = binary_config(exp.profile), exp.profile.seed, binary_dir(exp)
     if RPG.complete(out):
         return RPG.load(out, exp.device)
     seen, _ = binary_tasks(exp.profile)
@@ -127,10 +128,10 @@ def binary_rpg(exp: Experiment) -> RPG:
     return rpg
 
 
-def binary_tasks(profile: dict) -> tuple[list[str], list[str]]:
+def binary_tasks(profile: Profile) -> tuple[list[str], list[str]]:
     """The (seen, unseen) binary tasks of a profile's `rpg.binary` block."""
     conf = binary_config(profile)
-    return task_split(_classes(conf), conf["seen"], conf["unseen"], profile["seed"])
+    return task_split(_classes(conf), conf["seen"], conf["unseen"], profile.seed)
 
 
 def _classes(conf: dict) -> int:
@@ -146,7 +147,7 @@ def binary_rows(exp: Experiment) -> pd.DataFrame:
     RPG's samples for its embedding, and the baseline that needs no generator, the classifiers of
     the nearest seen task (Hamming distance of the embeddings); each with its distance to the
     nearest of RPG's training checkpoints (relative to their mean norm)."""
-    conf, seed = binary_config(exp.profile), exp.profile["seed"]
+    conf, seed = binary_config(exp.profile), exp.profile.seed
     seen, unseen = binary_tasks(exp.profile)
     rpg, out = binary_rpg(exp), binary_dir(exp)
     made_by = {"rpg": content_digest(out / "generator.safetensors")}

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from ..config.blocks import Rpg
+from ..config.schema import Profile
 from ..core.io import cached, content_digest, params_key, read_json, write_json
 from ..generator.rpg import RPG
 from ..generator.train import TrainConfig
@@ -53,20 +54,19 @@ def block_defaults(block) -> dict:
     }
 
 
-def rpg_config(profile: dict) -> dict:
+def rpg_config(profile: Profile) -> dict:
     """The profile's `rpg` block with its defaults: generator settings as written (RPG mode's head
     is the diffusion head), training settings as written or, if unset, the profile's `train`
     block."""
-    block = profile.get("rpg")
-    if not block:
+    if profile.rpg is None:
         raise ValueError(
             "this profile has no `rpg` block: 10_rpg has nothing to run (see params/cpu.yaml)"
         )
     return {
         **block_defaults(Rpg),
-        **block,
-        "generator": {**block.get("generator", {}), "head": "diffusion"},
-        "train": block.get("train", profile["train"]),
+        **profile.set_in("rpg"),
+        "generator": {**profile.set_in("rpg", "generator"), "head": "diffusion"},
+        "train": profile.set_in("rpg", "train") or profile.set_in("train"),
     }
 
 
@@ -79,7 +79,7 @@ def rpg_dir(exp: Experiment, arch: str) -> Path:
     conf = rpg_config(exp.profile)
     params = {k: conf[k] for k in ("task", "token_size", "generator", "train")}
     params.update(
-        seed=exp.profile["seed"], data=[exp.collected.relative(p) for p in _training(exp, arch)]
+        seed=exp.profile.seed, data=[exp.collected.relative(p) for p in _training(exp, arch)]
     )
     return exp.paths.artifacts / "rpg" / f"{arch}-{conf['task']}-{params_key(params)}"
 
@@ -102,7 +102,7 @@ def trained_rpg(exp: Experiment, arch: str) -> RPG:
         return RPG.load(out, exp.device)
     # before training starts: an interrupted run resumes only on the same inputs
     write_json(marker, inputs)
-    train_cfg = TrainConfig(seed=exp.profile["seed"], **conf["train"])
+    train_cfg = TrainConfig(seed=exp.profile.seed, **conf["train"])
     rpg = RPG.fit(
         [load_checkpoint(p)[0] for p in ckpts],
         out,
@@ -118,7 +118,7 @@ def trained_rpg(exp: Experiment, arch: str) -> RPG:
 
 def model_files(exp: Experiment, arch: str) -> dict[str, list[Path]]:
     """Every model of the study as a checkpoint file, by kind (`KINDS`)."""
-    conf, seed = rpg_config(exp.profile), exp.profile["seed"]
+    conf, seed = rpg_config(exp.profile), exp.profile.seed
     train, n = _training(exp, arch), conf["samples"]
     splits = exp.collected.splits(arch, conf["task"])
     spec = load_checkpoint(train[0])[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.blocks import Eval
 from ..core.io import (
     CorruptFileError,
     cached,
@@ -35,15 +36,13 @@ class Scorer:
     """Predictions and accuracy of model files on one profile's test subset (`eval` block,
     `seed`)."""
 
-    def __init__(self, profile: dict):
-        self.eval, self.seed = profile["eval"], profile["seed"]
-        self.device = resolve_device(profile.get("device"))
+    def __init__(self, block: Eval, seed: int, device: str | None = None):
+        self.eval, self.seed, self.device = block, seed, resolve_device(device)
         self._test_sets: dict = {}
 
     def test_set(self, spec: ModelSpec):
         """Batches of the seeded test subset every model of this profile is scored on: held in
-        memory when it fits in `eval.hold_mb` (default 8192), else streamed from disk for each
-        model."""
+        memory when it fits in `eval.hold_mb`, else streamed from disk for each model."""
         key = (spec.dataset, spec.img_size, spec.norm)
         if key not in self._test_sets:
             ev = self.eval
@@ -51,12 +50,12 @@ class Scorer:
                 spec.dataset,
                 "test",
                 spec.img_size,
-                ev.get("batch_size", 1000),
-                subset=ev.get("test_subset"),
+                ev.batch_size,
+                subset=ev.test_subset,
                 seed=self.seed,
                 norm=spec.norm,
             )
-            self._test_sets[key] = held(loader, ev.get("hold_mb", 8192))
+            self._test_sets[key] = held(loader, ev.hold_mb)
         return self._test_sets[key]
 
     def score(self, path: Path) -> float:
@@ -73,7 +72,7 @@ class Scorer:
         evaluation. A cache that is damaged, or was computed from another file or other test data
         under the same names, is evaluated again.
         """
-        test_key = params_key({"test_subset": self.eval.get("test_subset"), "seed": self.seed})
+        test_key = params_key({"test_subset": self.eval.test_subset, "seed": self.seed})
         cache = path.with_name(path.name + f".pred-{test_key}.safetensors")
         spec = load_model_description(path)
         inputs = {

@@ -10,14 +10,19 @@ import copy
 from dataclasses import dataclass, field, replace
 
 from .. import methods
+from ..config.blocks import Block, GeneratorBlock, TokenizerBlock, TrainBlock
 from ..config.profiles import ablation_setup, pairs, selected
+from ..config.schema import Profile
 from ..generator.tokenizer import TARGETS
-from ..quant.quantizer import QuantSpec, spec_from
+from ..quant.quantizer import QuantSpec
 
 SPLITS = ("trained", "heldout_ckpt", "heldout_run")
 
 
 SOURCES = ("ptq", "qat")
+
+
+PARTS = {"tokenizer": TokenizerBlock, "generator": GeneratorBlock, "train": TrainBlock}
 
 
 @dataclass
@@ -63,19 +68,24 @@ class Setting:
             merged[part] = {**merged.get(part, {}), **conf}
         return replace(self, overrides=merged, label=m.variant)
 
-    def config(self, profile: dict, part: str) -> dict:
-        """The profile's `tokenizer`, `generator` or `train` settings for this generator, updated in
-        turn by `conditional_train` (conditional generators), the architecture's own entry
-        (ViT-Base's larger tokens) and the setting's overrides (ablations, convergence variants)."""
-        conf = copy.deepcopy(profile[part])
+    def config(self, profile: Profile, part: str) -> dict:
+        """The keys of the profile's `tokenizer`, `generator` or `train` settings for this
+        generator, as written (what its cache key is made from), updated in turn by
+        `conditional_train` (conditional generators), the architecture's own entry (ViT-Base's
+        larger tokens) and the setting's overrides (ablations, convergence variants)."""
+        conf = profile.set_in(part)
         if self.condition and part == "train":
-            conf.update(profile.get("conditional_train", {}))
-        conf.update(profile["archs"][self.arch].get(part, {}))
-        conf.update(self.overrides.get(part, {}))
+            conf.update(profile.set_in("conditional_train"))
+        conf.update(profile.set_in("archs", self.arch, part))
+        conf.update(copy.deepcopy(self.overrides.get(part, {})))
         return conf
 
+    def block(self, profile: Profile, part: str) -> Block:
+        """`config` checked against its schema block: every value, defaults filled in."""
+        return PARTS[part](**self.config(profile, part))
 
-def main_settings(profile: dict) -> dict[str, list[Setting]]:
+
+def main_settings(profile: Profile) -> dict[str, list[Setting]]:
     """The generators Tables 1-3 and Figure 3 need, by the table that first needs them.
 
     table1: unconditional, PTQ targets, group-wise at every bit-width and channel-wise at
@@ -83,48 +93,42 @@ def main_settings(profile: dict) -> dict[str, list[Setting]]:
     bit-widths for one (architecture, task); table2: QAT targets; table3: one generator conditional
     on precision, one on granularity.
     """
-    quant, t1 = profile["quant"], profile["table1"]
-    bits, gbits = t1["bits"], t1["granularity_bits"]
-    f3, t3 = profile["figure3"], profile["table3"]
-    qat = profile["qat"]
+    quant, bits, gbits = profile.quant, profile.table1.bits, profile.table1.granularity_bits
+    f3, t3, qat = profile.figure3, profile.table3, profile.qat
     settings = {
-        "table1": [
-            Setting(a, t, [spec_from(b, "group", quant)]) for a, t in pairs(profile) for b in bits
-        ]
-        + [Setting(a, t, [spec_from(gbits, "channel", quant)]) for a, t in pairs(profile)],
+        "table1": [Setting(a, t, [quant.spec(b, "group")]) for a, t in pairs(profile) for b in bits]
+        + [Setting(a, t, [quant.spec(gbits, "channel")]) for a, t in pairs(profile)],
         "figure3": [
-            Setting(f3["arch"], f3["task"], [spec_from(b, "channel", quant)])
-            for b in bits
-            if b != gbits
+            Setting(f3.arch, f3.task, [quant.spec(b, "channel")]) for b in bits if b != gbits
         ],
         "table2": [
-            Setting(a, t, [spec_from(b, qat["granularity"], quant)], source="qat")
+            Setting(a, t, [quant.spec(b, qat.granularity)], source="qat")
             for a, t in pairs(profile)
             if selected(qat, a, t)
-            for b in qat["bits"]
+            for b in qat.bits
         ],
         "table3": [],
     }
     for a, t in pairs(profile):
         if selected(t3, a, t):
             settings["table3"] += [
-                Setting(a, t, [spec_from(b, "group", quant) for b in bits], condition="precision"),
+                Setting(a, t, [quant.spec(b, "group") for b in bits], condition="precision"),
                 Setting(
                     a,
                     t,
-                    [spec_from(gbits, g, quant) for g in ("channel", "group")],
+                    [quant.spec(gbits, g) for g in ("channel", "group")],
                     condition="granularity",
                 ),
             ]
     return settings
 
 
-def table1_generators(profile: dict) -> tuple[str, ...]:
+def table1_generators(profile: Profile) -> tuple[str, ...]:
     """The generator methods (`qg.methods`) Table 1 compares for each of its settings."""
-    return tuple(profile["table1"].get("generators", ["gen"]))
+    return tuple(profile.table1.generators)
 
 
-def table_methods(profile: dict) -> dict[str, tuple[str, ...]]:
+def table_methods(profile: Profile) -> dict[str, tuple[str, ...]]:
     """The methods (`qg.methods`) 03_generate scores for each table on every split: Table 1 and
     Figure 3 set the generators against FP32 and every data-free quantizer and per-checkpoint
     control; Tables 2 and 3 against PTQ (and QAT)."""
@@ -139,27 +143,29 @@ def table_methods(profile: dict) -> dict[str, tuple[str, ...]]:
     }
 
 
-def qwt_methods(profile: dict) -> tuple[str, ...]:
+def qwt_methods(profile: Profile) -> tuple[str, ...]:
     """The methods 03_generate also scores with QwT on top (needs calibration data): none without a
     `qwt` block."""
-    if not profile.get("qwt"):
+    if profile.qwt is None:
         return ()
     return tuple(m for m in methods.shown_with_qwt() if m.endswith(methods.QWT_SUFFIX))
 
 
-def convergence_settings(profile: dict) -> list[Setting]:
+def convergence_settings(profile: Profile) -> list[Setting]:
     """The convergence study of 02_train: every (architecture, task) at one spec, once per variant
     of the profile's `convergence` block (label -> overrides of tokenizer / generator / train
     settings: more steps, the paper's head, another width). A variant equal to the defaults is the
     Table 1 generator, not a new one; no block (or no variants) means no study."""
-    c = profile.get("convergence") or {}
-    if not c.get("variants"):
+    c = profile.convergence
+    if c is None or not c.variants:
         return []
-    spec = spec_from(c["bits"], c["granularity"], profile["quant"])
+    spec = profile.quant.spec(c.bits, c.granularity)
     return [
-        Setting(a, t, [spec], overrides=copy.deepcopy(overrides or {}), label=label)
+        Setting(
+            a, t, [spec], overrides=profile.set_in("convergence", "variants", label), label=label
+        )
         for a, t in pairs(profile)
-        for label, overrides in c["variants"].items()
+        for label in c.variants
     ]
 
 
@@ -175,48 +181,51 @@ ABLATIONS = {
 }
 
 
-def amortized_settings(profile: dict) -> list[Setting]:
+def amortized_settings(profile: Profile) -> list[Setting]:
     """08_residual_qat: for every (architecture, task) with QAT targets and each of
     `amortized_qat.bits`, one generator per target (`direct`, the paper's; `residual`, offsets from
     RTN) and per source (PTQ targets: the correctness check, where the right answer is to change
     nothing; QAT targets: amortized QAT). The direct ones are Tables 1 and 2's generators, read from
     the cache."""
-    qat = profile["qat"]
+    qat = profile.qat
     return [
         Setting(
             a,
             t,
-            [spec_from(b, qat["granularity"], profile["quant"])],
+            [profile.quant.spec(b, qat.granularity)],
             source,
             overrides=ABLATIONS["target"](target),
             label=target,
         )
         for a, t in pairs(profile)
         if selected(qat, a, t)
-        for b in (profile.get("amortized_qat") or {}).get("bits", [])
+        for b in (profile.amortized_qat.bits if profile.amortized_qat else [])
         for source in SOURCES
         for target in TARGETS
     ]
 
 
-def ablation_settings(profile: dict, factor: str, variants: dict) -> list[Setting]:
+def ablation_settings(profile: Profile, factor: str, variants: dict | None = None) -> list[Setting]:
     """One generator per (variant, spec) of the profile's ablation setting, changing only `factor`.
 
-    `variants` maps a label to the factor's value (for `head`, GeneratorConfig fields). A variant
+    `variants` maps a label to the factor's value (for `head`, GeneratorConfig fields; default: the
+    profile's `ablation.<factor>`, as written). A variant
     equal to the profile's default trains nothing new: it is the main tables' generator, read from
     the cache.
     """
     if factor not in ABLATIONS:
         raise ValueError(f"unknown ablation factor {factor!r}; one of {sorted(ABLATIONS)}")
     a = ablation_setup(profile, factor)
+    if variants is None:
+        variants = profile.set_in("ablation", factor)
     return [
         Setting(
-            a["arch"],
-            a["task"],
-            [spec_from(b, a["granularity"], profile["quant"])],
+            a.arch,
+            a.task,
+            [profile.quant.spec(b, a.granularity)],
             overrides=ABLATIONS[factor](value),
             label=str(label),
         )
         for label, value in variants.items()
-        for b in a["bits"]
+        for b in a.bits
     ]

@@ -9,6 +9,7 @@ import pandas as pd
 import seaborn as sns
 
 from ..config.profiles import ablation_setup
+from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS, cell, summarize
 from ..study.settings import SPLITS
 from . import paper
@@ -37,7 +38,7 @@ def paper_ablation_note(factor: str) -> str:
 
 
 def ablation_table(
-    runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: dict, commit: str
+    runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: Profile, commit: str
 ) -> tuple[pd.DataFrame, str]:
     """One factor's variants: accuracy of Gen (and the paired Gen − PTQ) per split and bit-width,
     plus cost.
@@ -49,7 +50,7 @@ def ablation_table(
     tidy = summarize(runs, f"ablation_{factor}", profile, commit)
     cost_tidy = costs.melt(id_vars=["variant", "bits"], var_name="metric", value_name="value")
     cost_tidy = cost_tidy.assign(
-        table=f"ablation_{factor}", std=0.0, n=1, profile=profile["name"], commit=commit
+        table=f"ablation_{factor}", std=0.0, n=1, profile=profile.name, commit=commit
     )
     tidy = pd.concat([tidy, cost_tidy], ignore_index=True)
     acc = tidy[tidy.metric == "top1_accuracy"]

@@ -6,6 +6,7 @@ import pandas as pd
 import seaborn as sns
 
 from .. import methods
+from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS, cell
 from .common import ordered, profile_markdown
 
@@ -43,7 +44,7 @@ def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def amortized_table(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
     """Amortized QAT: FP32, PTQ, HQQ, QAT and the generators of both targets and both sources, per
     pair, bit-width and split, with the paired differences that answer the questions (is
     residual-on-PTQ PTQ? does Gen-on-QAT beat HQQ, and how close does it come to QAT itself?)."""
@@ -61,7 +62,7 @@ def amortized_table(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.
     tidy = tidy.assign(
         table="amortized_qat",
         std=tidy["std"].fillna(0.0),
-        profile=profile["name"],
+        profile=profile.name,
         commit=commit,
         metric=["paired_difference" if " − " in m else "top1_accuracy" for m in tidy.method],
     )
@@ -101,7 +102,7 @@ def amortized_table(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.
     return tidy, profile_markdown(
         md,
         f"Amortized QAT: one data-free forward pass against QAT and HQQ "
-        f"({profile['qat']['granularity']}-wise; top-1 %, mean over checkpoints)",
+        f"({profile.qat.granularity}-wise; top-1 %, mean over checkpoints)",
         profile,
         [
             "Gen direct: the paper's target (codes, S, Z); Gen residual: offsets from "
@@ -110,7 +111,7 @@ def amortized_table(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.
             "check: an untrained residual generator is PTQ, and trained on PTQ targets it should "
             "stay there.",
             "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; QAT "
-            f"fine-tunes each model on data ({profile['qat']['steps']} steps); Gen needs neither "
+            f"fine-tunes each model on data ({profile.qat.steps} steps); Gen needs neither "
             "at inference.",
         ],
     )

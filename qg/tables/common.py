@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import methods
+from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS, markdown
 from ..study.settings import SPLITS
 
@@ -78,17 +79,14 @@ def labelled(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def generator_note(profile: dict) -> str:
+def generator_note(profile: Profile) -> str:
     """Which generator `Gen` is in a profile's tables: the paper's head, or ours (skip / log-S
     tokens)."""
-    skip, log_scale = (
-        profile["generator"].get("skip", "none"),
-        profile["tokenizer"].get("log_scale", False),
-    )
+    skip, log_scale = profile.generator.skip, profile.tokenizer.log_scale
     rtn = (
         " Gen (RTN base): the same with `skip: add` on round-to-nearest of the input "
         "(`tokenizer.base: rtn`)."
-        if "gen-rtn" in profile["table1"].get("generators", [])
+        if "gen-rtn" in profile.table1.generators
         else ""
     )
     if skip == "none" and not log_scale:
@@ -100,14 +98,14 @@ def generator_note(profile: dict) -> str:
     )
 
 
-def profile_markdown(df: pd.DataFrame, title: str, profile: dict, notes: list[str]) -> str:
+def profile_markdown(df: pd.DataFrame, title: str, profile: Profile, notes: list[str]) -> str:
     return markdown(
         df,
         title,
         [
             *notes,
             generator_note(profile),
-            f"Profile `{profile['name']}`; splits: "
+            f"Profile `{profile.name}`; splits: "
             + "; ".join(f"{v}" for v in SPLIT_LABELS.values())
             + ".",
         ],

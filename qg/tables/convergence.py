@@ -6,11 +6,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS
 from .common import profile_markdown
 
 
-def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+def convergence_table(
+    rows: pd.DataFrame, profile: Profile, commit: str
+) -> tuple[pd.DataFrame, str]:
     """The convergence study (`evaluation.convergence_row` rows): tidy rows and a Markdown table per
     pair."""
     keys = [
@@ -27,7 +30,7 @@ def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[p
         "worst_layer",
     ]
     tidy = rows.melt(id_vars=keys, var_name="metric").assign(
-        table="convergence", profile=profile["name"], commit=commit
+        table="convergence", profile=profile.name, commit=commit
     )
     md = rows.drop(columns=["split", "bits", "granularity"]).rename(
         columns={
@@ -61,11 +64,11 @@ def convergence_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[p
             "ptq": 2,
         }
     )
-    c = profile["convergence"]
+    c = profile.convergence
     return tidy, profile_markdown(
         md,
-        f"Convergence: the generator against its training budget and head ({c['bits']}-bit "
-        f"{c['granularity']}-wise, {SPLIT_LABELS[rows.split.iloc[0]]})",
+        f"Convergence: the generator against its training budget and head ({c.bits}-bit "
+        f"{c.granularity}-wise, {SPLIT_LABELS[rows.split.iloc[0]]})",
         profile,
         [
             "Fidelity against the generator's PTQ target of the same checkpoint, mean over "

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS
 from .common import profile_markdown
 
@@ -15,7 +16,7 @@ from .common import profile_markdown
 def fidelity_table(
     diag: dict[str, pd.DataFrame],
     diff: pd.DataFrame,
-    profile: dict,
+    profile: Profile,
     commit: str,
     generators: str = "the Table 1 generators",
 ) -> tuple[pd.DataFrame, str]:
@@ -74,12 +75,12 @@ def fidelity_table(
     d = diff[(diff.split == split) & (diff.condition == "")]
     out = out.join(d.groupby(keys).accuracy.mean().rename("gen_minus_ptq")).reset_index()
     tidy = out.melt(id_vars=keys + ["worst_layer"], var_name="metric").assign(
-        table="fidelity", split=split, method="gen", profile=profile["name"], commit=commit
+        table="fidelity", split=split, method="gen", profile=profile.name, commit=commit
     )
     return tidy, _fidelity_markdown(out, split, profile, generators)
 
 
-def _fidelity_markdown(out: pd.DataFrame, split: str, profile: dict, generators: str) -> str:
+def _fidelity_markdown(out: pd.DataFrame, split: str, profile: Profile, generators: str) -> str:
     """`fidelity_table`'s Markdown: short column names, rounded, with the notes that define each
     measure."""
     md = out.rename(

@@ -8,11 +8,12 @@ import pandas as pd
 import seaborn as sns
 
 from .. import methods
+from ..config.schema import Profile
 from ..core.report import markdown
 from .common import spec_label
 
 
-def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+def size_table(costs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
     """How much smaller each method's file is than the FP32 checkpoint, at every spec, against the
     ideal: 32 / bits for the codes alone, less the S (and asymmetric Z) per group and the tensors
     kept in float."""
@@ -21,7 +22,7 @@ def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Data
         ideal_codes_only=32 / costs.bits,
         sz_overhead_bits=costs.bits_per_weight - costs.bits,
         float_share=1 - costs.quantized_weights * 4 / costs.fp32_bytes,
-        profile=profile["name"],
+        profile=profile.name,
         commit=commit,
     )
     shown = _first_task(tidy).assign(
@@ -52,7 +53,7 @@ def size_table(costs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Data
         "S is float32 per group (a row, or group_size values of a row; shorter at a row's end and "
         "in rows shorter than a group): 32 / values per group bits per weight, 0.5 at 64; Z is "
         "stored only for the asymmetric scheme (HQQ), as much again.",
-        f"Profile `{profile['name']}`.",
+        f"Profile `{profile.name}`.",
     ]
     return tidy, markdown(wide, "Quantized file sizes (format version 2: bit-packed codes)", notes)
 
@@ -107,13 +108,13 @@ def _first_task(df: pd.DataFrame) -> pd.DataFrame:
     return df[df.task == df.groupby("arch").task.transform("first")]
 
 
-def runtime_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+def runtime_table(rows: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
     """The packed runtime against the simulated model (accuracy, logits) and against FP32 (memory,
     time)."""
     tidy = rows.assign(
         memory_vs_fp32=rows.weight_bytes_runtime / rows.weight_bytes_fp32,
         time_vs_fp32=rows.seconds_runtime / rows.seconds_fp32,
-        profile=profile["name"],
+        profile=profile.name,
         commit=commit,
     )
     shown = pd.DataFrame(
@@ -140,7 +141,7 @@ def runtime_table(rows: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.Da
         f"{int(tidy.batch.iloc[0])} test images on this machine ({tidy.device.iloc[0]}).",
         "Simulated: the file dequantized to float32 (every accuracy in the other tables); both are "
         "scored on the same test subset.",
-        f"Profile `{profile['name']}`.",
+        f"Profile `{profile.name}`.",
     ]
     return tidy, markdown(shown, "The packed runtime against the simulated model and FP32", notes)
 

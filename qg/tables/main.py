@@ -10,8 +10,9 @@ import pandas as pd
 import seaborn as sns
 
 from .. import methods
+from ..config.blocks import Qwt
+from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS, cell, markdown, summarize
-from ..quant import qwt
 from . import paper
 from .common import (
     generator_note,
@@ -62,10 +63,10 @@ def _paper_rows(tasks_archs, methods, columns, value) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def table1(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+def table1(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
     """Gen vs PTQ at every precision (group-wise) and granularity (8-bit), per split, beside the
     paper's."""
-    gbits = profile["table1"]["granularity_bits"]
+    gbits = profile.table1.granularity_bits
     generators = [m for m in methods.names("generator") if m in set(runs.method)]
     runs = pd.concat([runs] + [paired_difference(runs, m) for m in generators], ignore_index=True)
     tidy = summarize(runs, "table1", profile, commit)
@@ -98,7 +99,7 @@ def table1(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame
 
 
 def table2(
-    runs: pd.DataFrame, records: dict, profile: dict, commit: str, n_models: int = 50
+    runs: pd.DataFrame, records: dict, profile: Profile, commit: str, n_models: int = 50
 ) -> tuple[pd.DataFrame, str]:
     """QAT vs Gen (QAT targets) at each bit-width: accuracy per split and the time to quantize
     `n_models`.
@@ -132,13 +133,13 @@ def table2(
                     "variant": "",
                     "method": method,
                     "bits": bits,
-                    "granularity": profile["qat"]["granularity"],
+                    "granularity": profile.qat.granularity,
                     "split": "",
                     "value": minutes,
                     "std": 0.0,
                     "n": n_models,
                     "metric": f"minutes_for_{n_models}_models",
-                    "profile": profile["name"],
+                    "profile": profile.name,
                     "commit": commit,
                 }
             )
@@ -196,7 +197,7 @@ def table2(
         )
     # the paper has no 3-bit QAT
     md = pd.DataFrame(rows).sort_values(["task", "arch"], kind="stable").fillna("NA")
-    title = f"Table 2: QAT vs Gen trained on QAT targets ({profile['qat']['granularity']}-wise)"
+    title = f"Table 2: QAT vs Gen trained on QAT targets ({profile.qat.granularity}-wise)"
     return tidy, profile_markdown(
         md,
         title,
@@ -206,15 +207,15 @@ def table2(
             "QAT run per model. 'Gen (as the paper counts)' = generator training + one forward "
             "pass per model; 'Gen + its QAT targets' adds the QAT runs that made the generator's "
             "training targets.",
-            f"Our QAT is {profile['qat']['steps']} fine-tuning steps per model on a 2-core CPU; "
+            f"Our QAT is {profile.qat.steps} fine-tuning steps per model on a 2-core CPU; "
             "the paper's is GPU hours.",
         ],
     )
 
 
-def table3(runs: pd.DataFrame, profile: dict, commit: str) -> tuple[pd.DataFrame, str]:
+def table3(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
     """Conditional generators (one-hot over precision or granularity) vs PTQ, per split."""
-    gbits = profile["table1"]["granularity_bits"]
+    gbits = profile.table1.granularity_bits
     tidy = summarize(runs, "table3", profile, commit)
     view = tidy[tidy.method != "fp"].copy()
     # PTQ does not depend on the generator's condition
@@ -354,7 +355,7 @@ QWT_METHODS = methods.shown_with_qwt()
 
 
 def qwt_table(
-    runs: pd.DataFrame, profile: dict, commit: str, split: str = "heldout_run"
+    runs: pd.DataFrame, profile: Profile, commit: str, split: str = "heldout_run"
 ) -> tuple[pd.DataFrame, str]:
     """PTQ, HQQ and Gen with and without QwT on `split` (all splits in the CSV), with the paired
     gains of QwT and the fair comparisons: Gen against PTQ (both data-free), Gen + QwT against PTQ +
@@ -374,7 +375,7 @@ def qwt_table(
     )
     order = [methods.label(m) for m in [*QWT_METHODS, *(f"{a}-{b}" for a, b in pairs)]]
     wide = wide[[c for c in order if c in wide.columns]].reset_index()
-    images = (profile.get("qwt") or {}).get("images", qwt.IMAGES)
+    images = (profile.qwt or Qwt()).images
     notes = [
         f"{SPLIT_LABELS[split]}; top-1 %, mean ± std over checkpoints; differences paired on the "
         "same checkpoints.",

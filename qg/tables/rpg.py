@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from ..config.schema import Profile
 from ..core.report import cell, markdown
 from ..study import rpg_binary, rpg_study
 from . import paper
@@ -23,7 +24,7 @@ RPG_KIND_LABELS = {
 
 
 def rpg_table(
-    rows: pd.DataFrame, records: dict, profile: dict, commit: str
+    rows: pd.DataFrame, records: dict, profile: Profile, commit: str
 ) -> tuple[pd.DataFrame, str]:
     """RPG's Table 1 at our scale (`rpg_study.rpg_rows`): accuracy statistics per kind of model, as
     RPG reports them (best / mean / median / min / std), beside the memorisation tests;
@@ -44,7 +45,7 @@ def rpg_table(
         .reset_index()
     )
     tidy = stats.melt(id_vars=["arch", "task", "kind"], var_name="metric").assign(
-        table="rpg", profile=profile["name"], commit=commit
+        table="rpg", profile=profile.name, commit=commit
     )
     shown = (
         stats.assign(kind=stats.kind.map(RPG_KIND_LABELS))
@@ -107,7 +108,7 @@ def rpg_table(
             "the same mistakes). A replica sits at distance ~0 with IoU ~1; a new model where the "
             "held-out run does.",
             f"RPG training: {train}; s / model is the time to make one model (sampling, for RPG).",
-            f"Profile `{profile['name']}`.",
+            f"Profile `{profile.name}`.",
         ],
     )
 
@@ -165,7 +166,7 @@ def rpg_figure(rows: pd.DataFrame):
 
 
 def binary_table(
-    rows: pd.DataFrame, record: dict, profile: dict, commit: str
+    rows: pd.DataFrame, record: dict, profile: Profile, commit: str
 ) -> tuple[pd.DataFrame, str]:
     """RPG's Tables 9 and 14 at our scale (`rpg_binary.binary_rows`): per unseen binary task,
     its own classifiers, RPG's samples (best, mean ± std) and the nearest seen task's
@@ -179,7 +180,7 @@ def binary_table(
         to_nearest_train=("to_nearest_train", "median"),
     ).reset_index()
     tidy = stats.melt(id_vars=["arch", "embedding", "kind"], var_name="metric").assign(
-        table="rpg_binary", profile=profile["name"], commit=commit
+        table="rpg_binary", profile=profile.name, commit=commit
     )
     # one sample per task has no std
     wide = stats.pivot_table(
@@ -241,7 +242,7 @@ def binary_table(
             "Original: the unseen task's own classifiers, which RPG never saw. Nearest seen task: "
             "the classifiers of the seen task whose embedding differs in the fewest classes (d), "
             "used as they are: the baseline that needs no generator.",
-            f"Profile `{profile['name']}`.",
+            f"Profile `{profile.name}`.",
         ],
     )
 

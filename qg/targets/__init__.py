@@ -1,6 +1,7 @@
 """The networks being quantized: their data, the timm models, and running them quantized.
 
 Modules, each importing only those above it here (and packages listed before this one in qg):
+  formats    the file formats datasets come in (IDX, CIFAR's pickles, restricted), read untrusted
   sources    where each dataset's files are found and how they are decoded; DATASET_INFO
   data       datasets by name (binary tasks too), their fingerprints, and the batches models see
   models     timm target models from a JSON-able description; train / fine-tune / evaluate

@@ -251,6 +251,19 @@ class TensorLoader:
 IN_MEMORY_MB = 2048
 
 
+def _check_request(name: str, subset: int | None, norm: tuple | None) -> None:
+    if subset is not None and subset < 1:
+        raise ValueError(f"subset must be a positive number of examples or None, got {subset}")
+    _check_name(name)
+    channels = dataset_info(name)["in_chans"]
+    if norm is not None and any(len(v) != channels for v in norm):
+        raise ValueError(
+            f"normalisation {norm} does not have one mean and std per channel of {name} "
+            f"({channels}): the model's `norm` was made for other data; "
+            f"fix or remove it in the profile"
+        )
+
+
 def batches(
     name: str,
     split: str,
@@ -278,16 +291,7 @@ def batches(
     (mean, std) normalises with the model's statistics (a pretrained timm model's own) instead of
     the dataset's.
     """
-    if subset is not None and subset < 1:
-        raise ValueError(f"subset must be a positive number of examples or None, got {subset}")
-    _check_name(name)
-    channels = dataset_info(name)["in_chans"]
-    if norm is not None and any(len(v) != channels for v in norm):
-        raise ValueError(
-            f"normalisation {norm} does not have one mean and std per channel of {name} "
-            f"({channels}): the model's `norm` was made for other data; "
-            f"fix or remove it in the profile"
-        )
+    _check_request(name, subset, norm)
     subset_seed = seed if subset_seed is None else subset_seed
     dataset = _subset(load_dataset(name, split, root), subset, subset_seed)
     limit = (

@@ -43,22 +43,22 @@ PAPER_GENERATOR_PARAMS = {8192: 1018e6, 16384: 3076e6}  # the paper's Table 7 (B
 
 def test_paper_profile_names_the_papers_setup():
     P = profiles.load_profile("paper")
-    assert P["pretrain"] is None and P["device"] == "cuda"
-    assert {a["arch"] for a in P["archs"].values()} == {
+    assert P.pretrain is None and P.device == "cuda"
+    assert {a.arch for a in P.archs.values()} == {
         "vit_tiny_patch16_224",
         "vit_small_patch16_224",
         "vit_base_patch16_224",
         "mixer_b16_224",
     }
-    for a in P["archs"].values():  # timm's default weights for each name: ImageNet-1k classifiers
-        cfg = timm.get_pretrained_cfg(a["arch"])
+    for a in P.archs.values():  # timm's default weights for each name: ImageNet-1k classifiers
+        cfg = timm.get_pretrained_cfg(a.arch)
         assert (
             cfg.num_classes == 1000
             and cfg.tag.endswith("in1k")
-            and pretrained_norm(a["arch"]) == (cfg.mean, cfg.std)
+            and pretrained_norm(a.arch) == (cfg.mean, cfg.std)
         )
     assert (
-        {t["dataset"] for t in P["tasks"].values()}
+        {t.dataset for t in P.tasks.values()}
         == {"imagenet", "cifar10", "cifar100"}
         <= set(DATASET_INFO)
     )
@@ -73,22 +73,18 @@ def test_paper_profile_names_the_papers_setup():
         ("vit_base", "imagenet"),
     }
     for block in ("figure1", "figure3"):
-        assert (P[block]["arch"], P[block]["task"]) in pairs(P)
+        assert (getattr(P, block).arch, getattr(P, block).task) in pairs(P)
     for factor in ("padding", "head", "backbone", "token_size"):
         a = ablation_setup(P, factor)
-        assert (a["arch"], a["task"]) in pairs(P)
-    assert ablation_setup(P, "token_size")["arch"] == "vit_base"
+        assert (a.arch, a.task) in pairs(P)
+    assert ablation_setup(P, "token_size").arch == "vit_base"
     settings = main_settings(P)
     assert {(s.arch, s.task) for s in settings["table2"]} == {("vit_tiny", "imagenet")}
     assert {(s.arch, s.task, s.condition) for s in settings["table3"]} == {
         ("vit_tiny", "imagenet", "precision"),
         ("vit_tiny", "imagenet", "granularity"),
     }
-    assert (
-        P["train"]["steps"] == 50_000
-        and P["train"]["batch_size"] == 4
-        and P["checkpoints"]["n"] == 50
-    )
+    assert P.train.steps == 50_000 and P.train.batch_size == 4 and P.checkpoints.n == 50
 
 
 @pytest.mark.parametrize("arch, token_size", [("vit_tiny", 8192), ("vit_base", 16384)])
@@ -96,15 +92,15 @@ def test_paper_profile_generators_are_the_papers_size(arch, token_size):
     """Built on the meta device (no memory): 2 Mamba-2 layers as wide as the token, near Table 7's
     counts."""
     P = profiles.load_profile("paper")
-    tokenizer = {**P["tokenizer"], **P["archs"][arch].get("tokenizer", {})}
+    tokenizer = {**P.set_in("tokenizer"), **P.set_in("archs", arch, "tokenizer")}
     assert tokenizer["token_size"] == token_size
     with torch.device("meta"):
-        target = build_model(ModelSpec.from_dict(P["archs"][arch]))
+        target = build_model(ModelSpec.from_dict(P.set_in("archs", arch)))
         n_weights = sum(
             p.numel() for n, p in target.named_parameters() if is_quantized_weight(n, p)
         )
         cfg = GeneratorConfig(
-            token_size=token_size, n_tokens=-(-n_weights // token_size), **P["generator"]
+            token_size=token_size, n_tokens=-(-n_weights // token_size), **P.set_in("generator")
         )
         n_params = sum(
             p.numel()
@@ -151,8 +147,7 @@ def test_device_names():
 
 
 def test_a_profile_whose_names_do_not_line_up_is_refused(tmp_path):
-    P = profiles.load_profile("paper")
-    del P["name"]
+    P = profiles.load_profile("paper").written  # the file's dict, edited below
     P["archs"]["vit_tiny"]["tasks"] = ["imagenet", "cifar1O"]
     P["figure3"]["task"] = "cifar100_"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(P))
@@ -172,8 +167,7 @@ def test_a_profile_whose_names_do_not_line_up_is_refused(tmp_path):
 
 def tiny_paper_profile(tmp_path) -> dict:
     """params/paper.yaml with every size shrunk; structure, model names and data formats kept."""
-    P = profiles.load_profile("paper")
-    del P["name"]
+    P = profiles.load_profile("paper").written  # the file's dict, edited below
     tiny_vit = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
     P["device"] = "auto"
     P["archs"] = {

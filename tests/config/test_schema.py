@@ -25,7 +25,7 @@ def _fields(cls) -> set[str]:
 @pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
 def test_committed_profiles_validate_unchanged(name):
     raw = yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())
-    checked = schema.validated(raw, name)
+    checked = schema.validated(raw, name).written
     # nothing added, no 3 -> 3.0: the cache keys stay what the file says
     assert params_key(checked) == params_key(raw)
     assert params_key(checked["pretrain"] or {}) == params_key(raw["pretrain"] or {})
@@ -92,6 +92,15 @@ def _smoke_with(tmp_path, edit):
         (lambda p: p["train"].update(steps="forty"), r"train\.steps: .*valid integer"),
         (lambda p: p["generator"].update(backbone="gru"), r"generator\.backbone"),
         (lambda p: p.pop("eval"), r"eval: missing"),
+        # the rule spanning two blocks, for the profile's blocks and an architecture's own
+        (
+            lambda p: p["tokenizer"].update(base="rtn"),
+            r"tokenizer\.base: rtn .* set generator\.skip: add \(it is 'gain'\)",
+        ),
+        (
+            lambda p: p["archs"]["vit"].update(tokenizer={"base": "rtn"}),
+            r"set archs\.vit\.generator\.skip: add",
+        ),
     ],
 )
 def test_bad_profiles_are_refused_with_the_key(tmp_path, edit, message):
@@ -109,7 +118,7 @@ def test_yaml_ambiguities_are_coerced(tmp_path):
         .replace("steps: 40, batch_size: 4", 'steps: "40", batch_size: 4'),
     )
     P = load_profile(path)
-    assert P["train"]["lr"] == 0.003 and P["train"]["steps"] == 40
+    assert P.train.lr == 0.003 and P.train.steps == 40
 
 
 @pytest.mark.parametrize(
@@ -125,12 +134,24 @@ def test_empty_list_or_broken_yaml(tmp_path, text, message):
         load_profile(_write(tmp_path, text))
 
 
+def test_the_code_reads_the_schema_and_keys_read_the_file():
+    """Every default filled in for the code; `written` and `set_in` hold only what the file set,
+    with its own values (what cache keys are made from)."""
+    P = load_profile("smoke")
+    assert P.eval.hold_mb == schema.Eval.model_fields["hold_mb"].default
+    assert "hold_mb" not in P.written["eval"] and P.set_in("eval") == P.written["eval"]
+    assert P.set_in("conditional_train") == {} or "conditional_train" in P.written
+    assert P.set_in("archs", "vit", "no such block") == {}
+    P.set_in("train")["steps"] = -1  # a copy: the profile is unchanged
+    assert P.written["train"]["steps"] == P.train.steps > 0
+
+
 def test_overrides_are_validated_by_the_same_schema():
     with pytest.raises(ValueError, match=r"train\.stpes: unknown key; did you mean `steps`\?"):
         load_profile("smoke", {"train": {"stpes": 5}})
     with pytest.raises(ValueError, match="did you mean `train`"):
         load_profile("smoke", {"trian": {"steps": 5}})
-    assert load_profile("smoke", {"train": {"lr": "3e-3"}})["train"]["lr"] == 0.003
+    assert load_profile("smoke", {"train": {"lr": "3e-3"}}).train.lr == 0.003
 
 
 def test_readme_reference_is_the_schema():

@@ -137,6 +137,7 @@ def test_caches_know_the_data_they_were_computed_from(tmp_path, monkeypatch, cap
     import numpy as np
     from fakes import write_fashion_mnist, write_idx
 
+    from qg.config.blocks import Eval
     from qg.study.scoring import Scorer
     from qg.targets.models import build_model, save_checkpoint, state_dict_of
 
@@ -146,13 +147,13 @@ def test_caches_know_the_data_they_were_computed_from(tmp_path, monkeypatch, cap
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt.safetensors"
     save_checkpoint(ckpt, state_dict_of(build_model(spec)), spec)
-    scorer = Scorer({"eval": {"test_subset": None}, "seed": 0})
+    scorer = Scorer(Eval(test_subset=None), 0)
     pred, labels = scorer.predictions(ckpt)
     wrong = (labels + 1) % 10
     write_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz", wrong.numpy().astype(np.uint8))
     # the same process (a notebook kernel that outlives a rerun of the data): its memos see the new
     # files
-    _, labels_now = Scorer({"eval": {"test_subset": None}, "seed": 0}).predictions(ckpt)
+    _, labels_now = Scorer(Eval(test_subset=None), 0).predictions(ckpt)
     assert torch.equal(labels_now, wrong) and "inputs that have changed" in capsys.readouterr().err
 
     run = TrainSpec("fashion_mnist", epochs=1, lr=1e-3, batch_size=16)

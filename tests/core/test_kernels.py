@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from qg.config.profiles import load_profile
 from qg.core import kernels
 from qg.core.report import provenance
 
@@ -44,7 +45,7 @@ def test_import_qg_first_pins_torch():
 
 
 def test_provenance_records_kernels_and_threads():
-    prov = provenance({"name": "smoke"}, "abc")
+    prov = provenance(load_profile("smoke"), "abc")
     described = prov["kernels"]
     assert set(described) == {"cpu", "threads", "aten_capability", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA"}
     assert isinstance(described["threads"], int) and described["threads"] >= 1

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qg.generator.directory import QuantGen
+from qg.generator.loss import loss_tolerance, loss_weights
 from qg.generator.model import Generator, GeneratorConfig
 from qg.generator.pairs import TokenPairs
 from qg.generator.tokenizer import Tokenizer
@@ -232,7 +233,7 @@ def test_log_scale_tokens_round_trip_and_segment_weights():
     for name, qt in back.items():
         assert torch.equal(qt.codes, qs[SPEC][0][name].codes)
         assert torch.allclose(qt.scale, qs[SPEC][0][name].scale, rtol=1e-5)
-    element, segment = tok.loss_weights(SPEC), tok.loss_weights(SPEC, "segment")
+    element, segment = loss_weights(tok, SPEC), loss_weights(tok, SPEC, "segment")
     mask = tok.loss_mask(SPEC)
     assert torch.equal(element, mask.float()) and torch.equal(segment > 0, mask)
     assert segment[mask].mean().item() == pytest.approx(1)
@@ -242,7 +243,7 @@ def test_log_scale_tokens_round_trip_and_segment_weights():
     ]
     assert max(totals) == pytest.approx(min(totals))  # every (layer, kind) segment weighs the same
     with pytest.raises(ValueError, match="loss weighting"):
-        tok.loss_weights(SPEC, "balanced")
+        loss_weights(tok, SPEC, "balanced")
 
 
 def test_a_run_saved_before_new_settings_existed_resumes(tmp_path):
@@ -352,7 +353,7 @@ def test_residual_tokens_round_trip_offsets_and_log_ratio_of_s():
     assert torch.allclose(stats[:, 1, 1], torch.tensor(1.1).log(), rtol=1e-4)
     r = tok.base_tokens(sds[0], SPEC)[tok.layout.value_mask(SPEC, "fp")] * stats[0, 0, 1]
     assert r.abs().max() <= 0.5 + 1e-5  # remainders of RTN, in code units
-    tol, codes = tok.loss_tolerance(tokens, SPEC) * stats[0, 0, 1], tokens * stats[0, 0, 1]
+    tol, codes = loss_tolerance(tok, tokens, SPEC) * stats[0, 0, 1], tokens * stats[0, 0, 1]
     # the first layer's code offsets
     first = slice(0, tok.layout.numel(tok.layout.segments[0], SPEC))
     departs = codes.view(-1)[first].abs() > 0.5

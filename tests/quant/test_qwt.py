@@ -106,8 +106,8 @@ def test_qwt_files_are_calibrated_on_training_images_only_and_score_from_the_fil
     from qg.targets.models import load_model_description, predict
     from qg.targets.runtime import load_runtime
 
-    P = profiles.load_profile("smoke", {"eval": {"per_split": 1, "test_subset": 60}})
-    P["qwt"] = {"images": 48, "batch_size": 16}
+    scoring = {"eval": {"per_split": 1, "test_subset": 60}}
+    P = profiles.load_profile("smoke", {**scoring, "qwt": {"images": 48, "batch_size": 16}})
     fake_collect(profiles.Paths.of("smoke", tmp_path).artifacts / "collect")
     drawn = []
     real_batches = calibrate.batches
@@ -140,7 +140,7 @@ def test_qwt_files_are_calibrated_on_training_images_only_and_score_from_the_fil
     # cached
     assert exp.model_file(setting, setting.specs[0], ckpt, "ptq+qwt") == path and len(drawn) == 1
     # other calibration settings: another file, fitted again
-    P["qwt"] = {"images": 32, "batch_size": 16}
+    P = profiles.load_profile("smoke", {**scoring, "qwt": {"images": 32, "batch_size": 16}})
     other = Experiment(P, profiles.Paths.of("smoke", tmp_path)).model_file(
         setting, setting.specs[0], ckpt, "ptq+qwt"
     )

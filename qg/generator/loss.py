@@ -1,0 +1,85 @@
+"""What a generator's MSE counts at each target position: its weight (`loss_weights`: the paper's
+plain MSE, or every segment alike) and, relative to round-to-nearest, its dead zone
+(`loss_tolerance`: an integer is right when the prediction rounds to it). `qg.generator.pairs`
+builds both into the training set; `qg.generator.model` applies them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.quantizer import QuantSpec
+from .layout import KINDS
+from .tokenizer import Tokenizer
+
+LOSS_WEIGHTINGS = ("element", "segment")
+# code units: how far past a rounding boundary a departing residual offset must be predicted
+ROUNDING_MARGIN = 0.1
+# code units: an offset from RTN this close to 0.5 is a rounding tie (float error), not a departure
+TIE = 1e-3
+
+
+def loss_weights(tokenizer: Tokenizer, spec: QuantSpec, weighting: str = "element") -> torch.Tensor:
+    """(n_tokens, token_size) float weights of each target value in the MSE, 0 on padding,
+    mean 1.
+
+    `element` is the paper's plain MSE: every real value counts once, so a layer's few S and Z
+    values and the small layers weigh almost nothing. `segment` (ours) gives every (layer, kind)
+    segment the same total weight, so the S of a group, which scales all of its codes, is not
+    drowned by them.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    mask = tokenizer.loss_mask(spec)
+    if weighting == "element":
+        return mask.float()
+    weights = torch.zeros(mask.numel())
+    ts = tokenizer.layout.token_size
+    for seg in tokenizer.layout.segments:
+        n = tokenizer.layout.numel(seg, spec)
+        weights[seg.start * ts : seg.start * ts + n] = 1.0 / n
+    weights = weights.view_as(mask) * mask
+    return weights * mask.sum() / weights.sum()
+
+
+def loss_tolerance(
+    tokenizer: Tokenizer, target: torch.Tensor, spec: QuantSpec, base: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Half-width of the loss's dead zone at each position of a target sequence (None for the
+    direct target relative to the weights, the paper's plain MSE).
+
+    Relative to RTN (the residual target, or the direct one with `base: rtn`, whose `base`
+    tokens are needed here), an integer (code or Z) is right when the prediction rounds to it,
+    so the loss counts only the distance beyond the rounding boundary: 0.5 (in code units) where
+    the target keeps RTN's value, and 0.5 - ROUNDING_MARGIN where it departs, so a prediction
+    has to cross the boundary, not stop on it. A departure moves a code by a whole step, so its
+    offset from RTN's unrounded code is over 0.5; one within TIE of 0.5 is a tie that float
+    error put a hair past the boundary, and keeps RTN's value. Where the target keeps it, the
+    half-width also covers the `base` (what the untrained generator outputs), so RTN itself
+    costs exactly nothing, every gradient is zero and PTQ targets train nothing away.
+    S is continuous: no dead zone.
+    """
+    if tokenizer.target == "direct" and tokenizer.base == "weights":
+        return None
+    if tokenizer.base == "rtn" and base is None:
+        raise ValueError(
+            "the dead zone of the RTN base is relative to RTN of the checkpoint: "
+            "pass its base tokens"
+        )
+    stats, ts = tokenizer.stats(spec), tokenizer.layout.token_size
+    flat, tol = target.reshape(-1), torch.zeros(target.numel())
+    # from RTN, normalised
+    offset = flat if tokenizer.target == "residual" else flat - base.reshape(-1)
+    # what the untrained generator (its base) misses by
+    gap = offset if base is None else flat - base.reshape(-1)
+    for seg in tokenizer.layout.segments:
+        if seg.kind == "scale":
+            continue
+        std = float(stats[seg.layer_index, KINDS.index(seg.kind), 1])
+        at = slice(seg.start * ts, seg.start * ts + tokenizer.layout.numel(seg, spec))
+        # covers the base: RTN's loss is exactly 0
+        keeps = torch.maximum(gap[at].abs(), torch.tensor(0.5 / std))
+        tol[at] = torch.where(
+            offset[at].abs() * std > 0.5 + TIE, (0.5 - ROUNDING_MARGIN) / std, keeps
+        )
+    return tol.view_as(target)
