@@ -92,8 +92,8 @@ def ablation_table(
     md = pd.DataFrame(rows).fillna("")
     a = ablation_setup(profile, factor)
     title = (
-        f"Ablation of the {factor.replace('_', ' ')} ({a['arch']}, {a['task']}, "
-        f"{a['granularity']}-wise; top-1 %, mean ± std over checkpoints)"
+        f"Ablation of the {factor.replace('_', ' ')} ({a.arch}, {a.task}, "
+        f"{a.granularity}-wise; top-1 %, mean ± std over checkpoints)"
     )
     return tidy, profile_markdown(
         md,
