@@ -85,7 +85,8 @@ def run(
         raise ValueError(
             f"unknown notebook(s) {unknown}; the pipeline's notebooks are {list(NOTEBOOKS)}"
         )
-    out_dir = Paths.for_profile(loaded).notebooks
+    # the cache claimed once here, not by two kernels at once
+    out_dir = Paths.for_profile(loaded).make().notebooks
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:  # every notebook's parameters, before any runs
         check_parameters(ROOT / "notebooks" / f"{name}.ipynb", params)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.io import ROOT, params_key, read_json
+from ..core.io import ROOT, claim_cache, params_key, read_json
 from .blocks import AblationSetup, Selection
 from .schema import Profile, validated
 
@@ -262,7 +262,9 @@ class Paths:
         return cls.of(profile.name, root, profile.cache)
 
     def make(self) -> "Paths":
-        for p in (self.artifacts, self.results, self.figures):
+        """Create the folders; the cache is claimed for this cache format (`claim_cache`)."""
+        claim_cache(self.artifacts)
+        for p in (self.results, self.figures):
             p.mkdir(parents=True, exist_ok=True)
         return self
 

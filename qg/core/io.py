@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -159,6 +160,49 @@ def cached(path: str | os.PathLike, make, inputs: dict[str, str] | None = None, 
 
 HASH_SUFFIX = ".sha256"
 
+CACHE_FORMAT = 2
+"""The cache's rules: format 2 records every file's hash and inputs beside it and trusts nothing
+else. Format 1 (before 2026-12) adopted unhashed files; such a cache is set aside, not mixed in."""
+
+FORMAT_FILE = "cache-format"
+
+
+def claim_cache(root: str | os.PathLike) -> Path:
+    """Make `root` a cache of this `CACHE_FORMAT`: create it, or mark an empty one. A folder an
+    older qg filled is renamed `<root>.format-<n>` (kept, for its owner to delete) with one line
+    saying so, and rebuilt from nothing; one a newer qg wrote is refused."""
+    root = Path(root)
+    marker = root / FORMAT_FILE
+    found = marker.read_text().strip() if marker.is_file() else None
+    if found == str(CACHE_FORMAT):
+        return root
+    if found is not None and (not found.isdigit() or int(found) > CACHE_FORMAT):
+        raise ValueError(
+            f"{root} is a cache of format {found!r}, newer than this qg's {CACHE_FORMAT}: "
+            "update qg (git pull) or point QG_OUTPUT at another folder"
+        )
+    if root.is_dir() and any(p.name != FORMAT_FILE for p in root.iterdir()):
+        old = root.with_name(f"{root.name}.format-{found or 1}")
+        for i in itertools.count(2):
+            if not old.exists():
+                break
+            old = root.with_name(f"{root.name}.format-{found or 1}.{i}")
+        try:
+            root.rename(old)
+        except FileNotFoundError:  # another process of this run set it aside first
+            pass
+        else:
+            print(
+                f"[qg] {root} was written by an older qg (cache format {found or 1}, now "
+                f"{CACHE_FORMAT}); it is kept as {old} and rebuilt: delete that folder when done",
+                file=sys.stderr,
+                flush=True,
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_write(marker, "w") as f:
+        f.write(f"{CACHE_FORMAT}\n")
+    return root
+
 
 def record_hash(path: str | os.PathLike, inputs: dict[str, str] | None = None) -> None:
     """Record the SHA-256 of a derived artifact in `<file>.sha256` (first line), then the digests of
@@ -173,27 +217,23 @@ def record_hash(path: str | os.PathLike, inputs: dict[str, str] | None = None) -
 def verified(path: str | os.PathLike, inputs: dict[str, str] | None = None, check=None) -> bool:
     """Whether a cached artifact is there, holds the bytes that were written, (given `inputs`) was
     made from these inputs and (given `check`, which raises CorruptFileError otherwise) is what its
-    reader accepts. Otherwise it is removed with one warning line, for the caller to rebuild it. A
-    file from before hashes were recorded, or recorded without its inputs, is adopted: its hash is
-    recorded now. Not for files another process is writing at the same moment (between its write and
-    its hash, the two disagree)."""
+    reader accepts. Otherwise it is removed with one warning line, for the caller to rebuild it: a
+    file with no recorded hash is not trusted (every file of this cache format has one). Not for
+    files another process is writing at the same moment (between its write and its hash, the two
+    disagree)."""
     path = Path(path)
     if not path.is_file():
         return False
     recorded = _recorded(path)
-    if recorded is None or (recorded and recorded[0] != content_digest(path)):
+    if recorded == []:
+        problem = "has no recorded hash (written by another tool, or damaged)"
+    elif recorded is None or recorded[0] != content_digest(path):
         problem = "does not match its recorded hash (damaged or changed)"
-    elif (
-        inputs is not None
-        and recorded[1:]
-        and recorded[1:] != [f"{d}  {n}" for n, d in sorted(inputs.items())]
-    ):
+    elif inputs is not None and recorded[1:] != [f"{d}  {n}" for n, d in sorted(inputs.items())]:
         problem = "was made from inputs that have changed since"
     else:
         problem = _check(path, check)
     if problem is None:
-        if recorded == [] or (inputs and not recorded[1:]):
-            record_hash(path, inputs)
         return True
     print(f"[qg] warning: {path} {problem}; rebuilding it", file=sys.stderr, flush=True)
     path.unlink()
@@ -202,8 +242,7 @@ def verified(path: str | os.PathLike, inputs: dict[str, str] | None = None, chec
 
 
 def _recorded(path: Path) -> list[str] | None:
-    """The sidecar's lines ([] when there is none: a file from before hashes); None when it is
-    unreadable."""
+    """The sidecar's lines ([] when there is none); None when it is unreadable."""
     if not _sidecar(path).is_file():
         return []
     try:

@@ -106,16 +106,51 @@ def train(
     step, losses, elapsed = (
         _resume(state_path, model, opt, sched, cfg, device) if resume else (0, [], 0.0)
     )
-    activation_mb, conditions = float("nan"), model.condition_matrix()
-    start, last = time.perf_counter(), min(cfg.steps, stop_after or cfg.steps)
+    conditions, last = model.condition_matrix(), min(cfg.steps, stop_after or cfg.steps)
     exact = (
         step == 0 and cfg.weight_decay == 0 and _zero_everywhere(net, data, cfg, conditions, device)
     )
-    if exact:
-        last = 0
+    start = time.perf_counter()
+
+    def save(done: int) -> None:
+        run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
+        elapsed_now = elapsed + time.perf_counter() - start
+        _save_state(state_path, run, model, opt, sched, done, losses, elapsed_now)
+
+    steps = range(step, 0 if exact else last)
+    activation_mb = _run_steps(net, (opt, sched), data, cfg, steps, losses, save, device)
+    if world > 1:
+        dist.barrier()
+    elapsed += time.perf_counter() - start
+    if rank == 0:
+        _write_curve(out_dir / "loss.csv", losses, cfg)
+    return {
+        "steps": len(losses),
+        "final_loss": 0.0 if exact else losses[-1] if losses else float("nan"),
+        "exact_at_start": exact,
+        "train_seconds": elapsed,
+        "peak_memory_mb": peak_memory_mb(device),
+        "activation_mb": activation_mb,
+        "world_size": world,
+        "device": str(device),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "train": asdict(cfg),
+    }
+
+
+def _run_steps(
+    net, optimizer, data: TokenPairs, cfg: TrainConfig, steps: range, losses, save, device
+):
+    """Take the optimizer `steps`, appending each loss (averaged over ranks) to `losses` and calling
+    `save(done)` every `ckpt_every` steps and after the last; return the megabytes autograd saved
+    on the first step (NaN when none is taken)."""
+    rank, world = _world()
+    model = net.module if world > 1 else net
+    opt, sched = optimizer
+    conditions, activation_mb = model.condition_matrix(), float("nan")
     bar = tqdm(
-        range(step, last),
-        initial=step,
+        steps,
+        initial=steps.start,
         total=cfg.steps,
         desc="generator",
         disable=rank != 0 or bool(os.environ.get("TQDM_DISABLE")),
@@ -134,35 +169,9 @@ def train(
         losses.append(_mean_over_ranks(loss.detach(), world))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
         done = step + 1
-        if rank == 0 and (done % cfg.ckpt_every == 0 or done == last):
-            _save_state(
-                state_path,
-                {"generator": model.cfg.to_dict(), "train": asdict(cfg)},
-                model,
-                opt,
-                sched,
-                done,
-                losses,
-                elapsed + time.perf_counter() - start,
-            )
-    if world > 1:
-        dist.barrier()
-    elapsed += time.perf_counter() - start
-    if rank == 0:
-        _write_curve(out_dir / "loss.csv", losses, cfg)
-    final = 0.0 if exact else losses[-1] if losses else float("nan")
-    return {
-        "steps": len(losses),
-        "final_loss": final,
-        "exact_at_start": exact,
-        "train_seconds": elapsed,
-        "peak_memory_mb": peak_memory_mb(device),
-        "activation_mb": activation_mb,
-        "world_size": world,
-        "device": str(device),
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "train": asdict(cfg),
-    }
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == steps.stop):
+            save(done)
+    return activation_mb
 
 
 def _batch(

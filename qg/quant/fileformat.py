@@ -86,16 +86,6 @@ def format_version(path) -> str:
     return metadata["format_version"]
 
 
-def read_current(path) -> None:
-    """`read_quantized`, refusing a file of an older format version: the pipeline's cache check, so
-    that a cached file written by an older qg is remade in today's format (its codes, S and Z are
-    the same)."""
-    version = format_version(path)
-    if version != FORMAT_VERSION:
-        raise CorruptFileError(f"{path} is in format version {version}, not {FORMAT_VERSION}")
-    read_quantized(path)
-
-
 def read_quantized(path) -> tuple[dict[str, QTensor | torch.Tensor], QuantSpec, dict]:
     """Read a quantized model file (either format version) as QTensors (codes, S, Z) plus float
     tensors, its spec and metadata."""

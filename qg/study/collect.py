@@ -209,60 +209,76 @@ def collect(profile: Profile, root, device: str = "cpu") -> dict:
     the manifest 02_train reads (`root/manifest.json`, its file paths relative to `root`; read it
     back with `Collected`).
 
-    `archs` maps a name to a ModelSpec (its `dataset` is the pretraining data; optional: a
-    `pretrained_file` of weights for offline use, and `tasks`, the tasks it takes part in).
-    `pretrain` and each entry of `tasks` are TrainSpec fields; `pretrain` null starts from timm's
-    pretrained weights (the paper profile) instead of training here. Task models share the
-    architecture and take the task's dataset and number of classes. `qat` asks for QAT targets
-    (QATSpec fields) of every checkpoint of the pairs it selects. Every run is keyed by the values
-    as the profile file wrote them. Training runs on `device`.
+    Each architecture is pretrained on its dataset (or, with `pretrain: null`, starts from timm's
+    weights: the paper profile); each of its tasks fine-tunes it (the task's dataset and number of
+    classes) into run A's and run B's checkpoints; `qat` selects the pairs that also get QAT
+    targets. Every run is keyed by the values as the profile file wrote them (`Profile.written`).
+    Training runs on `device`.
     """
-    root, written, seed = Path(root), profile.written, profile.seed
+    root, seed = Path(root), profile.seed
     manifest = {"archs": {}, "seed": seed}
-    for arch_name, arch in profile.archs.items():
-        spec = ModelSpec.from_dict(written["archs"][arch_name])
-        if profile.pretrain is None:
-            spec, path = pretrained_start(spec, arch.pretrained_file, root / arch_name)
-            seconds = 0.0
-        else:
-            paths, record = train_model(
-                spec,
-                TrainSpec(**written["pretrain"]),
-                None,
-                seed,
-                root / arch_name,
-                label="pretrain",
-                device=device,
-            )
-            path, seconds = paths[-1], record["seconds"]
+    for arch_name in profile.archs:
+        spec, path, seconds = _pretrained(profile, arch_name, root, device)
         pretrained = load_checkpoint(path)[0]
         entry = {"pretrained": _relative(path, root), "pretrain_seconds": seconds, "tasks": {}}
-        for task_name, task in profile.tasks.items():
-            if (arch_name, task_name) not in pairs(profile):
-                continue
-            classes = dataset_info(task.dataset)["num_classes"]
-            task_spec = ModelSpec(
-                spec.arch, {**spec.kwargs, "num_classes": classes}, task.dataset, spec.norm
-            )
-            task_dir = root / arch_name / task_name
-            task_entry = collect_task(
-                task_spec,
-                pretrained,
-                TrainSpec(**written["tasks"][task_name]),
-                profile.checkpoints.n,
-                profile.checkpoints.heldout_run,
-                seed,
-                task_dir,
-                device,
-            )
-            if selected(profile.qat, arch_name, task_name):
-                task_entry["qat"] = collect_qat(
-                    task_entry, _qat_specs(profile), _qat_training(profile), seed, task_dir, device
+        for task_name in profile.tasks:
+            if (arch_name, task_name) in pairs(profile):
+                task_entry = _collect_pair(
+                    profile, spec, pretrained, task_name, root / arch_name, device
                 )
-            entry["tasks"][task_name] = _relative_entry(task_entry, root)
+                entry["tasks"][task_name] = _relative_entry(task_entry, root)
         manifest["archs"][arch_name] = entry
     write_json(root / "manifest.json", manifest)
     return manifest
+
+
+def _pretrained(profile: Profile, arch_name: str, root: Path, device: str):
+    """(ModelSpec, pretrained checkpoint, seconds it took) of one architecture: trained here, or
+    timm's weights when the profile's `pretrain` is null."""
+    spec = ModelSpec.from_dict(profile.written["archs"][arch_name])
+    if profile.pretrain is None:
+        spec, path = pretrained_start(
+            spec, profile.archs[arch_name].pretrained_file, root / arch_name
+        )
+        return spec, path, 0.0
+    paths, record = train_model(
+        spec,
+        TrainSpec(**profile.written["pretrain"]),
+        None,
+        profile.seed,
+        root / arch_name,
+        label="pretrain",
+        device=device,
+    )
+    return spec, paths[-1], record["seconds"]
+
+
+def _collect_pair(
+    profile: Profile, spec: ModelSpec, pretrained: dict, task_name: str, arch_dir: Path, device
+) -> dict:
+    """One (architecture, task)'s checkpoints of runs A and B and, where the profile asks, their
+    QAT targets: its manifest entry (absolute paths)."""
+    task = profile.tasks[task_name]
+    classes = dataset_info(task.dataset)["num_classes"]
+    task_spec = ModelSpec(
+        spec.arch, {**spec.kwargs, "num_classes": classes}, task.dataset, spec.norm
+    )
+    task_dir = arch_dir / task_name
+    entry = collect_task(
+        task_spec,
+        pretrained,
+        TrainSpec(**profile.written["tasks"][task_name]),
+        profile.checkpoints.n,
+        profile.checkpoints.heldout_run,
+        profile.seed,
+        task_dir,
+        device,
+    )
+    if selected(profile.qat, arch_dir.name, task_name):
+        entry["qat"] = collect_qat(
+            entry, _qat_specs(profile), _qat_training(profile), profile.seed, task_dir, device
+        )
+    return entry
 
 
 def _qat_specs(profile: Profile) -> list[QuantSpec]:

@@ -211,15 +211,27 @@ def diagnose(
     if not memorisation:
         return {"layers": layers.assign(**tag), "sensitivity": sens.assign(**tag)}
     train_files = [exp.target(setting, spec, c) for c in splits["trained"]]
+    near = _nearest(exp.scorer, (gen_files, gen), (own_files, own), train_files, ckpts)
+    return {
+        "layers": layers.assign(**tag),
+        "sensitivity": sens.assign(**tag),
+        "nearest": pd.DataFrame(near).assign(**tag),
+    }
+
+
+def _nearest(scorer, generated, targets, train_files, ckpts) -> list[dict]:
+    """For each checkpoint's generated model and its target (each (files, loaded models)): the
+    distances to the nearest training target and the error IoU with that training model and with
+    the own target."""
     train = [read_quantized(p)[0] for p in train_files]
-    near = []
-    for model, files, g in (("gen", gen_files, gen), ("target", own_files, own)):
-        d = nearest_distances(g, own, train)
-        for i, row in d.iterrows():
-            pred, labels = exp.scorer.predictions(files[i])
-            pred_train, _ = exp.scorer.predictions(train_files[int(row.nearest_train)])
-            pred_own, _ = exp.scorer.predictions(own_files[i])
-            near.append(
+    own_files, own = targets
+    rows = []
+    for model, (files, models) in (("gen", generated), ("target", targets)):
+        for i, row in nearest_distances(models, own, train).iterrows():
+            pred, labels = scorer.predictions(files[i])
+            pred_train, _ = scorer.predictions(train_files[int(row.nearest_train)])
+            pred_own, _ = scorer.predictions(own_files[i])
+            rows.append(
                 {
                     **row.to_dict(),
                     "model": model,
@@ -228,11 +240,7 @@ def diagnose(
                     "iou_own": error_iou(pred, pred_own, labels),
                 }
             )
-    return {
-        "layers": layers.assign(**tag),
-        "sensitivity": sens.assign(**tag),
-        "nearest": pd.DataFrame(near).assign(**tag),
-    }
+    return rows
 
 
 def file_costs(

@@ -13,8 +13,7 @@ on); run B, a second fine-tuning with another seed, is `heldout_run`. The paper 
 
 Every quantized model (PTQ, QAT, generated, a control) is written as a quantized file, cached under
 the profile's artifacts and named by its parameters; `qg.study.evaluation` scores the files into the
-tables' rows. A cached PTQ, control or generated file of an older format version is remade in
-today's (`read_current`).
+tables' rows. A cached file is read back only after its reader accepts it (`read_quantized`).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from ..generator.pairs import TokenPairs
 from ..generator.tokenizer import Tokenizer
 from ..generator.train import TrainConfig, fit_generator
 from ..quant.baselines import quantize_model
-from ..quant.fileformat import read_current, read_quantized, save_quantized
+from ..quant.fileformat import read_quantized, save_quantized
 from ..quant.quantizer import QuantSpec, is_quantized_weight
 from ..targets.calibrate import with_qwt
 from ..targets.data import fingerprint
@@ -92,7 +91,7 @@ class Experiment:
             out,
             lambda path: self._quantize(path, [checkpoint], spec, method, lambda sds: sds[0]),
             self._inputs([checkpoint]),
-            check=read_current,
+            check=read_quantized,
         )
 
     def control(self, name: str, spec: QuantSpec, checkpoints: list[Path]) -> Path:
@@ -131,7 +130,7 @@ class Experiment:
             out,
             lambda path: self._quantize(path, checkpoints, spec, name, make_input),
             self._inputs(checkpoints),
-            check=read_current,
+            check=read_quantized,
         )
 
     def _quantize(
@@ -199,22 +198,24 @@ class Experiment:
         train_ckpts = self.collected.splits(setting.arch, setting.task)["trained"]
         inputs, marker = self._training_inputs(setting, train_ckpts), out / "inputs.json"
         recorded = read_json(marker) if marker.is_file() else None
-        # from before inputs (or targets) were recorded
-        adopt = recorded is None or recorded == self._inputs(train_ckpts)
-        if not adopt and recorded != inputs:  # other checkpoints or targets under the same names
+        # other checkpoints or targets under the same names, or a folder that lost its record
+        if out.exists() and recorded != inputs:
             print(
                 f"[qg] warning: {out.name} was trained on checkpoints (or QAT targets) that have "
-                "changed since; training it again",
+                "changed since, or lost its inputs.json; training it again",
                 file=sys.stderr,
                 flush=True,
             )
             shutil.rmtree(out)  # its training state and generated files too
         if QuantGen.complete(out):
-            if adopt and recorded != inputs:
-                write_json(marker, inputs)
             return QuantGen.load(out, self.device)
         # before training starts: an interrupted run resumes only on the same inputs
         write_json(marker, inputs)
+        return self._train_generator(setting, train_ckpts, out)
+
+    def _train_generator(self, setting: Setting, train_ckpts: list[Path], out: Path) -> QuantGen:
+        """Fit the setting's tokenizer on its training checkpoints and targets, then train (or
+        resume) its generator in `out`."""
         fp = [load_checkpoint(p)[0] for p in train_ckpts]
         targets = {
             spec: [read_quantized(self.target(setting, spec, p))[0] for p in train_ckpts]
@@ -294,10 +295,7 @@ class Experiment:
             / checkpoint.parent.name
             / f"{checkpoint.stem}.safetensors"
         )
-        # check: a file generated before symmetric specs decoded Z = 0 is refused on read, hence
-        # remade, and so is one in format version 1 (int8 codes): remade packed, with the same
-        # codes, S and Z
-        return cached(out, make, self._inputs([checkpoint]), check=read_current)
+        return cached(out, make, self._inputs([checkpoint]), check=read_quantized)
 
     def model_file(
         self,
@@ -352,7 +350,7 @@ class Experiment:
             self.paths.artifacts / f"qwt-{params_key(conf)}" / where,
             lambda out: self._compensate(out, base, checkpoint, conf),
             inputs,
-            check=read_current,
+            check=read_quantized,
         )
 
     def _compensate(self, out: Path, base: Path, checkpoint: Path, conf: dict) -> None:

@@ -147,39 +147,14 @@ def binary_rows(exp: Experiment) -> pd.DataFrame:
     RPG's samples for its embedding, and the baseline that needs no generator, the classifiers of
     the nearest seen task (Hamming distance of the embeddings); each with its distance to the
     nearest of RPG's training checkpoints (relative to their mean norm)."""
-    conf, seed = binary_config(exp.profile), exp.profile.seed
+    conf = binary_config(exp.profile)
     seen, unseen = binary_tasks(exp.profile)
-    rpg, out = binary_rpg(exp), binary_dir(exp)
-    made_by = {"rpg": content_digest(out / "generator.safetensors")}
+    rpg = binary_rpg(exp)
     train_sds = [load_checkpoint(p)[0] for e in seen for p in task_checkpoints(exp, e)]
     rows = []
     for e in unseen:
-        spec, _ = _task_spec(exp, e)
         near = min(seen, key=lambda s: (hamming(s, e), s))
-
-        def write(path: Path, sd: dict, method: str, source: list[str]) -> None:
-            save_checkpoint(path, sd, spec, {"method": method, "source": source, "embedding": e})
-
-        files = {
-            "original": task_checkpoints(exp, e),
-            "generated": [
-                cached(
-                    out / "samples" / e / f"{i:03d}.safetensors",
-                    lambda path, i=i: write(path, rpg.sample_one(i, e, seed), "rpg", []),
-                    made_by,
-                )
-                for i in range(conf["samples"])
-            ],
-            "nearest seen": [
-                cached(
-                    out / "nearest" / e / f"{near}-{j:03d}.safetensors",
-                    lambda path, p=p: write(path, load_checkpoint(p)[0], "nearest seen", [p.name]),
-                    {p.name: content_digest(p)},
-                )
-                for j, p in enumerate(task_checkpoints(exp, near))
-            ],
-        }
-        for kind, paths in files.items():
+        for kind, paths in _unseen_files(exp, rpg, e, near, conf["samples"]).items():
             d = distances([load_checkpoint(p)[0] for p in paths], train_sds).min(1).values
             for path, dist in zip(paths, d):
                 rows.append(
@@ -195,3 +170,34 @@ def binary_rows(exp: Experiment) -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def _unseen_files(exp: Experiment, rpg, e: str, near: str, samples: int) -> dict[str, list[Path]]:
+    """The model files of unseen task `e` by kind: its own classifiers, RPG's `samples` for its
+    embedding and the classifiers of the nearest seen task `near` (cached as files of task `e`)."""
+    spec, _ = _task_spec(exp, e)
+    out = binary_dir(exp)
+    made_by = {"rpg": content_digest(out / "generator.safetensors")}
+
+    def write(path: Path, sd: dict, method: str, source: list[str]) -> None:
+        save_checkpoint(path, sd, spec, {"method": method, "source": source, "embedding": e})
+
+    return {
+        "original": task_checkpoints(exp, e),
+        "generated": [
+            cached(
+                out / "samples" / e / f"{i:03d}.safetensors",
+                lambda path, i=i: write(path, rpg.sample_one(i, e, exp.profile.seed), "rpg", []),
+                made_by,
+            )
+            for i in range(samples)
+        ],
+        "nearest seen": [
+            cached(
+                out / "nearest" / e / f"{near}-{j:03d}.safetensors",
+                lambda path, p=p: write(path, load_checkpoint(p)[0], "nearest seen", [p.name]),
+                {p.name: content_digest(p)},
+            )
+            for j, p in enumerate(task_checkpoints(exp, near))
+        ],
+    }

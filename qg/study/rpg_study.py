@@ -138,30 +138,6 @@ def model_files(exp: Experiment, arch: str) -> dict[str, list[Path]]:
 
         return cached(out / kind / f"{i:03d}.safetensors", write, inputs)
 
-    def noisy(path: Path, i: int):
-        sd = load_checkpoint(path)[0]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        return (
-            {
-                k: v + conf["noise"] * v.std() * torch.randn(v.shape, generator=gen)
-                if v.numel() > 1
-                else v
-                for k, v in sd.items()
-            },
-            [exp.collected.relative(path)],
-        )
-
-    def averaged(i: int):
-        pick = torch.randperm(
-            len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + i)
-        )
-        chosen = [train[j] for j in sorted(pick[: conf["average_of"]].tolist())]
-        sds = [load_checkpoint(p)[0] for p in chosen]
-        return (
-            {k: torch.stack([sd[k] for sd in sds]).mean(0) for k in sds[0]},
-            [exp.collected.relative(p) for p in chosen],
-        )
-
     digests = {exp.collected.relative(p): content_digest(p) for p in train}
     return {
         "original": list(train),
@@ -174,16 +150,48 @@ def model_files(exp: Experiment, arch: str) -> dict[str, list[Path]]:
             file(
                 f"noise-{params_key({'sigma': conf['noise']})}",
                 i,
-                lambda p=p, i=i: noisy(p, i),
+                lambda p=p, i=i: _noisy(p, conf["noise"], seed * 1_000_003 + i, exp.collected),
                 {exp.collected.relative(p): content_digest(p)},
             )
             for i, p in enumerate(evenly_spaced(train, n))
         ],
         "average": [
-            file(f"average-{conf['average_of']}", i, lambda i=i: averaged(i), digests)
+            file(
+                f"average-{conf['average_of']}",
+                i,
+                lambda i=i: _averaged(
+                    train, conf["average_of"], seed * 1_000_003 + i, exp.collected
+                ),
+                digests,
+            )
             for i in range(n)
         ],
     }
+
+
+def _noisy(path: Path, sigma: float, seed: int, collected) -> tuple[dict, list[str]]:
+    """The checkpoint at `path` plus Gaussian noise of `sigma` times each tensor's std (seeded),
+    and its source."""
+    sd = load_checkpoint(path)[0]
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        {
+            k: v + sigma * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v
+            for k, v in sd.items()
+        },
+        [collected.relative(path)],
+    )
+
+
+def _averaged(train: list[Path], k: int, seed: int, collected) -> tuple[dict, list[str]]:
+    """The mean of `k` training checkpoints drawn without replacement (seeded), and its sources."""
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    chosen = [train[j] for j in sorted(pick[:k].tolist())]
+    sds = [load_checkpoint(p)[0] for p in chosen]
+    return (
+        {name: torch.stack([sd[name] for sd in sds]).mean(0) for name in sds[0]},
+        [collected.relative(p) for p in chosen],
+    )
 
 
 def rpg_rows(exp: Experiment, arch: str) -> pd.DataFrame:

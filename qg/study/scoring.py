@@ -13,7 +13,6 @@ import torch
 
 from ..config.blocks import Eval
 from ..core.io import (
-    CorruptFileError,
     cached,
     content_digest,
     params_key,
@@ -79,9 +78,7 @@ class Scorer:
             "model file": content_digest(path),
             "test data": fingerprint(spec.dataset, "test"),
         }
-        t = read_safetensors(
-            cached(cache, lambda out: self._evaluate(path, out), inputs, check=_newer_than(path))
-        )[0]
+        t = read_safetensors(cached(cache, lambda out: self._evaluate(path, out), inputs))[0]
         return t["pred"].long(), t["labels"].long()
 
     def _evaluate(self, path: Path, out: Path) -> None:
@@ -92,14 +89,3 @@ class Scorer:
             out,
             {"file": path.name},
         )
-
-
-def _newer_than(model_file: Path):
-    """A prediction cache from before caches recorded their inputs is trusted only if newer than its
-    model file."""
-
-    def check(cache: Path) -> None:
-        if cache.stat().st_mtime < model_file.stat().st_mtime:
-            raise CorruptFileError(f"older than {model_file.name}")
-
-    return check

@@ -67,24 +67,9 @@ def train_model(
     out = _run_dir(root, label, params)
     # content, not name: other files under the same name retrain the run
     data = fingerprint(run.dataset, "train")
-    if (out / "run.json").is_file():
-        record = read_json(out / "run.json")
-        paths = [out / name for name in record["checkpoints"]]
-        adopted = "data" not in record  # a run from before fingerprints: its data is today's
-        same_data = record.setdefault("data", data) == data
-        # a list: check (and warn on) every checkpoint
-        if same_data and all([verified(p) for p in paths]):
-            if adopted:
-                write_json(out / "run.json", record)
-            return paths, record
-        print(
-            f"[qg] warning: {out.name} "
-            + ("lost a checkpoint" if same_data else f"was trained on other {run.dataset} data")
-            + "; training the run again",
-            file=sys.stderr,
-            flush=True,
-        )
-        (out / "run.json").unlink()
+    finished = _finished(out, data, run.dataset)
+    if finished is not None:
+        return finished
     torch.manual_seed(seed)
     model = build_model(spec)
     if start is not None:
@@ -103,12 +88,7 @@ def train_model(
         seed=seed,
         norm=spec.norm,
     )
-    total = max(1, round(run.epochs * len(loader)))
-    last_epoch = max(1, min(len(loader), total))
-    save_at = {
-        total - last_epoch + round((i + 1) * last_epoch / n_checkpoints)
-        for i in range(n_checkpoints)
-    } or {total}
+    save_at = _checkpoint_steps(max(1, round(run.epochs * len(loader))), len(loader), n_checkpoints)
     saved: list[str] = []
 
     def on_step(step: int, m) -> None:
@@ -143,6 +123,39 @@ def train_model(
     }
     write_json(out / "run.json", record)
     return [out / name for name in saved], record
+
+
+def _finished(out: Path, data: str, dataset: str) -> tuple[list[Path], dict] | None:
+    """The checkpoints and record of the run in `out` if it finished on this `data` and kept every
+    checkpoint; otherwise None, its record removed with one warning line (the run is trained
+    again)."""
+    if not (out / "run.json").is_file():
+        return None
+    record = read_json(out / "run.json")
+    paths = [out / name for name in record["checkpoints"]]
+    same_data = record.get("data") == data
+    # a list: check (and warn on) every checkpoint
+    if same_data and all([verified(p) for p in paths]):
+        return paths, record
+    print(
+        f"[qg] warning: {out.name} "
+        + ("lost a checkpoint" if same_data else f"was trained on other {dataset} data")
+        + "; training the run again",
+        file=sys.stderr,
+        flush=True,
+    )
+    (out / "run.json").unlink()
+    return None
+
+
+def _checkpoint_steps(total: int, epoch: int, n_checkpoints: int) -> set[int]:
+    """The steps (of `total`, `epoch` per epoch) after which a checkpoint is saved: `n_checkpoints`
+    spread evenly over the last epoch, or the final step alone."""
+    last_epoch = max(1, min(epoch, total))
+    return {
+        total - last_epoch + round((i + 1) * last_epoch / n_checkpoints)
+        for i in range(n_checkpoints)
+    } or {total}
 
 
 def new_head(sd: dict[str, torch.Tensor], spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:

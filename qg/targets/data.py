@@ -294,12 +294,9 @@ def batches(
     _check_request(name, subset, norm)
     subset_seed = seed if subset_seed is None else subset_seed
     dataset = _subset(load_dataset(name, split, root), subset, subset_seed)
-    limit = (
-        float(os.environ.get("QG_IN_MEMORY_MB", IN_MEMORY_MB))
-        if in_memory_mb is None
-        else in_memory_mb
-    )
-    if _float_mb(dataset, img_size) <= limit:
+    if in_memory_mb is None:
+        in_memory_mb = float(os.environ.get("QG_IN_MEMORY_MB", IN_MEMORY_MB))
+    if _float_mb(dataset, img_size) <= in_memory_mb:
         # the whole split is the same for every seed
         key_seed = subset_seed if subset is not None else 0
         data = _cached_tensors(
@@ -315,8 +312,19 @@ def batches(
         )
         return TensorLoader(*data, batch_size, shuffle, seed)
     info = dataset_info(name)
-    return DataLoader(
+    return _streamed(
         Resized(dataset, img_size, (info["mean"], info["std"]), norm),
+        batch_size,
+        shuffle,
+        num_workers,
+        seed,
+    )
+
+
+def _streamed(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    """A DataLoader reading `dataset` from disk in `num_workers` processes, shuffled from `seed`."""
+    return DataLoader(
+        dataset,
         batch_size,
         shuffle=shuffle,
         num_workers=num_workers,

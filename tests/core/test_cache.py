@@ -9,11 +9,15 @@ import torch
 from fakes import TINY_VIT, checkpoints
 
 from qg.core.io import (
+    CACHE_FORMAT,
+    FORMAT_FILE,
     HASH_SUFFIX,
     STALE_TMP_SECONDS,
     atomic_write,
     cached,
+    claim_cache,
     read_safetensors,
+    record_hash,
     save_safetensors,
     verified,
 )
@@ -61,12 +65,34 @@ def test_cached_makes_once_and_rebuilds_damaged_files(tmp_path, capsys):
     assert len(calls) == 4
 
 
-def test_files_from_before_hashes_are_adopted(tmp_path):
+def test_a_file_without_a_recorded_hash_is_rebuilt_not_trusted(tmp_path, capsys):
     out, calls = tmp_path / "old.safetensors", []
-    # written without a hash, as caches made before hashing were
+    save_safetensors({"x": torch.ones(3)}, out)  # its sidecar lost, or planted by another tool
+    assert not verified(out) and not out.exists()
+    assert "has no recorded hash" in capsys.readouterr().err
     save_safetensors({"x": torch.ones(3)}, out)
     cached(out, _maker(calls))
-    assert not calls and verified(out) and (tmp_path / ("old.safetensors" + HASH_SUFFIX)).is_file()
+    assert calls == [out] and torch.equal(read_safetensors(out)[0]["x"], torch.arange(1000.0))
+
+
+def test_a_cache_of_an_older_format_is_set_aside_and_a_newer_one_refused(tmp_path, capsys):
+    root = tmp_path / "artifacts" / "smoke"
+    assert claim_cache(root).is_dir() and (root / FORMAT_FILE).read_text() == f"{CACHE_FORMAT}\n"
+    (root / "ptq").mkdir()
+    claim_cache(root)  # its own format: kept as it is
+    assert (root / "ptq").is_dir() and not capsys.readouterr().err
+    (root / FORMAT_FILE).unlink()  # a cache written before formats were recorded: format 1
+    claim_cache(root)
+    old = tmp_path / "artifacts" / "smoke.format-1"
+    assert (old / "ptq").is_dir() and sorted(p.name for p in root.iterdir()) == [FORMAT_FILE]
+    assert f"kept as {old}" in capsys.readouterr().err
+    (root / "ptq").mkdir()
+    (root / FORMAT_FILE).unlink()
+    claim_cache(root)  # a second old cache does not overwrite the first
+    assert (tmp_path / "artifacts" / "smoke.format-1.2" / "ptq").is_dir() and old.is_dir()
+    (root / FORMAT_FILE).write_text(f"{CACHE_FORMAT + 1}\n")
+    with pytest.raises(ValueError, match="newer than this qg"):
+        claim_cache(root)
 
 
 def test_a_killed_write_leaves_no_temporary_file_for_ever(tmp_path):
@@ -199,14 +225,15 @@ def test_an_empty_sidecar_or_a_file_its_reader_refuses_is_rebuilt(tmp_path, caps
     (tmp_path / ("a.safetensors" + HASH_SUFFIX)).write_text("")
     cached(out, _maker(calls))
     assert len(calls) == 2 and "does not match its recorded hash" in capsys.readouterr().err
-    # a symmetric file with a non-zero zero point, as generators wrote (in format version 1) before
-    # Z = 0 was enforced: adopted by its hash (no sidecar), refused by its reader, so remade
+    # a symmetric file with a non-zero zero point (generators wrote such files before Z = 0 was
+    # enforced): its hash is right, its reader refuses it, so it is remade
     spec = QuantSpec(4, "group", 16)
     old = quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec)
     name = next(k for k, v in old.items() if hasattr(v, "codes"))
     old[name].zero[0, 0] = 1.0
     path = tmp_path / "gen.safetensors"
     _version_1_file(path, old, spec)
+    record_hash(path)
     with pytest.raises(CorruptFileError):
         read_quantized(path)
     fixed = []
@@ -224,29 +251,24 @@ def test_an_empty_sidecar_or_a_file_its_reader_refuses_is_rebuilt(tmp_path, caps
     )
 
 
-def test_a_cached_version_1_file_is_remade_packed_with_the_same_model(tmp_path, capsys):
-    """The pipeline's check (`read_current`) remakes a good version-1 file in version 2; a plain
-    read keeps it."""
-    from qg.quant.fileformat import format_version, read_current, read_quantized, save_quantized
+def test_a_version_1_file_reads_back_the_same_model_packed_files_are_smaller(tmp_path):
+    from qg.quant.fileformat import format_version, read_quantized, save_quantized
 
     spec = QuantSpec(3, "group", 16)
     qsd = quantize_state_dict(checkpoints(TINY_VIT, 1)[0], spec)
-    path = tmp_path / "ptq.safetensors"
-    _version_1_file(path, qsd, spec)
-    assert verified(path, check=read_quantized) and format_version(path) == "1"
-    cached(path, lambda p: save_quantized(p, qsd, spec, {}), check=read_current)
-    assert (
-        format_version(path) == "2" and "is in format version 1, not 2" in capsys.readouterr().err
-    )
-    back = read_quantized(path)[0]
-    assert all(
-        torch.equal(back[k].codes, q.codes) and torch.equal(back[k].scale, q.scale)
-        for k, q in qsd.items()
-        if hasattr(q, "codes")
-    )
-    _version_1_file(tmp_path / "v1.safetensors", qsd, spec)
+    v1, v2 = tmp_path / "v1.safetensors", tmp_path / "v2.safetensors"
+    _version_1_file(v1, qsd, spec)
+    save_quantized(v2, qsd, spec, {})
+    assert (format_version(v1), format_version(v2)) == ("1", "2")
+    for path in (v1, v2):
+        back = read_quantized(path)[0]
+        assert all(
+            torch.equal(back[k].codes, q.codes) and torch.equal(back[k].scale, q.scale)
+            for k, q in qsd.items()
+            if hasattr(q, "codes")
+        )
     # 3-bit packed against int8
-    assert path.stat().st_size < 0.6 * (tmp_path / "v1.safetensors").stat().st_size
+    assert v2.stat().st_size < 0.6 * v1.stat().st_size
 
 
 def _version_1_file(path, qsd, spec):
