@@ -35,10 +35,15 @@ def test_qwt_on_top_of_a_method_needs_data_and_the_fp_weights():
 
 
 def test_labels_of_methods_and_paired_differences():
-    assert [
-        methods.label(m)
-        for m in ("fp", "rtn-asym", "gen-ptq", "gen-rtn-ptq", "gen+qwt-ptq+qwt", "other")
-    ] == ["FP32", "RTN asym", "Gen − PTQ", "Gen (RTN base) − PTQ", "Gen + QwT − PTQ + QwT", "other"]
+    expected = {
+        "fp": "FP32",
+        "rtn-asym": "RTN asym",
+        "gen-ptq": "Gen − PTQ",
+        "gen-rtn-ptq": "Gen (RTN base) − PTQ",
+        "gen+qwt-ptq+qwt": "Gen + QwT − PTQ + QwT",
+        "other": "other",
+    }
+    assert {m: methods.label(m) for m in expected} == expected
 
 
 def test_the_tables_order():

@@ -167,6 +167,17 @@ def kernels_available() -> bool:
     )
 
 
+def _check_dims(d_ssm: int, headdim: int, ngroups: int) -> None:
+    """Refuse SSM widths that do not split into whole heads, or heads into whole groups."""
+    if d_ssm % headdim:
+        raise ValueError(
+            f"d_ssm = expand * d_model = {d_ssm} must be a multiple of "
+            f"headdim = {headdim}: change d_model (token size) or headdim"
+        )
+    if (d_ssm // headdim) % ngroups:
+        raise ValueError(f"the {d_ssm // headdim} heads must split evenly into ngroups = {ngroups}")
+
+
 class Mamba2(nn.Module):
     """The Mamba-2 mixer (see the module docstring); `use_kernels=None` picks the CUDA kernels when
     it can."""
@@ -210,37 +221,43 @@ class Mamba2(nn.Module):
         self.d_inner = expand * d_model
         self.headdim, self.ngroups = headdim, ngroups
         self.d_ssm = self.d_inner if d_ssm is None else d_ssm
-        if self.d_ssm % headdim:
-            raise ValueError(
-                f"d_ssm = expand * d_model = {self.d_ssm} must be a multiple of "
-                f"headdim = {headdim}: change d_model (token size) or headdim"
-            )
-        if (self.d_ssm // headdim) % ngroups:
-            raise ValueError(
-                f"the {self.d_ssm // headdim} heads must split evenly into ngroups = {ngroups}"
-            )
+        _check_dims(self.d_ssm, headdim, ngroups)
         self.nheads = self.d_ssm // headdim
         self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
         self.dt_limit, self.chunk_size, self.layer_idx = dt_limit, chunk_size, layer_idx
         self.use_mem_eff_path, self.use_kernels = use_mem_eff_path, use_kernels
+        self._init_input(bias, conv_bias, conv_init, **factory)
+        self.act = nn.SiLU()
+        self._init_ssm_parameters(dt_min, dt_max, dt_init_floor, A_init_range, **factory)
+        self._init_output(bias, **factory)
+
+    def _init_input(self, bias, conv_bias, conv_init, device, dtype) -> None:
+        """in_proj (to [z0, x0 | z | xBC | dt]) and the causal depthwise conv1d over xBC, its
+        weights drawn uniform in +-conv_init when that is given."""
         # Order: [z, x, B, C, dt]
-        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
-        conv_dim = self.d_ssm + 2 * ngroups * d_state
+        d_in_proj = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+        self.in_proj = nn.Linear(self.d_model, d_in_proj, bias=bias, device=device, dtype=dtype)
+        conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
         self.conv1d = nn.Conv1d(
             conv_dim,
             conv_dim,
-            d_conv,
+            self.d_conv,
             groups=conv_dim,
-            padding=d_conv - 1,
+            padding=self.d_conv - 1,
             bias=conv_bias,
-            **factory,
+            device=device,
+            dtype=dtype,
         )
         if conv_init is not None:
             nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
-        self.act = nn.SiLU()
+
+    def _init_ssm_parameters(self, dt_min, dt_max, dt_init_floor, A_init_range, device, dtype):
+        """dt_bias, A_log and D as mamba_ssm initialises them (same draws, same order): dt
+        log-uniform in [dt_min, dt_max], floored at dt_init_floor and stored through the inverse
+        softplus; A uniform in A_init_range; D ones; none of them weight-decayed."""
         dt = torch.exp(
-            torch.rand(self.nheads, **factory) * (math.log(dt_max) - math.log(dt_min))
+            torch.rand(self.nheads, device=device, dtype=dtype)
+            * (math.log(dt_max) - math.log(dt_min))
             + math.log(dt_min)
         )
         dt = torch.clamp(dt, min=dt_init_floor)
@@ -249,18 +266,24 @@ class Mamba2(nn.Module):
             raise ValueError(f"A_init_range must be 0 < low <= high, got {A_init_range}")
         A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
         self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
-        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        self.D = nn.Parameter(
+            torch.ones(self.d_ssm if self.D_has_hdim else self.nheads, device=device)
+        )
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
-        if rmsnorm:
+
+    def _init_output(self, bias, device, dtype) -> None:
+        """The grouped gated RMSNorm (when rmsnorm) and out_proj back to d_model."""
+        if self.rmsnorm:
             self.norm = RMSNormGated(
                 self.d_ssm,
                 eps=1e-5,
-                norm_before_gate=norm_before_gate,
-                group_size=self.d_ssm // ngroups,
-                **factory,
+                norm_before_gate=self.norm_before_gate,
+                group_size=self.d_ssm // self.ngroups,
+                device=device,
+                dtype=dtype,
             )
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, device=device, dtype=dtype)
 
     def _kernels(self, u: torch.Tensor) -> bool:
         if self.use_kernels is False or not u.is_cuda:

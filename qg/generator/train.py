@@ -124,6 +124,12 @@ def train(
     elapsed += time.perf_counter() - start
     if rank == 0:
         _write_curve(out_dir / "loss.csv", losses, cfg)
+    return _record(model, cfg, losses, exact, elapsed, activation_mb, world, device)
+
+
+def _record(model, cfg: TrainConfig, losses, exact, elapsed, activation_mb, world, device) -> dict:
+    """What `train` returns and the generator directory keeps: steps, final loss, time, memory,
+    size and settings of the run."""
     return {
         "steps": len(losses),
         "final_loss": 0.0 if exact else losses[-1] if losses else float("nan"),

@@ -188,16 +188,7 @@ def diagnose(
     gen_files = [exp.generated(setting, spec, c, quantgen) for c in ckpts]
     own_files = [exp.target(setting, spec, c) for c in ckpts]
     gen, own = ([read_quantized(p)[0] for p in files] for files in (gen_files, own_files))
-    tag = {
-        "arch": setting.arch,
-        "task": setting.task,
-        "setting": setting.name,
-        "source": setting.source,
-        "variant": setting.label,
-        "bits": spec.bits,
-        "granularity": spec.granularity,
-        "split": split,
-    }
+    tag = _tag(setting, spec, split)
     layers = pd.concat(
         [layer_fidelity(g, t).assign(checkpoint=c.stem) for g, t, c in zip(gen, own, ckpts)]
     )
@@ -216,6 +207,20 @@ def diagnose(
         "layers": layers.assign(**tag),
         "sensitivity": sens.assign(**tag),
         "nearest": pd.DataFrame(near).assign(**tag),
+    }
+
+
+def _tag(setting: Setting, spec: QuantSpec, split: str) -> dict:
+    """The columns every frame of `diagnose` carries: which setting, spec and split it measures."""
+    return {
+        "arch": setting.arch,
+        "task": setting.task,
+        "setting": setting.name,
+        "source": setting.source,
+        "variant": setting.label,
+        "bits": spec.bits,
+        "granularity": spec.granularity,
+        "split": split,
     }
 
 

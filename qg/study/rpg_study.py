@@ -20,6 +20,7 @@ does.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import time
@@ -124,20 +125,7 @@ def model_files(exp: Experiment, arch: str) -> dict[str, list[Path]]:
     spec = load_checkpoint(train[0])[1]
     rpg, out = trained_rpg(exp, arch), rpg_dir(exp, arch)
     made_by = {"rpg": content_digest(out / "generator.safetensors")}
-
-    def file(kind: str, i: int, make, inputs: dict) -> Path:
-        def write(path: Path) -> None:
-            start = time.perf_counter()
-            sd, source = make()
-            save_checkpoint(
-                path,
-                sd,
-                spec,
-                {"method": kind, "source": source, "seconds": time.perf_counter() - start},
-            )
-
-        return cached(out / kind / f"{i:03d}.safetensors", write, inputs)
-
+    file = functools.partial(_model_file, out, spec)
     digests = {exp.collected.relative(p): content_digest(p) for p in train}
     return {
         "original": list(train),
@@ -167,6 +155,23 @@ def model_files(exp: Experiment, arch: str) -> dict[str, list[Path]]:
             for i in range(n)
         ],
     }
+
+
+def _model_file(out: Path, spec, kind: str, i: int, make, inputs: dict) -> Path:
+    """Model `i` of `kind` as a checkpoint file under `out`, cached on `inputs`: the weights and
+    sources `make()` returns, with the seconds making them took."""
+
+    def write(path: Path) -> None:
+        start = time.perf_counter()
+        sd, source = make()
+        save_checkpoint(
+            path,
+            sd,
+            spec,
+            {"method": kind, "source": source, "seconds": time.perf_counter() - start},
+        )
+
+    return cached(out / kind / f"{i:03d}.safetensors", write, inputs)
 
 
 def _noisy(path: Path, sigma: float, seed: int, collected) -> tuple[dict, list[str]]:

@@ -57,49 +57,17 @@ def train_model(
     Cached: a finished run with the same parameters is read back instead of retrained (on any
     device).
     """
-    params = {
-        "model": spec.to_dict(),
-        "run": asdict(run),
-        "seed": seed,
-        "n_checkpoints": n_checkpoints,
-        "start": params_key({k: v.sum().item() for k, v in start.items()}) if start else None,
-    }
+    params = _run_params(spec, run, start, seed, n_checkpoints)
     out = _run_dir(root, label, params)
     # content, not name: other files under the same name retrain the run
     data = fingerprint(run.dataset, "train")
     finished = _finished(out, data, run.dataset)
     if finished is not None:
         return finished
-    torch.manual_seed(seed)
-    model = build_model(spec)
-    if start is not None:
-        load_weights(model, start, "start weights")
-    trainable = model.get_classifier().parameters() if run.head_only else model.parameters()
-    if run.head_only:
-        model.requires_grad_(False)
-        model.get_classifier().requires_grad_(True)
-    loader = batches(
-        run.dataset,
-        "train",
-        spec.img_size,
-        run.batch_size,
-        shuffle=True,
-        subset=run.train_subset,
-        seed=seed,
-        norm=spec.norm,
-    )
+    model, trainable = _start_model(spec, start, seed, run.head_only)
+    loader = _training_batches(spec, run, seed)
     save_at = _checkpoint_steps(max(1, round(run.epochs * len(loader))), len(loader), n_checkpoints)
-    saved: list[str] = []
-
-    def on_step(step: int, m) -> None:
-        if step in save_at:
-            name = f"ckpt_{len(saved):03d}.safetensors"
-            save_checkpoint(
-                out / name, state_dict_of(m), spec, {"step": step, "seed": seed, "label": label}
-            )
-            record_hash(out / name)
-            saved.append(name)
-
+    on_step, saved = _checkpoint_saver(out, spec, save_at, seed, label)
     start_time = time.perf_counter()
     losses = fit(
         model,
@@ -123,6 +91,65 @@ def train_model(
     }
     write_json(out / "run.json", record)
     return [out / name for name in saved], record
+
+
+def _run_params(
+    spec: ModelSpec, run: TrainSpec, start: dict | None, seed: int, n_checkpoints: int
+) -> dict:
+    """Everything that determines the run, which names its folder: the start weights by a key of
+    their tensors' sums."""
+    return {
+        "model": spec.to_dict(),
+        "run": asdict(run),
+        "seed": seed,
+        "n_checkpoints": n_checkpoints,
+        "start": params_key({k: v.sum().item() for k, v in start.items()}) if start else None,
+    }
+
+
+def _start_model(spec: ModelSpec, start: dict | None, seed: int, head_only: bool):
+    """The model before training (seeded init, then `start` when given) and the parameters it
+    trains: the classifier alone, the rest frozen, when `head_only`."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    if start is not None:
+        load_weights(model, start, "start weights")
+    trainable = model.get_classifier().parameters() if head_only else model.parameters()
+    if head_only:
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    return model, trainable
+
+
+def _training_batches(spec: ModelSpec, run: TrainSpec, seed: int):
+    """The run's training set at the model's input size and normalisation, shuffled from `seed`."""
+    return batches(
+        run.dataset,
+        "train",
+        spec.img_size,
+        run.batch_size,
+        shuffle=True,
+        subset=run.train_subset,
+        seed=seed,
+        norm=spec.norm,
+    )
+
+
+def _checkpoint_saver(out: Path, spec: ModelSpec, save_at: set[int], seed: int, label: str):
+    """`fit`'s on_step callback saving (and hashing) a checkpoint after each step in `save_at`,
+    and the list of file names it fills."""
+    saved: list[str] = []
+
+    def on_step(step: int, m) -> None:
+        if step in save_at:
+            name = f"ckpt_{len(saved):03d}.safetensors"
+            save_checkpoint(
+                out / name, state_dict_of(m), spec, {"step": step, "seed": seed, "label": label}
+            )
+            record_hash(out / name)
+            saved.append(name)
+
+    return on_step, saved
 
 
 def _finished(out: Path, data: str, dataset: str) -> tuple[list[Path], dict] | None:

@@ -37,6 +37,65 @@ def paper_ablation_note(factor: str) -> str:
     return f"Paper, Table {number} (ImageNet-1K ViT-Tiny, 8-bit): {_pairs(table)}."
 
 
+def _bit_cells(sel: pd.DataFrame, suffix: str = "") -> dict:
+    """`<b>-bit<suffix>` -> mean ± std of each bit-width's summary row in `sel`: one table row's
+    accuracy cells."""
+    return {f"{b}-bit{suffix}": cell(v, s) for b, v, s in zip(sel.bits, sel.value, sel["std"])}
+
+
+def _split_rows(acc: pd.DataFrame, split: str, variants: list) -> list[dict]:
+    """One split's rows: PTQ as the reference, then each variant's Gen and its Gen − PTQ."""
+    acc = acc[acc.split == split]
+    ref = acc[acc.method == "ptq"].drop_duplicates("bits")
+    rows = [{"variant": "PTQ (reference)", "split": SPLIT_LABELS[split], **_bit_cells(ref)}]
+    for variant in variants:
+        r = {"variant": variant, "split": SPLIT_LABELS[split]}
+        for method, suffix in (("gen", ""), ("gen-ptq", " Gen − PTQ")):
+            r.update(_bit_cells(acc[(acc.variant == variant) & (acc.method == method)], suffix))
+        rows.append(r)
+    return rows
+
+
+def _cost_rows(runs: pd.DataFrame, costs: pd.DataFrame) -> list[dict]:
+    """One row per variant: what its generators cost to train (time, memory, size, final loss) and
+    Gen's time per generated model."""
+    gen_seconds = runs[runs.method == "gen"].groupby("variant").seconds.mean()
+    return [
+        {
+            "variant": variant,
+            "split": "cost (per generator)",
+            "train (s)": f"{g.train_seconds.mean():.1f}",
+            "generate (s/model)": f"{gen_seconds.get(variant, float('nan')):.3f}",
+            "activation (MB)": f"{g.activation_mb.mean():.1f}",
+            "params": f"{int(g.n_params.mean()):,}",
+            "final loss": f"{g.final_loss.mean():.4g}",
+        }
+        for variant, g in costs.groupby("variant", sort=False)
+    ]
+
+
+def _ablation_tidy(
+    runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: Profile, commit: str
+) -> pd.DataFrame:
+    """The ablation's tidy rows: accuracy summaries of `runs`, then one row per cost metric of each
+    generator (std 0, n 1: measured once)."""
+    tidy = summarize(runs, f"ablation_{factor}", profile, commit)
+    cost_tidy = costs.melt(id_vars=["variant", "bits"], var_name="metric", value_name="value")
+    cost_tidy = cost_tidy.assign(
+        table=f"ablation_{factor}", std=0.0, n=1, profile=profile.name, commit=commit
+    )
+    return pd.concat([tidy, cost_tidy], ignore_index=True)
+
+
+def _ablation_title(profile: Profile, factor: str) -> str:
+    """The table's title: the factor and the (arch, task, granularity) it is ablated on."""
+    a = ablation_setup(profile, factor)
+    return (
+        f"Ablation of the {factor.replace('_', ' ')} ({a.arch}, {a.task}, "
+        f"{a.granularity}-wise; top-1 %, mean ± std over checkpoints)"
+    )
+
+
 def ablation_table(
     runs: pd.DataFrame, costs: pd.DataFrame, factor: str, profile: Profile, commit: str
 ) -> tuple[pd.DataFrame, str]:
@@ -47,57 +106,18 @@ def ablation_table(
     final_loss.
     """
     runs = pd.concat([runs, paired_difference(runs)], ignore_index=True)
-    tidy = summarize(runs, f"ablation_{factor}", profile, commit)
-    cost_tidy = costs.melt(id_vars=["variant", "bits"], var_name="metric", value_name="value")
-    cost_tidy = cost_tidy.assign(
-        table=f"ablation_{factor}", std=0.0, n=1, profile=profile.name, commit=commit
-    )
-    tidy = pd.concat([tidy, cost_tidy], ignore_index=True)
+    tidy = _ablation_tidy(runs, costs, factor, profile, commit)
     acc = tidy[tidy.metric == "top1_accuracy"]
     variants = list(dict.fromkeys(runs.variant))
-    rows = []
-    for split in [s for s in SPLITS if s in set(acc.split)]:
-        ref = acc[(acc.split == split) & (acc.method == "ptq")].drop_duplicates("bits")
-        rows.append(
-            {
-                "variant": "PTQ (reference)",
-                "split": SPLIT_LABELS[split],
-                **{f"{b}-bit": cell(v, s) for b, v, s in zip(ref.bits, ref.value, ref["std"])},
-            }
-        )
-        for variant in variants:
-            r = {"variant": variant, "split": SPLIT_LABELS[split]}
-            for method, suffix in (("gen", ""), ("gen-ptq", " Gen − PTQ")):
-                sel = acc[(acc.split == split) & (acc.variant == variant) & (acc.method == method)]
-                r.update(
-                    {
-                        f"{b}-bit{suffix}": cell(v, s)
-                        for b, v, s in zip(sel.bits, sel.value, sel["std"])
-                    }
-                )
-            rows.append(r)
-    gen_seconds = runs[runs.method == "gen"].groupby("variant").seconds.mean()
-    for variant, g in costs.groupby("variant", sort=False):
-        rows.append(
-            {
-                "variant": variant,
-                "split": "cost (per generator)",
-                "train (s)": f"{g.train_seconds.mean():.1f}",
-                "generate (s/model)": f"{gen_seconds.get(variant, float('nan')):.3f}",
-                "activation (MB)": f"{g.activation_mb.mean():.1f}",
-                "params": f"{int(g.n_params.mean()):,}",
-                "final loss": f"{g.final_loss.mean():.4g}",
-            }
-        )
-    md = pd.DataFrame(rows).fillna("")
-    a = ablation_setup(profile, factor)
-    title = (
-        f"Ablation of the {factor.replace('_', ' ')} ({a.arch}, {a.task}, "
-        f"{a.granularity}-wise; top-1 %, mean ± std over checkpoints)"
-    )
+    rows = [
+        r
+        for split in [s for s in SPLITS if s in set(acc.split)]
+        for r in _split_rows(acc, split, variants)
+    ]
+    md = pd.DataFrame(rows + _cost_rows(runs, costs)).fillna("")
     return tidy, profile_markdown(
         md,
-        title,
+        _ablation_title(profile, factor),
         profile,
         [
             paper_ablation_note(factor),

@@ -44,13 +44,24 @@ def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
-    """Amortized QAT: FP32, PTQ, HQQ, QAT and the generators of both targets and both sources, per
-    pair, bit-width and split, with the paired differences that answer the questions (is
-    residual-on-PTQ PTQ? does Gen-on-QAT beat HQQ, and how close does it come to QAT itself?)."""
-    wide = amortized_wide(runs)
-    keys = ["arch", "task", "bits", "granularity", "split"]
-    columns = [c for c in wide.columns if c not in keys + ["checkpoint"]]
+# the Markdown's method columns, in this order, before the differences (`AMORTIZED_DIFFS` order)
+_AMORTIZED_ORDER = (
+    "FP32",
+    "PTQ",
+    "HQQ",
+    "QAT",
+    "Gen direct (PTQ)",
+    "Gen residual (PTQ)",
+    "Gen direct (QAT)",
+    "Gen residual (QAT)",
+)
+
+
+def _amortized_tidy(
+    wide: pd.DataFrame, keys: list[str], columns: list[str], profile: Profile, commit: str
+) -> pd.DataFrame:
+    """Tidy rows of `amortized_wide`'s `columns` per `keys`: mean, std and count over checkpoints,
+    each an accuracy or a paired difference."""
     tidy = wide.melt(
         id_vars=keys + ["checkpoint"], value_vars=columns, var_name="method", value_name="accuracy"
     )
@@ -59,26 +70,18 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
         .accuracy.agg(value="mean", std="std", n="count")
         .reset_index()
     )
-    tidy = tidy.assign(
+    return tidy.assign(
         table="amortized_qat",
         std=tidy["std"].fillna(0.0),
         profile=profile.name,
         commit=commit,
         metric=["paired_difference" if " − " in m else "top1_accuracy" for m in tidy.method],
     )
-    order = [
-        "FP32",
-        "PTQ",
-        "HQQ",
-        "QAT",
-        "Gen direct (PTQ)",
-        "Gen residual (PTQ)",
-        "Gen direct (QAT)",
-        "Gen residual (QAT)",
-    ]
-    shown = [c for c in order if c in columns] + [
-        f"{a} − {b}" for a, b in AMORTIZED_DIFFS if f"{a} − {b}" in columns
-    ]
+
+
+def _amortized_rows(tidy: pd.DataFrame, shown: list[str]) -> list[dict]:
+    """One Markdown row per (task, arch, bits, split): each `shown` column's mean, with ± std for
+    the differences only."""
     rows = []
     for (task, arch, bits, split), g in ordered(tidy).groupby(
         ["task", "arch", "bits", "split"], sort=False
@@ -96,7 +99,21 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
                 },
             }
         )
-    md = pd.DataFrame(rows).sort_values(
+    return rows
+
+
+def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
+    """Amortized QAT: FP32, PTQ, HQQ, QAT and the generators of both targets and both sources, per
+    pair, bit-width and split, with the paired differences that answer the questions (is
+    residual-on-PTQ PTQ? does Gen-on-QAT beat HQQ, and how close does it come to QAT itself?)."""
+    wide = amortized_wide(runs)
+    keys = ["arch", "task", "bits", "granularity", "split"]
+    columns = [c for c in wide.columns if c not in keys + ["checkpoint"]]
+    tidy = _amortized_tidy(wide, keys, columns, profile, commit)
+    shown = [c for c in _AMORTIZED_ORDER if c in columns] + [
+        f"{a} − {b}" for a, b in AMORTIZED_DIFFS if f"{a} − {b}" in columns
+    ]
+    md = pd.DataFrame(_amortized_rows(tidy, shown)).sort_values(
         ["task", "arch", "bits"], ascending=[True, True, False], kind="stable"
     )
     return tidy, profile_markdown(
@@ -110,8 +127,8 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
             "(QAT): trained on PTQ or QAT targets. Gen residual (PTQ) − PTQ is a correctness "
             "check: an untrained residual generator is PTQ, and trained on PTQ targets it should "
             "stay there.",
-            "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; QAT "
-            f"fine-tunes each model on data ({profile.qat.steps} steps); Gen needs neither "
+            "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; "
+            f"QAT fine-tunes each model on data ({profile.qat.steps} steps); Gen needs neither "
             "at inference.",
         ],
     )

@@ -11,6 +11,43 @@ from ..core.report import SPLIT_LABELS
 from .common import profile_markdown
 
 
+def _convergence_markdown(rows: pd.DataFrame) -> pd.DataFrame:
+    """The Markdown's frame: `rows` less the split and spec (the title names them), short column
+    names, rounded."""
+    md = rows.drop(columns=["split", "bits", "granularity"]).rename(
+        columns={
+            "gen_minus_ptq": "Gen − PTQ",
+            "codes_equal": "codes =",
+            "code_mae": "code err",
+            "code_mae_worst": "worst layer err",
+            "worst_layer": "worst layer",
+            "worst_gain_err": "its gain err",
+            "worst_local_err": "its local err",
+            "worst_scale_err": "its S err",
+            "scale_rel_err": "S err",
+            "train_seconds": "train (s)",
+            "final_loss": "final loss",
+            "n_params": "params",
+        }
+    )
+    return md.round(
+        {
+            "Gen − PTQ": 2,
+            "codes =": 3,
+            "code err": 2,
+            "worst layer err": 2,
+            "its gain err": 3,
+            "its local err": 2,
+            "its S err": 3,
+            "S err": 4,
+            "train (s)": 0,
+            "final loss": 5,
+            "gen": 2,
+            "ptq": 2,
+        }
+    )
+
+
 def convergence_table(
     rows: pd.DataFrame, profile: Profile, commit: str
 ) -> tuple[pd.DataFrame, str]:
@@ -32,41 +69,9 @@ def convergence_table(
     tidy = rows.melt(id_vars=keys, var_name="metric").assign(
         table="convergence", profile=profile.name, commit=commit
     )
-    md = rows.drop(columns=["split", "bits", "granularity"]).rename(
-        columns={
-            "gen_minus_ptq": "Gen − PTQ",
-            "codes_equal": "codes =",
-            "code_mae": "code err",
-            "code_mae_worst": "worst layer err",
-            "worst_layer": "worst layer",
-            "worst_gain_err": "its gain err",
-            "worst_local_err": "its local err",
-            "worst_scale_err": "its S err",
-            "scale_rel_err": "S err",
-            "train_seconds": "train (s)",
-            "final_loss": "final loss",
-            "n_params": "params",
-        }
-    )
-    md = md.round(
-        {
-            "Gen − PTQ": 2,
-            "codes =": 3,
-            "code err": 2,
-            "worst layer err": 2,
-            "its gain err": 3,
-            "its local err": 2,
-            "its S err": 3,
-            "S err": 4,
-            "train (s)": 0,
-            "final loss": 5,
-            "gen": 2,
-            "ptq": 2,
-        }
-    )
     c = profile.convergence
     return tidy, profile_markdown(
-        md,
+        _convergence_markdown(rows),
         f"Convergence: the generator against its training budget and head ({c.bits}-bit "
         f"{c.granularity}-wise, {SPLIT_LABELS[rows.split.iloc[0]]})",
         profile,
@@ -86,8 +91,8 @@ def convergence_table(
 
 
 def convergence_figure(rows: pd.DataFrame):
-    """Code error (mean and worst layer), the worst layer's per-group gain error, and Gen − PTQ for
-    every variant, one colour per (arch, task)."""
+    """Code error (mean and worst layer), the worst layer's per-group gain error, and Gen − PTQ
+    for every variant, one colour per (arch, task)."""
     rows = rows.assign(pair=rows.arch + "/" + rows.task, worst_gain_pct=100 * rows.worst_gain_err)
     panels = (
         ("code_mae", "code error against the target (steps)", 1),

@@ -88,9 +88,9 @@ def table1(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFr
         "Table 1: Gen vs PTQ (top-1 %, mean ± std over checkpoints)",
         profile,
         [
-            f"Columns: group-wise at each bit-width; Channel/Group at {gbits} bits. `Gen − PTQ` is "
-            "the paired difference on the same checkpoints. `Gen (RTN base)`: the same generator "
-            "whose skip adds to round-to-nearest of its input (the group ranges given, "
+            f"Columns: group-wise at each bit-width; Channel/Group at {gbits} bits. `Gen − PTQ` "
+            "is the paired difference on the same checkpoints. `Gen (RTN base)`: the same "
+            "generator whose skip adds to round-to-nearest of its input (the group ranges given, "
             "qg.generator.tokenizer), where PTQ is its starting point.",
             "Paper rows are the paper's counterpart setting (full fine-tuning ↔ ImageNet-1K, "
             "head-only ↔ CIFAR-10) at its scale; compare trends, not absolute numbers.",
@@ -98,25 +98,17 @@ def table1(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFr
     )
 
 
-def table2(
-    runs: pd.DataFrame, records: dict, profile: Profile, commit: str, n_models: int = 50
-) -> tuple[pd.DataFrame, str]:
-    """QAT vs Gen (QAT targets) at each bit-width: accuracy per split and the time to quantize
-    `n_models`.
-
-    `records[setting name]` holds the generator's `train_seconds`. Gen's time is counted two ways:
-    as the paper does (generator training + n generations) and all-in (+ the QAT runs that made its
-    training targets).
-    """
-    tidy = summarize(runs, "table2", profile, commit)
+def _table2_times(
+    runs: pd.DataFrame, records: dict, profile: Profile, commit: str, n_models: int
+) -> pd.DataFrame:
+    """Tidy rows of the minutes to quantize `n_models` models, per (arch, task, bits): QAT, Gen as
+    the paper counts (training + one pass per model) and Gen + the QAT runs of its targets."""
     time_rows = []
     for (arch, task, bits, setting), g in runs.groupby(["arch", "task", "bits", "setting"]):
         t_qat = g.loc[g.method == "qat", "seconds"].mean()
         t_gen = g.loc[g.method == "gen", "seconds"].mean()
-        train_s, n_targets = (
-            records[setting]["train_seconds"],
-            records[setting]["n_train_checkpoints"],
-        )
+        rec = records[setting]
+        train_s, n_targets = rec["train_seconds"], rec["n_train_checkpoints"]
         for method, minutes in (
             ("qat", n_models * t_qat / 60),
             ("gen", (train_s + n_models * t_gen) / 60),
@@ -143,45 +135,61 @@ def table2(
                     "commit": commit,
                 }
             )
-    tidy = pd.concat([tidy, pd.DataFrame(time_rows)], ignore_index=True)
+    return pd.DataFrame(time_rows)
+
+
+def _table2_pair_rows(
+    g: pd.DataFrame, mins: pd.DataFrame, task: str, arch: str, n_models: int
+) -> list[dict]:
+    """One (task, arch)'s Markdown rows, a column per bit-width (widest first): the accuracy of
+    FP32, PTQ, QAT and Gen per split (`g`), then the minutes of each way of counting (`mins`)."""
+    rows = []
+    for split in g.split.unique():
+        for method in ("fp", "ptq", "qat", "gen"):
+            r = {
+                "task": task,
+                "arch": arch,
+                "method": methods.label(method),
+                "split": SPLIT_LABELS[split],
+            }
+            for bits in sorted(g.bits.unique(), reverse=True):
+                sel = g[(g.split == split) & (g.method == method) & (g.bits == bits)]
+                r[f"{bits}-bit acc (%)"] = (
+                    cell(sel.value.iloc[0], sel["std"].iloc[0]) if len(sel) else "NA"
+                )
+            rows.append(r)
+    mins = mins[(mins.task == task) & (mins.arch == arch)]
+    for method, label in (
+        ("qat", "QAT"),
+        ("gen", "Gen (as the paper counts)"),
+        ("gen+targets", "Gen + its QAT targets"),
+    ):
+        r = {"task": task, "arch": arch, "method": label, "split": f"time for {n_models} models"}
+        for bits in sorted(g.bits.unique(), reverse=True):
+            sel = mins[(mins.bits == bits) & (mins.method == method)]
+            r[f"{bits}-bit acc (%)"] = f"{sel.value.iloc[0]:.2f} min" if len(sel) else "NA"
+        rows.append(r)
+    return rows
+
+
+def table2(
+    runs: pd.DataFrame, records: dict, profile: Profile, commit: str, n_models: int = 50
+) -> tuple[pd.DataFrame, str]:
+    """QAT vs Gen (QAT targets) at each bit-width: accuracy per split and the time to quantize
+    `n_models`.
+
+    `records[setting name]` holds the generator's `train_seconds`. Gen's time is counted two ways:
+    as the paper does (generator training + n generations) and all-in (+ the QAT runs that made its
+    training targets).
+    """
+    tidy = summarize(runs, "table2", profile, commit)
+    times = _table2_times(runs, records, profile, commit, n_models)
+    tidy = pd.concat([tidy, times], ignore_index=True)
     acc = tidy[tidy.metric == "top1_accuracy"]
     mins = tidy[tidy.metric != "top1_accuracy"]
     rows = []
     for (task, arch), g in acc.groupby(["task", "arch"]):
-        for split in g.split.unique():
-            for method in ("fp", "ptq", "qat", "gen"):
-                r = {
-                    "task": task,
-                    "arch": arch,
-                    "method": methods.label(method),
-                    "split": SPLIT_LABELS[split],
-                }
-                for bits in sorted(g.bits.unique(), reverse=True):
-                    sel = g[(g.split == split) & (g.method == method) & (g.bits == bits)]
-                    r[f"{bits}-bit acc (%)"] = (
-                        cell(sel.value.iloc[0], sel["std"].iloc[0]) if len(sel) else "NA"
-                    )
-                rows.append(r)
-        for method, label in (
-            ("qat", "QAT"),
-            ("gen", "Gen (as the paper counts)"),
-            ("gen+targets", "Gen + its QAT targets"),
-        ):
-            r = {
-                "task": task,
-                "arch": arch,
-                "method": label,
-                "split": f"time for {n_models} models",
-            }
-            for bits in sorted(g.bits.unique(), reverse=True):
-                sel = mins[
-                    (mins.task == task)
-                    & (mins.arch == arch)
-                    & (mins.bits == bits)
-                    & (mins.method == method)
-                ]
-                r[f"{bits}-bit acc (%)"] = f"{sel.value.iloc[0]:.2f} min" if len(sel) else "NA"
-            rows.append(r)
+        rows += _table2_pair_rows(g, mins, task, arch, n_models)
     for method, vals in paper.TABLE2.items():
         rows.append(
             {

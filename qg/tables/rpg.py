@@ -23,13 +23,10 @@ RPG_KIND_LABELS = {
 }
 
 
-def rpg_table(
-    rows: pd.DataFrame, records: dict, profile: Profile, commit: str
-) -> tuple[pd.DataFrame, str]:
-    """RPG's Table 1 at our scale (`rpg_study.rpg_rows`): accuracy statistics per kind of model, as
-    RPG reports them (best / mean / median / min / std), beside the memorisation tests;
-    `records[arch]` is RPG's training record (train seconds, steps)."""
-    stats = (
+def _rpg_stats(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (arch, task, kind of model): accuracy as RPG reports it (n, best, mean, median, min,
+    std), the median memorisation measures and the mean seconds to make one model."""
+    return (
         rows.groupby(["arch", "task", "kind"], sort=False)
         .agg(
             n=("accuracy", "size"),
@@ -44,10 +41,12 @@ def rpg_table(
         )
         .reset_index()
     )
-    tidy = stats.melt(id_vars=["arch", "task", "kind"], var_name="metric").assign(
-        table="rpg", profile=profile.name, commit=commit
-    )
-    shown = (
+
+
+def _rpg_shown(stats: pd.DataFrame) -> pd.DataFrame:
+    """`_rpg_stats` as the Markdown shows it: kinds labelled, rounded, the memorisation columns
+    named."""
+    return (
         stats.assign(kind=stats.kind.map(RPG_KIND_LABELS))
         .round(
             {
@@ -69,7 +68,11 @@ def rpg_table(
             }
         )
     )
-    paper_rows = pd.DataFrame(
+
+
+def _rpg_paper_rows() -> pd.DataFrame:
+    """RPG's own Table 1 (ImageNet-1K), its original and generated models, as rows of ours."""
+    return pd.DataFrame(
         [
             {
                 "arch": f"{model} (RPG paper, ImageNet-1K)",
@@ -85,7 +88,19 @@ def rpg_table(
             for kind in ("original", "generated")
         ]
     )
-    shown = pd.concat([shown, paper_rows], ignore_index=True).fillna("")
+
+
+def rpg_table(
+    rows: pd.DataFrame, records: dict, profile: Profile, commit: str
+) -> tuple[pd.DataFrame, str]:
+    """RPG's Table 1 at our scale (`rpg_study.rpg_rows`): accuracy statistics per kind of model, as
+    RPG reports them (best / mean / median / min / std), beside the memorisation tests;
+    `records[arch]` is RPG's training record (train seconds, steps)."""
+    stats = _rpg_stats(rows)
+    tidy = stats.melt(id_vars=["arch", "task", "kind"], var_name="metric").assign(
+        table="rpg", profile=profile.name, commit=commit
+    )
+    shown = pd.concat([_rpg_shown(stats), _rpg_paper_rows()], ignore_index=True).fillna("")
     conf = rpg_study.rpg_config(profile)
     train = "; ".join(
         f"{a}: {r['steps']} steps, {r['train_seconds']:.0f} s, {r['n_params']:,} parameters"
@@ -165,23 +180,9 @@ def rpg_figure(rows: pd.DataFrame):
     return fig
 
 
-def binary_table(
-    rows: pd.DataFrame, record: dict, profile: Profile, commit: str
-) -> tuple[pd.DataFrame, str]:
-    """RPG's Tables 9 and 14 at our scale (`rpg_binary.binary_rows`): per unseen binary task,
-    its own classifiers, RPG's samples (best, mean ± std) and the nearest seen task's
-    classifiers, beside the paper's averages."""
-    by = rows.groupby(["arch", "embedding", "kind"], sort=False)
-    stats = by.agg(
-        mean=("accuracy", "mean"),
-        std=("accuracy", "std"),
-        best=("accuracy", "max"),
-        n=("accuracy", "size"),
-        to_nearest_train=("to_nearest_train", "median"),
-    ).reset_index()
-    tidy = stats.melt(id_vars=["arch", "embedding", "kind"], var_name="metric").assign(
-        table="rpg_binary", profile=profile.name, commit=commit
-    )
+def _binary_per_task(stats: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """One Markdown row per unseen task: its own classifiers, RPG's best and mean sample, and the
+    nearest seen task's classifiers (which task, how many classes apart)."""
     # one sample per task has no std
     wide = stats.pivot_table(
         index=["arch", "embedding"],
@@ -191,7 +192,7 @@ def binary_table(
         dropna=False,
     )
     hamming = rows.groupby(["arch", "embedding"], sort=False)[["nearest_seen", "hamming"]].first()
-    shown = pd.DataFrame(
+    return pd.DataFrame(
         {
             "original": [
                 cell(m, s) for m, s in zip(wide["mean"]["original"], wide["std"]["original"])
@@ -209,25 +210,53 @@ def binary_table(
         },
         index=wide.index,
     ).reset_index()
+
+
+def _binary_means(stats: pd.DataFrame) -> list[dict]:
+    """The two summary rows: our mean over unseen tasks, and the paper's over its 20 (RPG Table
+    14)."""
     means = stats.groupby("kind").agg(mean=("mean", "mean"), best=("best", "mean"))
-    summary = {
-        "arch": "mean over unseen tasks",
-        "embedding": "",
-        "original": cell(means["mean"]["original"]),
-        "RPG best": round(means["best"]["generated"], 2),
-        "RPG mean": cell(means["mean"]["generated"]),
-        "nearest seen task": cell(means["mean"]["nearest seen"]),
-    }
     ref = np.array(list(paper.RPG_TABLE14.values()))
-    paper_row = {
-        "arch": "RPG paper (ViT-Tiny, CIFAR-10, 20 unseen tasks)",
-        "embedding": "",
-        "original": cell(ref[:, 0].mean()),
-        "RPG best": round(ref[:, 1].mean(), 2),
-        "RPG mean": cell(ref[:, 2].mean()),
-        "nearest seen task": "NA",
-    }
-    shown = pd.concat([shown, pd.DataFrame([summary, paper_row])], ignore_index=True)
+    return [
+        {
+            "arch": "mean over unseen tasks",
+            "embedding": "",
+            "original": cell(means["mean"]["original"]),
+            "RPG best": round(means["best"]["generated"], 2),
+            "RPG mean": cell(means["mean"]["generated"]),
+            "nearest seen task": cell(means["mean"]["nearest seen"]),
+        },
+        {
+            "arch": "RPG paper (ViT-Tiny, CIFAR-10, 20 unseen tasks)",
+            "embedding": "",
+            "original": cell(ref[:, 0].mean()),
+            "RPG best": round(ref[:, 1].mean(), 2),
+            "RPG mean": cell(ref[:, 2].mean()),
+            "nearest seen task": "NA",
+        },
+    ]
+
+
+def binary_table(
+    rows: pd.DataFrame, record: dict, profile: Profile, commit: str
+) -> tuple[pd.DataFrame, str]:
+    """RPG's Tables 9 and 14 at our scale (`rpg_binary.binary_rows`): per unseen binary task,
+    its own classifiers, RPG's samples (best, mean ± std) and the nearest seen task's
+    classifiers, beside the paper's averages."""
+    by = rows.groupby(["arch", "embedding", "kind"], sort=False)
+    stats = by.agg(
+        mean=("accuracy", "mean"),
+        std=("accuracy", "std"),
+        best=("accuracy", "max"),
+        n=("accuracy", "size"),
+        to_nearest_train=("to_nearest_train", "median"),
+    ).reset_index()
+    tidy = stats.melt(id_vars=["arch", "embedding", "kind"], var_name="metric").assign(
+        table="rpg_binary", profile=profile.name, commit=commit
+    )
+    shown = pd.concat(
+        [_binary_per_task(stats, rows), pd.DataFrame(_binary_means(stats))], ignore_index=True
+    )
     b = rpg_binary.binary_config(profile)
     return tidy, markdown(
         shown,

@@ -94,12 +94,14 @@ def fingerprint(name: str, split: str, root: str | os.PathLike | None = None) ->
     sizes, labels) of an image folder, which is too large to hash for every run. Computed once per
     process, folder and state of the split's files (`source_stamp`)."""
     return _fingerprint(
-        name,
-        split,
-        str(root) if root is not None else None,
-        os.environ.get("QG_DATA"),
-        source_stamp(name, split, root),
+        name, split, str(root) if root is not None else None, *_memo_state(name, split, root)
     )
+
+
+def _memo_state(name: str, split: str, root) -> tuple[str | None, tuple]:
+    """($QG_DATA, `source_stamp`): what the in-process memos of a split are keyed by besides their
+    arguments, so that other files under the same names are read again."""
+    return os.environ.get("QG_DATA"), source_stamp(name, split, root)
 
 
 def source_stamp(name: str, split: str, root=None) -> tuple:
@@ -158,18 +160,6 @@ def _check_name(name: str) -> None:
             f"{name!r} is not a binary task: relabel one of {sorted(IN_MEMORY)} "
             f"by a string of one 0 or 1 per class ({classes} for {base}), holding both"
         )
-
-
-# ------------------------------------------------------------------------------------ Fashion-MNIST
-
-
-# ------------------------------------------------------------------------------------------- digits
-
-
-# -------------------------------------------------------------------------------------------- CIFAR
-
-
-# ----------------------------------------------------------------------------------------- ImageNet
 
 
 def as_tensors(
@@ -294,21 +284,11 @@ def batches(
     _check_request(name, subset, norm)
     subset_seed = seed if subset_seed is None else subset_seed
     dataset = _subset(load_dataset(name, split, root), subset, subset_seed)
-    if in_memory_mb is None:
-        in_memory_mb = float(os.environ.get("QG_IN_MEMORY_MB", IN_MEMORY_MB))
-    if _float_mb(dataset, img_size) <= in_memory_mb:
+    if _fits_in_memory(dataset, img_size, in_memory_mb):
         # the whole split is the same for every seed
         key_seed = subset_seed if subset is not None else 0
         data = _cached_tensors(
-            name,
-            split,
-            img_size,
-            subset,
-            key_seed,
-            root,
-            norm,
-            os.environ.get("QG_DATA"),
-            source_stamp(name, split, root),
+            name, split, img_size, subset, key_seed, root, norm, *_memo_state(name, split, root)
         )
         return TensorLoader(*data, batch_size, shuffle, seed)
     info = dataset_info(name)
@@ -349,6 +329,14 @@ def held(loader, limit_mb: float = 8192):
         return loader
     images, labels = (torch.cat(t) for t in zip(*loader))
     return TensorLoader(images, labels, loader.batch_size, shuffle=False)
+
+
+def _fits_in_memory(dataset: Dataset, img_size: int, limit_mb: float | None) -> bool:
+    """Whether `batches` holds `dataset` in memory: its size as floats at `img_size` is within
+    `limit_mb` (None: $QG_IN_MEMORY_MB, else `IN_MEMORY_MB`)."""
+    if limit_mb is None:
+        limit_mb = float(os.environ.get("QG_IN_MEMORY_MB", IN_MEMORY_MB))
+    return _float_mb(dataset, img_size) <= limit_mb
 
 
 def _float_mb(dataset: Dataset, img_size: int) -> float:
