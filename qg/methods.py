@@ -62,15 +62,6 @@ REGISTRY = {
         ),
         Method("qat", "QAT", "qat", False, ("training images",)),
         Method("gen", "Gen", "generator", True, _GENERATOR, qwt_rows=True),
-        Method(
-            "gen-rtn",
-            "Gen (RTN base)",
-            "generator",
-            True,
-            _GENERATOR,
-            variant="RTN base",
-            overrides={"tokenizer": {"base": "rtn"}, "generator": {"skip": "add"}},
-        ),
     )
 }
 

@@ -10,13 +10,22 @@ def test_every_quantizer_method_has_its_maker_and_every_maker_a_method():
     assert set(methods.names("quantizer")) == set(QUANTIZERS)
 
 
-def test_generators_carry_the_overrides_that_make_them():
+def test_a_generator_is_one_registry_entry_carrying_its_overrides(monkeypatch):
+    """Ours has none; another generator is an entry whose overrides and variant its rows carry,
+    and takes its place in the tables' order and labels."""
     assert methods.get("gen").overrides == {} and methods.get("gen").variant == ""
-    rtn = methods.get("gen-rtn")
-    assert (
-        rtn.overrides == {"tokenizer": {"base": "rtn"}, "generator": {"skip": "add"}}
-        and rtn.variant
+    paper = methods.Method(
+        "gen-paper",
+        "Gen (paper head)",
+        "generator",
+        True,
+        overrides={"generator": {"skip": "none"}},
+        variant="paper head",
     )
+    monkeypatch.setitem(methods.REGISTRY, paper.name, paper)
+    assert methods.get("gen-paper").overrides == {"generator": {"skip": "none"}}
+    assert methods.order()[-2:] == ["gen-ptq", "gen-paper-ptq"]
+    assert methods.label("gen-paper-ptq") == "Gen (paper head) − PTQ"
 
 
 def test_qwt_on_top_of_a_method_needs_data_and_the_fp_weights():
@@ -39,7 +48,6 @@ def test_labels_of_methods_and_paired_differences():
         "fp": "FP32",
         "rtn-asym": "RTN asym",
         "gen-ptq": "Gen − PTQ",
-        "gen-rtn-ptq": "Gen (RTN base) − PTQ",
         "gen+qwt-ptq+qwt": "Gen + QwT − PTQ + QwT",
         "other": "other",
     }
@@ -61,9 +69,7 @@ def test_the_tables_order():
         "qat",
         "gen",
         "gen+qwt",
-        "gen-rtn",
         "gen-ptq",
-        "gen-rtn-ptq",
     ]
     assert methods.shown_with_qwt() == ("ptq", "ptq+qwt", "hqq", "hqq+qwt", "gen", "gen+qwt")
 

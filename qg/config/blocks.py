@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from .. import methods
 from ..generator.diffusion import SAMPLERS
@@ -17,7 +17,7 @@ from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
 from ..generator.train import TrainConfig
 from ..quant import qwt
 from ..quant.quantizer import GRANULARITIES, SCHEMES, QuantSpec
-from ..targets.data import IN_MEMORY
+from ..targets.data import IN_MEMORY, dataset_info
 from ..targets.sources import DATASET_INFO
 
 Bits = Annotated[int, Field(ge=2, le=8)]
@@ -29,7 +29,15 @@ Positive = Annotated[int, Field(ge=1)]
 Rate = Annotated[float, Field(gt=0)]
 
 
-Dataset = Literal[tuple(DATASET_INFO)]
+def _dataset(name: str) -> str:
+    """A dataset name `qg.targets.data` knows: one of DATASET_INFO, or one of them relabelled
+    (`fashion_mnist~01234-----`: a class split, `fashion_mnist~0110001011`: a binary task)."""
+    dataset_info(name)  # raises ValueError naming the valid names and the relabelling rule
+    return name
+
+
+Dataset = Annotated[str, AfterValidator(_dataset)]
+DATASET_NAMES = " / ".join(DATASET_INFO) + ", or one relabelled: name~labels (qg.targets.data)"
 
 
 Granularity = Literal[GRANULARITIES]
@@ -45,7 +53,7 @@ class TrainRun(Block):
     """One training run of a target model (pretraining or a task's fine-tuning;
     `qg.study.training.TrainSpec`)."""
 
-    dataset: Dataset = Field(description="dataset the run trains on")
+    dataset: Dataset = Field(description=f"dataset the run trains on: {DATASET_NAMES}")
     epochs: float = Field(gt=0, description="epochs (fractions allowed)")
     lr: Rate = Field(description="AdamW learning rate")
     batch_size: Positive = Field(128, description="batch size")
@@ -152,7 +160,7 @@ class Arch(Block):
 
     arch: str = Field(description="timm class (VisionTransformer, MlpMixer) or timm model name")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
-    dataset: Dataset = Field("fashion_mnist", description="pretraining dataset")
+    dataset: Dataset = Field("fashion_mnist", description=f"pretraining dataset: {DATASET_NAMES}")
     norm: list[list[float]] | None = Field(
         None, description="input (mean, std); default the dataset's"
     )
@@ -242,8 +250,7 @@ class Table1(Block):
     granularity_bits: Bits = Field(description="the bit-width with channel- and group-wise")
     generators: list[Literal[methods.names("generator")]] = Field(
         ["gen"],
-        description="the generators of each setting (qg.methods): ours (gen) and the same on the "
-        "RTN base (gen-rtn)",
+        description="the generators of each setting (qg.methods; gen: ours)",
     )
 
 

@@ -13,8 +13,8 @@ The tokenizer, generator and train blocks (in `qg.config.blocks`) mirror `Tokeni
 `GeneratorConfig` and `TrainConfig` (their defaults are read from there; a test keeps the key sets
 equal).
 Cross-references (an ablation on an (arch, task) 01_collect does not make, amortized bits without
-QAT targets) are `profiles.profile_problems`. The README's profile reference is
-`reference_markdown()`.
+QAT targets) are `profiles.profile_problems`. The profile reference, `params/README.md`, is
+`reference_page()`.
 """
 
 from __future__ import annotations
@@ -215,8 +215,21 @@ def _problem(err: dict) -> str:
     return f"  {where}: {err['msg']} (got {err.get('input')!r})"
 
 
+REFERENCE_INTRO = """# Profile reference
+
+A profile (`params/<name>.yaml`: smoke, cpu, paper) sets every parameter of a run; a notebook's
+`overrides` merge into it. Generated from `qg.config.schema` by
+`python -m qg.config.schema > params/README.md` (a test keeps it equal). Nested blocks are the
+tables below their name."""
+
+
+def reference_page() -> str:
+    """`params/README.md`: what a profile is, then `reference_markdown`."""
+    return f"{REFERENCE_INTRO}\n\n{reference_markdown()}\n"
+
+
 def reference_markdown() -> str:
-    """The README's profile reference: one table per section, from the schema itself."""
+    """The profile reference: one table per section, from the schema itself."""
     out = []
     for model in (
         Profile,
@@ -285,5 +298,5 @@ def _constraints(metadata) -> str:
     return "".join(f" {op} {v}" for v, op in ((ge, ">="), (gt, ">"), (le, "<=")) if v is not None)
 
 
-if __name__ == "__main__":  # python -m qg.config.schema: the README's profile reference
-    print(reference_markdown())
+if __name__ == "__main__":  # python -m qg.config.schema > params/README.md
+    print(reference_page(), end="")

@@ -146,7 +146,8 @@ def binary_rows(exp: Experiment) -> pd.DataFrame:
     """One row per model scored on an unseen task: the task's own classifiers (which RPG never saw),
     RPG's samples for its embedding, and the baseline that needs no generator, the classifiers of
     the nearest seen task (Hamming distance of the embeddings); each with its distance to the
-    nearest of RPG's training checkpoints (relative to their mean norm)."""
+    nearest of RPG's training checkpoints (relative to their mean norm). And the floor each task
+    has: always answering its more frequent test label (`majority_row`)."""
     conf = binary_config(exp.profile)
     seen, unseen = binary_tasks(exp.profile)
     rpg = binary_rpg(exp)
@@ -169,7 +170,23 @@ def binary_rows(exp: Experiment) -> pd.DataFrame:
                         "hamming": hamming(near, e),
                     }
                 )
+        rows.append(majority_row(exp, e, rows[-1]))
     return pd.DataFrame(rows)
+
+
+def majority_row(exp: Experiment, embedding: str, like: dict) -> dict:
+    """The unseen task's floor as a row like `like`: the accuracy of always answering the most
+    frequent label of its test subset (not 50 %: a task's two labels cover unequal numbers of
+    classes)."""
+    labels = exp.scorer.predictions(task_checkpoints(exp, embedding)[0])[1]
+    counts = labels.bincount()
+    return {
+        **like,
+        "kind": "majority class",
+        "model": f"always {int(counts.argmax())}",
+        "accuracy": 100.0 * counts.max().item() / len(labels),
+        "to_nearest_train": float("nan"),
+    }
 
 
 def _unseen_files(exp: Experiment, rpg, e: str, near: str, samples: int) -> dict[str, list[Path]]:

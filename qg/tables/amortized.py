@@ -17,19 +17,40 @@ def _amortized_column(method: str, source: str, variant: str) -> str:
     return f"Gen {variant} ({source.upper()})" if method == "gen" else methods.label(method)
 
 
+# The generator a reader should use, one per (pair, bits): of the targets trained on QAT, the one
+# with the higher mean accuracy on run A's held-out checkpoints (a tie: direct). Chosen there, never
+# on the held-out run that the table reports.
+CHOICE_SPLIT = "heldout"
+CANDIDATES = ("Gen direct (QAT)", "Gen residual (QAT)")
+CHOSEN = "Gen chosen (QAT)"
+SETTING = ["arch", "task", "bits", "granularity"]
+
 AMORTIZED_DIFFS = (
     ("Gen residual (PTQ)", "PTQ"),
     ("Gen direct (QAT)", "HQQ"),
     ("Gen residual (QAT)", "HQQ"),
+    (CHOSEN, "HQQ"),
     ("Gen direct (QAT)", "QAT"),
     ("Gen residual (QAT)", "QAT"),
+    (CHOSEN, "QAT"),
 )
+
+
+def chosen_targets(wide: pd.DataFrame) -> pd.Series:
+    """Per (arch, task, bits, granularity): the column of `CANDIDATES` chosen by `CHOICE_SPLIT`'s
+    mean accuracy (empty when the split or a candidate is missing)."""
+    candidates = [c for c in CANDIDATES if c in wide]
+    held = wide[wide.split == CHOICE_SPLIT]
+    if len(candidates) < len(CANDIDATES) or held.empty:
+        return pd.Series(dtype=str)
+    return held.groupby(SETTING)[candidates].mean().idxmax(axis=1).rename("chosen")
 
 
 def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (arch, task, bits, split, checkpoint), one column per method (baselines once, Gen
-    by target and source) and the paired differences of `AMORTIZED_DIFFS` as `A − B`."""
-    keys = ["arch", "task", "bits", "granularity", "split", "checkpoint"]
+    by target and source, and `CHOSEN`, the target `chosen_targets` picks, with its name in
+    `chosen`) and the paired differences of `AMORTIZED_DIFFS` as `A − B`."""
+    keys = [*SETTING, "split", "checkpoint"]
     runs = runs.assign(
         column=[
             _amortized_column(m, s, v) for m, s, v in zip(runs.method, runs.source, runs.variant)
@@ -38,6 +59,10 @@ def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
     wide = runs.pivot_table(
         index=keys, columns="column", values="accuracy", aggfunc="first"
     ).reset_index()
+    choice = chosen_targets(wide)
+    if len(choice):
+        wide = wide.join(choice, on=SETTING)
+        wide[CHOSEN] = wide[CANDIDATES[0]].where(wide.chosen == CANDIDATES[0], wide[CANDIDATES[1]])
     for a, b in AMORTIZED_DIFFS:
         if {a, b} <= set(wide.columns):
             wide[f"{a} − {b}"] = wide[a] - wide[b]
@@ -54,6 +79,7 @@ _AMORTIZED_ORDER = (
     "Gen residual (PTQ)",
     "Gen direct (QAT)",
     "Gen residual (QAT)",
+    CHOSEN,
 )
 
 
@@ -93,6 +119,7 @@ def _amortized_rows(tidy: pd.DataFrame, shown: list[str]) -> list[dict]:
                 "arch": arch,
                 "bits": bits,
                 "split": SPLIT_LABELS[split],
+                **({"chosen": g.chosen.iloc[0].split()[1]} if "chosen" in g else {}),
                 **{
                     c: cell(by.value.get(c), by["std"].get(c) if " − " in c else None)
                     for c in shown
@@ -107,9 +134,11 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
     pair, bit-width and split, with the paired differences that answer the questions (is
     residual-on-PTQ PTQ? does Gen-on-QAT beat HQQ, and how close does it come to QAT itself?)."""
     wide = amortized_wide(runs)
-    keys = ["arch", "task", "bits", "granularity", "split"]
-    columns = [c for c in wide.columns if c not in keys + ["checkpoint"]]
+    keys = [*SETTING, "split"]
+    columns = [c for c in wide.columns if c not in keys + ["checkpoint", "chosen"]]
     tidy = _amortized_tidy(wide, keys, columns, profile, commit)
+    if "chosen" in wide:  # which target `CHOSEN` is, beside its rows
+        tidy = tidy.join(wide.groupby(SETTING).chosen.first(), on=SETTING)
     shown = [c for c in _AMORTIZED_ORDER if c in columns] + [
         f"{a} − {b}" for a, b in AMORTIZED_DIFFS if f"{a} − {b}" in columns
     ]
@@ -127,6 +156,9 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
             "(QAT): trained on PTQ or QAT targets. Gen residual (PTQ) − PTQ is a correctness "
             "check: an untrained residual generator is PTQ, and trained on PTQ targets it should "
             "stay there.",
+            f"{CHOSEN}: per pair and bit-width, the QAT-trained target with the higher mean "
+            "accuracy on run A's held-out checkpoints (chosen there, shown on every split: the "
+            "held-out run is the one that measures it).",
             "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; "
             f"QAT fine-tunes each model on data ({profile.qat.steps} steps); Gen needs neither "
             "at inference.",

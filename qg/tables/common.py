@@ -83,18 +83,12 @@ def generator_note(profile: Profile) -> str:
     """Which generator `Gen` is in a profile's tables: the paper's head, or ours (skip / log-S
     tokens)."""
     skip, log_scale = profile.generator.skip, profile.tokenizer.log_scale
-    rtn = (
-        " Gen (RTN base): the same with `skip: add` on round-to-nearest of the input "
-        "(`tokenizer.base: rtn`)."
-        if "gen-rtn" in profile.table1.generators
-        else ""
-    )
     if skip == "none" and not log_scale:
-        return "Gen: the paper's generator (MSE head, linear S tokens)." + rtn
+        return "Gen: the paper's generator (MSE head, linear S tokens)."
     return (
         f"Gen: our generator (head `skip: {skip}`{', log-S tokens' if log_scale else ''}; "
         "the paper's is `skip: none` with linear S tokens, compared in 02_train's convergence "
-        "study); the paper's rows are its own generator." + rtn
+        "study); the paper's rows are its own generator."
     )
 
 

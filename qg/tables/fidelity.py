@@ -159,7 +159,7 @@ def _generator_columns(md: pd.DataFrame) -> pd.DataFrame:
             if md[c].nunique() == 1 and md[c].iloc[0] in ("ptq", "")
         ]
     )
-    if "variant" in md:  # Table 1's two generators: ours (no label) and on the RTN base
+    if "variant" in md:  # several generators: ours (no label) and variants
         md = md.assign(variant=md.variant.replace("", "Gen")).rename(
             columns={"variant": "generator"}
         )

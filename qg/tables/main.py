@@ -89,9 +89,7 @@ def table1(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFr
         profile,
         [
             f"Columns: group-wise at each bit-width; Channel/Group at {gbits} bits. `Gen − PTQ` "
-            "is the paired difference on the same checkpoints. `Gen (RTN base)`: the same "
-            "generator whose skip adds to round-to-nearest of its input (the group ranges given, "
-            "qg.generator.tokenizer), where PTQ is its starting point.",
+            "is the paired difference on the same checkpoints.",
             "Paper rows are the paper's counterpart setting (full fine-tuning ↔ ImageNet-1K, "
             "head-only ↔ CIFAR-10) at its scale; compare trends, not absolute numbers.",
         ],

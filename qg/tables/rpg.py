@@ -207,6 +207,7 @@ def _binary_per_task(stats: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
                     wide["mean"]["nearest seen"], hamming.nearest_seen, hamming.hamming
                 )
             ],
+            "majority class": wide["mean"]["majority class"].round(2),
         },
         index=wide.index,
     ).reset_index()
@@ -225,6 +226,7 @@ def _binary_means(stats: pd.DataFrame) -> list[dict]:
             "RPG best": round(means["best"]["generated"], 2),
             "RPG mean": cell(means["mean"]["generated"]),
             "nearest seen task": cell(means["mean"]["nearest seen"]),
+            "majority class": round(means["mean"]["majority class"], 2),
         },
         {
             "arch": "RPG paper (ViT-Tiny, CIFAR-10, 20 unseen tasks)",
@@ -233,6 +235,7 @@ def _binary_means(stats: pd.DataFrame) -> list[dict]:
             "RPG best": round(ref[:, 1].mean(), 2),
             "RPG mean": cell(ref[:, 2].mean()),
             "nearest seen task": "NA",
+            "majority class": "NA",
         },
     ]
 
@@ -270,7 +273,9 @@ def binary_table(
             f"and generates {b['samples']} heads per unseen task (the frozen rest is copied).",
             "Original: the unseen task's own classifiers, which RPG never saw. Nearest seen task: "
             "the classifiers of the seen task whose embedding differs in the fewest classes (d), "
-            "used as they are: the baseline that needs no generator.",
+            "used as they are: the baseline that needs no generator. Majority class: always "
+            "answering the task's more frequent test label, the floor (chance, 50 %, is below it "
+            "wherever the two labels cover unequal numbers of classes).",
             f"Profile `{profile.name}`.",
         ],
     )

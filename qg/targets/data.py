@@ -12,9 +12,12 @@ offline; the paper profile reads CIFAR and ImageNet from the standard on-disk la
 
 Where each dataset's files are looked for, and how they are decoded: `qg.targets.sources`.
 
-A binary task (RPG Sec. 4) is a dataset relabelled by an embedding of one 0/1 character per class,
-named `relabelled("fashion_mnist", "0110001011")` = `fashion_mnist~0110001011`: the same images, two
-classes.
+A relabelled dataset is named by one character per class after `~`: the class's new label, or `-`
+to leave its images out. A binary task (RPG Sec. 4) is `relabelled("fashion_mnist", "0110001011")`
+= `fashion_mnist~0110001011`: the same images, two classes. A class split is
+`fashion_mnist~01234-----` (the first five classes, labels kept) and `fashion_mnist~-----01234`
+(the other five, labelled 0-4): the cpu profile pretrains on the one and trains the head-only task
+on the other, so that task's 5,000 test images are of classes the backbone never saw.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ SPLITS = ("train", "test")
 
 
 IN_MEMORY = ("fashion_mnist", "digits", "cifar10", "cifar100")  # decoded into an ImageTensorDataset
-RELABEL = "~"  # dataset name ~ embedding: a binary task
+RELABEL = "~"  # dataset name ~ embedding: one character per class, its new label or DROP
+DROP = "-"  # the class's images are left out
 
 
 def relabelled(name: str, embedding: str) -> str:
-    """The name of dataset `name` relabelled by `embedding`: class c becomes class int(embedding[c])
-    (RPG's binary tasks; the embedding must hold both labels, one character per class)."""
+    """The name of dataset `name` relabelled by `embedding`: class c becomes int(embedding[c]), or
+    is left out where embedding[c] is `DROP` (RPG's binary tasks, class splits; the labels used
+    must be 0, 1, ..., at least two of them)."""
     full = f"{name}{RELABEL}{embedding}"
     _check_name(full)
     return full
@@ -64,7 +69,12 @@ def dataset_info(name: str) -> dict:
     model."""
     _check_name(name)
     base, embedding = split_name(name)
-    return {**DATASET_INFO[base], **({"num_classes": 2} if embedding else {})}
+    return {**DATASET_INFO[base], **({"num_classes": len(_labels(embedding))} if embedding else {})}
+
+
+def _labels(embedding: str) -> set[str]:
+    """The labels a relabelling uses (its characters less `DROP`)."""
+    return set(embedding) - {DROP}
 
 
 def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> Dataset:
@@ -82,9 +92,14 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -
 
 
 def _relabel(dataset: "ImageTensorDataset", embedding: str) -> "ImageTensorDataset":
-    """The same images (shared, not copied) with class c labelled int(embedding[c])."""
-    out = copy.copy(dataset)
-    out.labels = torch.tensor([int(c) for c in embedding])[dataset.labels]
+    """The images of the classes kept (shared, not copied, when all are), class c labelled
+    int(embedding[c])."""
+    table = torch.tensor([-1 if c == DROP else int(c) for c in embedding])
+    labels = table[dataset.labels]
+    out, kept = copy.copy(dataset), labels >= 0
+    if not kept.all():
+        out.pixels = dataset.pixels[kept]
+    out.labels = labels[kept]
     return out
 
 
@@ -110,7 +125,7 @@ def source_stamp(name: str, split: str, root=None) -> tuple:
     again in the same process (a notebook kernel that outlives a rerun of the data). Empty for
     digits (bundled with scikit-learn) and for an image folder (whose fingerprint is its
     listing)."""
-    name = split_name(name)[0]  # a binary task reads its base dataset's files
+    name = split_name(name)[0]  # a relabelled dataset reads its base dataset's files
     if split not in SPLITS:  # not a split these files hold: load_dataset says so
         files = []
     elif name == "fashion_mnist":
@@ -154,11 +169,18 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_INFO)}")
     if embedding is None:
         return
-    classes = DATASET_INFO[base]["num_classes"]
-    if base not in IN_MEMORY or len(embedding) != classes or set(embedding) != {"0", "1"}:
+    classes, labels = DATASET_INFO[base]["num_classes"], _labels(embedding)
+    if (
+        base not in IN_MEMORY
+        or len(embedding) != classes
+        or len(labels) < 2
+        or labels != {str(i) for i in range(len(labels))}
+    ):
         raise ValueError(
-            f"{name!r} is not a binary task: relabel one of {sorted(IN_MEMORY)} "
-            f"by a string of one 0 or 1 per class ({classes} for {base}), holding both"
+            f"{name!r} is not a relabelling: relabel one of {sorted(IN_MEMORY)} by one character "
+            f"per class ({classes} for {base}), the class's new label (0, 1, ... with none "
+            f"skipped, at least two) or {DROP!r} to leave it out, e.g. {base}~0110001011 "
+            f"(a binary task) or {base}~01234{DROP * (classes - 5)} (its first five classes)"
         )
 
 

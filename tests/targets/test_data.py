@@ -71,11 +71,29 @@ def test_a_binary_task_relabels_the_classes_of_the_same_images(tmp_path, monkeyp
     x, y = next(iter(data.batches(name, "train", 28, 8)))
     assert set(y.tolist()) <= {0, 1} and x.shape == (8, 1, 28, 28)
     assert data.fingerprint(name, "train") != data.fingerprint("fashion_mnist", "train")
-    for bad in ("0000000000", "011", "01100010x1"):
-        with pytest.raises(ValueError, match="not a binary task"):
+    # one label, too short, not a label, a label skipped
+    for bad in ("0000000000", "011", "01100010x1", "0220002022"):
+        with pytest.raises(ValueError, match="not a relabelling.*fashion_mnist~01234-----"):
             data.relabelled("fashion_mnist", bad)
-    with pytest.raises(ValueError, match="not a binary task"):
+    with pytest.raises(ValueError, match="not a relabelling"):
         data.relabelled("imagenet", "01")  # streamed from folders: not relabelled
+
+
+def test_a_class_split_keeps_only_its_classes_relabelled_from_0(tmp_path, monkeypatch):
+    """The cpu profile's tasks: classes 0-4 for pretraining and the full task, 5-9 (labelled 0-4)
+    for the head-only task; the two splits share no image."""
+    images, labels = write_fashion_mnist(tmp_path / "fm", n_train=40)
+    monkeypatch.setenv("QG_DATA", str(tmp_path / "fm"))
+    first, other = "fashion_mnist~01234-----", "fashion_mnist~-----01234"
+    a, b = (data.load_dataset(n, "train") for n in (first, other))
+    assert data.dataset_info(first)["num_classes"] == data.dataset_info(other)["num_classes"] == 5
+    assert len(a) + len(b) == 40 and len(a) == int((labels < 5).sum())
+    assert torch.equal(a.pixels, torch.as_tensor(images[labels < 5]).unsqueeze(1))
+    assert a.labels.tolist() == labels[labels < 5].tolist()
+    assert b.labels.tolist() == (labels[labels >= 5] - 5).tolist()
+    x, y = next(iter(data.batches(other, "train", 28, 4)))
+    assert x.shape == (4, 1, 28, 28) and set(y.tolist()) <= set(range(5))
+    assert data.fingerprint(first, "train") != data.fingerprint(other, "train")
 
 
 @pytest.mark.parametrize("subdir", ["", "fashion-mnist", "FashionMNIST/raw"])
