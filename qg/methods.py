@@ -3,7 +3,9 @@
 A method's `name` is what `evaluations.csv` and the cached files call it; its `kind` says which
 maker `Experiment.model_file` calls (`reference`: the checkpoint itself; `quantizer`: a data-free
 quantizer of `qg.quant.baselines`; `control`: PTQ of a modified input; `qat`: the QAT model
-01_collect trained; `generator`: a generator's forward pass). Any quantized method with `+qwt` after
+01_collect trained; `finetuned`: QAT's control, the same fine-tuning without quantization, so that
+QAT − FP32 splits into the steps' gain and quantization's cost; `generator`: a generator's forward
+pass). Any quantized method with `+qwt` after
 its name is that method's file with QwT on top (`qg.quant.qwt`), which needs calibration images and
 the full-precision weights.
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-KINDS = ("reference", "quantizer", "control", "qat", "generator")
+KINDS = ("reference", "quantizer", "control", "qat", "finetuned", "generator")
 QWT_SUFFIX = "+qwt"
 
 
@@ -61,6 +63,7 @@ REGISTRY = {
             per_checkpoint=False,
         ),
         Method("qat", "QAT", "qat", False, ("training images",)),
+        Method("fp-steps", "FP32 + QAT's steps", "finetuned", False, ("training images",)),
         Method("gen", "Gen", "generator", True, _GENERATOR, qwt_rows=True),
     )
 }

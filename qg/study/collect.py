@@ -86,9 +86,12 @@ class QATSpec:
     weight_decay: float = 0.0
 
 
+FP_STEPS = "fp32"  # the manifest's key, beside the QAT specs' names, of QAT's FP32 control
+
+
 def qat_target(
     checkpoint: Path,
-    spec: QuantSpec,
+    spec: QuantSpec | None,
     qat: QATSpec,
     task: TrainSpec,
     seed: int,
@@ -96,7 +99,9 @@ def qat_target(
     device: str = "cpu",
 ) -> Path:
     """The QAT-quantized model of one checkpoint, as a quantized file (cached by content and
-    settings).
+    settings); with `spec` None, its control: the same fine-tuning (steps, data, order) with no
+    quantization, as a checkpoint, so that QAT − FP32 splits into what the extra steps gain and
+    what quantizing costs.
 
     The whole network is fine-tuned with fake-quantized weights, then quantized with `spec`; the
     file's metadata records the wall time of the fine-tuning (`seconds`), the cost Table 2 charges
@@ -105,14 +110,16 @@ def qat_target(
     key = params_key(
         {
             "ckpt": file_sha256(checkpoint),
-            "spec": spec.to_dict(),
+            "spec": spec.to_dict() if spec else None,
             "qat": asdict(qat),
             "task": asdict(task),
             "seed": seed,
         }
     )
     return cached(
-        Path(root) / spec.name / f"{Path(checkpoint).stem}-{key}.safetensors",
+        Path(root)
+        / (spec.name if spec else FP_STEPS)
+        / f"{Path(checkpoint).stem}-{key}.safetensors",
         lambda out: _fine_tune_qat(out, checkpoint, spec, qat, task, seed, device),
     )
 
@@ -120,7 +127,7 @@ def qat_target(
 def _fine_tune_qat(
     out: Path,
     checkpoint: Path,
-    spec: QuantSpec,
+    spec: QuantSpec | None,
     qat: QATSpec,
     task: TrainSpec,
     seed: int,
@@ -148,40 +155,37 @@ def _fine_tune_qat(
         qat.lr,
         qat.weight_decay,
         quant=spec,
-        desc=f"QAT {spec.name}",
+        desc=f"QAT {spec.name if spec else 'steps, fp32'}",
         device=device,
     )
     seconds = time.perf_counter() - start
+    record = {"source": str(checkpoint), "seconds": seconds, "device": device}
+    if spec is None:
+        save_checkpoint(out, state_dict_of(model), model_spec, {**meta, **record, "method": "fp"})
+        return
     save_quantized(
         out,
         quantize_state_dict(state_dict_of(model), spec),
         spec,
-        {
-            "model": model_spec.to_dict(),
-            "method": "qat",
-            "source": str(checkpoint),
-            "seconds": seconds,
-            "fp_meta": meta,
-            "device": device,
-        },
+        {"model": model_spec.to_dict(), "method": "qat", **record, "fp_meta": meta},
     )
 
 
 def collect_qat(
     task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root, device: str = "cpu"
 ) -> dict:
-    """QAT targets for every checkpoint of both runs of a collected task: {spec name: {run:
-    [files]}}."""
+    """QAT targets for every checkpoint of both runs of a collected task, and their FP32 control
+    (`FP_STEPS`): {spec name or FP_STEPS: {run: [files]}}."""
     task = TrainSpec(**task_entry["task"])
     return {
-        spec.name: {
+        spec.name if spec else FP_STEPS: {
             run: [
                 str(qat_target(Path(p), spec, qat, task, seed + i, Path(root) / "qat", device))
                 for i, p in enumerate(task_entry[run])
             ]
             for run in ("runA", "runB")
         }
-        for spec in specs
+        for spec in [*specs, None]
     }
 
 
@@ -367,18 +371,19 @@ class Collected:
             "heldout_run": self.run(arch, task, "runB"),
         }
 
-    def qat(self, arch: str, task: str, spec: QuantSpec, checkpoint: Path) -> Path:
-        """The QAT target of one checkpoint."""
-        entry = self.entry(arch, task)
-        if spec.name not in entry.get("qat", {}):
+    def qat(self, arch: str, task: str, spec: QuantSpec | None, checkpoint: Path) -> Path:
+        """The QAT target of one checkpoint; with `spec` None, its FP32 control (QAT's steps
+        without quantization)."""
+        entry, name = self.entry(arch, task), spec.name if spec else FP_STEPS
+        if name not in entry.get("qat", {}):
             raise ValueError(
-                f"01_collect made no QAT targets for {spec.name}; the profile's qat.bits decides "
-                "which"
+                f"01_collect made no QAT targets for {name} of {arch}/{task}; the profile's qat "
+                "block decides which (rerun 01_collect after changing it)"
             )
         files = {
             ckpt: self.path(q)
             for run in ("runA", "runB")
-            for ckpt, q in zip(self.run(arch, task, run), entry["qat"][spec.name][run])
+            for ckpt, q in zip(self.run(arch, task, run), entry["qat"][name][run])
         }
         return files[Path(checkpoint)]
 

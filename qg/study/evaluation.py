@@ -51,7 +51,6 @@ def evaluate(
                     path = exp.model_file(
                         setting, spec, ckpt, method, quantgens.get(method.removesuffix(QWT_SUFFIX))
                     )
-                    seconds = 0.0 if method == "fp" else read_quantized_meta(path)[1]["seconds"]
                     rows.append(
                         _row(
                             setting,
@@ -61,10 +60,21 @@ def evaluate(
                             ckpt,
                             method,
                             exp.scorer.score(path),
-                            seconds,
+                            _seconds(path, method),
                         )
                     )
     return pd.DataFrame(rows)
+
+
+def _seconds(path: Path, method: str) -> float:
+    """What making a method's model file took: none for the checkpoint itself, the fine-tuning for
+    QAT's FP32 control (a checkpoint), else what the quantized file records."""
+    kind = registry.get(method).kind
+    if kind == "reference":
+        return 0.0
+    if kind == "finetuned":
+        return load_checkpoint(path)[2]["seconds"]
+    return read_quantized_meta(path)[1]["seconds"]
 
 
 def _row(

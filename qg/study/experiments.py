@@ -306,7 +306,8 @@ class Experiment:
         quantgen: QuantGen | None = None,
     ) -> Path:
         """The file a method of `qg.methods` makes of a checkpoint, by its kind: the checkpoint
-        itself (`reference`), its QAT model (`qat`, whatever the generator's targets), a generator's
+        itself (`reference`), its QAT model (`qat`, whatever the generator's targets) or QAT's FP32
+        control (`finetuned`), a generator's
         model (`quantgen`, when given, is that generator), a per-checkpoint control, a data-free
         quantizer's, or any of these with QwT on top (`ptq+qwt`, `gen+qwt`, ...). The soup is one
         model per (architecture, task), not per checkpoint: `control("soup", ...)`."""
@@ -323,6 +324,7 @@ class Experiment:
         makers = {
             "reference": lambda: checkpoint,
             "qat": lambda: self.collected.qat(setting.arch, setting.task, spec, checkpoint),
+            "finetuned": lambda: self.collected.qat(setting.arch, setting.task, None, checkpoint),
             "generator": lambda: self.generated(
                 setting.generator_for(method), spec, checkpoint, quantgen
             ),

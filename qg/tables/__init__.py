@@ -11,7 +11,8 @@ Modules, each importing only those above it here (and the packages before this o
   common       method labels and order, paired differences, the notes under every table, loss
                curves
   convergence  02_train's convergence study
-  main         03_generate: Tables 1-3, Figures 1 and 3, Gen − PTQ per checkpoint, QwT
+  main         03_generate: Tables 1-3, Figures 1 and 3, Gen − PTQ per checkpoint
+  qwt          03_generate: QwT on top of PTQ, HQQ and Gen
   fidelity     03_generate and 08: fidelity and memorisation of generated models
   ablations    04-07: one factor's variants against PTQ, and the computed findings
   amortized    08_residual_qat: amortized QAT against QAT and HQQ

@@ -25,7 +25,11 @@ CANDIDATES = ("Gen direct (QAT)", "Gen residual (QAT)")
 CHOSEN = "Gen chosen (QAT)"
 SETTING = ["arch", "task", "bits", "granularity"]
 
+STEPS = "FP32 + QAT's steps"  # QAT's control: its fine-tuning without quantization
+
 AMORTIZED_DIFFS = (
+    (STEPS, "FP32"),
+    ("QAT", STEPS),
     ("Gen residual (PTQ)", "PTQ"),
     ("Gen direct (QAT)", "HQQ"),
     ("Gen residual (QAT)", "HQQ"),
@@ -75,6 +79,7 @@ _AMORTIZED_ORDER = (
     "PTQ",
     "HQQ",
     "QAT",
+    STEPS,
     "Gen direct (PTQ)",
     "Gen residual (PTQ)",
     "Gen direct (QAT)",
@@ -159,6 +164,9 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
             f"{CHOSEN}: per pair and bit-width, the QAT-trained target with the higher mean "
             "accuracy on run A's held-out checkpoints (chosen there, shown on every split: the "
             "held-out run is the one that measures it).",
+            f"{STEPS}: each checkpoint fine-tuned exactly as QAT is (steps, data, order) with no "
+            f"quantization: {STEPS} − FP32 is what the extra steps gain, QAT − {STEPS} what "
+            "quantizing costs under QAT.",
             "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; "
             f"QAT fine-tunes each model on data ({profile.qat.steps} steps); Gen needs neither "
             "at inference.",
@@ -173,7 +181,14 @@ def amortized_figure(runs: pd.DataFrame, split: str = "heldout_run"):
     wide = wide[wide.split == split]
     methods = [
         c
-        for c in ("HQQ", "QAT", "Gen direct (QAT)", "Gen residual (QAT)", "Gen residual (PTQ)")
+        for c in (
+            "HQQ",
+            "QAT",
+            STEPS,
+            "Gen direct (QAT)",
+            "Gen residual (QAT)",
+            "Gen residual (PTQ)",
+        )
         if c in wide
     ]
     # paired: the same checkpoint's PTQ

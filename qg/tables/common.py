@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
 
 from .. import methods
 from ..config.schema import Profile
@@ -106,15 +108,30 @@ def profile_markdown(df: pd.DataFrame, title: str, profile: Profile, notes: list
     )
 
 
-def loss_curves(curves: dict[str, pd.DataFrame], title: str, ax=None, legend_max: int = 12):
+def loss_curves(
+    curves: dict[str, pd.DataFrame],
+    title: str,
+    ax=None,
+    legend_max: int = 12,
+    groups: dict[str, str] | None = None,
+):
     """Smoothed training loss of each generator (label -> loss.csv frame), log scale, on `ax` or a
-    new figure; the legend is left out beyond `legend_max` lines. Returns the figure."""
+    new figure, one legend entry per line; beyond `legend_max` lines, each line takes the colour
+    of its group (`groups`: label -> e.g. "vit/head") and the legend names the groups. Returns the
+    figure."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
+    by_group = len(curves) > legend_max and groups is not None
+    names = sorted({groups[label] for label in curves}) if by_group else []
+    colour = dict(zip(names, sns.color_palette(n_colors=len(names))))
     for label, curve in curves.items():
-        ax.plot(curve.step, curve.loss.rolling(10, min_periods=1).mean(), lw=1.2, label=label)
+        style = {"color": colour[groups[label]], "alpha": 0.6} if by_group else {"label": label}
+        ax.plot(curve.step, curve.loss.rolling(10, min_periods=1).mean(), lw=1.2, **style)
     ax.set(title=title, xlabel="step", ylabel="training loss (smoothed)", yscale="log")
     ax.grid(alpha=0.3)
-    if len(curves) <= legend_max:
+    if by_group:
+        handles = [Line2D([], [], color=colour[n], label=n) for n in names]
+        ax.legend(handles=handles, fontsize=7, title=f"{len(curves)} generators")
+    elif len(curves) <= legend_max:
         ax.legend(fontsize=7)
     return ax.figure

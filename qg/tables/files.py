@@ -60,16 +60,20 @@ def size_table(costs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.D
 
 def size_figure(costs: pd.DataFrame):
     """FP32 file / quantized file against bits, per method and granularity, under the codes-only
-    ideal 32/bits."""
+    ideal 32/bits. Methods that write the same format come out the same size: each is drawn
+    thinner than the one before it, so that a line on top of another leaves it visible."""
     sel = _first_task(costs).assign(
         method=lambda d: d.method.map(methods.label),
         ratio=lambda d: d.fp32_file_bytes / d.file_bytes,
     )
+    shown = list(dict.fromkeys(sel.method))
     grid = sns.relplot(
         data=sel,
         x="bits",
         y="ratio",
         hue="method",
+        size="method",
+        sizes={m: max(0.8, 5.0 - 1.5 * i) for i, m in enumerate(shown)},
         style="granularity",
         col="arch",
         kind="line",

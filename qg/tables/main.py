@@ -10,17 +10,14 @@ import pandas as pd
 import seaborn as sns
 
 from .. import methods
-from ..config.blocks import Qwt
 from ..config.schema import Profile
-from ..core.report import SPLIT_LABELS, cell, markdown, summarize
+from ..core.report import SPLIT_LABELS, cell, summarize
 from . import paper
 from .common import (
-    generator_note,
     labelled,
     ordered,
     paired_difference,
     profile_markdown,
-    spec_label,
 )
 
 
@@ -299,42 +296,70 @@ def figure1(runs: pd.DataFrame, records: dict, arch: str, task: str, max_models:
     return fig
 
 
+# Figure 3's lines: Gen black and thick, each quantizer in its colour, QwT on top paler and dashed
+FIGURE3_COLOURS = {
+    "gen": "black",
+    "ptq": "tab:blue",
+    "hqq": "tab:red",
+    "rtn-asym": "tab:orange",
+    "mse-clip": "tab:green",
+    "gen+qwt": "dimgray",
+    "ptq+qwt": "lightsteelblue",
+    "hqq+qwt": "lightsalmon",
+}
+
+
 def figure3(runs: pd.DataFrame, arch: str, task: str):
-    """Accuracy at every (bits, granularity) for Gen and the data-free quantizers, one panel per
-    split."""
-    shown = ["ptq", "rtn-asym", "mse-clip", "hqq", "gen", "ptq+qwt", "hqq+qwt", "gen+qwt"]
-    sel = runs[(runs.arch == arch) & (runs.task == task) & runs.method.isin(shown)].copy()
-    sel["method"] = sel.method.map(methods.label)
-    sel["split"] = sel.split.map(SPLIT_LABELS)
+    """Accuracy at every (bits, granularity) for Gen and the data-free quantizers (and QwT on top
+    of PTQ, HQQ and Gen): one row per granularity, one column per split."""
+    sel = runs[(runs.arch == arch) & (runs.task == task) & runs.method.isin(FIGURE3_COLOURS)]
+    sel = sel.assign(
+        QwT=sel.method.str.endswith(methods.QWT_SUFFIX).map({True: "with QwT", False: "without"}),
+        method=sel.method.map(methods.label),
+        split=sel.split.map(SPLIT_LABELS),
+    )
+    labels = {methods.label(m): c for m, c in FIGURE3_COLOURS.items()}
     grid = sns.relplot(
         data=sel,
         x="bits",
         y="accuracy",
         hue="method",
-        style="granularity",
+        palette={k: v for k, v in labels.items() if k in set(sel.method)},
+        size="method",
+        sizes={k: 2.8 if k.startswith("Gen") else 1.3 for k in labels if k in set(sel.method)},
+        style="QwT",
+        dashes={"without": "", "with QwT": (4, 2)},
+        row="granularity",
         col="split",
         kind="line",
-        markers=True,
-        errorbar="sd",
-        height=3.2,
-        aspect=1.0,
+        markers=False,
+        errorbar=None,
+        height=2.9,
+        aspect=1.25,
         facet_kws={"sharey": True},
     )
-    grid.set_titles("{col_name}")
-    grid.figure.suptitle(f"Figure 3: bits x granularity ({arch}, {task})", y=1.03)
+    grid.set_titles("{row_name}-wise, {col_name}")
+    grid.set_axis_labels("bits", "top-1 (%), mean of ckpts")
+    for ax in grid.axes.flat:
+        ax.grid(alpha=0.3)
+    grid.figure.suptitle(f"Figure 3: bits x granularity ({arch}, {task}); Gen in black", y=1.02)
     return grid.figure
 
 
 def gen_minus_ptq_figure(diff: pd.DataFrame):
-    """Paired Gen − PTQ per checkpoint (`paired_difference` rows) against bits, one panel per
-    granularity, the three splits side by side in their protocol order."""
+    """Paired Gen − PTQ per checkpoint (`paired_difference` rows) against bits, the three splits
+    side by side in their protocol order: one panel per granularity for the generators trained on
+    PTQ targets (Tables 1 and 3, Figure 3), one for those trained on QAT targets (Table 2), whose
+    difference holds QAT's own gain over PTQ."""
     diff = diff.assign(split=diff.split.map(SPLIT_LABELS))
-    grans = [g for g in ("group", "channel") if g in set(diff.granularity)]
-    fig, axes = plt.subplots(
-        1, len(grans), figsize=(6.5 * len(grans), 3.6), squeeze=False, sharey=True
-    )
-    for ax, gran in zip(axes[0], grans):
-        sel = diff[diff.granularity == gran]
+    ptq, qat = diff[diff.source != "qat"], diff[diff.source == "qat"]
+    panels = [
+        (f"{g}-wise, trained on PTQ targets", ptq[ptq.granularity == g])
+        for g in ("group", "channel")
+        if g in set(ptq.granularity)
+    ] + ([("trained on QAT targets: QAT's gain included", qat)] if len(qat) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, sel) in zip(axes[0], panels):
         sns.boxplot(
             data=sel,
             x="bits",
@@ -346,52 +371,9 @@ def gen_minus_ptq_figure(diff: pd.DataFrame):
             ax=ax,
         )
         ax.axhline(0, color="k", lw=0.8)
-        ax.set(title=f"{gran}-wise", xlabel="bits", ylabel="Gen − PTQ, same checkpoint (points)")
+        ax.set(title=title, xlabel="bits", ylabel="Gen − PTQ, same checkpoint (points)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, title=None)
-    fig.suptitle(
-        "Where Gen wins (> 0) and loses (< 0) against PTQ, every generator of Tables 1-3 and "
-        "Figure 3"
-    )
+    fig.suptitle("Where Gen wins (> 0) and loses (< 0) against PTQ of the same checkpoint")
     fig.tight_layout()
     return fig
-
-
-QWT_METHODS = methods.shown_with_qwt()
-
-
-def qwt_table(
-    runs: pd.DataFrame, profile: Profile, commit: str, split: str = "heldout_run"
-) -> tuple[pd.DataFrame, str]:
-    """PTQ, HQQ and Gen with and without QwT on `split` (all splits in the CSV), with the paired
-    gains of QwT and the fair comparisons: Gen against PTQ (both data-free), Gen + QwT against PTQ +
-    QwT (both calibrated)."""
-    sel = runs[runs.method.isin(QWT_METHODS)]
-    pairs = [("ptq+qwt", "ptq"), ("hqq+qwt", "hqq"), ("gen+qwt", "gen"), ("gen+qwt", "ptq+qwt")]
-    diffs = pd.concat([paired_difference(sel, a, b) for a, b in pairs], ignore_index=True)
-    tidy = summarize(pd.concat([sel, diffs], ignore_index=True), "qwt", profile, commit)
-    seconds = sel.groupby("method").seconds.mean()
-    shown = tidy[tidy.split == split].assign(
-        spec=spec_label,
-        column=lambda d: d.method.map(methods.label),
-        cell=lambda d: [cell(v, s) for v, s in zip(d.value, d["std"])],
-    )
-    wide = shown.pivot_table(
-        index=["task", "arch", "spec"], columns="column", values="cell", aggfunc="first", sort=False
-    )
-    order = [methods.label(m) for m in [*QWT_METHODS, *(f"{a}-{b}" for a, b in pairs)]]
-    wide = wide[[c for c in order if c in wide.columns]].reset_index()
-    images = (profile.qwt or Qwt()).images
-    notes = [
-        f"{SPLIT_LABELS[split]}; top-1 %, mean ± std over checkpoints; differences paired on the "
-        "same checkpoints.",
-        f"QwT fits one linear layer per block in closed form on {images} training images of the "
-        "task (never its test images), on top of each method's file, with its fp32 checkpoint as "
-        "the reference: it needs data and the full-precision weights, which PTQ, HQQ and Gen do "
-        "not. The fair comparisons: Gen against PTQ / HQQ, Gen + QwT against PTQ + QwT.",
-        "Seconds per model (this machine, mean): "
-        + ", ".join(f"{methods.label(m)} {seconds[m]:.3f}" for m in QWT_METHODS if m in seconds)
-        + ".",
-        generator_note(profile),
-    ]
-    return tidy, markdown(wide, "QwT on top of PTQ, HQQ and Gen", notes)
