@@ -67,6 +67,7 @@ def test_the_tables_order():
         "noise",
         "soup",
         "qat",
+        "fp-steps",
         "gen",
         "gen+qwt",
         "gen-ptq",

@@ -17,7 +17,7 @@ from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
 from ..generator.train import TrainConfig
 from ..quant import qwt
 from ..quant.quantizer import GRANULARITIES, SCHEMES, QuantSpec
-from ..targets.data import IN_MEMORY, dataset_info
+from ..targets.names import IN_MEMORY, check_name
 from ..targets.sources import DATASET_INFO
 
 Bits = Annotated[int, Field(ge=2, le=8)]
@@ -29,15 +29,10 @@ Positive = Annotated[int, Field(ge=1)]
 Rate = Annotated[float, Field(gt=0)]
 
 
-def _dataset(name: str) -> str:
-    """A dataset name `qg.targets.data` knows: one of DATASET_INFO, or one of them relabelled
-    (`fashion_mnist~01234-----`: a class split, `fashion_mnist~0110001011`: a binary task)."""
-    dataset_info(name)  # raises ValueError naming the valid names and the relabelling rule
-    return name
-
-
-Dataset = Annotated[str, AfterValidator(_dataset)]
-DATASET_NAMES = " / ".join(DATASET_INFO) + ", or one relabelled: name~labels (qg.targets.data)"
+# one of DATASET_INFO, or one relabelled (fashion_mnist~01234-----: a class split); a wrong name
+# is refused with the valid names and the relabelling rule
+Dataset = Annotated[str, AfterValidator(check_name)]
+DATASET_NAMES = " / ".join(DATASET_INFO) + ", or one relabelled: name~labels (qg.targets.names)"
 
 
 Granularity = Literal[GRANULARITIES]

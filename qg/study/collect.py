@@ -32,7 +32,7 @@ from ..config.schema import Profile
 from ..core.io import cached, file_sha256, params_key, write_json
 from ..quant.fileformat import save_quantized
 from ..quant.quantizer import QuantSpec, quantize_state_dict
-from ..targets.data import batches, dataset_info
+from ..targets.data import batches
 from ..targets.models import (
     ModelSpec,
     build_model,
@@ -45,6 +45,7 @@ from ..targets.models import (
     save_checkpoint,
     state_dict_of,
 )
+from ..targets.names import dataset_info
 from .training import TrainSpec, task_start, train_model
 
 

@@ -16,13 +16,13 @@ from ..config.schema import Profile
 from ..core.io import cached, content_digest, params_key
 from ..generator.rpg import RPG
 from ..generator.train import TrainConfig
-from ..targets.data import dataset_info, relabelled
 from ..targets.models import (
     ModelSpec,
     load_checkpoint,
     load_model_description,
     save_checkpoint,
 )
+from ..targets.names import dataset_info, relabelled
 from .experiments import Experiment
 from .fidelity import distances
 from .rpg_study import block_defaults, rpg_config

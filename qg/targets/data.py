@@ -12,12 +12,7 @@ offline; the paper profile reads CIFAR and ImageNet from the standard on-disk la
 
 Where each dataset's files are looked for, and how they are decoded: `qg.targets.sources`.
 
-A relabelled dataset is named by one character per class after `~`: the class's new label, or `-`
-to leave its images out. A binary task (RPG Sec. 4) is `relabelled("fashion_mnist", "0110001011")`
-= `fashion_mnist~0110001011`: the same images, two classes. A class split is
-`fashion_mnist~01234-----` (the first five classes, labels kept) and `fashion_mnist~-----01234`
-(the other five, labelled 0-4): the cpu profile pretrains on the one and trains the head-only task
-on the other, so that task's 5,000 test images are of classes the backbone never saw.
+A dataset may be one relabelled (a binary task, a class split): `qg.targets.names`.
 """
 
 from __future__ import annotations
@@ -31,9 +26,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .names import DROP, check_name, dataset_info, split_name
 from .sources import (
     CIFAR_LAYOUT,
-    DATASET_INFO,
     FASHION_MNIST_FILES,
     LOADERS,
     ImageTensorDataset,
@@ -44,45 +39,12 @@ from .sources import (
 SPLITS = ("train", "test")
 
 
-IN_MEMORY = ("fashion_mnist", "digits", "cifar10", "cifar100")  # decoded into an ImageTensorDataset
-RELABEL = "~"  # dataset name ~ embedding: one character per class, its new label or DROP
-DROP = "-"  # the class's images are left out
-
-
-def relabelled(name: str, embedding: str) -> str:
-    """The name of dataset `name` relabelled by `embedding`: class c becomes int(embedding[c]), or
-    is left out where embedding[c] is `DROP` (RPG's binary tasks, class splits; the labels used
-    must be 0, 1, ..., at least two of them)."""
-    full = f"{name}{RELABEL}{embedding}"
-    _check_name(full)
-    return full
-
-
-def split_name(name: str) -> tuple[str, str | None]:
-    """(base dataset, embedding or None) of a dataset name."""
-    base, _, embedding = name.partition(RELABEL)
-    return base, embedding or None
-
-
-def dataset_info(name: str) -> dict:
-    """`num_classes`, `in_chans`, `img_size`, `mean` and `std` of a dataset, enough to build its
-    model."""
-    _check_name(name)
-    base, embedding = split_name(name)
-    return {**DATASET_INFO[base], **({"num_classes": len(_labels(embedding))} if embedding else {})}
-
-
-def _labels(embedding: str) -> set[str]:
-    """The labels a relabelling uses (its characters less `DROP`)."""
-    return set(embedding) - {DROP}
-
-
 def load_dataset(name: str, split: str, root: str | os.PathLike | None = None) -> Dataset:
     """The `split` ("train" or "test"; ImageNet also takes "val", same as "test") of dataset `name`.
 
     `root`, when given, is the only folder searched for the files (else see the module docstring).
     """
-    _check_name(name)
+    check_name(name)
     valid = SPLITS + ("val",) if name == "imagenet" else SPLITS
     if split not in valid:
         raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
@@ -161,27 +123,6 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return Subset(dataset, order[:size].sort().values.tolist())
-
-
-def _check_name(name: str) -> None:
-    base, embedding = split_name(name)
-    if base not in DATASET_INFO:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_INFO)}")
-    if embedding is None:
-        return
-    classes, labels = DATASET_INFO[base]["num_classes"], _labels(embedding)
-    if (
-        base not in IN_MEMORY
-        or len(embedding) != classes
-        or len(labels) < 2
-        or labels != {str(i) for i in range(len(labels))}
-    ):
-        raise ValueError(
-            f"{name!r} is not a relabelling: relabel one of {sorted(IN_MEMORY)} by one character "
-            f"per class ({classes} for {base}), the class's new label (0, 1, ... with none "
-            f"skipped, at least two) or {DROP!r} to leave it out, e.g. {base}~0110001011 "
-            f"(a binary task) or {base}~01234{DROP * (classes - 5)} (its first five classes)"
-        )
 
 
 def as_tensors(
@@ -266,7 +207,7 @@ IN_MEMORY_MB = 2048
 def _check_request(name: str, subset: int | None, norm: tuple | None) -> None:
     if subset is not None and subset < 1:
         raise ValueError(f"subset must be a positive number of examples or None, got {subset}")
-    _check_name(name)
+    check_name(name)
     channels = dataset_info(name)["in_chans"]
     if norm is not None and any(len(v) != channels for v in norm):
         raise ValueError(

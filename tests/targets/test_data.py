@@ -19,7 +19,7 @@ from fakes import (
 )
 
 from qg.core.io import CorruptFileError
-from qg.targets import data, sources
+from qg.targets import data, names, sources
 
 REAL_DEBIAN_FASHION_MNIST = sources.DEBIAN_FASHION_MNIST
 
@@ -55,14 +55,14 @@ def test_fashion_mnist_from_root(tmp_path):
 def test_a_binary_task_relabels_the_classes_of_the_same_images(tmp_path, monkeypatch):
     images, labels = write_fashion_mnist(tmp_path / "fm", n_train=30)
     monkeypatch.setenv("QG_DATA", str(tmp_path / "fm"))
-    name = data.relabelled("fashion_mnist", "0110001011")
-    assert name == "fashion_mnist~0110001011" and data.split_name(name) == (
+    name = names.relabelled("fashion_mnist", "0110001011")
+    assert name == "fashion_mnist~0110001011" and names.split_name(name) == (
         "fashion_mnist",
         "0110001011",
     )
     assert (
-        data.dataset_info(name)["num_classes"] == 2
-        and data.dataset_info("fashion_mnist")["num_classes"] == 10
+        names.dataset_info(name)["num_classes"] == 2
+        and names.dataset_info("fashion_mnist")["num_classes"] == 10
     )
     task, base = data.load_dataset(name, "train"), data.load_dataset("fashion_mnist", "train")
     assert torch.equal(task.pixels, base.pixels)  # the same images
@@ -74,9 +74,9 @@ def test_a_binary_task_relabels_the_classes_of_the_same_images(tmp_path, monkeyp
     # one label, too short, not a label, a label skipped
     for bad in ("0000000000", "011", "01100010x1", "0220002022"):
         with pytest.raises(ValueError, match="not a relabelling.*fashion_mnist~01234-----"):
-            data.relabelled("fashion_mnist", bad)
+            names.relabelled("fashion_mnist", bad)
     with pytest.raises(ValueError, match="not a relabelling"):
-        data.relabelled("imagenet", "01")  # streamed from folders: not relabelled
+        names.relabelled("imagenet", "01")  # streamed from folders: not relabelled
 
 
 def test_a_class_split_keeps_only_its_classes_relabelled_from_0(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_a_class_split_keeps_only_its_classes_relabelled_from_0(tmp_path, monkey
     monkeypatch.setenv("QG_DATA", str(tmp_path / "fm"))
     first, other = "fashion_mnist~01234-----", "fashion_mnist~-----01234"
     a, b = (data.load_dataset(n, "train") for n in (first, other))
-    assert data.dataset_info(first)["num_classes"] == data.dataset_info(other)["num_classes"] == 5
+    assert names.dataset_info(first)["num_classes"] == names.dataset_info(other)["num_classes"] == 5
     assert len(a) + len(b) == 40 and len(a) == int((labels < 5).sum())
     assert torch.equal(a.pixels, torch.as_tensor(images[labels < 5]).unsqueeze(1))
     assert a.labels.tolist() == labels[labels < 5].tolist()
@@ -238,7 +238,7 @@ def test_cifar100_in_the_python2_format(tmp_path, monkeypatch):
     test = data.load_dataset("cifar100", "test")
     assert len(test) == 3 and [test[i][1] for i in range(3)] == [99, 0, 42]
     assert torch.equal(test.pixels.reshape(3, -1), torch.from_numpy(pixels))
-    assert data.dataset_info("cifar100")["num_classes"] == 100
+    assert names.dataset_info("cifar100")["num_classes"] == 100
 
 
 def test_cifar_refuses_a_malicious_pickle(tmp_path):
@@ -377,10 +377,10 @@ def test_bad_names_and_splits_list_the_valid_ones():
         data.load_dataset("mnist", "train")
     with pytest.raises(ValueError, match="train, test"):
         data.load_dataset("digits", "val")
-    info = data.dataset_info("fashion_mnist")
+    info = names.dataset_info("fashion_mnist")
     assert info == dict(num_classes=10, in_chans=1, img_size=28, mean=(0.2860,), std=(0.3530,))
     info["num_classes"] = 3
-    assert data.dataset_info("fashion_mnist")["num_classes"] == 10
+    assert names.dataset_info("fashion_mnist")["num_classes"] == 10
 
 
 def test_qg_data_is_the_only_folder_searched_when_set(tmp_path, monkeypatch):
