@@ -17,6 +17,7 @@ modules inside a package are listed, in the same rule, by its own docstring):
   tables     the paper's tables and figures, one module per notebook
   notebook   what the notebooks share: the set-up line, the findings, the ablations'
              run-and-report
+  results    results/<profile>/README.md, generated from the results CSVs by the tables' findings
   pipeline   the papermill runner that executes the notebooks in order
   bench      the speed and memory benchmark
   __main__   the command line (quantize, evaluate): core, quant, targets and generator only

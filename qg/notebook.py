@@ -37,8 +37,9 @@ from .config.schema import Profile
 from .core import report
 from .study.evaluation import run_ablation
 from .study.experiments import Experiment
-from .tables.ablations import ablation_figure, ablation_findings, ablation_table
+from .tables.ablations import ablation_figure, ablation_table, paper_ablation_note
 from .tables.common import loss_curves
+from .tables.findings import ablation_findings
 
 
 def setup(
@@ -124,4 +125,8 @@ def run_and_report(exp: Experiment, factor: str) -> AblationReport:
     fig = ablation_figure(runs, factor)
     report.save_figure(fig, paths.figures / f"ablation_{factor}.png")
     plt.close(fig)
-    return AblationReport(runs, costs, tidy, md, loss, fig, ablation_findings(runs, factor))
+    written = pd.read_csv(
+        paths.results / f"ablation_{factor}.csv"
+    )  # as the results README reads it
+    found = [*ablation_findings(written, factor), paper_ablation_note(factor)]
+    return AblationReport(runs, costs, tidy, md, loss, fig, found)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from . import results
 from .config.profiles import ROOT, Paths, load_profile
 from .core.io import HASH_SUFFIX, damaged
 
@@ -96,6 +97,8 @@ def run(
     later = [n for n in names if n not in first]
     if later:
         _in_parallel(later, jobs, out_dir, params, loaded.name)
+    readme = results.write(Paths.for_profile(loaded).results, loaded.name)
+    print(f"[qg.pipeline] findings: {readme}", flush=True)
     return [out_dir / f"{name}.ipynb" for name in names]
 
 

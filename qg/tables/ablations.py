@@ -170,27 +170,3 @@ def ablation_figure(runs: pd.DataFrame, factor: str):
     )
     fig.tight_layout()
     return fig
-
-
-def ablation_findings(runs: pd.DataFrame, factor: str, split: str = "heldout_run") -> list[str]:
-    """The computed conclusion of one ablation, per bit-width: each variant's Gen − PTQ on `split`
-    (mean ± std over checkpoints), the best and the worst, and whether their gap is larger than
-    twice the largest spread between checkpoints (a difference one would bet on) or not; then the
-    paper's own numbers."""
-    diff = paired_difference(runs)
-    lines = []
-    for bits, g in diff[diff.split == split].groupby("bits"):
-        stats = g.groupby("variant", sort=False).accuracy.agg(["mean", "std"]).fillna(0.0)
-        best, worst = stats["mean"].idxmax(), stats["mean"].idxmin()
-        gap, spread = stats.loc[best, "mean"] - stats.loc[worst, "mean"], stats["std"].max()
-        verdict = (
-            "larger than the spread between checkpoints"
-            if gap > 2 * spread
-            else "within the spread between checkpoints: no measurable effect"
-        )
-        each = ", ".join(f"{v} {r['mean']:+.2f} ± {r['std']:.2f}" for v, r in stats.iterrows())
-        lines.append(
-            f"{bits}-bit, Gen − PTQ on the {SPLIT_LABELS[split]}: {each}; best {best}, worst "
-            f"{worst}, gap {gap:.2f} points ({verdict})"
-        )
-    return lines + [paper_ablation_note(factor)]

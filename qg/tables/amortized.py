@@ -20,7 +20,7 @@ def _amortized_column(method: str, source: str, variant: str) -> str:
 # The generator a reader should use, one per (pair, bits): of the targets trained on QAT, the one
 # with the higher mean accuracy on run A's held-out checkpoints (a tie: direct). Chosen there, never
 # on the held-out run that the table reports.
-CHOICE_SPLIT = "heldout"
+CHOICE_SPLIT = "heldout_ckpt"
 CANDIDATES = ("Gen direct (QAT)", "Gen residual (QAT)")
 CHOSEN = "Gen chosen (QAT)"
 SETTING = ["arch", "task", "bits", "granularity"]

@@ -1,0 +1,159 @@
+"""What the results say, computed from the results CSVs, never typed: one function per results
+table, each returning its sentences with their numbers. `qg.results` writes them to
+`results/<profile>/README.md`; the notebooks print the same functions under "What we found".
+
+Every comparison is a paired difference over the checkpoints of one split (the tidy tables' mean,
+std and n), stated with its 95 % confidence interval (Student's t over those checkpoints) and
+called a win, a loss, or a tie when the interval covers 0. The checkpoints of a split come from one
+or two fine-tuning runs and are not independent draws of a run: the interval is of these
+checkpoints' mean, not a promise about a new run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from scipy import stats
+
+from ..core.report import SPLIT_LABELS
+
+HELD = "heldout_run"  # the split every claim is made on; the paper's protocol is `trained`
+
+
+def interval(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The `level` confidence interval of a mean of `n` paired differences with this std."""
+    if n < 2 or not math.isfinite(std):
+        return (math.nan, math.nan)
+    half = stats.t.ppf((1 + level) / 2, n - 1) * std / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def verdict(mean: float, std: float, n: int) -> str:
+    """`win` (the interval above 0), `loss` (below) or `tie` (it covers 0, or n < 2)."""
+    lo, hi = interval(mean, std, n)
+    return "win" if lo > 0 else "loss" if hi < 0 else "tie"
+
+
+def claim(mean: float, std: float, n: int) -> str:
+    """A paired difference as the README states it: `+0.06 (95 % CI −0.10 to +0.22, n = 10;
+    tie)`."""
+    lo, hi = interval(mean, std, n)
+    ci = f"95 % CI {lo:+.2f} to {hi:+.2f}, " if math.isfinite(lo) else ""
+    return f"{mean:+.2f} ({ci}n = {int(n)}; {verdict(mean, std, n)})"
+
+
+def tally(diffs: pd.DataFrame) -> str:
+    """`3 wins, 10 ties, 3 losses` over rows with value, std and n."""
+    counts = pd.Series([verdict(*r) for r in zip(diffs.value, diffs["std"], diffs.n)])
+    plural = {"win": "wins", "tie": "ties", "loss": "losses"}
+    return ", ".join(
+        f"{k} {v if k == 1 else plural[v]}" for v in plural for k in [int((counts == v).sum())]
+    )
+
+
+def _said(r: pd.Series) -> str:
+    """The claim of one tidy row."""
+    return claim(r.value, r["std"], r.n)
+
+
+def _where(r) -> str:
+    """A table cell's name: `vit/head 3-bit group`."""
+    return f"{r.arch}/{r.task} {int(r.bits)}-bit {r.granularity}"
+
+
+def _extremes(diffs: pd.DataFrame) -> str:
+    """The lowest and the highest cell, each with its claim."""
+    lo, hi = diffs.loc[diffs.value.idxmin()], diffs.loc[diffs.value.idxmax()]
+    return f"lowest {_where(lo)} {_said(lo)}, highest {_where(hi)} {_said(hi)}"
+
+
+def table1_findings(tidy: pd.DataFrame) -> list[str]:
+    """Gen − PTQ over Table 1's cells: wins, ties and losses on the held-out run and on the
+    paper's protocol, at 6-8 bits and at 3-5, with the extreme cells and every loss."""
+    diffs = tidy[tidy.method == "gen-ptq"]
+    lines = []
+    for split in (HELD, "trained"):
+        s = diffs[diffs.split == split]
+        for name, part in (("6-8 bits", s[s.bits >= 6]), ("3-5 bits", s[s.bits <= 5])):
+            if len(part):
+                lines.append(
+                    f"Gen − PTQ, {SPLIT_LABELS[split]}, {name}: {tally(part)} of {len(part)} "
+                    f"cells; {_extremes(part)}"
+                )
+    held = diffs[diffs.split == HELD]
+    losses = held[[verdict(*r) == "loss" for r in zip(held.value, held["std"], held.n)]]
+    if len(losses):
+        lines.append(
+            f"Losses on the {SPLIT_LABELS[HELD]}: "
+            + "; ".join(f"{_where(r)} {_said(r)}" for _, r in losses.iterrows())
+        )
+    return lines
+
+
+def amortized_findings(tidy: pd.DataFrame) -> list[str]:
+    """Amortized QAT on the held-out run, per bit-width: the chosen generator against HQQ and QAT
+    over the pairs, and what QAT's steps gain without quantizing and what quantizing costs."""
+    held = tidy[(tidy.split == HELD) & (tidy.metric == "paired_difference")]
+    lines = []
+    for bits, g in held.groupby("bits"):
+        for m in (
+            "Gen direct (QAT) − HQQ",
+            "Gen residual (QAT) − HQQ",
+            "Gen chosen (QAT) − HQQ",
+            "Gen chosen (QAT) − QAT",
+            "FP32 + QAT's steps − FP32",
+            "QAT − FP32 + QAT's steps",
+        ):
+            rows = g[g.method == m]
+            if len(rows):
+                lines.append(
+                    f"{bits}-bit, {m}: {tally(rows)} of {len(rows)} pairs; "
+                    + "; ".join(f"{r.arch}/{r.task} {_said(r)}" for _, r in rows.iterrows())
+                )
+    if "chosen" in tidy:
+        chosen = tidy.dropna(subset=["chosen"]).groupby(["arch", "task", "bits"]).chosen.first()
+        lines.append(
+            "Chosen on run A's held-out checkpoints (never on the held-out run): "
+            + ", ".join(f"{a}/{t} {b}-bit {c}" for (a, t, b), c in chosen.items())
+        )
+    return lines
+
+
+def ablation_findings(tidy: pd.DataFrame, factor: str) -> list[str]:
+    """One ablation on the held-out run, per bit-width: each variant's Gen − PTQ with its claim."""
+    diffs = tidy[(tidy.method == "gen-ptq") & (tidy.split == HELD)]
+    return [
+        f"{factor.replace('_', ' ')}, {int(bits)}-bit, Gen − PTQ: "
+        + "; ".join(f"{r.variant} {_said(r)}" for _, r in g.iterrows())
+        for bits, g in diffs.groupby("bits", sort=False)
+    ]
+
+
+def binary_findings(tidy: pd.DataFrame) -> list[str]:
+    """RPG's unseen binary tasks: mean accuracy of each kind of model over the tasks, and on how
+    many tasks RPG's samples beat the floor and the nearest seen task."""
+    means = tidy[tidy.metric == "mean"].pivot_table(
+        index=["arch", "embedding"], columns="kind", values="value"
+    )
+    lines = [
+        f"Unseen binary tasks ({len(means)}), mean accuracy: "
+        + ", ".join(f"{k} {v:.2f} %" for k, v in means.mean().items())
+    ]
+    for other in ("majority class", "nearest seen"):
+        if other in means:
+            above = int((means.generated > means[other]).sum())
+            lines.append(f"RPG's samples above {other} on {above} of {len(means)} tasks")
+    return lines
+
+
+def size_findings(sizes: pd.DataFrame) -> list[str]:
+    """How much smaller each bit-width's group-wise PTQ file is than FP32, per architecture."""
+    ptq = sizes[(sizes.method == "ptq") & (sizes.granularity == "group")]
+    ratio = ptq.groupby(["bits", "arch"]).fp32_over_file.mean().unstack()
+    return [
+        f"{int(b)}-bit group-wise files: "
+        + ", ".join(f"{a} 1/{r:.2f}" for a, r in row.items())
+        + " of FP32"
+        for b, row in ratio.iterrows()
+    ]

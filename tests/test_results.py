@@ -1,0 +1,55 @@
+"""The results READMEs are generated from their CSVs: the committed ones are current, and the
+statistics they state (paired 95 % intervals, wins / ties / losses) are what they say."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qg import results
+from qg.tables import findings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = sorted((ROOT / "results").glob("*/README.md"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_a_committed_results_readme_is_what_its_tables_say(path):
+    assert path.read_text() == results.readme(path.parent, path.parent.name), (
+        f"{path} is stale: python -m qg.results --profile {path.parent.name}"
+    )
+
+
+def test_the_cpu_results_have_their_readme():
+    assert ROOT / "results" / "cpu" / "README.md" in COMMITTED
+
+
+def test_a_paired_interval_and_its_verdict():
+    # t(0.975, 9) = 2.262: half-width 2.262 * 1 / sqrt(10) = 0.715
+    lo, hi = findings.interval(1.0, 1.0, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.285, 1.715)
+    assert findings.verdict(1.0, 1.0, 10) == "win"
+    assert findings.verdict(-1.0, 1.0, 10) == "loss"
+    assert findings.verdict(0.5, 1.0, 10) == "tie"  # the interval covers 0
+    assert findings.verdict(3.0, 0.0, 1) == "tie"  # one checkpoint: no interval
+    assert findings.claim(1.0, 1.0, 10) == "+1.00 (95 % CI +0.28 to +1.72, n = 10; win)"
+
+
+def test_table1_findings_count_every_cell_once_by_its_interval():
+    cells = pd.DataFrame(
+        {
+            "method": ["gen-ptq"] * 3 + ["gen"],
+            "split": ["heldout_run"] * 4,
+            "arch": ["vit"] * 4,
+            "task": ["full", "full", "head", "full"],
+            "bits": [8, 6, 8, 8],
+            "granularity": ["group"] * 4,
+            "value": [0.5, -1.0, 0.05, 85.0],
+            "std": [0.1, 0.2, 0.5, 0.2],
+            "n": [10] * 4,
+        }
+    )
+    lines = findings.table1_findings(cells)
+    assert lines[0].startswith("Gen − PTQ, held-out run, 6-8 bits: 1 win, 1 tie, 1 loss of 3 cells")
+    assert "lowest vit/full 6-bit group -1.00" in lines[0]
+    assert lines[-1].startswith("Losses on the held-out run: vit/full 6-bit group -1.00")
