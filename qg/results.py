@@ -59,6 +59,16 @@ def readme(results: Path, profile: str) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+HEADLINE = ("<!-- headline: python -m qg.results --headline -->", "<!-- end of headline -->")
+
+
+def headline(results: Path) -> str:
+    """The project README's one generated table: Table 1's Gen − PTQ on the held-out run (the
+    block between `HEADLINE`'s markers; a test keeps it equal)."""
+    table = findings.headline(pd.read_csv(results / "table1.csv"))
+    return table.to_markdown(index=False)
+
+
 def write(results: Path, profile: str) -> Path:
     """Write the README of the results folder `results` (of `profile`)."""
     path = results / "README.md"
@@ -72,10 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if README.md differs from what it generates"
     )
+    parser.add_argument(
+        "--headline", action="store_true", help="print the project README's headline table"
+    )
     args = parser.parse_args(argv)
     results = Paths.of(args.profile).results
     if not results.is_dir():
         sys.exit(f"{results} does not exist: run the {args.profile} profile first (make reproduce)")
+    if args.headline:
+        return print(headline(results))
     if args.check:
         current = (results / "README.md").read_text() if (results / "README.md").is_file() else ""
         if current != readme(results, args.profile):

@@ -53,3 +53,13 @@ def test_table1_findings_count_every_cell_once_by_its_interval():
     assert lines[0].startswith("Gen − PTQ, held-out run, 6-8 bits: 1 win, 1 tie, 1 loss of 3 cells")
     assert "lowest vit/full 6-bit group -1.00" in lines[0]
     assert lines[-1].startswith("Losses on the held-out run: vit/full 6-bit group -1.00")
+
+
+def test_the_project_readme_headline_is_generated_from_the_cpu_table1():
+    start, end = results.HEADLINE
+    readme = (ROOT / "README.md").read_text()
+    assert start in readme and end in readme, "README.md lacks the generated headline block"
+    block = readme.split(start)[1].split(end)[0].strip()
+    assert block == results.headline(ROOT / "results" / "cpu").strip(), (
+        "README.md's headline is stale: paste `python -m qg.results --headline`"
+    )

@@ -157,3 +157,16 @@ def size_findings(sizes: pd.DataFrame) -> list[str]:
         + " of FP32"
         for b, row in ratio.iterrows()
     ]
+
+
+def headline(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Table 1's Gen − PTQ on the held-out run, one row per (arch, task), one column per group-wise
+    bit-width: mean and verdict, e.g. `+0.06 (tie)`."""
+    d = tidy[(tidy.method == "gen-ptq") & (tidy.split == HELD) & (tidy.granularity == "group")]
+    d = d.assign(
+        cell=[f"{v:+.2f} ({verdict(v, s, n)})" for v, s, n in zip(d.value, d["std"], d.n)],
+        model=d.arch + " / " + d.task,
+    )
+    wide = d.pivot_table(index="model", columns="bits", values="cell", aggfunc="first")
+    wide = wide[sorted(wide.columns, reverse=True)]
+    return wide.rename(columns=lambda b: f"{b}-bit").reset_index()
