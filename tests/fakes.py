@@ -101,10 +101,8 @@ def fake_collect(
     collect_dir, n_a: int = 5, n_b: int = 1, spec: ModelSpec | None = None, seed: int = 0
 ) -> dict:
     """A collect folder as 01_collect leaves it, for one (vit, full) pair on digits: run A's and run
-    B's checkpoints (seeded random weights) and the manifest naming them, in a cache marked as this
-    qg's format (as the pipeline marks it), so that an `Experiment` over it does not set it aside
-    as an older cache. Returns the manifest's runs."""
-    from qg.core.io import claim_cache, write_json
+    B's checkpoints (seeded random weights) and the manifest naming them (`write_manifest`).
+    Returns the manifest's runs."""
     from qg.targets.models import save_checkpoint
 
     spec = spec or ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
@@ -112,12 +110,21 @@ def fake_collect(
         run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)]
         for run, n in (("runA", n_a), ("runB", n_b))
     }
-    claim_cache(Path(collect_dir).parent)
     torch.manual_seed(seed)
     for name in runs["runA"] + runs["runB"]:
         save_checkpoint(collect_dir / name, state_dict_of(build_model(spec)), spec)
-    write_json(
-        collect_dir / "manifest.json",
+    write_manifest(
+        collect_dir,
         {"archs": {"vit": {"tasks": {"full": {**runs, "task": {"dataset": "digits"}}}}}},
     )
     return runs
+
+
+def write_manifest(collect_dir, manifest: dict) -> None:
+    """A collect folder's manifest, its cache (`collect_dir`'s parent) marked as this qg's format
+    as the pipeline marks it, so that an `Experiment` over it does not set it aside as an older
+    cache."""
+    from qg.core.io import CACHE_FORMAT, FORMAT_FILE, write_json
+
+    write_json(Path(collect_dir) / "manifest.json", manifest)
+    (Path(collect_dir).parent / FORMAT_FILE).write_text(f"{CACHE_FORMAT}\n")

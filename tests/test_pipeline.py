@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fakes import TINY_VIT, fake_collect
+from fakes import TINY_VIT, fake_collect, write_manifest
 
 from qg import pipeline
 from qg.config import profiles
 from qg.core import report
-from qg.core.io import content_digest, read_json, write_json
+from qg.core.io import content_digest, read_json
 from qg.quant.fileformat import read_quantized
 from qg.quant.quantizer import QuantSpec
 from qg.study import collect
@@ -122,8 +122,8 @@ def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
     paths = profiles.Paths.of("smoke", tmp_path)
     run_a = [str(tmp_path / "runA" / f"ckpt_{i:03d}.safetensors") for i in range(10)]
     run_b = [str(tmp_path / "runB" / f"ckpt_{i:03d}.safetensors") for i in range(2)]
-    write_json(
-        paths.artifacts / "collect" / "manifest.json",
+    write_manifest(
+        paths.artifacts / "collect",
         {
             "archs": {
                 "vit": {
@@ -238,7 +238,7 @@ def test_figures_are_deterministic(tmp_path):
 def test_score_and_predictions_share_one_cached_evaluation(tmp_path):
     P = profiles.load_profile("smoke")
     paths = profiles.Paths.of("smoke", tmp_path)
-    write_json(paths.artifacts / "collect" / "manifest.json", {"archs": {}})
+    write_manifest(paths.artifacts / "collect", {"archs": {}})
     spec_model = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
     torch.manual_seed(0)
     ckpt = tmp_path / "runA-x" / "ckpt_000.safetensors"
@@ -269,8 +269,8 @@ def test_a_moved_artifact_tree_is_reused_and_its_noise_control_unchanged(tmp_pat
     torch.manual_seed(0)
     for name in names["runA"] + names["runB"]:
         save_checkpoint(collect_dir / name, state_dict_of(build_model(spec_model)), spec_model)
-    write_json(
-        collect_dir / "manifest.json",
+    write_manifest(
+        collect_dir,
         {"archs": {"vit": {"tasks": {"full": {**names, "task": {"dataset": "digits"}}}}}},
     )
     spec, setting = QuantSpec(4, "group", 16), Setting("vit", "full", [QuantSpec(4, "group", 16)])
@@ -363,7 +363,7 @@ def test_the_qat_method_is_the_qat_model_whatever_the_generators_targets(tmp_pat
         spec.name: {run: [f.replace("ckpt_", "qat_") for f in files] for run, files in runs.items()}
     }
     task = {**runs, "qat": qat, "task": {"dataset": "digits"}}
-    write_json(collect_dir / "manifest.json", {"archs": {"vit": {"tasks": {"full": task}}}})
+    write_manifest(collect_dir, {"archs": {"vit": {"tasks": {"full": task}}}})
     exp = Experiment(P, profiles.Paths.of("smoke", tmp_path))
     ckpt = exp.collected.splits("vit", "full")["heldout_run"][1]
     for source in ("ptq", "qat"):
@@ -514,8 +514,8 @@ def test_a_generator_on_qat_targets_is_retrained_when_a_target_changes(tmp_path,
                 spec,
                 {"model": spec_model.to_dict()},
             )
-    write_json(
-        collect_dir / "manifest.json",
+    write_manifest(
+        collect_dir,
         {
             "archs": {
                 "vit": {"tasks": {"full": {**runs, "qat": qat, "task": {"dataset": "digits"}}}}
