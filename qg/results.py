@@ -29,6 +29,7 @@ of a new run's."""
 ABLATIONS = ("padding", "head", "backbone", "token_size")
 SECTIONS = (
     ("Table 1: Gen against PTQ", "table1", findings.table1_findings),
+    ("QwT on top of PTQ, HQQ and Gen", "qwt", findings.qwt_findings),
     ("Amortized QAT", "amortized_qat", findings.amortized_findings),
     *(
         (
@@ -38,6 +39,7 @@ SECTIONS = (
         )
         for f in ABLATIONS
     ),
+    ("RPG's whole-model samples", "rpg", findings.rpg_findings),
     ("RPG on unseen binary tasks", "rpg_binary", findings.binary_findings),
     ("File sizes", "sizes", findings.size_findings),
 )

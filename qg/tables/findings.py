@@ -16,6 +16,7 @@ import math
 import pandas as pd
 from scipy import stats
 
+from .. import methods
 from ..core.report import SPLIT_LABELS
 
 HELD = "heldout_run"  # the split every claim is made on; the paper's protocol is `trained`
@@ -89,6 +90,33 @@ def table1_findings(tidy: pd.DataFrame) -> list[str]:
             + "; ".join(f"{_where(r)} {_said(r)}" for _, r in losses.iterrows())
         )
     return lines
+
+
+def qwt_findings(tidy: pd.DataFrame) -> list[str]:
+    """QwT on the held-out run: what it adds to PTQ, HQQ and Gen, and Gen + QwT against PTQ + QwT
+    (both calibrated), over the cells where it was fitted."""
+    held = tidy[tidy.split == HELD]
+    return [
+        f"{methods.label(m)}: {tally(d)} of {len(d)} cells; {_extremes(d)}"
+        for m in ("ptq+qwt-ptq", "hqq+qwt-hqq", "gen+qwt-gen", "gen+qwt-ptq+qwt")
+        for d in [held[held.method == m]]
+        if len(d)
+    ]
+
+
+def rpg_findings(tidy: pd.DataFrame) -> list[str]:
+    """RPG's whole-model samples against its training checkpoints, the held-out run and the two
+    cheap baselines: mean and best accuracy, and distance to the nearest training checkpoint."""
+    stats = tidy.pivot_table(index=["arch", "kind"], columns="metric", values="value")
+    return [
+        f"{arch}: "
+        + "; ".join(
+            f"{kind} mean {r['mean']:.2f} % (best {r['best']:.2f}), "
+            f"{r['to_nearest_train']:.4f} from the nearest training ckpt"
+            for kind, r in g.droplevel("arch").iterrows()
+        )
+        for arch, g in stats.groupby(level="arch", sort=False)
+    ]
 
 
 def amortized_findings(tidy: pd.DataFrame) -> list[str]:
