@@ -92,6 +92,39 @@ def table1_findings(tidy: pd.DataFrame) -> list[str]:
     return lines
 
 
+def fidelity_findings(tidy: pd.DataFrame) -> list[str]:
+    """How close our generator's codes are to its target's on the held-out run, per bit-width
+    (mean and worst layer, in quantization steps), and whether it follows its input (the smallest
+    sensitivity and alignment over the moving layers)."""
+    ours = tidy[tidy.variant.isna() | (tidy.variant == "")] if "variant" in tidy else tidy
+    by_bits = ours.groupby(["bits", "metric"]).value
+    lo, hi = by_bits.min().unstack(), by_bits.max().unstack()
+    return [
+        f"{int(b)}-bit (over the pairs and granularities): codes equal to the target's "
+        f"{lo.codes_equal[b]:.1%} to {hi.codes_equal[b]:.1%}; mean code error up to "
+        f"{hi.code_mae[b]:.3f} steps, worst layer up to {hi.code_mae_worst[b]:.2f}; input "
+        f"sensitivity at least {lo.sensitivity_min[b]:.2f}, alignment at least "
+        f"{lo.alignment_min[b]:.2f}"
+        for b in lo.index
+    ]
+
+
+def convergence_findings(tidy: pd.DataFrame) -> list[str]:
+    """02_train's variants on the held-out run: each one's Gen − PTQ and worst-layer code error,
+    per (arch, task)."""
+    wide = tidy.pivot_table(
+        index=["arch", "task", "variant"], columns="metric", values="value", sort=False
+    )
+    return [
+        f"{arch}/{task}, held-out run means: "
+        + "; ".join(
+            f"{v} Gen − PTQ {r['gen_minus_ptq']:+.2f}, worst layer {r['code_mae_worst']:.2f} steps"
+            for v, r in g.droplevel(["arch", "task"]).iterrows()
+        )
+        for (arch, task), g in wide.groupby(level=["arch", "task"], sort=False)
+    ]
+
+
 def qwt_findings(tidy: pd.DataFrame) -> list[str]:
     """QwT on the held-out run: what it adds to PTQ, HQQ and Gen, and Gen + QwT against PTQ + QwT
     (both calibrated), over the cells where it was fitted."""
