@@ -32,6 +32,7 @@ SECTIONS = (
     ("Convergence: budget and head", "convergence", findings.convergence_findings),
     ("Table 1: Gen against PTQ", "table1", findings.table1_findings),
     ("Fidelity of Table 1's generator (held-out run)", "fidelity", findings.fidelity_findings),
+    ("Does Gen follow its input?", "evaluations", findings.following_findings),
     ("QwT on top of PTQ, HQQ and Gen", "qwt", findings.qwt_findings),
     ("Amortized QAT", "amortized_qat", findings.amortized_findings),
     *(

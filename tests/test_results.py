@@ -70,3 +70,20 @@ def test_the_project_readme_headline_is_generated_from_the_cpu_table1():
     assert block == results.headline(ROOT / "results" / "cpu").strip(), (
         "README.md's headline is stale: paste `python -m qg.results --headline`"
     )
+
+
+def test_following_findings_correlate_gen_with_its_inputs_fp32_accuracy():
+    """Gen tracks FP32 exactly on one cell and is constant on the other: the correlation and the
+    constant count say so."""
+    rows = [
+        {"table": "table1", "arch": "vit", "task": task, "bits": 8, "granularity": "group",
+         "split": "heldout_run", "checkpoint": f"c{i}", "method": m, "accuracy": acc}
+        for task, gen in (("full", [80.0, 81.0, 82.0]), ("head", [70.0, 70.0, 70.0]))
+        for i, fp in enumerate([80.0, 81.0, 82.5])
+        for m, acc in (("fp", fp), ("ptq", fp - 0.5), ("gen", gen[i]))
+    ]  # fmt: skip
+    full, head = findings.following_findings(pd.DataFrame(rows))
+    assert full.startswith(
+        "held-out run, full: correlation with the input's FP32 accuracy, Gen median 0.99"
+    )
+    assert head.endswith("Gen's accuracy the same on every checkpoint in 1")

@@ -92,6 +92,37 @@ def table1_findings(tidy: pd.DataFrame) -> list[str]:
     return lines
 
 
+def following_findings(evaluations: pd.DataFrame) -> list[str]:
+    """Does Gen follow its input? Per split and task, over Table 1's cells: the correlation across
+    checkpoints of Gen's accuracy with its input checkpoint's FP32 accuracy (PTQ's beside it), and
+    the cells where Gen's accuracy is the same on every checkpoint while FP32's is not."""
+    keys = ["split", "task", "arch", "bits", "granularity"]
+    t1 = evaluations[
+        (evaluations.table == "table1") & evaluations.method.isin(["fp", "ptq", "gen"])
+    ]
+    wide = t1.pivot_table(index=[*keys, "checkpoint"], columns="method", values="accuracy")
+    cells = wide.groupby(level=keys)
+    per_cell = pd.DataFrame(
+        {
+            "gen": cells.apply(lambda c: c.gen.corr(c.fp)),
+            "ptq": cells.apply(lambda c: c.ptq.corr(c.fp)),
+            "constant": cells.apply(lambda c: c.gen.nunique() == 1 and c.fp.nunique() > 1),
+        }
+    )
+    lines = []
+    splits = set(per_cell.index.get_level_values("split"))
+    for split in [s for s in (HELD, "heldout_ckpt", "trained") if s in splits]:
+        for task, c in per_cell.xs(split, level="split").groupby(level="task"):
+            lines.append(
+                f"{SPLIT_LABELS[split]}, {task}: correlation with the input's FP32 accuracy, Gen "
+                f"median {c.gen.median():.2f} ({c.gen.min():.2f} to {c.gen.max():.2f}), PTQ median "
+                f"{c.ptq.median():.2f} ({c.ptq.min():.2f} to {c.ptq.max():.2f}); Gen's below "
+                f"PTQ's in {int((c.gen < c.ptq).sum())} of {len(c)} cells; Gen's accuracy the "
+                f"same on every checkpoint in {int(c.constant.sum())}"
+            )
+    return lines
+
+
 def fidelity_findings(tidy: pd.DataFrame) -> list[str]:
     """How close our generator's codes are to its target's on the held-out run, per bit-width
     (mean and worst layer, in quantization steps), and whether it follows its input (the smallest
