@@ -125,8 +125,7 @@ def run_and_report(exp: Experiment, factor: str) -> AblationReport:
     fig = ablation_figure(runs, factor)
     report.save_figure(fig, paths.figures / f"ablation_{factor}.png")
     plt.close(fig)
-    written = pd.read_csv(
-        paths.results / f"ablation_{factor}.csv"
-    )  # as the results README reads it
+    # the findings from the CSV just written, as the results README reads them
+    written = pd.read_csv(paths.results / f"ablation_{factor}.csv")
     found = [*ablation_findings(written, factor), paper_ablation_note(factor)]
     return AblationReport(runs, costs, tidy, md, loss, fig, found)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config.blocks import ABLATION_FACTORS
 from .config.profiles import Paths
 from .tables import findings
 
@@ -27,7 +28,6 @@ trained on) is beside it where the paper reports it. Any choice among variants i
 held-out checkpoints, never on the held-out run. The checkpoints of a split come from one run: the
 interval is of their mean, not of a new run's."""
 
-ABLATIONS = ("padding", "head", "backbone", "token_size")
 SECTIONS = (
     ("Convergence: budget and head", "convergence", findings.convergence_findings),
     ("Table 1: Gen against PTQ", "table1", findings.table1_findings),
@@ -41,7 +41,7 @@ SECTIONS = (
             f"ablation_{f}",
             partial(findings.ablation_findings, factor=f),
         )
-        for f in ABLATIONS
+        for f in ABLATION_FACTORS
     ),
     ("RPG's whole-model samples", "rpg", findings.rpg_findings),
     ("RPG on unseen binary tasks", "rpg_binary", findings.binary_findings),

@@ -37,6 +37,8 @@ DATASET_NAMES = " / ".join(DATASET_INFO) + ", or one relabelled: name~labels (qg
 
 Granularity = Literal[GRANULARITIES]
 
+ABLATION_FACTORS = ("padding", "head", "backbone", "token_size")  # notebooks 04-07, in order
+
 
 class Block(BaseModel):
     """A profile section: unknown keys are errors, values are validated on assignment too."""
@@ -283,7 +285,7 @@ class Ablation(Block):
     task: str = Field(description="task")
     bits: list[Bits] = Field(description="bit-widths")
     granularity: Granularity = Field(description="granularity")
-    per_factor: dict[Literal["padding", "head", "backbone", "token_size"], AblationSetup] = Field(
+    per_factor: dict[Literal[ABLATION_FACTORS], AblationSetup] = Field(
         default_factory=dict,
         description="factor -> another setup (the paper: token size on ViT-Base)",
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..core.io import ROOT, claim_cache, params_key, read_json
-from .blocks import AblationSetup, Selection
+from .blocks import ABLATION_FACTORS, AblationSetup, Selection
 from .schema import Profile, validated
 
 # What 01_collect makes from: overriding these would change the checkpoints under the shared cache's
@@ -208,7 +208,7 @@ def profile_problems(profile: Profile) -> list[str]:
 def ablation_factors(profile: Profile) -> list[str]:
     """The factors the profile ablates (the `ablation` block's variant tables that are set)."""
     a = profile.ablation
-    return [f for f in ("padding", "head", "backbone", "token_size") if getattr(a, f) is not None]
+    return [f for f in ABLATION_FACTORS if getattr(a, f) is not None]
 
 
 def _rpg_problems(rpg, archs: list[str], collected: list[tuple[str, str]]) -> list[str]:

@@ -44,9 +44,16 @@ def claim(mean: float, std: float, n: int) -> str:
     return f"{mean:+.2f} ({ci}n = {int(n)}; {verdict(mean, std, n)})"
 
 
+def verdicts(diffs: pd.DataFrame) -> pd.Series:
+    """`verdict` of each row with value, std and n."""
+    return pd.Series(
+        [verdict(*r) for r in zip(diffs.value, diffs["std"], diffs.n)], index=diffs.index
+    )
+
+
 def tally(diffs: pd.DataFrame) -> str:
     """`3 wins, 10 ties, 3 losses` over rows with value, std and n."""
-    counts = pd.Series([verdict(*r) for r in zip(diffs.value, diffs["std"], diffs.n)])
+    counts = verdicts(diffs)
     plural = {"win": "wins", "tie": "ties", "loss": "losses"}
     return ", ".join(
         f"{k} {v if k == 1 else plural[v]}" for v in plural for k in [int((counts == v).sum())]
@@ -83,7 +90,7 @@ def table1_findings(tidy: pd.DataFrame) -> list[str]:
                     f"cells; {_extremes(part)}"
                 )
     held = diffs[diffs.split == HELD]
-    losses = held[[verdict(*r) == "loss" for r in zip(held.value, held["std"], held.n)]]
+    losses = held[verdicts(held) == "loss"]
     if len(losses):
         lines.append(
             f"Losses on the {SPLIT_LABELS[HELD]}: "
@@ -256,7 +263,7 @@ def headline(tidy: pd.DataFrame) -> pd.DataFrame:
     bit-width: mean and verdict, e.g. `+0.06 (tie)`."""
     d = tidy[(tidy.method == "gen-ptq") & (tidy.split == HELD) & (tidy.granularity == "group")]
     d = d.assign(
-        cell=[f"{v:+.2f} ({verdict(v, s, n)})" for v, s, n in zip(d.value, d["std"], d.n)],
+        cell=[f"{v:+.2f} ({w})" for v, w in zip(d.value, verdicts(d))],
         model=d.arch + " / " + d.task,
     )
     wide = d.pivot_table(index="model", columns="bits", values="cell", aggfunc="first")
