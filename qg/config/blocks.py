@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from .. import methods
-from ..generator.diffusion import SAMPLERS
+from ..generator.diffusion import PREDICTIONS, SAMPLERS
 from ..generator.loss import LOSS_WEIGHTINGS
 from ..generator.model import HEADS, MIXERS, SKIPS, GeneratorConfig
 from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
@@ -20,10 +20,20 @@ from ..quant.quantizer import GRANULARITIES, SCHEMES, QuantSpec
 from ..targets.names import IN_MEMORY, check_name
 from ..targets.sources import DATASET_INFO
 
-Bits = Annotated[int, Field(ge=2, le=8)]
+
+def _whole(value):
+    """A count written as a float (40.0) is refused here, with its fix, rather than passed on as
+    written to crash a notebook (`Profile.set_in` hands the file's own values to the code)."""
+    if isinstance(value, float):
+        raise ValueError(f"a count is an integer: write {value:g} without a decimal point")
+    return value
 
 
-Positive = Annotated[int, Field(ge=1)]
+Count = BeforeValidator(_whole)
+Bits = Annotated[int, Count, Field(ge=2, le=8)]
+
+
+Positive = Annotated[int, Count, Field(ge=1)]
 
 
 Rate = Annotated[float, Field(gt=0)]
@@ -95,6 +105,9 @@ class DiffusionBlock(Block):
     channels: list[Positive] | None = Field(None, description="denoiser conv channels")
     kernel_size: Positive | None = Field(None, description="denoiser conv kernel")
     time_dim: Positive | None = Field(None, description="timestep embedding width")
+    prediction: Literal[PREDICTIONS] = Field(
+        "eps", description="denoiser output: the noise (RPG's) or the clean token"
+    )
 
 
 class GeneratorBlock(Block):
@@ -141,7 +154,7 @@ class TrainBlock(Block):
     batch_size: Positive = Field(_T.batch_size, description="checkpoints per step")
     lr: Rate = Field(_T.lr, description="AdamW peak learning rate (cosine decay)")
     weight_decay: float = Field(_T.weight_decay, ge=0, description="AdamW weight decay")
-    warmup: int = Field(_T.warmup, ge=0, description="linear warm-up steps")
+    warmup: Annotated[int, Count] = Field(_T.warmup, ge=0, description="linear warm-up steps")
     grad_clip: Rate = Field(_T.grad_clip, description="gradient-norm clip")
     mask_padding: bool = Field(_T.mask_padding, description="no loss on padding")
     ckpt_every: Positive = Field(
@@ -178,7 +191,7 @@ class Checkpoints(Block):
     """The checkpoints 01_collect saves per (arch, task) and how they are split."""
 
     n: Positive = Field(description="checkpoints of run A (the last epoch)")
-    heldout_every: Annotated[int, Field(ge=2)] = Field(
+    heldout_every: Annotated[int, Count, Field(ge=2)] = Field(
         description="every k-th checkpoint of run A is held out"
     )
     heldout_run: Positive = Field(description="checkpoints of run B (another seed), all held out")

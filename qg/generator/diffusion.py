@@ -5,12 +5,14 @@ output at each position is a *condition* for a diffusion model that generates th
 Every token is denoised independently by the same network, so the head sees (N, token_size) rows,
 N = batch x positions.
 
-    ConvDenoiser   eps_theta(x_t, t, cond): a 1D conv encoder-decoder over the token (a 1-channel
+    ConvDenoiser   f_theta(x_t, t, cond): a 1D conv encoder-decoder over the token (a 1-channel
                    signal of length token_size), channels 1-32-64-128-64-32-1, kernel 7, additive
-                   skips; the condition is added to the feature map before every conv, as in RPG
-    DiffusionHead  DDPM (linear betas 1e-4..0.02, T=1000, epsilon prediction): `loss` on a random
-                   subset of token positions per step (RPG's "diffusion batch"), `sample` by DDPM or
-                   DDIM
+                   skips; before every conv the condition is added and the timestep's embedding
+                   multiplies, RPG's `(x + c) * t`
+    DiffusionHead  DDPM (linear betas 1e-4..0.02, T=1000) predicting the noise (RPG's) or the clean
+                   token (`prediction: x0`, which 10_rpg's overfit test needs at our budget): `loss`
+                   on a random subset of token positions per step (RPG's "diffusion batch"),
+                   `sample` by DDPM or DDIM
 
 Randomness always comes from an optional torch.Generator, which may live on another device than the
 head (training draws from CPU generators), so a seeded run is reproducible on any device.
@@ -24,6 +26,7 @@ import torch
 import torch.nn as nn
 
 SAMPLERS = ("ddpm", "ddim")
+PREDICTIONS = ("eps", "x0")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -58,17 +61,17 @@ def _randperm(n: int, rng: torch.Generator | None, device: torch.device) -> torc
 
 
 class _ConvLayer(nn.Module):
-    """One denoiser layer: add the condition (along the length) and the timestep (per channel), then
-    conv -> BatchNorm -> ELU (the last layer, which outputs the noise, stays linear)."""
+    """One denoiser layer: add the condition and scale by the timestep's embedding (both along the
+    length, RPG's `(x + c) * t`), then conv -> BatchNorm -> ELU (the last layer, which outputs the
+    noise, stays linear)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, time_dim: int, last: bool):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, last: bool):
         super().__init__()
-        self.time = nn.Linear(time_dim, c_in)
         self.conv = nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2)
         self.post = nn.Identity() if last else nn.Sequential(nn.BatchNorm1d(c_out), nn.ELU())
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.post(self.conv(h + cond[:, None, :] + self.time(temb)[:, :, None]))
+        return self.post(self.conv((h + cond[:, None, :]) * temb[:, None, :]))
 
 
 class ConvDenoiser(nn.Module):
@@ -78,9 +81,9 @@ class ConvDenoiser(nn.Module):
     downsampling, as in RPG), so any token_size works. `channels` must be a palindrome from 1 to 1:
     the first half encodes, the second half decodes, and each decoder layer's input gets the encoder
     activation of the same width added (RPG's skips). The condition is projected by one Linear to a
-    length-token_size signal that is added to every channel of every layer's input (RPG); the
-    sinusoidal timestep embedding goes through an MLP and a per-layer Linear to a per-channel shift,
-    added to every layer's input as well.
+    length-token_size signal that is added to every channel of every layer's input; the sinusoidal
+    timestep embedding goes through an MLP to another length-token_size signal that multiplies it
+    (RPG's `ConditionalUNet`: `(x + c) * t`), so the timestep can scale what each layer passes on.
     """
 
     def __init__(
@@ -106,12 +109,11 @@ class ConvDenoiser(nn.Module):
         self.token_size, self.time_dim = token_size, time_dim
         self.cond_proj = nn.Linear(cond_dim, token_size)
         self.time_mlp = nn.Sequential(
-            nn.Linear(time_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+            nn.Linear(time_dim, token_size), nn.SiLU(), nn.Linear(token_size, token_size)
         )
         n = len(channels) - 1
         self.layers = nn.ModuleList(
-            _ConvLayer(channels[i], channels[i + 1], kernel_size, time_dim, last=i == n - 1)
-            for i in range(n)
+            _ConvLayer(channels[i], channels[i + 1], kernel_size, last=i == n - 1) for i in range(n)
         )
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -139,6 +141,8 @@ class DiffusionHead(nn.Module):
         size", which saves memory on long sequences); None trains on every position.
     sampler, sample_steps: how `sample` runs by default: "ddpm" over all n_steps (RPG's default
         solver), or "ddim" with `sample_steps` evenly spaced steps (RPG-Large: DDIM, 60 steps).
+    prediction: what the denoiser outputs and the loss compares: "eps", the noise (RPG's), or "x0",
+        the clean token (the same sampler, with eps derived from it).
     """
 
     def __init__(
@@ -154,9 +158,13 @@ class DiffusionHead(nn.Module):
         diffusion_batch: int | None = None,
         sampler: str = "ddpm",
         sample_steps: int | None = None,
+        prediction: str = "eps",
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.token_size, self.n_steps, self.diffusion_batch = token_size, n_steps, diffusion_batch
+        self.prediction = prediction
         self._check_sampler(sampler, sample_steps)
         self.sampler, self.sample_steps = sampler, sample_steps
         self.net = ConvDenoiser(token_size, cond_dim, channels, kernel_size, time_dim)
@@ -210,8 +218,20 @@ class DiffusionHead(nn.Module):
         if w is not None:
             w = w[idx]
             x0 = torch.where(w > 0, x0, torch.zeros_like(x0))
-        err = (self.net(self.q_sample(x0, t, noise), t, cond) - noise) ** 2
+        truth = noise if self.prediction == "eps" else x0
+        err = (self.net(self.q_sample(x0, t, noise), t, cond) - truth) ** 2
         return err.mean() if w is None else (err * w).sum() / w.sum().clamp_min(1)
+
+    def predict(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) that the denoiser sees in x at timesteps t: one is its output, the other
+        follows from x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+        abar = self.alphas_cumprod[t][:, None]
+        out = self.net(x, t, cond)
+        if self.prediction == "eps":
+            return (x - (1 - abar).sqrt() * out) / abar.sqrt(), out
+        return out, (x - abar.sqrt() * out) / (1 - abar).sqrt()
 
     @staticmethod
     def _pick_tokens(
@@ -272,7 +292,7 @@ class DiffusionHead(nn.Module):
         for step in reversed(range(self.n_steps)):
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
             beta = self.betas[step]
-            eps = self.net(x, t, cond)
+            eps = self.predict(x, t, cond)[1]
             x = (x - beta / (1 - abar[step]).sqrt() * eps) / (1 - beta).sqrt()
             if step > 0:
                 var = beta * (1 - abar[step - 1]) / (1 - abar[step])
@@ -294,10 +314,8 @@ class DiffusionHead(nn.Module):
         for i, step in enumerate(ts):
             abar = self.alphas_cumprod[step]
             abar_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else one
-            eps = self.net(
-                x, torch.full((x.shape[0],), step, device=x.device, dtype=torch.long), cond
-            )
-            x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+            x0, eps = self.predict(x, t, cond)
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
             x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).sqrt() * eps
             if eta > 0:

@@ -274,13 +274,27 @@ class Generator(nn.Module):
                 f"got {tuple(tokens.shape)}: the checkpoint's tokenizer layout differs from the "
                 "generator's"
             )
-        x = (tokens if self.cfg.fp_input else torch.zeros_like(tokens)) + self.pos_emb
+        if self.cond_proj is not None and onehot is None:
+            raise ValueError(
+                "this generator is conditional "
+                f"({self.cfg.conditions or f'{self.cfg.cond_bits} bits'}); pass a condition"
+            )
+        if not self.cfg.fp_input:  # RPG mode: the body's output depends on the condition alone
+            return self._rpg_features(tokens.shape[0], onehot)
+        return self._body(tokens + self.pos_emb, onehot)
+
+    def _rpg_features(self, batch: int, onehot: torch.Tensor | None) -> torch.Tensor:
+        """RPG mode's body output: one pass per distinct condition (the input is only the position
+        embedding), shared by every example that has it."""
+        if onehot is None:
+            return self._body(self.pos_emb[None], None).expand(batch, -1, -1)
+        rows, which = torch.unique(onehot, dim=0, return_inverse=True)
+        return self._body(self.pos_emb[None].expand(len(rows), -1, -1), rows)[which]
+
+    def _body(self, x: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
+        """Condition embedding, sequence blocks and final norm over input x (batch, n_tokens,
+        token_size)."""
         if self.cond_proj is not None:
-            if onehot is None:
-                raise ValueError(
-                    "this generator is conditional "
-                    f"({self.cfg.conditions or f'{self.cfg.cond_bits} bits'}); pass a condition"
-                )
             x = x + self.cond_proj(onehot)[:, None, :]
         x = self.proj_in(x)
         for block in self.blocks:

@@ -13,8 +13,8 @@ diffusion head, which samples that position's token of full-precision weights (R
              the head is trained, as in RPG Sec. 4) is kept by the tokenizer, not generated
     body     `qg.generator.model.Generator` in RPG mode (`fp_input: false`): Mamba-2 blocks over
              position embedding (+ Linear(condition vector))
-    head     `qg.generator.diffusion.DiffusionHead`: a 1D conv denoiser per token, DDPM-trained,
-             sampled by DDPM/DDIM
+    head     `qg.generator.diffusion.DiffusionHead`: a 1D conv denoiser per token, DDPM-trained
+             (predicting the noise, RPG's, or the clean token), sampled by DDPM/DDIM
 
     ParamTokenizer   checkpoints <-> token sequences (every tensor, not only the quantized layers)
     RPG              a trained RPG with its tokenizer: `fit`, `sample`, `save`, `load`
@@ -279,6 +279,46 @@ class RPG(GeneratorDirectory):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         return [self.sample_one(i, condition, seed) for i in range(n)]
+
+    @torch.no_grad()
+    def denoising_error(
+        self,
+        sd: dict,
+        timesteps: list[int] | None = None,
+        condition: str | None = None,
+        seed: int = 0,
+    ) -> list[dict]:
+        """How well the head recovers checkpoint `sd` from its noised tokens at each timestep
+        (default: 0, 1 %, 5 %, 20 %, 50 % and the last of the head's steps): the mean squared error
+        of the predicted clean token (x0) and of the predicted noise, in normalised units over real
+        values, with the body's condition and with it zeroed (does the recurrent body's output
+        reach the head?). One seeded noise draw per timestep."""
+        n_steps = self.model.diffusion.n_steps
+        if timesteps is None:
+            timesteps = sorted({int(f * (n_steps - 1)) for f in (0, 0.01, 0.05, 0.2, 0.5, 1)})
+        if not all(0 <= t < n_steps for t in timesteps):
+            raise ValueError(f"timesteps must lie in [0, {n_steps}), got {timesteps}")
+        self.model.eval()
+        device = self.model.pos_emb.device
+        x0 = self.tokenizer.encode(sd).to(device)
+        mask = self.tokenizer.mask().to(device)
+        feats = self.model.features(x0[None], self.model.condition_vector(condition))[0]
+        head, rng, rows = self.model.diffusion, torch.Generator().manual_seed(seed), []
+        for t in timesteps:
+            noise = torch.randn(x0.shape, generator=rng).to(device)
+            tt = torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long)
+            x_t = head.q_sample(x0, tt, noise)
+            for body, cond in (("condition", feats), ("zeroed", torch.zeros_like(feats))):
+                x0_hat, eps_hat = head.predict(x_t, tt, cond)
+                rows.append(
+                    {
+                        "t": int(t),
+                        "body": body,
+                        "x0_mse": float(((x0_hat - x0) ** 2)[mask].mean()),
+                        "eps_mse": float(((eps_hat - noise) ** 2)[mask].mean()),
+                    }
+                )
+        return rows
 
     @torch.no_grad()
     def sample_one(

@@ -71,24 +71,27 @@ def rpg_config(profile: Profile) -> dict:
     }
 
 
-def _training(exp: Experiment, arch: str) -> list[Path]:
-    return exp.collected.splits(arch, rpg_config(exp.profile)["task"])["trained"]
+def training_checkpoints(exp: Experiment, arch: str, first: int | None = None) -> list[Path]:
+    """Run A's training checkpoints of `arch` (the `first` of them, for the overfit test)."""
+    return exp.collected.splits(arch, rpg_config(exp.profile)["task"])["trained"][:first]
 
 
-def rpg_dir(exp: Experiment, arch: str) -> Path:
+def rpg_dir(exp: Experiment, arch: str, first: int | None = None) -> Path:
     """Where the RPG of `arch` lives, named by everything that determines it."""
     conf = rpg_config(exp.profile)
     params = {k: conf[k] for k in ("task", "token_size", "generator", "train")}
     params.update(
-        seed=exp.profile.seed, data=[exp.collected.relative(p) for p in _training(exp, arch)]
+        seed=exp.profile.seed,
+        data=[exp.collected.relative(p) for p in training_checkpoints(exp, arch, first)],
     )
     return exp.paths.artifacts / "rpg" / f"{arch}-{conf['task']}-{params_key(params)}"
 
 
-def trained_rpg(exp: Experiment, arch: str) -> RPG:
-    """RPG trained on the training checkpoints of `arch`: read back when cached, trained (resumably)
-    when not."""
-    out, ckpts, conf = rpg_dir(exp, arch), _training(exp, arch), rpg_config(exp.profile)
+def trained_rpg(exp: Experiment, arch: str, first: int | None = None) -> RPG:
+    """RPG trained on the training checkpoints of `arch` (only the `first` of them, for the
+    overfit test): read back when cached, trained (resumably) when not."""
+    out, ckpts = rpg_dir(exp, arch, first), training_checkpoints(exp, arch, first)
+    conf = rpg_config(exp.profile)
     inputs = {exp.collected.relative(p): content_digest(p) for p in ckpts}
     marker = out / "inputs.json"
     if marker.is_file() and read_json(marker) != inputs:
@@ -120,7 +123,7 @@ def trained_rpg(exp: Experiment, arch: str) -> RPG:
 def model_files(exp: Experiment, arch: str) -> dict[str, list[Path]]:
     """Every model of the study as a checkpoint file, by kind (`KINDS`)."""
     conf, seed = rpg_config(exp.profile), exp.profile.seed
-    train, n = _training(exp, arch), conf["samples"]
+    train, n = training_checkpoints(exp, arch), conf["samples"]
     splits = exp.collected.splits(arch, conf["task"])
     spec = load_checkpoint(train[0])[1]
     rpg, out = trained_rpg(exp, arch), rpg_dir(exp, arch)
@@ -197,6 +200,28 @@ def _averaged(train: list[Path], k: int, seed: int, collected) -> tuple[dict, li
         {name: torch.stack([sd[name] for sd in sds]).mean(0) for name in sds[0]},
         [collected.relative(p) for p in chosen],
     )
+
+
+def tensor_stats(files: dict[str, list[Path]], kinds=("original", "generated")) -> pd.DataFrame:
+    """Per tensor and model: the mean, std and norm of its values, for the models of `kinds`
+    (do samples have the checkpoints' scale, layer by layer?)."""
+    rows = []
+    for kind in kinds:
+        for path in files[kind]:
+            for name, v in load_checkpoint(path)[0].items():
+                if v.is_floating_point() and v.numel() > 1:
+                    v = v.double()
+                    rows.append(
+                        {
+                            "kind": kind,
+                            "model": path.stem,
+                            "tensor": name,
+                            "mean": float(v.mean()),
+                            "std": float(v.std()),
+                            "norm": float(v.norm()),
+                        }
+                    )
+    return pd.DataFrame(rows)
 
 
 def rpg_rows(exp: Experiment, arch: str) -> pd.DataFrame:

@@ -311,3 +311,24 @@ def binary_figure(rows: pd.DataFrame):
     axes[1].grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
+
+
+def tensor_stats_figure(stats: pd.DataFrame):
+    """Each tensor's std and mean in RPG's samples against the training checkpoints' (medians over
+    the models of each kind): on the diagonal where the samples have the checkpoints' scale."""
+    per = stats.groupby(["tensor", "kind"])[["mean", "std"]].median().unstack("kind")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, what in zip(axes, ("std", "mean")):
+        x, y = per[what]["original"], per[what]["generated"]
+        ax.scatter(x, y, s=14, alpha=0.7)
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="samples = checkpoints")
+        if what == "std":
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel(f"{what} of a tensor, training checkpoints")
+        ax.set_ylabel(f"{what} of the tensor, RPG samples")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle("RPG's samples against its training checkpoints, tensor by tensor")
+    fig.tight_layout()
+    return fig

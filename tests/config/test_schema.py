@@ -90,6 +90,9 @@ def _smoke_with(tmp_path, edit):
         (lambda p: p["quant"].update(group_size=0), r"quant\.group_size"),
         (lambda p: p["table1"].update(bits=[8, 9]), r"table1\.bits\.1: .*less than or equal to 8"),
         (lambda p: p["train"].update(steps="forty"), r"train\.steps: .*valid integer"),
+        # a float count would reach the code as written (Profile.set_in) and crash there
+        (lambda p: p["train"].update(steps=40.0), r"train\.steps: .*write 40 without a decimal"),
+        (lambda p: p["eval"].update(test_subset=500.0), r"eval\.test_subset: .*write 500"),
         (lambda p: p["generator"].update(backbone="gru"), r"generator\.backbone"),
         (lambda p: p.pop("eval"), r"eval: missing"),
         # the rule spanning two blocks, for the profile's blocks and an architecture's own

@@ -145,3 +145,18 @@ def test_tiny_head_overfits_four_tokens():
     # which target each sample lands on
     nearest = torch.cdist(out, x0.expand(draws, -1, -1)).argmin(-1)
     assert (nearest == torch.arange(4)).float().mean() >= 0.9, nearest
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_predict_returns_a_consistent_x0_and_noise(prediction):
+    head = small_head(prediction=prediction)
+    x, cond = torch.randn(6, head.token_size), torch.randn(6, 12)
+    t = torch.tensor([0, 3, 7, 11, 15, 19])
+    x0, eps = head.predict(x, t, cond)
+    abar = head.alphas_cumprod[t][:, None]
+    assert torch.allclose(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, x, atol=1e-4)
+
+
+def test_an_unknown_prediction_is_refused():
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        small_head(prediction="v")
