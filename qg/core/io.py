@@ -160,9 +160,11 @@ def cached(path: str | os.PathLike, make, inputs: dict[str, str] | None = None, 
 
 HASH_SUFFIX = ".sha256"
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """The cache's rules: format 2 records every file's hash and inputs beside it and trusts nothing
-else. Format 1 (before 2026-12) adopted unhashed files; such a cache is set aside, not mixed in."""
+else. Format 1 (before 2026-12) adopted unhashed files; such a cache is set aside, not mixed in.
+Format 3 (issue 30): the diffusion denoiser's timestep embedding changed shape, so a diffusion-head
+generator or RPG of format 2 does not load; its cache is set aside like format 1's."""
 
 FORMAT_FILE = "cache-format"
 
