@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import methods
 from ..generator.diffusion import PREDICTIONS, SAMPLERS
@@ -16,36 +16,9 @@ from ..generator.model import HEADS, MIXERS, SKIPS, GeneratorConfig
 from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
 from ..generator.train import TrainConfig
 from ..quant import qwt
-from ..quant.quantizer import GRANULARITIES, SCHEMES, QuantSpec
-from ..targets.names import IN_MEMORY, check_name
-from ..targets.sources import DATASET_INFO
-
-
-def _whole(value):
-    """A count written as a float (40.0) is refused here, with its fix, rather than passed on as
-    written to crash a notebook (`Profile.set_in` hands the file's own values to the code)."""
-    if isinstance(value, float):
-        raise ValueError(f"a count is an integer: write {value:g} without a decimal point")
-    return value
-
-
-Count = BeforeValidator(_whole)
-Bits = Annotated[int, Count, Field(ge=2, le=8)]
-
-
-Positive = Annotated[int, Count, Field(ge=1)]
-
-
-Rate = Annotated[float, Field(gt=0)]
-
-
-# one of DATASET_INFO, or one relabelled (fashion_mnist~01234-----: a class split); a wrong name
-# is refused with the valid names and the relabelling rule
-Dataset = Annotated[str, AfterValidator(check_name)]
-DATASET_NAMES = " / ".join(DATASET_INFO) + ", or one relabelled: name~labels (qg.targets.names)"
-
-
-Granularity = Literal[GRANULARITIES]
+from ..quant.quantizer import SCHEMES, QuantSpec
+from ..targets.names import IN_MEMORY
+from .fields import DATASET_NAMES, Bits, Count, Dataset, Granularity, Positive, Rate
 
 ABLATION_FACTORS = ("padding", "head", "backbone", "token_size")  # notebooks 04-07, in order
 

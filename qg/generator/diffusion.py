@@ -63,7 +63,7 @@ def _randperm(n: int, rng: torch.Generator | None, device: torch.device) -> torc
 class _ConvLayer(nn.Module):
     """One denoiser layer: add the condition and scale by the timestep's embedding (both along the
     length, RPG's `(x + c) * t`), then conv -> BatchNorm -> ELU (the last layer, which outputs the
-    noise, stays linear)."""
+    prediction, stays linear)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, last: bool):
         super().__init__()
