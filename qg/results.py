@@ -32,9 +32,14 @@ SECTIONS = (
     ("Convergence: budget and head", "convergence", findings.convergence_findings),
     ("Table 1: Gen against PTQ", "table1", findings.table1_findings),
     ("Fidelity of Table 1's generator (held-out run)", "fidelity", findings.fidelity_findings),
-    ("Does Gen follow its input?", "evaluations", findings.following_findings),
+    ("Does Table 1's generator follow its input?", "following", findings.following_findings),
     ("QwT on top of PTQ, HQQ and Gen", "qwt", findings.qwt_findings),
     ("Amortized QAT", "amortized_qat", findings.amortized_findings),
+    (
+        "Do the amortized-QAT generators follow their input?",
+        "following_amortized",
+        findings.following_findings,
+    ),
     *(
         (
             f"Ablation of the {f.replace('_', ' ')}",

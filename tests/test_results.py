@@ -1,6 +1,7 @@
 """The results READMEs are generated from their CSVs: the committed ones are current, and the
 statistics they state (paired 95 % intervals, wins / ties / losses) are what they say."""
 
+import io
 import subprocess
 from pathlib import Path
 
@@ -8,7 +9,9 @@ import pandas as pd
 import pytest
 
 from qg import results
+from qg.config.profiles import load_profile
 from qg.tables import findings
+from qg.tables.fidelity import following_table
 
 ROOT = Path(__file__).resolve().parents[1]
 # the committed ones (results/smoke/ is git-ignored: the tests' own smoke run rewrites it)
@@ -72,18 +75,26 @@ def test_the_project_readme_headline_is_generated_from_the_cpu_table1():
     )
 
 
-def test_following_findings_correlate_gen_with_its_inputs_fp32_accuracy():
-    """Gen tracks FP32 exactly on one cell and is constant on the other: the correlation and the
-    constant count say so."""
+def test_following_table_correlates_gen_with_its_targets_accuracy():
+    """Gen tracks its target exactly on one cell and is constant on the other: the correlation, the
+    cells below 0.9 and the constant count say so, from the table and from its CSV alike."""
     rows = [
-        {"table": "table1", "arch": "vit", "task": task, "bits": 8, "granularity": "group",
-         "split": "heldout_run", "checkpoint": f"c{i}", "method": m, "accuracy": acc}
+        {"arch": "vit", "task": task, "bits": 8, "granularity": "group", "split": "heldout_run",
+         "checkpoint": f"c{i}", "source": "ptq", "variant": "", "condition": "", "method": m,
+         "accuracy": acc}
         for task, gen in (("full", [80.0, 81.0, 82.0]), ("head", [70.0, 70.0, 70.0]))
         for i, fp in enumerate([80.0, 81.0, 82.5])
         for m, acc in (("fp", fp), ("ptq", fp - 0.5), ("gen", gen[i]))
     ]  # fmt: skip
-    full, head = findings.following_findings(pd.DataFrame(rows))
-    assert full.startswith(
-        "held-out run, full: correlation with the input's FP32 accuracy, Gen median 0.99"
+    tidy, md = following_table(pd.DataFrame(rows), load_profile("smoke"), "abc")
+    by = tidy.set_index(["task", "metric"]).value
+    assert by["full", "corr_target"] == pytest.approx(0.9934, abs=1e-4)
+    assert by["head", "constant"] == 1 and by["full", "constant"] == 0
+    assert "corr(Gen, target)" in md
+    full, head = findings.following_findings(tidy)
+    assert full.startswith("held-out run, full, Gen on PTQ targets: correlation with the target's")
+    assert "below 0.9 in 0 of 1 cells" in full
+    assert head.endswith("while the target's varies in 1")
+    assert findings.following_findings(tidy) == findings.following_findings(
+        pd.read_csv(io.StringIO(tidy.to_csv(index=False)))
     )
-    assert head.endswith("Gen's accuracy the same on every checkpoint in 1")

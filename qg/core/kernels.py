@@ -117,12 +117,27 @@ def fingerprint(seed: int = 0) -> dict[str, str]:
             lambda z: F.cross_entropy(z, torch.arange(128) % 10), rand(128, 10)
         ),
     }
-    param = torch.nn.Parameter(torch.randn(96, 48, generator=g))
-    opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.05)
-    for _ in range(3):
-        param.grad = torch.randn(96, 48, generator=g)
-        opt.step()
-    out["adamw"] = digest(param)
+    start, grads = torch.randn(96, 48, generator=g), torch.randn(3, 96, 48, generator=g)
+    for name, options in (
+        ("adamw", {}),  # torch's default: the foreach implementation
+        ("adamw (single tensor)", {"foreach": False}),
+        ("adamw (fused)", {"fused": True}),
+    ):
+        param = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.05, **options)
+        for grad in grads:
+            param.grad = grad.clone()
+            opt.step()
+        out[name] = digest(param)
+    # the element-wise ops AdamW's step is made of, alone (a vendor difference in `adamw` names one)
+    a, c = torch.randn(96, 48, generator=g), torch.rand(96, 48, generator=g) + 0.1
+    out |= {
+        "sqrt": digest(c.sqrt()),
+        "lerp": digest(a.lerp(c, 0.1)),
+        "addcmul": digest(a.addcmul(c, c, value=0.001)),
+        "addcdiv": digest(a.addcdiv(a, c.sqrt().add(1e-8), value=-1e-3)),
+        "pow": digest(c.pow(0.999)),
+    }
     return out
 
 

@@ -23,7 +23,7 @@ from ..quant.quantizer import QuantSpec
 from ..targets.models import build_from, load_checkpoint, predict, progress, top1
 from ..targets.runtime import latency, load_runtime, max_logit_difference, weight_bytes
 from .experiments import Experiment, evenly_spaced
-from .fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
+from .fidelity import distances, error_iou, layer_fidelity, nearest_distances, sensitivity
 from .settings import SPLITS, Setting, ablation_settings
 
 
@@ -256,6 +256,46 @@ def _nearest(scorer, generated, targets, train_files, ckpts) -> list[dict]:
                 }
             )
     return rows
+
+
+def split_distances(exp: Experiment, arch: str, task: str) -> pd.DataFrame:
+    """How new each split's inputs are: per evaluated checkpoint of every split, the distance of its
+    FP32 weights to the nearest training checkpoint (another one, for a training checkpoint), in
+    units of `spacing`, the median distance between neighbouring training checkpoints. About 1:
+    as new as a training checkpoint is to its neighbours; far above 1: outside what the generator
+    was trained on."""
+    splits = exp.collected.splits(arch, task)
+    train = [load_checkpoint(p)[0] for p in splits["trained"]]
+    within = distances(train, train)
+    within.fill_diagonal_(float("inf"))
+    spacing = float(within.min(1).values.median())
+    rows = []
+    for split, ckpts in splits.items():
+        ckpts = evenly_spaced(ckpts, exp.profile.eval.per_split)
+        d = distances([load_checkpoint(p)[0] for p in ckpts], train)
+        if split == "trained":  # a training checkpoint's nearest other one
+            d[d == 0] = float("inf")
+        rows += [
+            {
+                "arch": arch,
+                "task": task,
+                "split": split,
+                "checkpoint": c.stem,
+                "to_nearest_train": float(x),
+                "in_spacings": float(x) / spacing,
+            }
+            for c, x in zip(ckpts, d.min(1).values)
+        ]
+    return pd.DataFrame(rows)
+
+
+def split_gap(exp: Experiment, setting: Setting, spec: QuantSpec) -> pd.DataFrame:
+    """`diagnose`'s per-layer fidelity of one generator on every split (no memorisation test):
+    what changes in its codes between the checkpoints it was trained on and a new run's."""
+    return pd.concat(
+        [diagnose(exp, setting, spec, split, memorisation=False)["layers"] for split in SPLITS],
+        ignore_index=True,
+    )
 
 
 def file_costs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
@@ -224,3 +225,111 @@ def amortized_figure(runs: pd.DataFrame, split: str = "heldout_run"):
         y=1.04,
     )
     return grid.figure
+
+
+_GAP_KEYS = ["arch", "task", "source", "variant", "bits"]
+
+
+def gap_table(
+    layers: pd.DataFrame, shift: pd.DataFrame, wide: pd.DataFrame, profile: Profile, commit: str
+) -> tuple[pd.DataFrame, str]:
+    """Why a generator loses on a new run what it keeps on its training checkpoints: per generator
+    and split, its accuracy against its target (`amortized_wide`'s paired difference), its code
+    error against that target (`qg.study.evaluation.split_gap`: mean over layers, and the worst
+    layer's) and how far the split's inputs lie from the training checkpoints
+    (`split_distances`, in training spacings)."""
+    per_layer = layers.groupby([*_GAP_KEYS, "split", "layer"]).code_mae.mean().reset_index()
+    codes = per_layer.groupby([*_GAP_KEYS, "split"]).code_mae.agg(
+        code_err="mean", worst_layer_err="max"
+    )
+    worst = per_layer.loc[per_layer.groupby([*_GAP_KEYS, "split"]).code_mae.idxmax()]
+    codes = codes.join(worst.set_index([*_GAP_KEYS, "split"]).layer.rename("worst_layer"))
+    out = codes.reset_index()
+    keys = ["arch", "task", "bits", "split"]
+    diffs = pd.concat(
+        [
+            (wide[f"Gen {v} ({src.upper()})"] - wide[src.upper()])
+            .groupby([wide[k] for k in keys])
+            .mean()
+            .rename("gen_minus_target")
+            .reset_index()
+            .assign(source=src, variant=v)
+            for src, v in out[["source", "variant"]].drop_duplicates().itertuples(index=False)
+        ]
+    )
+    inputs = shift.groupby(["arch", "task", "split"]).in_spacings.median().rename("input_shift")
+    out = out.merge(diffs, on=[*keys, "source", "variant"], how="left")
+    out = out.join(inputs, on=["arch", "task", "split"])
+    tidy = out.melt(id_vars=[*_GAP_KEYS, "split", "worst_layer"], var_name="metric").assign(
+        table="amortized_gap", method="gen", profile=profile.name, commit=commit
+    )
+    order = {k: i for i, k in enumerate(SPLIT_LABELS)}
+    md = out.sort_values(
+        ["task", "arch", "source", "variant", "bits", "split"],
+        key=lambda c: c.map(order) if c.name == "split" else c,
+        ascending=[True, True, True, True, False, True],
+    ).assign(split=lambda d: d.split.map(SPLIT_LABELS))
+    md = md.rename(
+        columns={
+            "gen_minus_target": "Gen − target",
+            "code_err": "code err",
+            "worst_layer_err": "worst layer err",
+            "worst_layer": "worst layer",
+            "input_shift": "inputs (spacings)",
+        }
+    ).round(3)
+    return tidy, profile_markdown(
+        md[
+            [
+                *_GAP_KEYS,
+                "split",
+                "Gen − target",
+                "code err",
+                "worst layer err",
+                "worst layer",
+                "inputs (spacings)",
+            ]
+        ],
+        "Where amortized QAT loses on a new run: accuracy, codes and inputs by split",
+        profile,
+        [
+            "Per generator trained on QAT or PTQ targets (`source`) and split: `Gen − target` its "
+            "paired top-1 difference from its own target on the same checkpoints (mean); `code "
+            "err` mean |code difference| from the target in quantization steps over layers, "
+            "`worst layer err` the largest layer's (and which); `inputs (spacings)` the median "
+            "distance of the split's FP32 checkpoints to the nearest training checkpoint, in "
+            "units of the median spacing between neighbouring training checkpoints (a training "
+            "checkpoint's own neighbour: about 1).",
+        ],
+    )
+
+
+def gap_figure(layers: pd.DataFrame, tidy: pd.DataFrame):
+    """The QAT-trained generator whose Gen − QAT falls most from its trained-on checkpoints to the
+    held-out run: its code error per layer on each split (mean over checkpoints), beside the same
+    for the generator that falls least, so a reader sees where the new run's errors appear."""
+    diff = tidy[(tidy.metric == "gen_minus_target") & (tidy.source == "qat")].pivot_table(
+        index=_GAP_KEYS, columns="split", values="value"
+    )
+    fall = (diff.trained - diff.heldout_run).sort_values()
+    picked = {"largest fall": fall.index[-1], "smallest fall": fall.index[0]}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.5 + 0.28 * layers.layer.nunique()), sharey=False)
+    for ax, (what, key) in zip(axes, picked.items()):
+        mine = layers.set_index(_GAP_KEYS).loc[key].reset_index()
+        per = mine.groupby(["layer", "split"], sort=False).code_mae.mean().reset_index()
+        sns.barplot(
+            data=per, y="layer", x="code_mae", hue="split", hue_order=list(SPLIT_LABELS), ax=ax
+        )
+        arch, task, source, variant, bits = key
+        ax.set_title(
+            f"{what}: {arch}/{task} {bits}-bit {variant} ({source.upper()} targets)\n"
+            f"Gen − QAT {diff.trained[key]:+.2f} on its trained-on checkpoints, "
+            f"{diff.heldout_run[key]:+.2f} on the held-out run",
+            fontsize=10,
+        )
+        ax.set(xlabel="mean |code error| (quantization steps)", ylabel="")
+        ax.grid(alpha=0.3, axis="x")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, [SPLIT_LABELS[s] for s in labels], fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -99,33 +99,32 @@ def table1_findings(tidy: pd.DataFrame) -> list[str]:
     return lines
 
 
-def following_findings(evaluations: pd.DataFrame) -> list[str]:
-    """Does Gen follow its input? Per split and task, over Table 1's cells: the correlation across
-    checkpoints of Gen's accuracy with its input checkpoint's FP32 accuracy (PTQ's beside it), and
-    the cells where Gen's accuracy is the same on every checkpoint while FP32's is not."""
-    keys = ["split", "task", "arch", "bits", "granularity"]
-    t1 = evaluations[
-        (evaluations.table == "table1") & evaluations.method.isin(["fp", "ptq", "gen"])
-    ]
-    wide = t1.pivot_table(index=[*keys, "checkpoint"], columns="method", values="accuracy")
-    cells = wide.groupby(level=keys)
-    per_cell = pd.DataFrame(
-        {
-            "gen": cells.apply(lambda c: c.gen.corr(c.fp)),
-            "ptq": cells.apply(lambda c: c.ptq.corr(c.fp)),
-            "constant": cells.apply(lambda c: c.gen.nunique() == 1 and c.fp.nunique() > 1),
-        }
-    )
+def following_findings(tidy: pd.DataFrame, floor: float = 0.9) -> list[str]:
+    """Does Gen follow its input? From `following_table`, per split, task and generator: the
+    correlation across checkpoints of Gen's accuracy with its target's (median and range, the
+    target's own with FP32 beside it), the cells below `floor`, and the cells where Gen's accuracy
+    is the same on every checkpoint while the target's is not."""
+    wide = tidy.pivot_table(
+        index=["split", "task", "source", "variant", "arch", "bits", "granularity"],
+        columns="metric",
+        values="value",
+        aggfunc="first",
+        dropna=False,
+    ).reset_index()
+    wide["variant"] = ["" if pd.isna(v) else v for v in wide.variant]
     lines = []
-    splits = set(per_cell.index.get_level_values("split"))
-    for split in [s for s in (HELD, "heldout_ckpt", "trained") if s in splits]:
-        for task, c in per_cell.xs(split, level="split").groupby(level="task"):
+    for split in [s for s in (HELD, "heldout_ckpt", "trained") if s in set(wide.split)]:
+        for (task, source, variant), c in wide[wide.split == split].groupby(
+            ["task", "source", "variant"], sort=False
+        ):
+            gen, ref = c.corr_target.astype(float), c.target_corr_fp.astype(float)
             lines.append(
-                f"{SPLIT_LABELS[split]}, {task}: correlation with the input's FP32 accuracy, Gen "
-                f"median {c.gen.median():.2f} ({c.gen.min():.2f} to {c.gen.max():.2f}), PTQ median "
-                f"{c.ptq.median():.2f} ({c.ptq.min():.2f} to {c.ptq.max():.2f}); Gen's below "
-                f"PTQ's in {int((c.gen < c.ptq).sum())} of {len(c)} cells; Gen's accuracy the "
-                f"same on every checkpoint in {int(c.constant.sum())}"
+                f"{SPLIT_LABELS[split]}, {task}, {variant or 'Gen'} on {source.upper()} targets: "
+                f"correlation with the target's accuracy median {gen.median():.2f} "
+                f"({gen.min():.2f} to {gen.max():.2f}; the target's with FP32 median "
+                f"{ref.median():.2f}); below {floor} in {int((gen < floor).sum())} of "
+                f"{int(gen.notna().sum())} cells; Gen's accuracy the same on every checkpoint "
+                f"while the target's varies in {int(c.constant.sum())}"
             )
     return lines
 
@@ -215,6 +214,72 @@ def amortized_findings(tidy: pd.DataFrame) -> list[str]:
         lines.append(
             "Chosen on run A's held-out checkpoints (never on the held-out run): "
             + ", ".join(f"{a}/{t} {b}-bit {c}" for (a, t, b), c in chosen.items())
+        )
+    return lines
+
+
+def gap_findings(tidy: pd.DataFrame, shown: int = 3, fits: float = -0.2) -> list[str]:
+    """Why the QAT-trained generators lose on a new run (`gap_table`): the `shown` largest falls of
+    Gen − target from the trained-on checkpoints to the held-out run, each with its code error and
+    worst layer on both splits and how far the new run's inputs lie; then what the numbers point
+    to, decided by them: a generator that fits its training split (Gen − target above `fits`) and
+    loses on inputs farther than run A's held-out ones is short of training inputs, not of
+    capacity."""
+    wide = tidy.pivot_table(
+        index=["arch", "task", "source", "variant", "bits", "split"],
+        columns="metric",
+        values="value",
+        aggfunc="first",
+    )
+    worst = tidy.groupby(["arch", "task", "source", "variant", "bits", "split"]).worst_layer.first()
+    wide = wide.join(worst).reset_index()
+    qat = wide[wide.source == "qat"].set_index(["arch", "task", "variant", "bits", "split"])
+    if qat.empty:
+        return []
+    a, b = qat.xs("trained", level="split"), qat.xs(HELD, level="split")
+    ckpt = qat.xs("heldout_ckpt", level="split").input_shift
+    fall = (a.gen_minus_target - b.gen_minus_target).sort_values(ascending=False)
+    lines = []
+    for key in fall.index[:shown]:
+        arch, task, variant, bits = key
+        lines.append(
+            f"{arch}/{task} {bits}-bit {variant} on QAT targets: Gen − QAT "
+            f"{a.gen_minus_target[key]:+.2f} on its trained-on checkpoints, "
+            f"{b.gen_minus_target[key]:+.2f} on the held-out run; code error "
+            f"{a.code_err[key]:.3f} -> {b.code_err[key]:.3f} steps (worst layer "
+            f"{a.worst_layer[key]} {a.worst_layer_err[key]:.2f} -> {b.worst_layer[key]} "
+            f"{b.worst_layer_err[key]:.2f}); the held-out run's inputs "
+            f"{b.input_shift[key]:.1f} training spacings from the nearest training checkpoint, "
+            f"run A's held-out ones {ckpt[key]:.1f}"
+        )
+    key = fall.index[0]
+    far = b.input_shift[key] > 2 * ckpt[key]
+    fitted = a.gen_minus_target[key] > fits
+    grew = b.code_err[key] > a.code_err[key]
+    rise = (b.code_err - a.code_err).corr(fall)
+    lines.append(
+        f"Across the {len(fall)} QAT-trained generators, the fall in Gen − QAT correlates "
+        f"{rise:.2f} with the rise in code error from the trained-on checkpoints to the held-out "
+        "run"
+    )
+    if fitted and far and grew:
+        lines.append(
+            "What the numbers point to, for the largest fall: the generator fits its trained-on "
+            "checkpoints, its codes move away from the target on the new run, and that run's "
+            "inputs lie farther from the training checkpoints than run A's held-out ones: it is "
+            "short of training inputs (targets from more than one run, or inputs augmented to "
+            "cover a run's spread), not of capacity or steps"
+        )
+    elif not fitted:
+        lines.append(
+            "What the numbers point to, for the largest fall: the generator does not fit its "
+            f"trained-on checkpoints either (Gen − QAT below {fits}): capacity or steps first"
+        )
+    else:
+        lines.append(
+            "What the numbers point to, for the largest fall: the new run's inputs are no "
+            "farther than run A's held-out ones (or the codes do not move away): the fall is "
+            "not explained by input shift; the per-layer errors below say where it is"
         )
     return lines
 
