@@ -12,10 +12,12 @@ Three comparisons of the generator, each at every sequence length, and one of th
   kernels   (CUDA with mamba-ssm only) qg's PyTorch Mamba-2 path against mamba-ssm's kernels on the
             same weights: time and the largest output / gradient differences, float32 and bf16;
   runtime   each target model of `--profile` (seeded random weights: size and speed do not depend on
-            training), PTQ group-wise at every bit-width 2..8, loaded packed
-            (`qg.targets.runtime`): resident weight bytes and seconds per batch of `--runtime-batch`
-            images against FP32, and the seconds PTQ and HQQ take to quantize the model
-            (09_real_files measures the trained models, Gen included).
+            training), PTQ group-wise at every bit-width 2..8, and timm's ViT-Tiny/Small/Base at
+            224 px (`--real-sizes`) at 4-bit groups of 64 and 8-bit channels, loaded packed
+            (`qg.targets.runtime`) with every layer dequantized per call and with fused kernels
+            where one exists: resident weight bytes and seconds per batch of each
+            `--runtime-batch` against FP32, and the seconds PTQ and HQQ take to quantize our
+            models (09_real_files measures the trained models, Gen included).
 Ratios are taken within one run on one machine; absolute times depend on the machine and its load.
 Memory: on CUDA the allocator's peak during a step; on CPU the bytes autograd saves for the backward
 pass (the part of training memory that grows with sequence length).
@@ -38,8 +40,15 @@ from .generator.mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequentia
 from .generator.model import Block, GeneratorConfig
 from .generator.train import saved_activation_mb
 from .quant.baselines import quantize_model
+from .quant.quantizer import QuantSpec
 from .targets.models import ModelSpec, build_model, state_dict_of
-from .targets.runtime import latency, median_seconds, quantized_model, weight_bytes
+from .targets.runtime import (
+    QuantizedLayer,
+    latency,
+    median_seconds,
+    quantized_model,
+    weight_bytes,
+)
 
 SECTIONS = ("scan", "backbone", "kernels", "runtime")
 
@@ -140,52 +149,81 @@ def bench_kernels(lengths, batch, d_model, repeats, device) -> list[dict]:
     return rows
 
 
-def bench_runtime(profile_name: str, batch: int, repeats: int) -> list[dict]:
-    """Packed runtime against FP32, per architecture of the profile and bit-width (CPU)."""
+# timm's ViTs at the paper's sizes (random weights: latency and memory depend on the shapes only)
+REAL_SIZES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224")
+PATHS = {False: "dequantize", True: "kernel"}  # `quantized_model(kernels=...)`
+
+
+def _runtime_targets(profile_name: str, real_sizes) -> list[tuple[str, ModelSpec, list, bool]]:
+    """(name, model, specs, time the quantizers?) for the runtime section: each target model of
+    the profile at every group-wise bit-width 2..8, and each of `real_sizes` at the specs a
+    deployment would pick (4-bit groups of 64 and 8-bit channels), where timing HQQ is skipped."""
     profile = load_profile(profile_name)
+    ours = [
+        (
+            name,
+            ModelSpec.from_dict(profile.set_in("archs", name)),
+            [profile.quant.spec(b, "group") for b in range(2, 9)],
+            True,
+        )
+        for name in profile.archs
+    ]
+    deployed = [QuantSpec(4, "group", 64), QuantSpec(8, "channel")]
+    return ours + [(n, ModelSpec(n), deployed, False) for n in real_sizes]
+
+
+def bench_runtime(profile_name: str, batches, repeats: int, real_sizes=REAL_SIZES) -> list[dict]:
+    """Quantized models kept packed against FP32, each layer either dequantized per call or on a
+    fused kernel (`qg.targets.runtime.kernel_for`): forward seconds per batch and resident weight
+    bytes, per model, spec and batch size (CPU)."""
     rows = []
-    for name in profile.archs:
-        model_spec = ModelSpec.from_dict(profile.set_in("archs", name))
+    for name, model_spec, specs, time_quantizers in _runtime_targets(profile_name, real_sizes):
         torch.manual_seed(0)
         fp = build_model(model_spec).eval()
         sd = state_dict_of(fp)
-        x = torch.randn(
-            batch, model_spec.kwargs.get("in_chans", 3), model_spec.img_size, model_spec.img_size
-        )
-        base = {
-            "bench": "runtime",
-            "arch": name,
-            "profile": profile.name,
-            "runtime_batch": batch,
-            "device": _cpu(),
+        inputs = {
+            b: torch.randn(
+                b, model_spec.kwargs.get("in_chans", 3), model_spec.img_size, model_spec.img_size
+            )
+            for b in batches
         }
-        rows.append(
+        base = {"bench": "runtime", "arch": name, "profile": profile_name, "device": _cpu()}
+        rows += [
             {
                 **base,
+                "runtime_batch": b,
                 "case": "fp32",
                 "bits": 32,
                 "seconds": latency(fp, x, repeats),
                 "weight_bytes": weight_bytes(fp),
             }
-        )
-        for bits in range(2, 9):
-            spec = profile.quant.spec(bits, "group")
+            for b, x in inputs.items()
+        ]
+        for spec in specs:
             made, seconds = {}, {}
-            for method in ("ptq", "hqq"):
+            for method in ("ptq", "hqq") if time_quantizers else ("ptq",):
                 start = time.perf_counter()
                 made[method] = quantize_model(sd, spec, method)[0]
                 seconds[f"{method}_seconds"] = time.perf_counter() - start
-            packed = quantized_model(copy.deepcopy(fp), made["ptq"])
-            rows.append(
-                {
-                    **base,
-                    "case": f"packed {spec.name}",
-                    "bits": bits,
-                    "seconds": latency(packed, x, repeats),
-                    "weight_bytes": weight_bytes(packed),
-                    **seconds,
-                }
-            )
+            for kernels, path in PATHS.items():
+                packed = quantized_model(copy.deepcopy(fp), made["ptq"], kernels)
+                layers = [m for m in packed.modules() if isinstance(m, QuantizedLayer)]
+                on_kernel = sum(m.kernel != "dequantize" for m in layers) / len(layers)
+                rows += [
+                    {
+                        **base,
+                        "runtime_batch": b,
+                        "case": f"{path} {spec.name}",
+                        "path": path,
+                        "bits": spec.bits,
+                        "granularity": spec.granularity,
+                        "layers_on_kernel": on_kernel,
+                        "seconds": latency(packed, x, repeats),
+                        "weight_bytes": weight_bytes(packed),
+                        **seconds,
+                    }
+                    for b, x in inputs.items()
+                ]
     return rows
 
 
@@ -224,8 +262,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument(
         "--runtime-batch",
         type=int,
-        default=256,
-        help="images per forward pass in the runtime section",
+        nargs="+",
+        default=[1, 32],
+        help="images per forward pass in the runtime section (each)",
+    )
+    p.add_argument(
+        "--real-sizes",
+        nargs="*",
+        default=list(REAL_SIZES),
+        help="timm models timed beside the profile's in the runtime section (none: only ours)",
     )
     p.add_argument("--out", help="CSV file to write the rows to")
     args = p.parse_args(argv)
@@ -238,7 +283,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if "kernels" in args.sections and args.device.startswith("cuda") and kernels_available():
         rows += bench_kernels(*common)
     if "runtime" in args.sections:
-        rows += bench_runtime(args.profile, args.runtime_batch, args.repeats)
+        rows += bench_runtime(args.profile, args.runtime_batch, args.repeats, args.real_sizes)
     df = pd.DataFrame(rows).assign(commit=_commit())
     generator_rows = df.bench != "runtime"  # the runtime section has its own device (CPU) and batch
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu()
@@ -268,12 +313,15 @@ def _report(df: pd.DataFrame) -> None:
         print("parameters per block:", bb.groupby("case")["params"].first().to_dict())
     if (df.bench == "runtime").any():
         rt = df[df.bench == "runtime"].copy()
-        fp = rt[rt.case == "fp32"].set_index("arch")
-        rt["memory vs fp32"] = rt.weight_bytes / rt.arch.map(fp.weight_bytes)
-        rt["time vs fp32"] = rt.seconds / rt.arch.map(fp.seconds)
+        fp = rt[rt.case == "fp32"].set_index(["arch", "runtime_batch"])
+        key = pd.MultiIndex.from_frame(rt[["arch", "runtime_batch"]])
+        rt["memory vs fp32"] = rt.weight_bytes.to_numpy() / fp.weight_bytes.reindex(key).to_numpy()
+        rt["time vs fp32"] = rt.seconds.to_numpy() / fp.seconds.reindex(key).to_numpy()
         columns = [
             "arch",
+            "runtime_batch",
             "case",
+            "layers_on_kernel",
             "weight_bytes",
             "memory vs fp32",
             "seconds",
@@ -282,9 +330,9 @@ def _report(df: pd.DataFrame) -> None:
             "hqq_seconds",
         ]
         print(
-            f"Packed runtime vs FP32 (batch {int(rt.runtime_batch.iloc[0])}, forward seconds; "
-            "quantization seconds)\n",
-            rt[columns].round(4).to_string(index=False),
+            "Packed runtime vs FP32 (forward seconds per batch, each layer dequantized per call or "
+            "on a fused kernel; quantization seconds)\n",
+            rt[[c for c in columns if c in rt]].round(4).to_string(index=False),
             "\n",
         )
     if (df.bench == "kernels").any():
