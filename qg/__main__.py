@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .core.io import CorruptFileError, read_safetensors
+from .core.io import CorruptFileError, check_recorded, read_safetensors
 from .generator.directory import QuantGen
 from .quant.fileformat import FORMAT_NAME, save_quantized, storage
 from .quant.quantizer import GRANULARITIES, QuantSpec
@@ -156,9 +156,23 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
+        for path in _inputs(args):
+            check_recorded(path)
         {"quantize": quantize, "evaluate": evaluate}[args.command](args)
     except (ValueError, OSError, CorruptFileError) as err:
         sys.exit(f"error: {err}")
+
+
+def _inputs(args) -> list[Path]:
+    """The files a command reads: each is refused if a `.sha256` beside it no longer matches."""
+    if args.command == "evaluate":
+        return [Path(args.file)]
+    generator = Path(args.generator)
+    return [
+        Path(args.checkpoint),
+        generator / "generator.safetensors",
+        generator / "generator.json",
+    ]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -174,6 +174,25 @@ def _execute(source: Path, out: Path, params: dict) -> None:
         raise
     os.replace(running, out)
     _relative_paths(out)
+    for line in warnings_in(out):
+        print(f"[qg.pipeline] {source.stem}: {line}", file=sys.stderr, flush=True)
+
+
+def warnings_in(executed: Path) -> list[str]:
+    """The cache's repair lines (`[qg] warning: ... rebuilding it`) a kernel printed inside an
+    executed notebook: the runner repeats them on the terminal, where they would otherwise never
+    be seen."""
+    import nbformat
+
+    nb = nbformat.read(executed, 4)
+    return [
+        line
+        for cell in nb.cells
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "stream"
+        for line in o.get("text", "").splitlines()
+        if line.startswith("[qg] warning:")
+    ]
 
 
 class NotebookError(RuntimeError):
@@ -182,12 +201,14 @@ class NotebookError(RuntimeError):
 
 
 def _kernel_environment() -> None:
-    """What the kernels inherit: QG_OUTPUT made absolute (they run in notebooks/, where a relative
-    one would point elsewhere), this checkout first on PYTHONPATH (so they import its qg, not
+    """What the kernels inherit: QG_OUTPUT and QG_DATA made absolute from where the command was
+    started (they run in notebooks/, where a relative one would point elsewhere, and a download
+    would land inside the checkout), this checkout first on PYTHONPATH (so they import its qg, not
     another checkout's editable install); they also inherit the pinned CPU kernels that `import qg`
     set in this process's environment (`qg.core.kernels`), whatever a notebook imports first."""
-    if os.environ.get("QG_OUTPUT"):
-        os.environ["QG_OUTPUT"] = str(Path(os.environ["QG_OUTPUT"]).resolve())
+    for name in ("QG_OUTPUT", "QG_DATA"):
+        if os.environ.get(name):
+            os.environ[name] = str(Path(os.environ[name]).expanduser().resolve())
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *rest])
 
@@ -245,8 +266,11 @@ def store_checks(profile: str = "smoke", notebooks: list[str] | None = None) -> 
 
 def verify(profile: str) -> int:
     """Report the damaged artifacts of a profile's cache (exit status 1 when there are any); change
-    nothing."""
+    nothing. An unknown profile, or one never run here, is an error, not "0 damaged"."""
+    load_profile(profile)  # FileNotFoundError naming the known profiles
     root = Paths.of(profile).artifacts
+    if not root.is_dir():
+        sys.exit(f"error: {root} does not exist: the {profile} profile has not run here")
     bad = damaged(root)
     for path in bad:
         print(f"damaged: {path.relative_to(root)}")
@@ -316,7 +340,10 @@ def _comparable(df):
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.verify:
-        sys.exit(verify(args.profile))
+        try:
+            sys.exit(verify(args.profile))
+        except FileNotFoundError as err:
+            sys.exit(f"error: {err}")
     if args.compare:
         sys.exit(compare(args.profile, args.compare))
     try:

@@ -313,3 +313,24 @@ def test_quantize_with_qwt_writes_the_compensations_and_says_when_data_is_missin
         match="(?s)--qwt fits on 32 images of the training split of fashion_mnist.*Omit --qwt",
     ):
         main(_quantize_args(generator_dir, fashion, tmp_path / "q2.safetensors", "--qwt", "32"))
+
+
+def test_a_file_that_no_longer_matches_its_sidecar_is_refused(generator_dir, tmp_path):
+    """A quantized file with 64 bytes overwritten still reads as a valid model (codes in range),
+    so only its `.sha256` can tell: `evaluate` refuses it with one line naming the file, and
+    `quantize` refuses a checkpoint the same way; a file without a sidecar is left to its reader."""
+    from qg.core.io import record_hash
+
+    good = tmp_path / "q.safetensors"
+    main(_quantize_args(generator_dir, _checkpoint(tmp_path), good))
+    record_hash(good)
+    blob = bytearray(good.read_bytes())
+    blob[-200:-136] = b"\x7f" * 64
+    good.write_bytes(bytes(blob))
+    with pytest.raises(SystemExit, match=r"q\.safetensors does not match the hash recorded in"):
+        main(["evaluate", str(good)])
+    ckpt = _checkpoint(tmp_path, name="c.safetensors")
+    record_hash(ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:-4] + b"\x00\x00\x80\x7f")
+    with pytest.raises(SystemExit, match=r"c\.safetensors does not match the hash"):
+        main(_quantize_args(generator_dir, ckpt, tmp_path / "out.safetensors"))

@@ -551,9 +551,12 @@ def test_kernels_import_this_checkouts_qg_before_another_on_pythonpath(tmp_path,
     )
     monkeypatch.setenv("PYTHONPATH", str(other))
     monkeypatch.setenv("QG_OUTPUT", "relative-out")
+    monkeypatch.setenv("QG_DATA", "fm")
+    monkeypatch.chdir(tmp_path)
     pipeline._kernel_environment()
     assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(profiles.ROOT), str(other)]
-    assert os.path.isabs(os.environ["QG_OUTPUT"])
+    assert os.environ["QG_OUTPUT"] == str(tmp_path.resolve() / "relative-out")
+    assert os.environ["QG_DATA"] == str(tmp_path.resolve() / "fm")  # not notebooks/fm
     found = subprocess.run(
         [sys.executable, "-c", "import qg; print(qg.__file__)"],
         cwd=tmp_path,
@@ -598,3 +601,35 @@ def test_a_damaged_cache_gives_the_same_table(tmp_path, capsys):
     pd.testing.assert_frame_equal(first, again)
     err = capsys.readouterr().err
     assert err.count("rebuilding it") >= 3 and all(str(p) in err for p in (ptq, hqq, gen))
+
+
+def test_verify_refuses_an_unknown_or_never_run_profile(tmp_path, monkeypatch):
+    """`--verify --profile nosuch` used to say "0 damaged" and exit 0."""
+    with pytest.raises(SystemExit, match="no profile 'nosuch'"):
+        pipeline.main(["--verify", "--profile", "nosuch"])
+    monkeypatch.setenv("QG_OUTPUT", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="has not run here"):
+        pipeline.main(["--verify", "--profile", "smoke"])
+
+
+def test_the_runner_finds_the_repair_lines_a_kernel_printed(tmp_path):
+    """The cache's repair warnings are printed by the kernel, into the executed notebook: the
+    runner reads them back to repeat them on the terminal."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [
+        nbformat.v4.new_output(
+            "stream",
+            name="stderr",
+            text="[qg] warning: a/b.safetensors has no recorded hash; "
+            "rebuilding it\nother output\n",
+        ),
+        nbformat.v4.new_output("stream", name="stdout", text="[qg] note: not a warning\n"),
+    ]
+    nb.cells = [cell]
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    assert pipeline.warnings_in(tmp_path / "x.ipynb") == [
+        "[qg] warning: a/b.safetensors has no recorded hash; rebuilding it"
+    ]

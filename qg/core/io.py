@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 STALE_TMP_SECONDS = 600
 # the checkout: params/, notebooks/, and results/ unless QG_OUTPUT
@@ -117,10 +117,40 @@ def save_safetensors(
     path: str | os.PathLike,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Save tensors (made contiguous, detached, on CPU) to a safetensors file, atomically."""
+    """Save tensors (made contiguous, detached, on CPU) to a safetensors file, atomically; the same
+    tensors and metadata always give the same bytes (`canonical`)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with _replacing(Path(path)) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(canonical(save(tensors, metadata=metadata)))
+
+
+def canonical(blob: bytes) -> bytes:
+    """A safetensors file's bytes with its metadata in sorted key order. safetensors writes the
+    metadata in hash-map order, different on every call, so the same tensors would give new bytes
+    (and a new content hash, and every artifact keyed by it redone) each time they are written."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    metadata = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
+
+
+def check_recorded(path: str | os.PathLike) -> None:
+    """For a file handed to the command line: when a `.sha256` sidecar sits beside it (every file
+    qg's cache writes has one), refuse the file if its bytes no longer match. A file without one is
+    left to its reader's checks."""
+    path = Path(path)
+    recorded = _recorded(path) if path.is_file() else []
+    if recorded == []:
+        return
+    if recorded is None or recorded[0] != content_digest(path):
+        raise CorruptFileError(
+            f"{path} does not match the hash recorded in {_sidecar(path).name} beside it: the "
+            "file is damaged or was changed; remake it (or delete the .sha256 if you changed it "
+            "on purpose)"
+        )
 
 
 def read_safetensors(

@@ -296,3 +296,22 @@ def _version_1_file(path, qsd, spec):
             "meta": "{}",
         },
     )
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes metadata in hash-map order; `save_safetensors` sorts it, so a file
+    rewritten from the same tensors keeps its content hash (and what is keyed by it), and still
+    reads back as written."""
+    import torch
+
+    from qg.core.io import read_safetensors, save_safetensors
+
+    tensors = {"b": torch.arange(5.0), "a": torch.ones(2, 3, dtype=torch.float16)}
+    metadata = {k: f"value of {k}" for k in ("model", "spec", "run", "format", "source", "z", "a")}
+    blobs = set()
+    for i in range(6):
+        save_safetensors(tensors, tmp_path / f"{i}.safetensors", metadata)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    loaded, meta = read_safetensors(tmp_path / "0.safetensors")
+    assert meta == metadata and all(torch.equal(loaded[k], v) for k, v in tensors.items())
