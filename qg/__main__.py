@@ -4,13 +4,16 @@ file.
     python -m qg quantize --generator DIR --checkpoint FILE --bits N --granularity G -o OUT
         [--qwt 512]
     python -m qg evaluate OUT [--test-subset N] [--runtime]
+    python -m qg export OUT -o HQQ_FILE
 
 `quantize` reads a full-precision checkpoint (safetensors written by
 `qg.targets.models.save_checkpoint`, e.g. one from `artifacts/<profile>/collect/`), runs the
 generator once and writes a quantized model file (integer codes bit-packed, S, Z); `evaluate`
 rebuilds the timm model from a file's metadata and reports its top-1 accuracy on the test split of
 the dataset the file names, and for a quantized file its size and bits per weight; `--runtime`
-scores the model kept packed in memory (`qg.targets.runtime`) instead of dequantized.
+scores the model kept packed in memory (`qg.targets.runtime`) instead of dequantized; `export`
+writes a quantized file in hqq's layout, whose Linear layers hqq's `HQQLinear` loads
+(`qg.targets.export`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .quant.fileformat import FORMAT_NAME, save_quantized, storage
 from .quant.quantizer import GRANULARITIES, QuantSpec
 from .targets.calibrate import with_qwt
 from .targets.data import batches
+from .targets.export import export_hqq
 from .targets.models import (
     accuracy,
     check_model_size,
@@ -78,15 +82,16 @@ def quantize(args) -> None:
     print(f"wrote {args.output}: {spec.name}, generated in {meta['seconds']:.3f} s{applied}")
 
 
-def _check_output(out: Path, inputs: list[Path], protected: Path, force: bool) -> None:
+def _check_output(out: Path, inputs: list[Path], protected: Path | None, force: bool) -> None:
     """Refuse an output that would destroy an input (the checkpoint, anything inside the generator
     directory), a path that cannot be a file, or an existing file unless --force: before any work is
     done."""
     target = out.resolve()
-    if any(target == p.resolve() for p in inputs) or target.is_relative_to(protected.resolve()):
+    inside = protected is not None and target.is_relative_to(protected.resolve())
+    if any(target == p.resolve() for p in inputs) or inside:
         raise ValueError(
-            f"output {out} would overwrite an input (the checkpoint or the generator in "
-            f"{protected}); write the quantized model elsewhere"
+            f"output {out} would overwrite an input ({', '.join(map(str, inputs))}"
+            f"{f' or the generator in {protected}' if protected else ''}); write it elsewhere"
         )
     if out.is_dir():
         raise ValueError(
@@ -147,6 +152,17 @@ def evaluate(args) -> None:
         )
 
 
+def export(args) -> None:
+    _check_output(Path(args.output), inputs=[Path(args.file)], protected=None, force=args.force)
+    written = export_hqq(args.file, args.output)
+    kept = [f"  {m}: {how}" for m, how in written.items() if how != "HQQLinear"]
+    print(
+        f"{args.output}: {len(written) - len(kept)} of {len(written)} quantized layers as hqq's "
+        "HQQLinear (load with qg.targets.export.load_hqq)"
+        + ("; written as float32:\n" + "\n".join(kept) if kept else "")
+    )
+
+
 def _positive(text: str) -> int:
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -158,14 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for path in _inputs(args):
             check_recorded(path)
-        {"quantize": quantize, "evaluate": evaluate}[args.command](args)
+        {"quantize": quantize, "evaluate": evaluate, "export": export}[args.command](args)
     except (ValueError, OSError, CorruptFileError) as err:
         sys.exit(f"error: {err}")
 
 
 def _inputs(args) -> list[Path]:
     """The files a command reads: each is refused if a `.sha256` beside it no longer matches."""
-    if args.command == "evaluate":
+    if args.command in ("evaluate", "export"):
         return [Path(args.file)]
     generator = Path(args.generator)
     return [
@@ -182,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
+    x = sub.add_parser("export", help="write a quantized model file in hqq's layout")
+    x.add_argument("file", help="a quantized model file of qg")
+    x.add_argument("-o", "--output", required=True, help="the hqq file to write (.safetensors)")
+    x.add_argument("--force", action="store_true", help="replace the output file if it exists")
     for sp in (_quantize_arguments(sub), _evaluate_arguments(sub)):
         sp.add_argument(
             "--device", default="auto", help="cpu, cuda[:i] or auto (CUDA when available; default)"

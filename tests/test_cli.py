@@ -334,3 +334,20 @@ def test_a_file_that_no_longer_matches_its_sidecar_is_refused(generator_dir, tmp
     ckpt.write_bytes(ckpt.read_bytes()[:-4] + b"\x00\x00\x80\x7f")
     with pytest.raises(SystemExit, match=r"c\.safetensors does not match the hash"):
         main(_quantize_args(generator_dir, ckpt, tmp_path / "out.safetensors"))
+
+
+def test_export_writes_a_file_hqq_loads(generator_dir, tmp_path, capsys):
+    """`python -m qg export` on a generated file: hqq's HQQLinear holds its Linear layers, the
+    output says which layers stay float32 and why, and the file is never written over its input."""
+    from qg.targets.export import load_hqq
+
+    good = tmp_path / "q.safetensors"
+    main(_quantize_args(generator_dir, _checkpoint(tmp_path), good))
+    capsys.readouterr()
+    main(["export", str(good), "-o", str(tmp_path / "hqq.safetensors")])
+    said = capsys.readouterr().out
+    assert "quantized layers as hqq's HQQLinear" in said
+    assert "patch_embed.proj: float32, hqq quantizes Linear layers only" in said
+    assert load_hqq(tmp_path / "hqq.safetensors") is not None
+    with pytest.raises(SystemExit, match="would overwrite an input"):
+        main(["export", str(good), "-o", str(good)])

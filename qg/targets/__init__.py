@@ -6,6 +6,7 @@ Modules, each importing only those above it here (and packages listed before thi
   names      dataset names: a known dataset, or one relabelled (binary tasks, class splits)
   data       datasets by name, their fingerprints, and the batches models see
   models     timm target models from a JSON-able description; train / fine-tune / evaluate
-  runtime    a quantized model kept packed in memory, dequantized per layer; its memory and latency
+  runtime    a quantized model kept packed in memory, dequantized per layer or on fused kernels
+  export     a quantized file in hqq's layout, loaded by hqq's own HQQLinear
   calibrate  QwT fitted on a target model's own training images (the cache's and the CLI's one fit)
 """
