@@ -1,9 +1,11 @@
 """Speed and memory of the generator's sequence mixers, printed as figures from one run.
 
-    python -m qg.bench [--sections scan backbone kernels runtime] [--lengths 256 1024 4096]
+    python -m qg.bench [--sections scan backbone kernels runtime paper-shapes]
+                       [--lengths 256 1024 4096]
                        [--d-model 128] [--profile cpu] [--device cpu|cuda] [--out FILE.csv]
 
-Three comparisons of the generator, each at every sequence length, and one of the quantized models:
+Three comparisons of the generator, each at every sequence length, one of the quantized models,
+and what the paper profile's generators would cost:
   scan      the chunked SSD scan (what Mamba-2 runs) against the plain sequential recurrence of the
             same math, forward + backward, on the same inputs;
   backbone  one generator block (pre-norm residual mixer) with Mamba-2, LSTM or causal
@@ -18,6 +20,9 @@ Three comparisons of the generator, each at every sequence length, and one of th
             where one exists: resident weight bytes and seconds per batch of each
             `--runtime-batch` against FP32, and the seconds PTQ and HQQ take to quantize our
             models (09_real_files measures the trained models, Gen included).
+  paper-shapes  each generator of the `paper` profile built on the meta device: parameters,
+            training state, saved activations per sample and memory per GPU under DDP and FSDP
+            at 1 and 8 GPUs (estimates from shapes; the README's table is this output).
 Ratios are taken within one run on one machine; absolute times depend on the machine and its load.
 Memory: on CUDA the allocator's peak during a step; on CPU the bytes autograd saves for the backward
 pass (the part of training memory that grows with sequence length).
@@ -37,7 +42,7 @@ import torch
 
 from .config.profiles import load_profile
 from .generator.mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequential
-from .generator.model import Block, GeneratorConfig
+from .generator.model import Block, Generator, GeneratorConfig
 from .generator.train import saved_activation_mb
 from .quant.baselines import quantize_model
 from .quant.quantizer import QuantSpec
@@ -50,7 +55,7 @@ from .targets.runtime import (
     weight_bytes,
 )
 
-SECTIONS = ("scan", "backbone", "kernels", "runtime")
+SECTIONS = ("scan", "backbone", "kernels", "runtime", "paper-shapes")
 
 
 def _scan_inputs(batch, length, d_model, device, d_state=128, headdim=64):
@@ -227,6 +232,89 @@ def bench_runtime(profile_name: str, batches, repeats: int, real_sizes=REAL_SIZE
     return rows
 
 
+def _meta_generator(profile, arch: str):
+    """The generator the profile trains for `arch` (its tokens laid out over the timm model's
+    quantized weights), built on PyTorch's meta device: shapes without memory or compute."""
+    from .generator.layout import Layout
+    from .quant.quantizer import is_quantized_weight
+
+    token_size = {**profile.set_in("tokenizer"), **profile.set_in("archs", arch, "tokenizer")}
+    token_size = token_size.get("token_size", profile.tokenizer.token_size)
+    generator = {**profile.set_in("generator"), **profile.set_in("archs", arch, "generator")}
+    with torch.device("meta"):
+        target = build_model(ModelSpec.from_dict(profile.set_in("archs", arch)))
+    shapes = [
+        (n, tuple(p.shape)) for n, p in target.state_dict().items() if is_quantized_weight(n, p)
+    ]
+    layout = Layout(shapes, [profile.quant.spec(8, "group")], token_size)
+    cfg = GeneratorConfig(token_size=token_size, n_tokens=layout.n_tokens, **generator)
+    with torch.device("meta"):
+        return Generator(cfg, layout.positions().to("meta")), layout
+
+
+def bench_paper_shapes(profile_name: str = "paper", gpus=(1, 8)) -> list[dict]:
+    """What training the profile's generators costs, from their shapes alone (meta device, nothing
+    allocated): parameters, the bytes of weights + gradients + AdamW's two moments (float32), the
+    activations autograd saves for one training sample (counted by `saved_activation_mb` on a meta
+    forward), and the memory per GPU with the profile's batch split over `gpus` under DDP (every
+    rank holds the whole state) and FSDP (the state sharded, plus one block gathered at a time).
+    Estimates from shapes, not measurements: allocator overhead, temporary buffers and the
+    backward pass's own peaks come on top."""
+    profile = load_profile(profile_name)
+    rows = []
+    for arch in profile.archs:
+        model, layout = _meta_generator(profile, arch)
+        params = sum(p.numel() for p in model.parameters())
+        block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+        sample = torch.zeros(1, layout.n_tokens, layout.token_size, device="meta")
+        activation = saved_activation_mb(lambda: model(sample, sample, base=sample))[0] * 2**20
+        state = 16 * params  # float32 weights, gradients, AdamW's exp_avg and exp_avg_sq
+        for n in gpus:
+            per_gpu = -(-profile.train.batch_size // n)
+            gathered = 4 * block if n > 1 else 0  # FSDP: one block's float32 weights at a time
+            for strategy, held in (("ddp", state), ("fsdp", state / n + gathered)):
+                rows.append(
+                    {
+                        "bench": "paper-shapes",
+                        "profile": profile.name,
+                        "arch": profile.set_in("archs", arch)["arch"],
+                        "token_size": layout.token_size,
+                        "n_tokens": layout.n_tokens,
+                        "params": params,
+                        "state_gb": state / 2**30,
+                        "activation_gb_per_sample": activation / 2**30,
+                        "gpus": n,
+                        "strategy": strategy,
+                        "samples_per_gpu": per_gpu,
+                        "memory_gb_per_gpu": (held + per_gpu * activation) / 2**30,
+                    }
+                )
+    return rows
+
+
+def paper_shapes_table(rows: pd.DataFrame) -> str:
+    """`bench_paper_shapes`'s rows as the README's Markdown table: one row per generator, the
+    memory per GPU by strategy and GPU count."""
+    wide = rows.pivot_table(
+        index=["arch", "token_size", "n_tokens", "params", "state_gb", "activation_gb_per_sample"],
+        columns=["strategy", "gpus"],
+        values="memory_gb_per_gpu",
+    )
+    wide.columns = [f"GiB/GPU, {s.upper()} x{n}" for s, n in wide.columns]
+    wide = wide.reset_index().assign(params=lambda d: (d.params / 1e6).round(0).astype(int))
+    wide = wide.rename(
+        columns={
+            "arch": "target model",
+            "token_size": "token",
+            "n_tokens": "tokens",
+            "params": "generator params (M)",
+            "state_gb": "weights+grads+AdamW (GiB)",
+            "activation_gb_per_sample": "activations per sample (GiB)",
+        }
+    )
+    return wide.round(1).to_markdown(index=False)
+
+
 def _cpu() -> str:
     return f"cpu ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
 
@@ -282,10 +370,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows += bench_backbones(*common)
     if "kernels" in args.sections and args.device.startswith("cuda") and kernels_available():
         rows += bench_kernels(*common)
+    if "paper-shapes" in args.sections:
+        rows += bench_paper_shapes()
     if "runtime" in args.sections:
         rows += bench_runtime(args.profile, args.runtime_batch, args.repeats, args.real_sizes)
     df = pd.DataFrame(rows).assign(commit=_commit())
-    generator_rows = df.bench != "runtime"  # the runtime section has its own device (CPU) and batch
+    # the runtime section has its own device (CPU) and batch; paper-shapes none
+    generator_rows = df.bench.isin(["scan", "backbone", "kernels"])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu()
     df.loc[generator_rows, ["device", "d_model", "batch"]] = [device, args.d_model, args.batch]
     _report(df)
@@ -335,6 +426,8 @@ def _report(df: pd.DataFrame) -> None:
             rt[[c for c in columns if c in rt]].round(4).to_string(index=False),
             "\n",
         )
+    if (df.bench == "paper-shapes").any():
+        print(paper_shapes_table(df[df.bench == "paper-shapes"]), "\n")
     if (df.bench == "kernels").any():
         print(
             "\nPyTorch path vs mamba-ssm kernels\n",

@@ -98,3 +98,16 @@ def test_following_table_correlates_gen_with_its_targets_accuracy():
     assert findings.following_findings(tidy) == findings.following_findings(
         pd.read_csv(io.StringIO(tidy.to_csv(index=False)))
     )
+
+
+def test_the_readme_paper_cost_table_is_the_dry_runs_output():
+    """The README's paper-shapes table is generated (meta device: a second), never typed."""
+    from qg.bench import bench_paper_shapes, paper_shapes_table
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- paper-shapes: python -m qg.bench --sections paper-shapes -->")[1]
+    block = block.split("<!-- end of paper-shapes -->")[0].strip()
+    assert block == paper_shapes_table(pd.DataFrame(bench_paper_shapes())), (
+        "README.md's paper-shapes table is stale: paste the table of "
+        "`python -m qg.bench --sections paper-shapes`"
+    )

@@ -296,7 +296,7 @@ def saved_activation_mb(fn) -> tuple[float, object]:
     storages = {}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()  # meta: no data_ptr
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
