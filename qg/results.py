@@ -51,6 +51,7 @@ SECTIONS = (
     ("RPG's whole-model samples", "rpg", findings.rpg_findings),
     ("RPG on unseen binary tasks", "rpg_binary", findings.binary_findings),
     ("File sizes", "sizes", findings.size_findings),
+    ("The packed runtime", "runtime", findings.runtime_findings),
 )
 
 

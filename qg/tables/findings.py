@@ -323,6 +323,21 @@ def size_findings(sizes: pd.DataFrame) -> list[str]:
     ]
 
 
+def runtime_findings(rows: pd.DataFrame) -> list[str]:
+    """The packed runtime against the simulated model (equal top-1, largest logit difference) and
+    against FP32 (resident weight memory and forward time, range over the models and specs)."""
+    same = (rows.accuracy_runtime == rows.accuracy_simulated).sum()
+    return [
+        f"Top-1 of the packed runtime equals the simulated model's on {same} of {len(rows)} files; "
+        f"largest logit difference {rows.max_logit_diff.max():.1e}",
+        f"Resident weights {rows.memory_vs_fp32.min():.2f} to {rows.memory_vs_fp32.max():.2f} of "
+        f"FP32; forward time {rows.time_vs_fp32.min():.2f} to {rows.time_vs_fp32.max():.2f} of "
+        f"FP32 (median {rows.time_vs_fp32.median():.2f}; batch {int(rows.batch.iloc[0])}, "
+        f"{rows.device.iloc[0]}; {int((rows.time_vs_fp32 > 1).sum())} of {len(rows)} slower "
+        "than FP32: each layer is dequantized for every call)",
+    ]
+
+
 def headline(tidy: pd.DataFrame) -> pd.DataFrame:
     """Table 1's Gen − PTQ on the held-out run, one row per (arch, task), one column per group-wise
     bit-width: mean and verdict, e.g. `+0.06 (tie)`."""
