@@ -14,7 +14,7 @@ from ..generator.diffusion import PREDICTIONS, SAMPLERS
 from ..generator.loss import LOSS_WEIGHTINGS
 from ..generator.model import HEADS, MIXERS, SKIPS, GeneratorConfig
 from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
-from ..generator.train import TrainConfig
+from ..generator.train import STRATEGIES, TrainConfig
 from ..quant import qwt
 from ..quant.quantizer import SCHEMES, QuantSpec
 from ..targets.names import IN_MEMORY
@@ -135,6 +135,11 @@ class TrainBlock(Block):
     )
     loss_weighting: Literal[LOSS_WEIGHTINGS] = Field(
         _T.loss_weighting, description="plain MSE or per segment"
+    )
+    strategy: Literal[STRATEGIES] = Field(
+        _T.strategy,
+        description="under torchrun: ddp (a full copy per process) or fsdp (parameters, gradients "
+        "and AdamW state sharded over the processes, for a generator that does not fit one device)",
     )
 
 

@@ -7,12 +7,23 @@ process (each takes every K-th sample of it).
 
     torchrun --nproc_per_node=2 -m qg.generator.train --data DIR --out DIR [--steps N ...]
 
-runs the same loop data-parallel (gloo on CPU, nccl on CUDA) with no code change.
+runs the same loop data-parallel (gloo on CPU, nccl on CUDA) with no code change. Across machines,
+the same command on each, with a rendezvous (HOST: the first machine; --out on a filesystem all of
+them see, since every process reads the checkpoint it resumes from):
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m qg.generator.train --data DIR --out DIR [--config JSON ...]
+
+`train: {strategy: fsdp}` (in `--config` or the profile) shards parameters, gradients and AdamW
+state over the processes (FSDP2) instead of DDP's full copy per process: for a generator whose
+parameters + AdamW state do not fit one device. It is launched by torchrun exactly as DDP; its
+checkpoints hold full tensors, so a run resumes under either strategy or in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import math
 import os
@@ -24,6 +35,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..core.io import atomic_write, read_json
@@ -31,6 +53,9 @@ from .directory import QuantGen
 from .model import Generator, GeneratorConfig
 from .pairs import TokenPairs
 from .tokenizer import Tokenizer
+
+# how several processes share the work: a full copy each, or parameters and AdamW state sharded
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -46,6 +71,12 @@ class TrainConfig:
     ckpt_every: int = 100
     # `qg.generator.loss.loss_weights`: the paper's plain MSE, or per segment (ours)
     loss_weighting: str = "element"
+    # under torchrun: one of STRATEGIES (no effect in one process; not part of a run's identity)
+    strategy: str = "ddp"
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
 
 def _world() -> tuple[int, int]:
@@ -98,13 +129,13 @@ def train(
     out_dir = Path(out_dir)
     rank, world = _world()
     _check_run(data, cfg, world)
-    model.to(device)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = _parallel(model, cfg.strategy, world, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
     state_path = out_dir / "train_state.pt"
+    run = _run_settings(model.cfg.to_dict(), asdict(cfg))
     step, losses, elapsed = (
-        _resume(state_path, model, opt, sched, cfg, device) if resume else (0, [], 0.0)
+        _resume(state_path, run, net, opt, sched, device) if resume else (0, [], 0.0)
     )
     conditions, last = model.condition_matrix(), min(cfg.steps, stop_after or cfg.steps)
     exact = (
@@ -112,10 +143,11 @@ def train(
     )
     start = time.perf_counter()
 
-    def save(done: int) -> None:
-        run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
+    def save(done: int) -> None:  # called on every rank: under fsdp gathering is collective
         elapsed_now = elapsed + time.perf_counter() - start
-        _save_state(state_path, run, model, opt, sched, done, losses, elapsed_now)
+        model_state, opt_state = _full_state(net, opt)
+        if rank == 0:
+            _save_state(state_path, run, model_state, opt_state, sched, done, losses, elapsed_now)
 
     steps = range(step, 0 if exact else last)
     activation_mb = _run_steps(net, (opt, sched), data, cfg, steps, losses, save, device)
@@ -124,12 +156,55 @@ def train(
     elapsed += time.perf_counter() - start
     if rank == 0:
         _write_curve(out_dir / "loss.csv", losses, cfg)
-    return _record(model, cfg, losses, exact, elapsed, activation_mb, world, device)
+    held = _bytes_per_rank(net, opt)
+    if isinstance(net, FSDPModule):  # the caller's model gets the trained weights, on every rank
+        model.load_state_dict(
+            get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+        )
+    return _record(model, cfg, losses, exact, elapsed, activation_mb, world, device, held)
 
 
-def _record(model, cfg: TrainConfig, losses, exact, elapsed, activation_mb, world, device) -> dict:
-    """What `train` returns and the generator directory keeps: steps, final loss, time, memory,
-    size and settings of the run."""
+def _parallel(model: Generator, strategy: str, world: int, device) -> torch.nn.Module:
+    """The module the loop trains: `model` on `device` in one process or wrapped by DDP, or under
+    fsdp a copy of it sharded over the processes (FSDP2: each block, then the rest at the root),
+    leaving `model` whole for the trained weights `train` gathers into it at the end."""
+    if world == 1 or strategy == "ddp":
+        model.to(device)
+        return DistributedDataParallel(model) if world > 1 else model
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    sharded = copy.deepcopy(model)
+    for block in sharded.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(sharded, mesh=mesh)  # moves each shard to the mesh's device
+
+
+def _unwrapped(net: torch.nn.Module) -> torch.nn.Module:
+    """The generator inside a DDP wrapper (a sharded generator is one itself)."""
+    return net.module if isinstance(net, DistributedDataParallel) else net
+
+
+def _bytes_per_rank(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Bytes of parameters and of optimizer state that this process holds, measured from its
+    tensors after training (AdamW's state exists from the first step on): the local shards under
+    fsdp, whole tensors otherwise."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        return local.numel() * local.element_size()
+
+    return {
+        "param_bytes_per_rank": sum(nbytes(p) for p in net.parameters()),
+        "optimizer_bytes_per_rank": sum(
+            nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+        ),
+    }
+
+
+def _record(
+    model, cfg: TrainConfig, losses, exact, elapsed, activation_mb, world, device, held: dict
+) -> dict:
+    """What `train` returns and the generator directory keeps: steps, final loss, time, memory
+    (`held`: `_bytes_per_rank`), size and settings of the run."""
     return {
         "steps": len(losses),
         "final_loss": 0.0 if exact else losses[-1] if losses else float("nan"),
@@ -140,6 +215,7 @@ def _record(model, cfg: TrainConfig, losses, exact, elapsed, activation_mb, worl
         "world_size": world,
         "device": str(device),
         "n_params": sum(p.numel() for p in model.parameters()),
+        **held,
         "train": asdict(cfg),
     }
 
@@ -151,7 +227,7 @@ def _run_steps(
     `save(done)` every `ckpt_every` steps and after the last; return the megabytes autograd saved
     on the first step (NaN when none is taken)."""
     rank, world = _world()
-    model = net.module if world > 1 else net
+    model = _unwrapped(net)
     opt, sched = optimizer
     conditions, activation_mb = model.condition_matrix(), float("nan")
     bar = tqdm(
@@ -175,7 +251,7 @@ def _run_steps(
         losses.append(_mean_over_ranks(loss.detach(), world))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
         done = step + 1
-        if rank == 0 and (done % cfg.ckpt_every == 0 or done == steps.stop):
+        if done % cfg.ckpt_every == 0 or done == steps.stop:
             save(done)
     return activation_mb
 
@@ -238,11 +314,10 @@ def _check_run(data: TokenPairs, cfg: TrainConfig, world: int) -> None:
         )
 
 
-def _resume(
-    state_path: Path, model, opt, sched, cfg: TrainConfig, device
-) -> tuple[int, list[float], float]:
-    """Load the last checkpoint of this same run into model, optimiser and schedule:
-    (step, losses, seconds)."""
+def _resume(state_path: Path, run: dict, net, opt, sched, device) -> tuple[int, list[float], float]:
+    """Load the last checkpoint of this same `run` (`_run_settings`) into model, optimiser and
+    schedule: (step, losses, seconds). Every process reads the file (each takes its own shards
+    under fsdp)."""
     if not state_path.is_file():
         return 0, [], 0.0
     try:
@@ -255,27 +330,78 @@ def _resume(
             flush=True,
         )
         return 0, [], 0.0
-    run = {"generator": model.cfg.to_dict(), "train": asdict(cfg)}
     if _completed(state.get("run")) != run:
         raise ValueError(
             f"{state_path} holds a run with other settings ({state.get('run')}); "
             "resume only the same run: pick a new output directory or pass resume=False"
         )
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
+    _load_full_state(net, opt, state["model"], state["opt"])
     sched.load_state_dict(state["sched"])
     return state["step"], state["losses"], state["elapsed"]
+
+
+def _run_settings(generator: dict, train: dict) -> dict:
+    """What identifies a run when resuming: the generator's settings and the training's, less
+    `strategy` (how processes share the work, which changes the result only by float rounding)."""
+    return {"generator": generator, "train": {k: v for k, v in train.items() if k != "strategy"}}
 
 
 def _completed(run: dict | None) -> dict | None:
     """A stored run's settings with the defaults of fields added since it was saved filled in."""
     try:
-        return {
-            "generator": GeneratorConfig(**run["generator"]).to_dict(),
-            "train": asdict(TrainConfig(**run["train"])),
-        }
+        return _run_settings(
+            GeneratorConfig(**run["generator"]).to_dict(), asdict(TrainConfig(**run["train"]))
+        )
     except (KeyError, TypeError, ValueError):
         return run
+
+
+def _full_state(net, opt) -> tuple[dict, dict]:
+    """Model and optimizer state as one process holds them: whole tensors, the optimizer's keyed by
+    parameter index as `opt.state_dict()`, so that a checkpoint resumes under any strategy. Under
+    fsdp every rank must call it (it gathers the shards) and only rank 0 receives them (empty
+    dicts elsewhere)."""
+    if not isinstance(net, FSDPModule):
+        return _unwrapped(net).state_dict(), opt.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(net, options=options)
+    opt_state = get_optimizer_state_dict(net, opt, options=options)
+    if not opt_state:  # a rank other than 0
+        return model_state, opt_state
+    names = _param_names(net, opt)
+    return model_state, _rekeyed(opt_state, names, range(len(names)))
+
+
+def _load_full_state(net, opt, model_state: dict, opt_state: dict) -> None:
+    """Load what `_full_state` returns into `net` and `opt` (under fsdp each rank its shards)."""
+    if not isinstance(net, FSDPModule):
+        _unwrapped(net).load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        return
+    options = StateDictOptions(full_state_dict=True)
+    names = _param_names(net, opt)
+    set_model_state_dict(net, model_state, options=options)
+    set_optimizer_state_dict(
+        net, opt, _rekeyed(opt_state, range(len(names)), names), options=options
+    )
+
+
+def _param_names(net, opt) -> list[str]:
+    """The parameters' names in the optimizer's index order (the keys of `opt.state_dict()`)."""
+    name = {p: n for n, p in net.named_parameters()}
+    return [name[p] for group in opt.param_groups for p in group["params"]]
+
+
+def _rekeyed(opt_state: dict, old, new) -> dict:
+    """`opt_state` with each parameter key of `old` replaced by the one of `new` at its place:
+    indices to names (what torch.distributed.checkpoint reads and writes) or back."""
+    key = dict(zip(old, new, strict=True))
+    return {
+        "state": {key[k]: v for k, v in opt_state["state"].items()},
+        "param_groups": [
+            {**g, "params": [key[k] for k in g["params"]]} for g in opt_state["param_groups"]
+        ],
+    }
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
@@ -305,12 +431,19 @@ def saved_activation_mb(fn) -> tuple[float, object]:
 
 
 def _save_state(
-    path: Path, run: dict, model, opt, sched, step: int, losses: list[float], elapsed: float
+    path: Path,
+    run: dict,
+    model_state: dict,
+    opt_state: dict,
+    sched,
+    step: int,
+    losses: list[float],
+    elapsed: float,
 ) -> None:
     state = {
         "run": run,
-        "model": model.state_dict(),
-        "opt": opt.state_dict(),
+        "model": model_state,
+        "opt": opt_state,
         "sched": sched.state_dict(),
         "step": step,
         "losses": losses,
@@ -337,15 +470,17 @@ def fit_generator(
     out_dir,
     device: str = "cpu",
     resume: bool = True,
+    stop_after: int | None = None,
 ) -> QuantGen:
-    """Build, train and save a generator directory that `QuantGen.load` reads back."""
+    """Build, train and save a generator directory that `QuantGen.load` reads back (`stop_after`:
+    as in `train`)."""
     if gen_cfg.conditions != data.conditions:
         raise ValueError(
             f"generator conditions {gen_cfg.conditions} differ from the data's {data.conditions}"
         )
     torch.manual_seed(cfg.seed)
     model = Generator.for_tokenizer(gen_cfg, tokenizer)
-    record = train(model, data, cfg, out_dir, resume=resume, device=device)
+    record = train(model, data, cfg, out_dir, resume=resume, device=device, stop_after=stop_after)
     qg = QuantGen(model.cpu(), tokenizer, record)
     if _world()[0] == 0:
         qg.save(out_dir)
@@ -368,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--config", help="JSON file with {'generator': {...}, 'train': {...}} overrides")
     p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--stop-after", type=int, help="end after this many steps, as an interruption would"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
@@ -390,7 +528,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(**overrides.get("train", {}))
     if args.steps:
         cfg.steps = args.steps
-    fit_generator(tokenizer, data, gen_cfg, cfg, args.out, device=args.device)
+    fit_generator(
+        tokenizer, data, gen_cfg, cfg, args.out, device=args.device, stop_after=args.stop_after
+    )
     if dist.is_initialized():
         dist.destroy_process_group()
 

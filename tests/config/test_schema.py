@@ -94,6 +94,7 @@ def _smoke_with(tmp_path, edit):
         (lambda p: p["train"].update(steps=40.0), r"train\.steps: .*write 40 without a decimal"),
         (lambda p: p["eval"].update(test_subset=500.0), r"eval\.test_subset: .*write 500"),
         (lambda p: p["generator"].update(backbone="gru"), r"generator\.backbone"),
+        (lambda p: p["train"].update(strategy="zero"), r"train\.strategy: .*'ddp' or 'fsdp'"),
         (lambda p: p.pop("eval"), r"eval: missing"),
         # the rule spanning two blocks, for the profile's blocks and an architecture's own
         (

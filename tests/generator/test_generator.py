@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -156,42 +157,112 @@ def test_bad_inputs_are_clear(tmp_path):
         QuantGen.load(tmp_path)
     with pytest.raises(ValueError, match="backbone"):
         tiny_config(tok, backbone="gru")
+    with pytest.raises(ValueError, match=r"strategy must be one of \('ddp', 'fsdp'\)"):
+        TrainConfig(strategy="zero")
 
 
-def test_torchrun_data_parallel_matches_one_process(tmp_path):
-    tok, data, _ = tiny_data(n=4)
-    tok.save(tmp_path / "data")
-    data.save(tmp_path / "data" / "pairs.safetensors")
+def torchrun(root, nproc, out, strategy="ddp", *args):
+    """Train on root/data in `nproc` processes under torchrun (gloo) into root/out: its generator
+    directory."""
     overrides = {
         "generator": {"d_state": 8, "headdim": 16, "chunk_size": 8},
-        "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "ckpt_every": 3},
+        "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "ckpt_every": 3, "strategy": strategy},
     }
-    (tmp_path / "cfg.json").write_text(json.dumps(overrides))
+    (root / f"{out}.json").write_text(json.dumps(overrides))
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    for nproc, out in ((2, "ddp"), (1, "single")):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--standalone",
-            "-m",
-            "qg.generator.train",
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / out),
-            "--config",
-            str(tmp_path / "cfg.json"),
-            "--device",
-            "cpu",
-        ]
-        run = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-3000:]
-    ddp, single = QuantGen.load(tmp_path / "ddp"), QuantGen.load(tmp_path / "single")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        "-m",
+        "qg.generator.train",
+        "--data",
+        str(root / "data"),
+        "--out",
+        str(root / out),
+        "--config",
+        str(root / f"{out}.json"),
+        "--device",
+        "cpu",
+        *args,
+    ]
+    run = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return QuantGen.load(root / out)
+
+
+@pytest.fixture(scope="module")
+def torchrun_root(tmp_path_factory):
+    """A folder with the tiny data of the torchrun tests and, in single/, its 1-process run."""
+    root = tmp_path_factory.mktemp("torchrun")
+    tok, data, _ = tiny_data(n=4)
+    tok.save(root / "data")
+    data.save(root / "data" / "pairs.safetensors")
+    torchrun(root, 1, "single")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(torchrun_root):
+    """The 2-process run of the torchrun tests sharded with FSDP2, in fsdp/."""
+    return torchrun(torchrun_root, 2, "fsdp", "fsdp")
+
+
+def test_torchrun_data_parallel_matches_one_process(torchrun_root):
+    ddp, single = torchrun(torchrun_root, 2, "ddp"), QuantGen.load(torchrun_root / "single")
     assert ddp.record["world_size"] == 2 and single.record["world_size"] == 1
     for (k, a), b in zip(ddp.model.state_dict().items(), single.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torchrun_fully_sharded_matches_one_process_on_half_the_bytes(torchrun_root, fsdp_run):
+    """strategy: fsdp at 2 processes: the 1-process loss curve and weights (up to float rounding),
+    each process holding about half the parameter and AdamW bytes."""
+    single = QuantGen.load(torchrun_root / "single")
+    assert fsdp_run.record["world_size"] == 2 and fsdp_run.record["train"]["strategy"] == "fsdp"
+    curves = [
+        [
+            [float(x) for x in row.split(",")]
+            for row in (torchrun_root / run / "loss.csv").read_text().splitlines()[1:]
+        ]
+        for run in ("fsdp", "single")
+    ]
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-5, atol=0)
+    for (k, a), b in zip(fsdp_run.model.state_dict().items(), single.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=k)
+    held = [
+        r["param_bytes_per_rank"] + r["optimizer_bytes_per_rank"]
+        for r in (fsdp_run.record, single.record)
+    ]
+    assert 0.4 < held[0] / held[1] < 0.6, held
+
+
+def test_a_fully_sharded_run_resumes_exactly_and_in_one_process(torchrun_root, fsdp_run):
+    """A 2-process fsdp run interrupted after step 3 and resumed ends as the uninterrupted one; its
+    checkpoint (full tensors) resumes in one process too."""
+    root = torchrun_root
+    assert torchrun(root, 2, "resumed", "fsdp", "--stop-after", "3").record["steps"] == 3
+    # a mark that only a resumed run carries on: the checkpoint's training time
+    state = torch.load(root / "resumed" / "train_state.pt", weights_only=True)
+    torch.save({**state, "elapsed": 1000.0}, root / "resumed" / "train_state.pt")
+    shutil.copytree(root / "resumed", root / "resumed_alone")
+    resumed = torchrun(root, 2, "resumed", "fsdp")
+    assert resumed.record["train_seconds"] > 1000
+    for (k, a), b in zip(fsdp_run.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    interrupted = QuantGen.load(root / "resumed_alone")
+    alone = fit_generator(
+        interrupted.tokenizer,
+        TokenPairs.load(root / "data" / "pairs.safetensors"),
+        interrupted.model.cfg,
+        TrainConfig(**interrupted.record["train"]),
+        root / "resumed_alone",
+    )
+    assert alone.record["world_size"] == 1 and alone.record["train_seconds"] > 1000
+    for (k, a), b in zip(fsdp_run.model.state_dict().items(), alone.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("skip", ["add", "gain"])
