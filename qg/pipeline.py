@@ -30,7 +30,7 @@ import yaml
 
 from . import results
 from .config.profiles import ROOT, Paths, load_profile
-from .core.io import HASH_SUFFIX, damaged
+from .core.io import HASH_SUFFIX, damaged, exclusive
 
 NOTEBOOKS = (
     "01_collect",
@@ -86,18 +86,20 @@ def run(
         raise ValueError(
             f"unknown notebook(s) {unknown}; the pipeline's notebooks are {list(NOTEBOOKS)}"
         )
-    # the cache claimed once here, not by two kernels at once
-    out_dir = Paths.for_profile(loaded).make().notebooks
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:  # every notebook's parameters, before any runs
         check_parameters(ROOT / "notebooks" / f"{name}.ipynb", params)
-    first = [n for n in names if jobs == 1 or n in SHARED]
-    for name in first:
-        _run_one(name, out_dir, params, loaded.name)
-    later = [n for n in names if n not in first]
-    if later:
-        _in_parallel(later, jobs, out_dir, params, loaded.name)
-    readme = results.write(Paths.for_profile(loaded).results, loaded.name)
+    paths = Paths.for_profile(loaded)
+    # one run at a time per output folder; the cache claimed once here, not by two kernels at once
+    with exclusive(paths.artifacts.with_name(f".{paths.artifacts.name}.lock"), "qg.pipeline"):
+        out_dir = paths.make().notebooks
+        out_dir.mkdir(parents=True, exist_ok=True)
+        first = [n for n in names if jobs == 1 or n in SHARED]
+        for name in first:
+            _run_one(name, out_dir, params, loaded.name)
+        later = [n for n in names if n not in first]
+        if later:
+            _in_parallel(later, jobs, out_dir, params, loaded.name)
+    readme = results.write(paths.results, loaded.name)
     print(f"[qg.pipeline] findings: {readme}", flush=True)
     return [out_dir / f"{name}.ipynb" for name in names]
 

@@ -199,6 +199,32 @@ generator or RPG of format 2 does not load; its cache is set aside like format 1
 FORMAT_FILE = "cache-format"
 
 
+@contextmanager
+def exclusive(path: str | os.PathLike, what: str):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block. A second
+    process asking for it waits until the first is done, saying once that it waits: two runs into
+    one output folder take turns instead of judging each other's half-written files damaged (the
+    second then finds the first's artifacts cached). Released when the process ends, however."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"[qg] {what}: another run is writing there ({path} is locked); waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def claim_cache(root: str | os.PathLike) -> Path:
     """Make `root` a cache of this `CACHE_FORMAT`: create it, or mark an empty one. A folder an
     older qg filled is renamed `<root>.format-<n>` (kept, for its owner to delete) with one line

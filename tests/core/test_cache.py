@@ -315,3 +315,33 @@ def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
     assert len(blobs) == 1
     loaded, meta = read_safetensors(tmp_path / "0.safetensors")
     assert meta == metadata and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_a_second_run_waits_for_the_first_instead_of_racing_it(tmp_path, capsys):
+    """`exclusive` (the pipeline's lock per output folder): while another process holds it, entering
+    waits, says so once, and goes on when the holder ends."""
+    import subprocess
+    import sys
+    import time
+
+    from qg.core.io import exclusive
+
+    lock = tmp_path / ".cpu.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from qg.core.io import exclusive\n"
+            f"with exclusive({str(lock)!r}, 'holder'):\n"
+            "    print('held', flush=True); time.sleep(1.5)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    start = time.perf_counter()
+    with exclusive(lock, "qg.pipeline"):
+        waited = time.perf_counter() - start
+    holder.wait()
+    assert waited > 0.5
+    assert "another run is writing there" in capsys.readouterr().err
