@@ -42,8 +42,8 @@ import torch
 
 from .config.profiles import load_profile
 from .generator.mamba2 import Mamba2, kernels_available, ssd_scan, ssd_sequential
+from .generator.memory import saved_activation_mb
 from .generator.model import Block, Generator, GeneratorConfig
-from .generator.train import saved_activation_mb
 from .quant.baselines import quantize_model
 from .quant.quantizer import QuantSpec
 from .targets.models import ModelSpec, build_model, state_dict_of

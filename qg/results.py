@@ -1,12 +1,14 @@
 """`results/<profile>/README.md`: what the results say, generated from the CSVs beside it by
 `qg.tables.findings` (never typed). `qg.pipeline` writes it after every run;
 `python -m qg.results --profile cpu` rewrites it, `--check` says whether the committed one is
-current (a test runs that on every committed results folder).
+current (a test runs that on every committed results folder). `compare` checks a folder's CSVs
+against another run's (`python -m qg.pipeline --compare`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from functools import partial
 from pathlib import Path
@@ -86,6 +88,59 @@ def write(results: Path, profile: str) -> Path:
     path = results / "README.md"
     path.write_text(readme(results, profile))
     return path
+
+
+# What differs between two runs of the same code on the same inputs: wall-clock times, the commit,
+# and a quantized file's size (its header records the seconds it took as text: 8 bytes more or less,
+# by alignment).
+CLOCK = r"seconds|minutes|time_vs|^file_bytes$|^fp32_over_file$"
+
+
+def compare(profile: str, other: Path) -> int:
+    """Compare every results CSV of a profile with the same file under another output root (a rerun,
+    another machine, another commit): cell for cell as written, wall-clock columns and rows
+    (`CLOCK`) and the commit left out. Prints one line per file; the exit status is 1 when any file
+    differs or is missing."""
+    mine, theirs = Paths.of(profile).results, Paths.of(profile, Path(other)).results
+    if not theirs.is_dir():
+        raise FileNotFoundError(
+            f"{theirs} does not exist: give the root that holds results/{profile}/"
+        )
+    differing = 0
+    for path in sorted(mine.glob("*.csv")):
+        a, b = (
+            _comparable(pd.read_csv(p, dtype=str, keep_default_na=False)) if p.is_file() else None
+            for p in (path, theirs / path.name)
+        )
+        if b is None:
+            print(f"missing: {path.name} (not in {theirs})")
+        elif a.shape != b.shape or list(a.columns) != list(b.columns):
+            print(f"differs: {path.name}: shape {a.shape} vs {b.shape}")
+        elif not a.equals(b):
+            row = (a != b).any(axis=1).idxmax()
+            print(
+                f"differs: {path.name}: {int((a != b).any(axis=1).sum())} rows, first {row}: "
+                f"{a.loc[row][a.loc[row] != b.loc[row]].to_dict()} vs "
+                f"{b.loc[row][a.loc[row] != b.loc[row]].to_dict()}"
+            )
+        else:
+            print(f"identical: {path.name} ({len(a)} rows)")
+            continue
+        differing += 1
+    print(
+        f"[qg.pipeline] {differing} of {len(list(mine.glob('*.csv')))} result files of {mine} "
+        f"differ from {theirs}"
+    )
+    return 1 if differing else 0
+
+
+def _comparable(df):
+    """A results table without what legitimately differs between two runs: the commit and wall-clock
+    times."""
+    df = df.drop(columns=[c for c in df.columns if c == "commit" or re.search(CLOCK, c)])
+    if "metric" in df:
+        df = df[~df.metric.str.contains(CLOCK)]
+    return df.reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> None:

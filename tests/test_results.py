@@ -11,7 +11,7 @@ import pytest
 from qg import results
 from qg.config.profiles import load_profile
 from qg.tables import findings
-from qg.tables.fidelity import following_table
+from qg.tables.following import following_table
 
 ROOT = Path(__file__).resolve().parents[1]
 # the committed ones (results/smoke/ is git-ignored: the tests' own smoke run rewrites it)

@@ -13,8 +13,9 @@ from .. import methods
 from ..generator.diffusion import PREDICTIONS, SAMPLERS
 from ..generator.loss import LOSS_WEIGHTINGS
 from ..generator.model import HEADS, MIXERS, SKIPS, GeneratorConfig
+from ..generator.parallel import STRATEGIES
 from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
-from ..generator.train import STRATEGIES, TrainConfig
+from ..generator.train import TrainConfig
 from ..quant import qwt
 from ..quant.quantizer import SCHEMES, QuantSpec
 from ..targets.names import IN_MEMORY

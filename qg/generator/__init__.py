@@ -10,7 +10,9 @@ Modules, each importing only those above it here (and packages listed before thi
   model      the generator: mixer blocks (Mamba-2, LSTM, Transformer) + embeddings + head
   directory  a trained generator's files, and QuantGen: generator + tokenizer, one forward pass
   pairs      the training set: fp tokens in, target tokens out, with bases, masks and dead zones
-  train      the training loop (AdamW + cosine, resumable, DDP)
+  memory     a training step's memory: peak, and the tensors saved for the backward pass
+  parallel   DDP or FSDP2 across processes, and the checkpoint of full state either way
+  train      the training loop (AdamW + cosine, resumable, DDP or FSDP)
   rpg        RPG mode: whole full-precision models sampled from noise (tokenizer of every tensor,
              fit, sample)
 """

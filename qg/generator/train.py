@@ -23,39 +23,33 @@ checkpoints hold full tensors, so a run resumes under either strategy or in one 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import math
 import os
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..core.io import atomic_write, read_json
 from .directory import QuantGen
+from .memory import peak_memory_mb, saved_activation_mb
 from .model import Generator, GeneratorConfig
 from .pairs import TokenPairs
+from .parallel import (
+    STRATEGIES,
+    bytes_per_rank,
+    gather_into,
+    load_full_state,
+    read_checkpoint,
+    unwrapped,
+    wrap,
+    write_checkpoint,
+)
 from .tokenizer import Tokenizer
-
-# how several processes share the work: a full copy each, or parameters and AdamW state sharded
-STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -101,13 +95,6 @@ def _cosine(cfg: TrainConfig):
     return factor
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak memory: CUDA allocator peak on GPU, the process's peak resident set on CPU."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def train(
     model: Generator,
     data: TokenPairs,
@@ -129,7 +116,7 @@ def train(
     out_dir = Path(out_dir)
     rank, world = _world()
     _check_run(data, cfg, world)
-    net = _parallel(model, cfg.strategy, world, device)
+    net = wrap(model, cfg.strategy, world, device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
     state_path = out_dir / "train_state.pt"
@@ -145,9 +132,7 @@ def train(
 
     def save(done: int) -> None:  # called on every rank: under fsdp gathering is collective
         elapsed_now = elapsed + time.perf_counter() - start
-        model_state, opt_state = _full_state(net, opt)
-        if rank == 0:
-            _save_state(state_path, run, model_state, opt_state, sched, done, losses, elapsed_now)
+        write_checkpoint(state_path, run, net, (opt, sched), done, losses, elapsed_now)
 
     steps = range(step, 0 if exact else last)
     activation_mb = _run_steps(net, (opt, sched), data, cfg, steps, losses, save, device)
@@ -156,55 +141,16 @@ def train(
     elapsed += time.perf_counter() - start
     if rank == 0:
         _write_curve(out_dir / "loss.csv", losses, cfg)
-    held = _bytes_per_rank(net, opt)
-    if isinstance(net, FSDPModule):  # the caller's model gets the trained weights, on every rank
-        model.load_state_dict(
-            get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
-        )
+    held = bytes_per_rank(net, opt)
+    gather_into(model, net)  # the caller's model gets the trained weights, on every rank
     return _record(model, cfg, losses, exact, elapsed, activation_mb, world, device, held)
-
-
-def _parallel(model: Generator, strategy: str, world: int, device) -> torch.nn.Module:
-    """The module the loop trains: `model` on `device` in one process or wrapped by DDP, or under
-    fsdp a copy of it sharded over the processes (FSDP2: each block, then the rest at the root),
-    leaving `model` whole for the trained weights `train` gathers into it at the end."""
-    if world == 1 or strategy == "ddp":
-        model.to(device)
-        return DistributedDataParallel(model) if world > 1 else model
-    mesh = init_device_mesh(torch.device(device).type, (world,))
-    sharded = copy.deepcopy(model)
-    for block in sharded.blocks:
-        fully_shard(block, mesh=mesh)
-    return fully_shard(sharded, mesh=mesh)  # moves each shard to the mesh's device
-
-
-def _unwrapped(net: torch.nn.Module) -> torch.nn.Module:
-    """The generator inside a DDP wrapper (a sharded generator is one itself)."""
-    return net.module if isinstance(net, DistributedDataParallel) else net
-
-
-def _bytes_per_rank(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """Bytes of parameters and of optimizer state that this process holds, measured from its
-    tensors after training (AdamW's state exists from the first step on): the local shards under
-    fsdp, whole tensors otherwise."""
-
-    def nbytes(t: torch.Tensor) -> int:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        return local.numel() * local.element_size()
-
-    return {
-        "param_bytes_per_rank": sum(nbytes(p) for p in net.parameters()),
-        "optimizer_bytes_per_rank": sum(
-            nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
-        ),
-    }
 
 
 def _record(
     model, cfg: TrainConfig, losses, exact, elapsed, activation_mb, world, device, held: dict
 ) -> dict:
     """What `train` returns and the generator directory keeps: steps, final loss, time, memory
-    (`held`: `_bytes_per_rank`), size and settings of the run."""
+    (`held`: `bytes_per_rank`), size and settings of the run."""
     return {
         "steps": len(losses),
         "final_loss": 0.0 if exact else losses[-1] if losses else float("nan"),
@@ -227,7 +173,7 @@ def _run_steps(
     `save(done)` every `ckpt_every` steps and after the last; return the megabytes autograd saved
     on the first step (NaN when none is taken)."""
     rank, world = _world()
-    model = _unwrapped(net)
+    model = unwrapped(net)
     opt, sched = optimizer
     conditions, activation_mb = model.condition_matrix(), float("nan")
     bar = tqdm(
@@ -318,24 +264,15 @@ def _resume(state_path: Path, run: dict, net, opt, sched, device) -> tuple[int, 
     """Load the last checkpoint of this same `run` (`_run_settings`) into model, optimiser and
     schedule: (step, losses, seconds). Every process reads the file (each takes its own shards
     under fsdp)."""
-    if not state_path.is_file():
-        return 0, [], 0.0
-    try:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError) as e:
-        # truncated or damaged: it is only a resume point (a pickle is refused)
-        print(
-            f"[qg] warning: {state_path} is unreadable ({type(e).__name__}); training from step 0",
-            file=sys.stderr,
-            flush=True,
-        )
+    state = read_checkpoint(state_path, device)
+    if state is None:
         return 0, [], 0.0
     if _completed(state.get("run")) != run:
         raise ValueError(
             f"{state_path} holds a run with other settings ({state.get('run')}); "
             "resume only the same run: pick a new output directory or pass resume=False"
         )
-    _load_full_state(net, opt, state["model"], state["opt"])
+    load_full_state(net, opt, state["model"], state["opt"])
     sched.load_state_dict(state["sched"])
     return state["step"], state["losses"], state["elapsed"]
 
@@ -356,101 +293,12 @@ def _completed(run: dict | None) -> dict | None:
         return run
 
 
-def _full_state(net, opt) -> tuple[dict, dict]:
-    """Model and optimizer state as one process holds them: whole tensors, the optimizer's keyed by
-    parameter index as `opt.state_dict()`, so that a checkpoint resumes under any strategy. Under
-    fsdp every rank must call it (it gathers the shards) and only rank 0 receives them (empty
-    dicts elsewhere)."""
-    if not isinstance(net, FSDPModule):
-        return _unwrapped(net).state_dict(), opt.state_dict()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(net, options=options)
-    opt_state = get_optimizer_state_dict(net, opt, options=options)
-    if not opt_state:  # a rank other than 0
-        return model_state, opt_state
-    names = _param_names(net, opt)
-    return model_state, _rekeyed(opt_state, names, range(len(names)))
-
-
-def _load_full_state(net, opt, model_state: dict, opt_state: dict) -> None:
-    """Load what `_full_state` returns into `net` and `opt` (under fsdp each rank its shards)."""
-    if not isinstance(net, FSDPModule):
-        _unwrapped(net).load_state_dict(model_state)
-        opt.load_state_dict(opt_state)
-        return
-    options = StateDictOptions(full_state_dict=True)
-    names = _param_names(net, opt)
-    set_model_state_dict(net, model_state, options=options)
-    set_optimizer_state_dict(
-        net, opt, _rekeyed(opt_state, range(len(names)), names), options=options
-    )
-
-
-def _param_names(net, opt) -> list[str]:
-    """The parameters' names in the optimizer's index order (the keys of `opt.state_dict()`)."""
-    name = {p: n for n, p in net.named_parameters()}
-    return [name[p] for group in opt.param_groups for p in group["params"]]
-
-
-def _rekeyed(opt_state: dict, old, new) -> dict:
-    """`opt_state` with each parameter key of `old` replaced by the one of `new` at its place:
-    indices to names (what torch.distributed.checkpoint reads and writes) or back."""
-    key = dict(zip(old, new, strict=True))
-    return {
-        "state": {key[k]: v for k, v in opt_state["state"].items()},
-        "param_groups": [
-            {**g, "params": [key[k] for k in g["params"]]} for g in opt_state["param_groups"]
-        ],
-    }
-
-
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     if world > 1:
         value = value.clone()
         dist.all_reduce(value)
         value /= world
     return value.item()
-
-
-def saved_activation_mb(fn) -> tuple[float, object]:
-    """Megabytes of tensors autograd keeps for the backward pass of `fn()` (each storage counted
-    once), and `fn()`'s result.
-
-    A deterministic CPU stand-in for peak training memory: it is the part that grows with sequence
-    length, and unlike the process's resident set it does not depend on the allocator's history.
-    """
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()  # meta: no data_ptr
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()) / 2**20, out
-
-
-def _save_state(
-    path: Path,
-    run: dict,
-    model_state: dict,
-    opt_state: dict,
-    sched,
-    step: int,
-    losses: list[float],
-    elapsed: float,
-) -> None:
-    state = {
-        "run": run,
-        "model": model_state,
-        "opt": opt_state,
-        "sched": sched.state_dict(),
-        "step": step,
-        "losses": losses,
-        "elapsed": elapsed,
-    }
-    with atomic_write(path) as f:
-        torch.save(state, f)
 
 
 def _write_curve(path: Path, losses: list[float], cfg: TrainConfig) -> None:

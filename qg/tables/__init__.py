@@ -15,6 +15,7 @@ Modules, each importing only those above it here (and the packages before this o
   main         03_generate: Tables 1-3, Figures 1 and 3, Gen − PTQ per checkpoint
   qwt          03_generate: QwT on top of PTQ, HQQ and Gen
   fidelity     03_generate and 08: fidelity and memorisation of generated models
+  following    03_generate and 08: does Gen's accuracy follow its target's, on every split
   ablations    04-07: one factor's variants against PTQ, and the computed findings
   amortized    08_residual_qat: amortized QAT against QAT and HQQ
   files        09_real_files: file sizes and the packed runtime
