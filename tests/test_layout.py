@@ -104,3 +104,25 @@ def test_the_quantize_path_loads_neither_the_study_nor_the_tables():
     loaded = done.stderr.split()
     assert "qg.generator.model" in loaded and "qg.targets.models" in loaded, loaded
     assert not [m for m in loaded if m.startswith(("qg.study", "qg.tables", "qg.config"))], loaded
+
+
+def test_every_module_function_and_line_reads_at_once():
+    """Modules of at most 400 lines, functions of at most 50, lines of at most 100 columns (the
+    size a reader takes in without scrolling)."""
+    too_long = []
+    for path in sorted(QG.rglob("*.py")):
+        dotted = ".".join(path.relative_to(QG).with_suffix("").parts)
+        lines = path.read_text().splitlines()
+        if len(lines) > 400:
+            too_long.append(f"qg.{dotted}: {len(lines)} lines")
+        too_long += [
+            f"qg.{dotted}:{i}: {len(line)} columns"
+            for i, line in enumerate(lines, 1)
+            if len(line) > 100
+        ]
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 50:
+                    too_long.append(f"qg.{dotted}.{node.name}: {length} lines")
+    assert not too_long, "split these:\n" + "\n".join(too_long)

@@ -102,7 +102,7 @@ def test_following_table_correlates_gen_with_its_targets_accuracy():
 
 def test_the_readme_paper_cost_table_is_the_dry_runs_output():
     """The README's paper-shapes table is generated (meta device: a second), never typed."""
-    from qg.bench import bench_paper_shapes, paper_shapes_table
+    from qg.bench.shapes import bench_paper_shapes, paper_shapes_table
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- paper-shapes: python -m qg.bench --sections paper-shapes -->")[1]

@@ -75,49 +75,58 @@ def _cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def fingerprint(seed: int = 0) -> dict[str, str]:
-    """A digest of the exact output of each primitive the target models train with (forward and
-    gradients), on seeded inputs of the cpu profile's ViT shapes (batch 128, 17 tokens, width 48, 3
-    heads): two machines whose runs differ differ here in the ops to blame. The ViT has all of them;
-    the Mixer has no attention."""
+def _digest(*tensors) -> str:
+    """The first 12 hex digits of the sha256 of the tensors' bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _fwd_bwd(fn, *inputs) -> str:
+    """The digest of `fn`'s output and of its inputs' gradients (of the output's mean)."""
+    import torch
+
+    out = fn(*inputs)
+    out.backward(torch.ones_like(out) / out.numel())
+    return _digest(out, *(i.grad for i in inputs))
+
+
+def _layer_digests(g) -> dict[str, str]:
+    """The layers' primitives, forward and backward, at the cpu profile's ViT shapes."""
     import torch
     import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).requires_grad_()
 
-    def digest(*tensors) -> str:
-        h = hashlib.sha256()
-        for t in tensors:
-            h.update(t.detach().contiguous().numpy().tobytes())
-        return h.hexdigest()[:12]
-
-    def fwd_bwd(fn, *inputs):
-        out = fn(*inputs)
-        out.backward(torch.ones_like(out) / out.numel())
-        return digest(out, *(i.grad for i in inputs))
-
     x, w, b = rand(128, 17, 48), rand(96, 48), rand(96)
     q, k, v = (rand(128, 3, 17, 16) for _ in range(3))
     img, kernel = rand(128, 1, 28, 28), rand(48, 1, 7, 7)
-    out = {
-        "linear": fwd_bwd(lambda x, w, b: F.linear(x, w, b), x, w, b),
-        "conv2d (patches)": fwd_bwd(lambda i, k: F.conv2d(i, k, stride=7), img, kernel),
-        "layer_norm": fwd_bwd(lambda x: F.layer_norm(x, (48,)), rand(128, 17, 48)),
-        "gelu": fwd_bwd(F.gelu, rand(128, 17, 96)),
-        "softmax": fwd_bwd(lambda x: x.softmax(-1), rand(128, 3, 17, 17)),
-        "attention (sdpa)": fwd_bwd(F.scaled_dot_product_attention, q, k, v),
-        "attention (by hand)": fwd_bwd(
+    return {
+        "linear": _fwd_bwd(lambda x, w, b: F.linear(x, w, b), x, w, b),
+        "conv2d (patches)": _fwd_bwd(lambda i, k: F.conv2d(i, k, stride=7), img, kernel),
+        "layer_norm": _fwd_bwd(lambda x: F.layer_norm(x, (48,)), rand(128, 17, 48)),
+        "gelu": _fwd_bwd(F.gelu, rand(128, 17, 96)),
+        "softmax": _fwd_bwd(lambda x: x.softmax(-1), rand(128, 3, 17, 17)),
+        "attention (sdpa)": _fwd_bwd(F.scaled_dot_product_attention, q, k, v),
+        "attention (by hand)": _fwd_bwd(
             lambda q, k, v: ((q @ k.transpose(-2, -1)) * 16**-0.5).softmax(-1) @ v,
             *(t.detach().clone().requires_grad_() for t in (q, k, v)),
         ),
-        "cross_entropy": fwd_bwd(
+        "cross_entropy": _fwd_bwd(
             lambda z: F.cross_entropy(z, torch.arange(128) % 10), rand(128, 10)
         ),
     }
+
+
+def _optimizer_digests(g) -> dict[str, str]:
+    """AdamW's three implementations after three steps, then the element-wise ops its step is made
+    of, alone (a vendor difference in `adamw` names one)."""
+    import torch
+
     start, grads = torch.randn(96, 48, generator=g), torch.randn(3, 96, 48, generator=g)
+    out = {}
     for name, options in (
         ("adamw", {}),  # torch's default: the foreach implementation
         ("adamw (single tensor)", {"foreach": False}),
@@ -128,17 +137,26 @@ def fingerprint(seed: int = 0) -> dict[str, str]:
         for grad in grads:
             param.grad = grad.clone()
             opt.step()
-        out[name] = digest(param)
-    # the element-wise ops AdamW's step is made of, alone (a vendor difference in `adamw` names one)
+        out[name] = _digest(param)
     a, c = torch.randn(96, 48, generator=g), torch.rand(96, 48, generator=g) + 0.1
-    out |= {
-        "sqrt": digest(c.sqrt()),
-        "lerp": digest(a.lerp(c, 0.1)),
-        "addcmul": digest(a.addcmul(c, c, value=0.001)),
-        "addcdiv": digest(a.addcdiv(a, c.sqrt().add(1e-8), value=-1e-3)),
-        "pow": digest(c.pow(0.999)),
+    return out | {
+        "sqrt": _digest(c.sqrt()),
+        "lerp": _digest(a.lerp(c, 0.1)),
+        "addcmul": _digest(a.addcmul(c, c, value=0.001)),
+        "addcdiv": _digest(a.addcdiv(a, c.sqrt().add(1e-8), value=-1e-3)),
+        "pow": _digest(c.pow(0.999)),
     }
-    return out
+
+
+def fingerprint(seed: int = 0) -> dict[str, str]:
+    """A digest of the exact output of each primitive the target models train with (forward and
+    gradients), on seeded inputs of the cpu profile's ViT shapes (batch 128, 17 tokens, width 48, 3
+    heads): two machines whose runs differ differ here in the ops to blame. The ViT has all of them;
+    the Mixer has no attention."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return _layer_digests(g) | _optimizer_digests(g)
 
 
 def main(argv: list[str] | None = None) -> None:

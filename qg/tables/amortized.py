@@ -238,6 +238,16 @@ def gap_table(
     error against that target (`qg.study.evaluation.split_gap`: mean over layers, and the worst
     layer's) and how far the split's inputs lie from the training checkpoints
     (`split_distances`, in training spacings)."""
+    out = _gap_frame(layers, shift, wide)
+    tidy = out.melt(id_vars=[*_GAP_KEYS, "split", "worst_layer"], var_name="metric").assign(
+        table="amortized_gap", method="gen", profile=profile.name, commit=commit
+    )
+    return tidy, _gap_markdown(out, profile)
+
+
+def _gap_frame(layers: pd.DataFrame, shift: pd.DataFrame, wide: pd.DataFrame) -> pd.DataFrame:
+    """One row per generator and split: code errors (mean, worst layer), Gen − target, input
+    shift."""
     per_layer = layers.groupby([*_GAP_KEYS, "split", "layer"]).code_mae.mean().reset_index()
     codes = per_layer.groupby([*_GAP_KEYS, "split"]).code_mae.agg(
         code_err="mean", worst_layer_err="max"
@@ -259,10 +269,11 @@ def gap_table(
     )
     inputs = shift.groupby(["arch", "task", "split"]).in_spacings.median().rename("input_shift")
     out = out.merge(diffs, on=[*keys, "source", "variant"], how="left")
-    out = out.join(inputs, on=["arch", "task", "split"])
-    tidy = out.melt(id_vars=[*_GAP_KEYS, "split", "worst_layer"], var_name="metric").assign(
-        table="amortized_gap", method="gen", profile=profile.name, commit=commit
-    )
+    return out.join(inputs, on=["arch", "task", "split"])
+
+
+def _gap_markdown(out: pd.DataFrame, profile: Profile) -> str:
+    """`_gap_frame` as the results' Markdown table, splits in reading order."""
     order = {k: i for i, k in enumerate(SPLIT_LABELS)}
     md = out.sort_values(
         ["task", "arch", "source", "variant", "bits", "split"],
@@ -278,7 +289,7 @@ def gap_table(
             "input_shift": "inputs (spacings)",
         }
     ).round(3)
-    return tidy, profile_markdown(
+    return profile_markdown(
         md[
             [
                 *_GAP_KEYS,

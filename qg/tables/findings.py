@@ -225,19 +225,10 @@ def gap_findings(tidy: pd.DataFrame, shown: int = 3, fits: float = -0.2) -> list
     to, decided by them: a generator that fits its training split (Gen − target above `fits`) and
     loses on inputs farther than run A's held-out ones is short of training inputs, not of
     capacity."""
-    wide = tidy.pivot_table(
-        index=["arch", "task", "source", "variant", "bits", "split"],
-        columns="metric",
-        values="value",
-        aggfunc="first",
-    )
-    worst = tidy.groupby(["arch", "task", "source", "variant", "bits", "split"]).worst_layer.first()
-    wide = wide.join(worst).reset_index()
-    qat = wide[wide.source == "qat"].set_index(["arch", "task", "variant", "bits", "split"])
-    if qat.empty:
+    splits = _qat_gap_splits(tidy)
+    if splits is None:
         return []
-    a, b = qat.xs("trained", level="split"), qat.xs(HELD, level="split")
-    ckpt = qat.xs("heldout_ckpt", level="split").input_shift
+    a, b, ckpt = splits
     fall = (a.gen_minus_target - b.gen_minus_target).sort_values(ascending=False)
     lines = []
     for key in fall.index[:shown]:
@@ -252,36 +243,57 @@ def gap_findings(tidy: pd.DataFrame, shown: int = 3, fits: float = -0.2) -> list
             f"{b.input_shift[key]:.1f} training spacings from the nearest training checkpoint, "
             f"run A's held-out ones {ckpt[key]:.1f}"
         )
-    key = fall.index[0]
-    far = b.input_shift[key] > 2 * ckpt[key]
-    fitted = a.gen_minus_target[key] > fits
-    grew = b.code_err[key] > a.code_err[key]
     rise = (b.code_err - a.code_err).corr(fall)
     lines.append(
         f"Across the {len(fall)} QAT-trained generators, the fall in Gen − QAT correlates "
         f"{rise:.2f} with the rise in code error from the trained-on checkpoints to the held-out "
         "run"
     )
+    return lines + [_gap_verdict(a, b, ckpt, fall.index[0], fits)]
+
+
+def _qat_gap_splits(tidy: pd.DataFrame):
+    """`gap_table`'s QAT-trained generators on the trained-on checkpoints, on the held-out run,
+    and run A's held-out checkpoints' input shift; None when there are none."""
+    wide = tidy.pivot_table(
+        index=["arch", "task", "source", "variant", "bits", "split"],
+        columns="metric",
+        values="value",
+        aggfunc="first",
+    )
+    worst = tidy.groupby(["arch", "task", "source", "variant", "bits", "split"]).worst_layer.first()
+    wide = wide.join(worst).reset_index()
+    qat = wide[wide.source == "qat"].set_index(["arch", "task", "variant", "bits", "split"])
+    if qat.empty:
+        return None
+    trained, held = qat.xs("trained", level="split"), qat.xs(HELD, level="split")
+    return trained, held, qat.xs("heldout_ckpt", level="split").input_shift
+
+
+def _gap_verdict(a, b, ckpt, key, fits: float) -> str:
+    """What the largest fall (`key`) points to, decided by its numbers: short of training inputs,
+    short of capacity or steps, or not explained by input shift."""
+    far = b.input_shift[key] > 2 * ckpt[key]
+    fitted = a.gen_minus_target[key] > fits
+    grew = b.code_err[key] > a.code_err[key]
     if fitted and far and grew:
-        lines.append(
+        return (
             "What the numbers point to, for the largest fall: the generator fits its trained-on "
             "checkpoints, its codes move away from the target on the new run, and that run's "
             "inputs lie farther from the training checkpoints than run A's held-out ones: it is "
             "short of training inputs (targets from more than one run, or inputs augmented to "
             "cover a run's spread), not of capacity or steps"
         )
-    elif not fitted:
-        lines.append(
+    if not fitted:
+        return (
             "What the numbers point to, for the largest fall: the generator does not fit its "
             f"trained-on checkpoints either (Gen − QAT below {fits}): capacity or steps first"
         )
-    else:
-        lines.append(
-            "What the numbers point to, for the largest fall: the new run's inputs are no "
-            "farther than run A's held-out ones (or the codes do not move away): the fall is "
-            "not explained by input shift; the per-layer errors below say where it is"
-        )
-    return lines
+    return (
+        "What the numbers point to, for the largest fall: the new run's inputs are no "
+        "farther than run A's held-out ones (or the codes do not move away): the fall is "
+        "not explained by input shift; the per-layer errors below say where it is"
+    )
 
 
 def ablation_findings(tidy: pd.DataFrame, factor: str) -> list[str]:

@@ -18,15 +18,8 @@ _TARGET_METHOD = {"ptq": "ptq", "qat": "qat"}
 _CELL = ["split", "arch", "task", "bits", "granularity"]
 
 
-def following_table(
-    runs: pd.DataFrame, profile: Profile, commit: str, generators: str = "the Table 1 generators"
-) -> tuple[pd.DataFrame, str]:
-    """Does each generator follow its input, on every split? One row per (split, cell, generator):
-    across the split's checkpoints, the correlation of Gen's accuracy with its target's (PTQ or QAT
-    of the same checkpoint, by `source`), the target's own correlation with the input's FP32
-    accuracy (what following the input looks like), and whether Gen's accuracy is the same on every
-    checkpoint while the target's is not (a generator that returns one model whatever it is
-    given)."""
+def _following_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (split, cell, generator): n, corr(Gen, target), corr(target, FP32), constant."""
     runs = runs.assign(variant=runs.variant.fillna(""), condition=runs.condition.fillna(""))
     base = runs[runs.method.isin(["fp", *_TARGET_METHOD.values()])].pivot_table(
         index=[*_CELL, "checkpoint"], columns="method", values="accuracy", aggfunc="first"
@@ -49,7 +42,19 @@ def following_table(
                 "constant": int(acc.nunique() == 1 and target.nunique() > 1),
             }
         )
-    out = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def following_table(
+    runs: pd.DataFrame, profile: Profile, commit: str, generators: str = "the Table 1 generators"
+) -> tuple[pd.DataFrame, str]:
+    """Does each generator follow its input, on every split? One row per (split, cell, generator):
+    across the split's checkpoints, the correlation of Gen's accuracy with its target's (PTQ or QAT
+    of the same checkpoint, by `source`), the target's own correlation with the input's FP32
+    accuracy (what following the input looks like), and whether Gen's accuracy is the same on every
+    checkpoint while the target's is not (a generator that returns one model whatever it is
+    given)."""
+    out = _following_frame(runs)
     tidy = out.melt(id_vars=[*_CELL, "source", "variant", "n"], var_name="metric").assign(
         table="following", method="gen", profile=profile.name, commit=commit
     )
