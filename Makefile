@@ -11,7 +11,7 @@ JOBS      ?= 1
 TORCH     ?= torch==2.14.1 torchvision==0.29.1
 FMNIST    ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install data test unit lint reproduce checks lab bench lock clean clean-cache
+.PHONY: install data test unit lint reproduce checks lab bench gpu-wheels gpu-check lock clean clean-cache
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,28 @@ lab: install data
 
 bench: install
 	$(PY) -m qg.bench
+
+# The one GPU check (qg/bench/gpu.py): Mamba-2 against mamba-ssm, generator speed by backbone, 50 paper-profile
+# steps; results/gpu/gpu_check.{json,md}. A GPU machine without the registries gets its missing packages as wheels
+# made here first with `make gpu-wheels` (mamba-ssm's Triton path, built with MAMBA_SKIP_CUDA_BUILD=TRUE, and what
+# qg needs beyond a PyTorch image), in .whl/; gpu-check installs them into $(GPU_SITE) and runs with the system python.
+GPU_PY    ?= python3
+GPU_SITE  ?= /tmp/qg-gpu-site
+GPU_WHEELS = pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+MAMBA_SSM ?= mamba-ssm==2.2.4
+
+gpu-wheels: install
+	mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip wheel -q --no-deps --no-build-isolation \
+		$(MAMBA_SSM) -w .whl
+
+gpu-check:
+	@if ls .whl/*.whl > /dev/null 2>&1; then \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; \
+	fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m qg.bench.gpu --out results/gpu
 
 # Re-resolve pyproject's ranges in a scratch venv and pin what they give (torch stays $(TORCH)).
 lock:

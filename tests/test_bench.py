@@ -1,7 +1,12 @@
 """The benchmark's command line runs every CPU section at toy sizes and prints its ratios."""
 
-import pandas as pd
+import json
 
+import pandas as pd
+import pytest
+import torch
+
+from qg.bench import gpu
 from qg.bench.__main__ import main
 
 
@@ -30,3 +35,29 @@ def test_the_runtime_section_packs_every_bit_width_of_the_profile(tmp_path, caps
     assert (packed.weight_bytes < packed.arch.map(fp)).all()  # packed codes are smaller
     assert packed.ptq_seconds.notna().all() and packed.hqq_seconds.notna().all()
     assert "memory vs fp32" in capsys.readouterr().out
+
+
+def test_the_gpu_check_runs_its_parts_on_the_cpu(tmp_path):
+    """`make gpu-check`'s code at toy sizes: the references are the sequential recurrence and qg's
+    Mamba2 at another chunk size; the generator trains on fake checkpoints of the smoke profile."""
+    found = gpu.main(
+        ["--device", "cpu", "--profile", "smoke", "--arch", "vit", "--steps", "4"]
+        + ["--speed-steps", "1", "--lengths", "64", "--out", str(tmp_path)]
+    )
+    assert len(found["agreement"]) == 4 and all(r["ok"] for r in found["agreement"])
+    assert {r["backbone"] for r in found["speed"]} == {"mamba2", "lstm", "transformer"}
+    assert all(r["steps_per_second"] > 0 for r in found["speed"])
+    paper = found["paper"]
+    assert paper["steps"] == 4 and paper["last_loss"] < paper["first_loss"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["paper"] == paper
+    assert (
+        "Agreement with the reference: all within tolerance"
+        in (tmp_path / "gpu_check.md").read_text()
+    )
+
+
+def test_the_gpu_check_says_what_it_needs_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(SystemExit, match="no CUDA device here"):
+        gpu.main(["--out", str(tmp_path)])

@@ -8,6 +8,8 @@ Modules, one comparison each; each imports only those above it in this list:
             seconds to quantize
   shapes    the paper profile's generators from their shapes alone: parameters, training state,
             activations, memory per GPU under DDP and FSDP
+  gpu       the one GPU check (`make gpu-check`): qg's Mamba-2 against mamba-ssm's, generator speed
+            by backbone, training steps of the paper profile's generator on fake checkpoints
   __main__  the command line: which sections, at which sizes, into which CSV
 
 Ratios are taken within one run on one machine; absolute times depend on the machine and its load.

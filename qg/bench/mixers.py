@@ -13,7 +13,7 @@ from ..generator.model import Block, GeneratorConfig
 from ..targets.runtime import median_seconds
 
 
-def _scan_inputs(batch, length, d_model, device, d_state=128, headdim=64):
+def scan_inputs(batch, length, d_model, device, d_state=128, headdim=64):
     nheads = 2 * d_model // headdim
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, length, nheads, headdim, generator=g)
@@ -26,7 +26,7 @@ def _scan_inputs(batch, length, d_model, device, d_state=128, headdim=64):
 def bench_scan(lengths, batch, d_model, repeats, device) -> list[dict]:
     rows = []
     for length in lengths:
-        inputs = _scan_inputs(batch, length, d_model, device)
+        inputs = scan_inputs(batch, length, d_model, device)
         for name, fn in (
             ("chunked SSD (chunk 64)", lambda: ssd_scan(*inputs, chunk_size=64)),
             ("sequential recurrence", lambda: ssd_sequential(*inputs)),

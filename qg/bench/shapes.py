@@ -16,21 +16,28 @@ from ..quant.quantizer import is_quantized_weight
 from ..targets.models import ModelSpec, build_model
 
 
-def _meta_generator(profile, arch: str):
+def arch_config(profile, arch: str, part: str) -> dict:
+    """The profile's `tokenizer`, `generator` or `train` keys as written, updated by the
+    architecture's own entry (ViT-Base's larger tokens), as a generator of `arch` is trained."""
+    return {**profile.set_in(part), **profile.set_in("archs", arch, part)}
+
+
+def arch_generator(profile, arch: str, device="meta", **generator):
     """The generator the profile trains for `arch` (its tokens laid out over the timm model's
-    quantized weights), built on PyTorch's meta device: shapes without memory or compute."""
-    token_size = {**profile.set_in("tokenizer"), **profile.set_in("archs", arch, "tokenizer")}
-    token_size = token_size.get("token_size", profile.tokenizer.token_size)
-    generator = {**profile.set_in("generator"), **profile.set_in("archs", arch, "generator")}
+    quantized weights, `generator` overriding its architecture), and its layout. On the meta
+    device (the default): shapes without memory or compute."""
+    token_size = arch_config(profile, arch, "tokenizer").get("token_size")
+    token_size = token_size or profile.tokenizer.token_size
     with torch.device("meta"):
         target = build_model(ModelSpec.from_dict(profile.set_in("archs", arch)))
     shapes = [
         (n, tuple(p.shape)) for n, p in target.state_dict().items() if is_quantized_weight(n, p)
     ]
     layout = Layout(shapes, [profile.quant.spec(8, "group")], token_size)
+    generator = {**arch_config(profile, arch, "generator"), **generator}
     cfg = GeneratorConfig(token_size=token_size, n_tokens=layout.n_tokens, **generator)
-    with torch.device("meta"):
-        return Generator(cfg, layout.positions().to("meta")), layout
+    with torch.device(device):
+        return Generator(cfg, layout.positions().to(device)), layout
 
 
 def bench_paper_shapes(profile_name: str = "paper", gpus=(1, 8)) -> list[dict]:
@@ -44,7 +51,7 @@ def bench_paper_shapes(profile_name: str = "paper", gpus=(1, 8)) -> list[dict]:
     profile = load_profile(profile_name)
     rows = []
     for arch in profile.archs:
-        model, layout = _meta_generator(profile, arch)
+        model, layout = arch_generator(profile, arch)
         params = sum(p.numel() for p in model.parameters())
         block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
         sample = torch.zeros(1, layout.n_tokens, layout.token_size, device="meta")
