@@ -29,7 +29,7 @@ import yaml
 
 from . import results
 from .config.profiles import ROOT, Paths, load_profile
-from .core.io import HASH_SUFFIX, damaged, exclusive
+from .core.io import HASH_SUFFIX, damaged, exclusive, orphaned, unverified
 from .results import compare
 
 NOTEBOOKS = (
@@ -267,21 +267,32 @@ def store_checks(profile: str = "smoke", notebooks: list[str] | None = None) -> 
 
 
 def verify(profile: str) -> int:
-    """Report the damaged artifacts of a profile's cache (exit status 1 when there are any); change
-    nothing. An unknown profile, or one never run here, is an error, not "0 damaged"."""
+    """Report a profile's cache without changing it: damaged artifacts (their bytes no longer match
+    their recorded hash) and unverified ones (no hash at all), which the next run rebuilds (exit
+    status 1 when there are any), and orphaned ones, made from checkpoints that are gone or changed,
+    which no run reads as they are (safe to delete). An unknown profile, or one never run here, is
+    an error, not "0 damaged"."""
     load_profile(profile)  # FileNotFoundError naming the known profiles
     root = Paths.of(profile).artifacts
     if not root.is_dir():
         sys.exit(f"error: {root} does not exist: the {profile} profile has not run here")
-    bad = damaged(root)
+    bad, loose = damaged(root), unverified(root)
+    orphans = orphaned(root, root / "collect")  # inputs are named as `Collected.relative` does
     for path in bad:
         print(f"damaged: {path.relative_to(root)}")
+    for path in loose:
+        print(f"unverified: {path.relative_to(root)} (no recorded hash)")
+    for path, why in orphans.items():
+        print(f"orphaned: {path.relative_to(root)} ({why})")
     checked = sum(1 for _ in root.rglob(f"*{HASH_SUFFIX}"))
     print(
-        f"[qg.pipeline] {checked} cached artifacts of {root} checked, {len(bad)} damaged"
-        + (" (the next run rebuilds them)" if bad else "")
+        f"[qg.pipeline] {checked} cached artifacts of {root} checked: {len(bad)} damaged, "
+        f"{len(loose)} unverified"
+        + (" (the next run rebuilds them)" if bad or loose else "")
+        + f", {len(orphans)} orphaned"
+        + (" (no run reads them: safe to delete)" if orphans else "")
     )
-    return 1 if bad else 0
+    return 1 if bad or loose else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from fakes import TINY_VIT, fake_collect, write_manifest
 from qg import pipeline
 from qg.config import profiles
 from qg.core import report
-from qg.core.io import content_digest, read_json
+from qg.core.io import content_digest, read_json, record_hash
 from qg.quant.fileformat import read_quantized
 from qg.quant.quantizer import QuantSpec
 from qg.study import collect
@@ -610,6 +610,36 @@ def test_verify_refuses_an_unknown_or_never_run_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("QG_OUTPUT", str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match="has not run here"):
         pipeline.main(["--verify", "--profile", "smoke"])
+
+
+def test_verify_reports_unverified_and_orphaned_artifacts(tmp_path, monkeypatch, capsys):
+    """A file with no recorded hash is reported (the next run rebuilds it) and fails the check; an
+    artifact whose checkpoint is gone or changed is reported as orphaned, without failing it."""
+    root = tmp_path / "artifacts" / "smoke"
+    ckpts = [root / "collect" / "vit" / "full" / "runA" / f"ckpt_00{i}.safetensors" for i in (0, 1)]
+    made = []
+    for i, ckpt in enumerate(ckpts):
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"checkpoint %d" % i)
+        record_hash(ckpt)
+        made.append(root / "quantized" / f"ptq_{i}.safetensors")
+        made[-1].parent.mkdir(parents=True, exist_ok=True)
+        made[-1].write_bytes(b"codes %d" % i)
+        record_hash(made[-1], {f"vit/full/runA/{ckpt.name}": content_digest(ckpt)})
+    monkeypatch.setenv("QG_OUTPUT", str(tmp_path))
+    assert pipeline.verify("smoke") == 0
+    assert "0 damaged, 0 unverified, 0 orphaned" in capsys.readouterr().out
+    ckpts[0].unlink()
+    ckpts[0].with_name(ckpts[0].name + ".sha256").unlink()
+    ckpts[1].write_bytes(b"retrained")
+    record_hash(ckpts[1])
+    (root / "quantized" / "planted.safetensors").write_bytes(b"from another tool")
+    assert pipeline.verify("smoke") == 1
+    out = capsys.readouterr().out
+    assert "unverified: quantized/planted.safetensors (no recorded hash)" in out
+    assert "orphaned: quantized/ptq_0.safetensors (made from vit/full/runA/ckpt_000" in out
+    assert "ckpt_001.safetensors, which has changed since)" in out
+    assert "0 damaged, 1 unverified (the next run rebuilds them), 2 orphaned" in out
 
 
 def test_the_runner_finds_the_repair_lines_a_kernel_printed(tmp_path):
