@@ -142,6 +142,11 @@ class TrainBlock(Block):
         description="under torchrun: ddp (a full copy per process) or fsdp (parameters, gradients "
         "and AdamW state sharded over the processes, for a generator that does not fit one device)",
     )
+    recompute: bool = Field(
+        _T.recompute,
+        description="keep only each block's input and recompute the block in the backward pass "
+        "(activation checkpointing): less memory, more time, the same result",
+    )
 
 
 class Arch(Block):

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .diffusion import DiffusionHead
 from .layout import sinusoidal_2d
@@ -192,6 +193,9 @@ class Generator(nn.Module):
                 f"got {tuple(positions.shape)}"
             )
         self.cfg = cfg
+        # training memory, not architecture (`TrainConfig.recompute` sets it): the same outputs and
+        # gradients whether the blocks' activations are kept or recomputed
+        self.recompute = False
         self.register_buffer("pos_emb", sinusoidal_2d(positions, cfg.token_size), persistent=False)
         self.cond_proj = (
             nn.Linear(cfg.cond_width, cfg.token_size, bias=False) if cfg.cond_width else None
@@ -298,7 +302,8 @@ class Generator(nn.Module):
             x = x + self.cond_proj(onehot)[:, None, :]
         x = self.proj_in(x)
         for block in self.blocks:
-            x = block(x)
+            # recompute: keep only each block's input, run the block again in the backward pass
+            x = checkpoint(block, x, use_reentrant=False) if self.recompute else block(x)
         return self.norm_out(x)
 
     def forward(

@@ -67,6 +67,9 @@ class TrainConfig:
     loss_weighting: str = "element"
     # under torchrun: one of STRATEGIES (no effect in one process; not part of a run's identity)
     strategy: str = "ddp"
+    # recompute each block's activations in the backward pass instead of keeping them (activation
+    # checkpointing: less memory, more time, the same result; not part of a run's identity)
+    recompute: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -116,6 +119,7 @@ def train(
     out_dir = Path(out_dir)
     rank, world = _world()
     _check_run(data, cfg, world)
+    model.recompute = cfg.recompute
     net = wrap(model, cfg.strategy, world, device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
@@ -279,8 +283,10 @@ def _resume(state_path: Path, run: dict, net, opt, sched, device) -> tuple[int, 
 
 def _run_settings(generator: dict, train: dict) -> dict:
     """What identifies a run when resuming: the generator's settings and the training's, less
-    `strategy` (how processes share the work, which changes the result only by float rounding)."""
-    return {"generator": generator, "train": {k: v for k, v in train.items() if k != "strategy"}}
+    `strategy` (how processes share the work, which changes the result only by float rounding) and
+    `recompute` (what memory it takes, which does not change it)."""
+    kept = {k: v for k, v in train.items() if k not in ("strategy", "recompute")}
+    return {"generator": generator, "train": kept}
 
 
 def _completed(run: dict | None) -> dict | None:
