@@ -5,6 +5,8 @@ saved activations per sample and memory per GPU under DDP and FSDP. The README's
 
 from __future__ import annotations
 
+import itertools
+
 import pandas as pd
 import torch
 
@@ -40,55 +42,81 @@ def arch_generator(profile, arch: str, device="meta", **generator):
         return Generator(cfg, layout.positions().to(device)), layout
 
 
+def _activations(model, layout) -> tuple[float, float]:
+    """Bytes of activations per training sample: what autograd saves for the backward pass, and
+    the peak with `recompute` (each block's input kept, one block's activations at a time)."""
+    sample = torch.zeros(1, layout.n_tokens, layout.token_size, device="meta")
+    kept = saved_activation_mb(lambda: model(sample, sample, base=sample))[0]
+    model.recompute = True
+    inputs = saved_activation_mb(lambda: model(sample, sample, base=sample))[0]
+    model.recompute = False
+    h = torch.zeros(1, layout.n_tokens, model.cfg.d_model, device="meta", requires_grad=True)
+    one_block = max(saved_activation_mb(lambda: b(h))[0] for b in model.blocks)
+    return kept * 2**20, (inputs + one_block) * 2**20
+
+
 def bench_paper_shapes(profile_name: str = "paper", gpus=(1, 8)) -> list[dict]:
     """What training the profile's generators costs, from their shapes alone (meta device, nothing
     allocated): parameters, the bytes of weights + gradients + AdamW's two moments (float32), the
     activations autograd saves for one training sample (counted by `saved_activation_mb` on a meta
-    forward), and the memory per GPU with the profile's batch split over `gpus` under DDP (every
-    rank holds the whole state) and FSDP (the state sharded, plus one block gathered at a time).
-    Estimates from shapes, not measurements: allocator overhead, temporary buffers and the
-    backward pass's own peaks come on top."""
+    forward; with `train.recompute`, the blocks' inputs plus one block's activations), and the
+    memory per GPU with the profile's batch split over `gpus` under DDP (every rank holds the whole
+    state) and FSDP (the state sharded, plus one block gathered at a time), with and without
+    recompute. Estimates from shapes, not measurements: allocator overhead, temporary buffers and
+    the backward pass's own peaks come on top."""
     profile = load_profile(profile_name)
     rows = []
     for arch in profile.archs:
         model, layout = arch_generator(profile, arch)
         params = sum(p.numel() for p in model.parameters())
         block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
-        sample = torch.zeros(1, layout.n_tokens, layout.token_size, device="meta")
-        activation = saved_activation_mb(lambda: model(sample, sample, base=sample))[0] * 2**20
+        activations = dict(zip((False, True), _activations(model, layout)))
         state = 16 * params  # float32 weights, gradients, AdamW's exp_avg and exp_avg_sq
-        for n in gpus:
+        for n, strategy, recompute in itertools.product(gpus, ("ddp", "fsdp"), (False, True)):
             per_gpu = -(-profile.train.batch_size // n)
             gathered = 4 * block if n > 1 else 0  # FSDP: one block's float32 weights at a time
-            for strategy, held in (("ddp", state), ("fsdp", state / n + gathered)):
-                rows.append(
-                    {
-                        "bench": "paper-shapes",
-                        "profile": profile.name,
-                        "arch": profile.set_in("archs", arch)["arch"],
-                        "token_size": layout.token_size,
-                        "n_tokens": layout.n_tokens,
-                        "params": params,
-                        "state_gb": state / 2**30,
-                        "activation_gb_per_sample": activation / 2**30,
-                        "gpus": n,
-                        "strategy": strategy,
-                        "samples_per_gpu": per_gpu,
-                        "memory_gb_per_gpu": (held + per_gpu * activation) / 2**30,
-                    }
-                )
+            held = state if strategy == "ddp" else state / n + gathered
+            rows.append(
+                {
+                    "bench": "paper-shapes",
+                    "profile": profile.name,
+                    "arch": profile.set_in("archs", arch)["arch"],
+                    "token_size": layout.token_size,
+                    "n_tokens": layout.n_tokens,
+                    "params": params,
+                    "state_gb": state / 2**30,
+                    "activation_gb_per_sample": activations[False] / 2**30,
+                    "recompute_gb_per_sample": activations[True] / 2**30,
+                    "gpus": n,
+                    "strategy": strategy,
+                    "recompute": recompute,
+                    "samples_per_gpu": per_gpu,
+                    "memory_gb_per_gpu": (held + per_gpu * activations[recompute]) / 2**30,
+                }
+            )
     return rows
+
+
+# the README's memory per GPU: (strategy, GPUs, recompute) -> column (on one GPU DDP = FSDP)
+_MEMORY_COLUMNS = {
+    ("ddp", 1, False): "GiB/GPU, 1 GPU",
+    ("ddp", 1, True): "1 GPU, recompute",
+    ("ddp", 8, False): "DDP x8",
+    ("fsdp", 8, False): "FSDP x8",
+    ("fsdp", 8, True): "FSDP x8, recompute",
+}
 
 
 def paper_shapes_table(rows: pd.DataFrame) -> str:
     """`bench_paper_shapes`'s rows as the README's Markdown table: one row per generator, the
-    memory per GPU by strategy and GPU count."""
+    memory per GPU by strategy, GPU count and recompute."""
+    index = ["arch", "token_size", "n_tokens", "params", "state_gb", "activation_gb_per_sample"]
+    index.append("recompute_gb_per_sample")
     wide = rows.pivot_table(
-        index=["arch", "token_size", "n_tokens", "params", "state_gb", "activation_gb_per_sample"],
-        columns=["strategy", "gpus"],
-        values="memory_gb_per_gpu",
+        index=index, columns=["strategy", "gpus", "recompute"], values="memory_gb_per_gpu"
     )
-    wide.columns = [f"GiB/GPU, {s.upper()} x{n}" for s, n in wide.columns]
+    wide = wide[[c for c in _MEMORY_COLUMNS if c in wide.columns]]
+    wide.columns = [_MEMORY_COLUMNS[c] for c in wide.columns]
     wide = wide.reset_index().assign(params=lambda d: (d.params / 1e6).round(0).astype(int))
     wide = wide.rename(
         columns={
@@ -98,6 +126,7 @@ def paper_shapes_table(rows: pd.DataFrame) -> str:
             "params": "generator params (M)",
             "state_gb": "weights+grads+AdamW (GiB)",
             "activation_gb_per_sample": "activations per sample (GiB)",
+            "recompute_gb_per_sample": "with recompute (GiB)",
         }
     )
     return wide.round(1).to_markdown(index=False)
