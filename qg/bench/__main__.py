@@ -95,7 +95,7 @@ def _rows(args) -> pd.DataFrame:
     if "scan" in args.sections:
         rows += mixers.bench_scan(*common)
     if "backbone" in args.sections:
-        rows += mixers.bench_backbones(*common)
+        rows += mixers.bench_backbones(*common, recompute=True)
     if "kernels" in args.sections and args.device.startswith("cuda") and kernels_available():
         rows += mixers.bench_kernels(*common)
     if "paper-shapes" in args.sections:
@@ -115,7 +115,8 @@ def _rows(args) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = _parser().parse_args(argv)
     df = _rows(args)
-    pd.set_option("display.width", 160)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", None)
     mixers.report(df)
     runtime.report(df)
     if (df.bench == "paper-shapes").any():

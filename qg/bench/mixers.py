@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..generator.mamba2 import Mamba2, ssd_scan, ssd_sequential
 from ..generator.memory import saved_activation_mb
@@ -41,24 +42,26 @@ def _block(backbone: str, d_model: int) -> Block:
     return Block(cfg)
 
 
-def _block_step(backbone, batch, length, d_model, repeats, device) -> dict:
-    """Time and memory of one forward + backward of a generator block."""
+def _block_step(backbone, batch, length, d_model, repeats, device, recompute=False) -> dict:
+    """Time and memory of one forward + backward of a generator block (with `recompute`: its
+    input kept, the block run again in the backward pass, as `train.recompute` does)."""
     torch.manual_seed(0)
     block = _block(backbone, d_model).to(device)
     x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
-    step = lambda: block(x).sum().backward()  # noqa: E731
+    run = (lambda: checkpoint(block, x, use_reentrant=False)) if recompute else (lambda: block(x))
+    step = lambda: run().sum().backward()  # noqa: E731
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         seconds = median_seconds(step, repeats, device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
-        peak, out = saved_activation_mb(lambda: block(x))
+        peak, out = saved_activation_mb(run)
         out.sum().backward()
         seconds = median_seconds(step, repeats, device)
     return {
         "bench": "backbone",
-        "case": backbone,
+        "case": backbone + (" recompute" if recompute else ""),
         "length": length,
         "seconds": seconds,
         "peak_mb": peak,
@@ -66,11 +69,11 @@ def _block_step(backbone, batch, length, d_model, repeats, device) -> dict:
     }
 
 
-def bench_backbones(lengths, batch, d_model, repeats, device) -> list[dict]:
+def bench_backbones(lengths, batch, d_model, repeats, device, recompute=False) -> list[dict]:
+    """Each backbone's block at each length; with `recompute`, Mamba-2's recomputed too."""
+    cases = [(b, False) for b in ("mamba2", "lstm", "transformer")] + [("mamba2", True)] * recompute
     return [
-        _block_step(b, batch, n, d_model, repeats, device)
-        for n in lengths
-        for b in ("mamba2", "lstm", "transformer")
+        _block_step(b, batch, n, d_model, repeats, device, r) for n in lengths for b, r in cases
     ]
 
 
@@ -120,8 +123,9 @@ def report(df: pd.DataFrame) -> None:
     bb = df[df.bench == "backbone"]
     for value in ("seconds", "peak_mb") if len(bb) else ():
         t = bb.pivot(index="length", columns="case", values=value)
-        for other in ("lstm", "transformer"):
-            t[f"{other} / mamba2"] = t[other] / t["mamba2"]
+        for other in ("lstm", "transformer", "mamba2 recompute"):
+            if other in t:
+                t[f"{other} / mamba2"] = t[other] / t["mamba2"]
         print(f"Generator block ({value}), forward + backward\n", t.round(3), "\n")
     if len(bb):
         print("parameters per block:", bb.groupby("case")["params"].first().to_dict())
