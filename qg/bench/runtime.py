@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ..config.profiles import load_profile
 from ..quant.baselines import quantize_model
+from ..quant.fileformat import save_quantized
 from ..quant.quantizer import QuantSpec
+from ..targets.export import export_hqq, load_hqq
 from ..targets.models import ModelSpec, build_model, state_dict_of
 from ..targets.runtime import QuantizedLayer, latency, quantized_model, weight_bytes
 
@@ -52,18 +56,48 @@ def _inputs(model_spec: ModelSpec, batches) -> dict[int, torch.Tensor]:
     return {b: torch.randn(b, channels, model_spec.img_size, model_spec.img_size) for b in batches}
 
 
-def _quantized_rows(fp, sd, spec, inputs, time_quantizers, repeats) -> list[dict]:
+def resident_bytes(model) -> int:
+    """`weight_bytes`, plus the tensors hqq's `HQQLinear` keeps in its `meta` dict (scale, zero)
+    rather than as parameters or buffers."""
+    meta = [m.meta for m in model.modules() if isinstance(getattr(m, "meta", None), dict)]
+    held = [t for d in meta for t in d.values() if isinstance(t, torch.Tensor)]
+    return weight_bytes(model) + sum(t.numel() * t.element_size() for t in held)
+
+
+def hqq_model(model_spec: ModelSpec, qsd: dict, spec: QuantSpec):
+    """The quantized model in hqq's own `HQQLinear` layers (through `export_hqq`, so hqq's code
+    runs the forward pass), and the share of quantized layers it holds (others are float32)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "ours.safetensors", Path(tmp) / "hqq.safetensors"
+        save_quantized(src, qsd, spec, {"model": model_spec.to_dict()})
+        written = export_hqq(src, dst)
+        return load_hqq(dst), sum(w == "HQQLinear" for w in written.values()) / len(written)
+
+
+def _packed_models(fp, model_spec, qsd, spec) -> dict[str, tuple]:
+    """PTQ's codes as each runtime holds them: ours with every layer dequantized per call, ours on
+    fused kernels where one exists, and hqq's `HQQLinear` where hqq takes the bits; each with the
+    share of quantized layers on that path (on a kernel, or in an `HQQLinear`)."""
+    models = {}
+    for kernels, path in PATHS.items():
+        packed = quantized_model(copy.deepcopy(fp), qsd, kernels)
+        layers = [m for m in packed.modules() if isinstance(m, QuantizedLayer)]
+        models[path] = packed, sum(m.kernel != "dequantize" for m in layers) / len(layers)
+    model, share = hqq_model(model_spec, qsd, spec)
+    if share:  # else every layer is float32: hqq does not take these bits
+        models["hqq"] = model, share
+    return models
+
+
+def _quantized_rows(fp, model_spec, spec, inputs, time_quantizers, repeats) -> list[dict]:
     """One spec: PTQ's codes (and HQQ's, to time it), packed once per path, timed per batch."""
     made, seconds = {}, {}
     for method in ("ptq", "hqq") if time_quantizers else ("ptq",):
         start = time.perf_counter()
-        made[method] = quantize_model(sd, spec, method)[0]
+        made[method] = quantize_model(state_dict_of(fp), spec, method)[0]
         seconds[f"{method}_seconds"] = time.perf_counter() - start
     rows = []
-    for kernels, path in PATHS.items():
-        packed = quantized_model(copy.deepcopy(fp), made["ptq"], kernels)
-        layers = [m for m in packed.modules() if isinstance(m, QuantizedLayer)]
-        on_kernel = sum(m.kernel != "dequantize" for m in layers) / len(layers)
+    for path, (packed, share) in _packed_models(fp, model_spec, made["ptq"], spec).items():
         rows += [
             {
                 "runtime_batch": b,
@@ -71,9 +105,9 @@ def _quantized_rows(fp, sd, spec, inputs, time_quantizers, repeats) -> list[dict
                 "path": path,
                 "bits": spec.bits,
                 "granularity": spec.granularity,
-                "layers_on_kernel": on_kernel,
+                "layers_on_path": share,
                 "seconds": latency(packed, x, repeats),
-                "weight_bytes": weight_bytes(packed),
+                "weight_bytes": resident_bytes(packed),
                 **seconds,
             }
             for b, x in inputs.items()
@@ -83,13 +117,12 @@ def _quantized_rows(fp, sd, spec, inputs, time_quantizers, repeats) -> list[dict
 
 def bench_runtime(profile_name: str, batches, repeats: int, real_sizes=REAL_SIZES) -> list[dict]:
     """Quantized models kept packed against FP32, each layer either dequantized per call or on a
-    fused kernel (`qg.targets.runtime.kernel_for`): forward seconds per batch and resident weight
-    bytes, per model, spec and batch size (CPU)."""
+    fused kernel (`qg.targets.runtime.kernel_for`), and the same codes in hqq's `HQQLinear`:
+    forward seconds per batch and resident weight bytes, per model, spec and batch size (CPU)."""
     rows = []
     for name, model_spec, specs, time_quantizers in _runtime_targets(profile_name, real_sizes):
         torch.manual_seed(0)
         fp = build_model(model_spec).eval()
-        sd = state_dict_of(fp)
         inputs = _inputs(model_spec, batches)
         base = {"bench": "runtime", "arch": name, "profile": profile_name, "device": cpu_name()}
         rows += [
@@ -106,7 +139,7 @@ def bench_runtime(profile_name: str, batches, repeats: int, real_sizes=REAL_SIZE
         for spec in specs:
             rows += [
                 {**base, **row}
-                for row in _quantized_rows(fp, sd, spec, inputs, time_quantizers, repeats)
+                for row in _quantized_rows(fp, model_spec, spec, inputs, time_quantizers, repeats)
             ]
     return rows
 
@@ -124,7 +157,7 @@ def report(df: pd.DataFrame) -> None:
         "arch",
         "runtime_batch",
         "case",
-        "layers_on_kernel",
+        "layers_on_path",
         "weight_bytes",
         "memory vs fp32",
         "seconds",
