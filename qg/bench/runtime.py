@@ -17,8 +17,8 @@ import torch
 from ..config.profiles import load_profile
 from ..quant.baselines import quantize_model
 from ..quant.fileformat import save_quantized
-from ..quant.quantizer import QuantSpec
-from ..targets.export import export_hqq, load_hqq
+from ..quant.quantizer import QTensor, QuantSpec, dequantize_state_dict
+from ..targets.export import TORCHAO_SPEC, export_hqq, load_hqq, torchao_int8
 from ..targets.models import ModelSpec, build_model, state_dict_of
 from ..targets.runtime import QuantizedLayer, latency, quantized_model, weight_bytes
 
@@ -56,12 +56,20 @@ def _inputs(model_spec: ModelSpec, batches) -> dict[int, torch.Tensor]:
     return {b: torch.randn(b, channels, model_spec.img_size, model_spec.img_size) for b in batches}
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass's (torchao's) are those of the tensors inside it."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
 def resident_bytes(model) -> int:
-    """`weight_bytes`, plus the tensors hqq's `HQQLinear` keeps in its `meta` dict (scale, zero)
-    rather than as parameters or buffers."""
+    """The bytes of every parameter and buffer (`weight_bytes`, tensor subclasses by their inner
+    tensors), plus the tensors hqq's `HQQLinear` keeps in its `meta` dict (scale, zero)."""
     meta = [m.meta for m in model.modules() if isinstance(getattr(m, "meta", None), dict)]
     held = [t for d in meta for t in d.values() if isinstance(t, torch.Tensor)]
-    return weight_bytes(model) + sum(t.numel() * t.element_size() for t in held)
+    held += [*model.parameters(), *model.buffers()]
+    return sum(_tensor_bytes(t) for t in held)
 
 
 def hqq_model(model_spec: ModelSpec, qsd: dict, spec: QuantSpec):
@@ -76,8 +84,9 @@ def hqq_model(model_spec: ModelSpec, qsd: dict, spec: QuantSpec):
 
 def _packed_models(fp, model_spec, qsd, spec) -> dict[str, tuple]:
     """PTQ's codes as each runtime holds them: ours with every layer dequantized per call, ours on
-    fused kernels where one exists, and hqq's `HQQLinear` where hqq takes the bits; each with the
-    share of quantized layers on that path (on a kernel, or in an `HQQLinear`)."""
+    fused kernels where one exists, hqq's `HQQLinear` where hqq takes the bits, and torchao's
+    `Int8Tensor` at 8-bit channels; each with the share of quantized layers on that path (on a
+    kernel, in an `HQQLinear`, in an `Int8Tensor`)."""
     models = {}
     for kernels, path in PATHS.items():
         packed = quantized_model(copy.deepcopy(fp), qsd, kernels)
@@ -86,6 +95,12 @@ def _packed_models(fp, model_spec, qsd, spec) -> dict[str, tuple]:
     model, share = hqq_model(model_spec, qsd, spec)
     if share:  # else every layer is float32: hqq does not take these bits
         models["hqq"] = model, share
+    if spec == TORCHAO_SPEC:
+        simulated = copy.deepcopy(fp)
+        simulated.load_state_dict(dequantize_state_dict(qsd))
+        model = torchao_int8(simulated, qsd)
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        models["torchao"] = model, len(linear) / sum(isinstance(q, QTensor) for q in qsd.values())
     return models
 
 

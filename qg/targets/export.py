@@ -1,4 +1,5 @@
-"""Our quantized files in another library's layout: hqq's `HQQLinear`, loaded by hqq itself.
+"""Our quantized files in other libraries' layouts: hqq's `HQQLinear`, loaded by hqq itself, and
+torchao's `Int8Tensor`.
 
 A layer of ours is signed codes q, S and Z per group of a row, W = S (q - Z). hqq stores unsigned
 codes u in [0, 2^N - 1] per group of `group_size` consecutive values of the flattened weight (its
@@ -17,6 +18,14 @@ are stored one code per byte); groups that tile each row (no short last group, w
 allows); at 4, 2 and 1 bits a number of groups divisible by 2, 4 and 8 (it packs along the group
 axis). A layer it cannot hold (the Conv2d patch embedding always) is written dequantized, as
 float32, and `export_hqq` says which and why.
+
+torchao (0.18) holds 8-bit per-row weights on a CPU as `Int8Tensor` (int8 codes, one float scale per
+row, W = s q): our 8-bit channel-wise symmetric codes are those numbers as they are, so
+`torchao_int8(model, qsd)` puts them in torchao's tensors and its int8 weight-only kernel computes
+the layer. Its int4 weight-only tensors have no CPU layout in 0.18 (the plain one asks for the mslk
+library, the CPU "opaque" packing is gone), so no other spec goes to torchao. torchao saves models
+as pickles, which we never load from files a user hands us: the conversion is in memory, from our
+safetensors file.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from torch import nn
 
 from ..core.io import read_safetensors, save_safetensors
 from ..quant.fileformat import read_quantized
-from ..quant.quantizer import QTensor, dequantize
+from ..quant.quantizer import QTensor, QuantSpec, dequantize
 from .models import build_model
 
 HQQ_FORMAT = "hqq-0.2"
@@ -146,3 +155,35 @@ def load_hqq(path: str | os.PathLike) -> nn.Module:
     if unexpected or [k for k in missing if k.rpartition(".")[0] not in layers]:
         raise ValueError(f"{path} does not match its model: missing {missing}, extra {unexpected}")
     return model.eval()
+
+
+TORCHAO_SPEC = QuantSpec(8, "channel")  # what torchao's Int8Tensor holds on a CPU
+
+
+def torchao_int8(model: nn.Module, qsd: dict) -> nn.Module:
+    """Replace, in place, the weight of every Linear layer `qsd` holds quantized by torchao's
+    `Int8Tensor` of its codes and scales; `model` is `qsd`'s simulated model (its other weights
+    the dequantized codes). Only 8-bit channel-wise symmetric codes are torchao's layout on a CPU;
+    any other spec is refused."""
+    from torchao.quantization import Int8Tensor
+
+    for name, q in qsd.items():
+        if not isinstance(q, QTensor):
+            continue
+        if q.spec != TORCHAO_SPEC:
+            raise ValueError(
+                f"{name}: torchao's CPU int8 tensors hold {TORCHAO_SPEC.name} codes, not "
+                f"{q.spec.name}; quantize with --bits 8 --granularity channel"
+            )
+        layer = model.get_submodule(name.removesuffix(".weight"))
+        if not isinstance(layer, nn.Linear):
+            continue  # the patch embedding: torchao's tensors are Linear weights
+        rows, cols = q.codes.reshape(layer.weight.shape).shape
+        weight = Int8Tensor(
+            q.codes.reshape(rows, cols).to(torch.int8),
+            q.scale.reshape(rows, 1).float(),
+            [1, cols],
+            torch.float32,
+        )
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+    return model
