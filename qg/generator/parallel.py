@@ -7,6 +7,7 @@ strategy or in one process.
 from __future__ import annotations
 
 import copy
+import pickle
 import sys
 from pathlib import Path
 
@@ -151,10 +152,11 @@ def read_checkpoint(path: Path, device) -> dict | None:
         return None
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError) as e:
-        print(
-            f"[qg] warning: {path} is unreadable ({type(e).__name__}); training from step 0",
-            file=sys.stderr,
-            flush=True,
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        what = (
+            "holds more than tensors (a pickle that could run code: not loaded)"
+            if isinstance(e, pickle.UnpicklingError)
+            else f"is unreadable ({type(e).__name__})"
         )
+        print(f"[qg] warning: {path} {what}; training from step 0", file=sys.stderr, flush=True)
         return None

@@ -603,3 +603,25 @@ def test_the_rtn_base_is_refused_where_it_means_nothing():
         Tokenizer.fit(sds, qs, 32, target="residual", base="rtn")
     with pytest.raises(ValueError, match="base must be one of"):
         Tokenizer.fit(sds, qs, 32, base="weight")
+
+
+class _Planted:
+    """What a malicious pickle holds: loading it would call os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("echo planted",))
+
+
+def test_a_pickle_planted_as_the_resume_point_is_not_loaded(tmp_path, capfd):
+    import pickle
+
+    from qg.generator.parallel import read_checkpoint
+
+    planted = tmp_path / "train_state.pt"
+    planted.write_bytes(pickle.dumps({"step": _Planted()}))
+    assert read_checkpoint(planted, "cpu") is None
+    err = capfd.readouterr()  # file descriptors: os.system would write there
+    assert (
+        f"{planted} holds more than tensors (a pickle that could run code: not loaded)" in err.err
+    )
+    assert "planted" not in err.out
