@@ -141,6 +141,8 @@ def test_missing_files_are_named(tmp_path):
         )
     with pytest.raises(SystemExit, match="does not exist"):
         main(["evaluate", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(SystemExit, match="is a folder, not a file: give the file inside it"):
+        main(["evaluate", str(tmp_path)])
 
 
 def _quantize_args(generator_dir, checkpoint, out, *extra):

@@ -83,11 +83,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
+def _require_file(path: Path) -> None:
+    """Refuse a path that is not a file, saying whether it is missing or a folder."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file: give the file inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """Read a JSON file, naming the file in the error if it is missing or malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    _require_file(path)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -159,8 +166,7 @@ def read_safetensors(
     """Load every tensor (none with `tensors=False`: the header alone) and the metadata of a
     safetensors file, with clear errors for bad files."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    _require_file(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
