@@ -10,11 +10,13 @@ inputs instead of trusted.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +42,17 @@ def _umask() -> int:
     return mask
 
 
+def _disk_full(folder: Path, error: Exception) -> bool:
+    """Whether a failed write ran out of disk: its errno says so, or (torch.save's writer reports
+    only "file write failed") the disk has no room left."""
+    if getattr(error, "errno", None) == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 @contextmanager
 def _replacing(path: Path):
     """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
@@ -54,8 +67,15 @@ def _replacing(path: Path):
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(path.parent, e)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the disk holding {path.parent} while writing {path.name}: "
+                "free some, or set QG_OUTPUT to a folder on another disk",
+            ) from e
         raise
     # left by a write that was killed
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):

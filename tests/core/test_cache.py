@@ -345,3 +345,30 @@ def test_a_second_run_waits_for_the_first_instead_of_racing_it(tmp_path, capsys)
     holder.wait()
     assert waited > 0.5
     assert "another run is writing there" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
+    """A write that runs out of disk (errno ENOSPC, or torch.save's bare "file write failed" on a
+    disk with no room left) says so, with the folder, and leaves no partial file."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from qg.core.io import atomic_write
+
+    with pytest.raises(
+        OSError, match=f"no space left on the disk holding {tmp_path} while writing a"
+    ):
+        with atomic_write(tmp_path / "a.bin") as f:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(100, 100, 0))
+    with pytest.raises(OSError, match="no space left on the disk holding"):
+        with atomic_write(tmp_path / "b.pt") as f:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(100, 0, 100 << 20))
+    with pytest.raises(RuntimeError, match="other failure"):
+        with atomic_write(tmp_path / "c.bin") as f:
+            f.write(b"x")
+            raise RuntimeError("other failure")
