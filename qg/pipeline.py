@@ -210,7 +210,10 @@ def _kernel_environment() -> None:
     set in this process's environment (`qg.core.kernels`), whatever a notebook imports first."""
     for name in ("QG_OUTPUT", "QG_DATA"):
         if os.environ.get(name):
-            os.environ[name] = str(Path(os.environ[name]).expanduser().resolve())
+            try:
+                os.environ[name] = str(Path(os.environ[name]).expanduser().resolve())
+            except RuntimeError as e:  # pathlib's "Symlink loop from ..."
+                raise ValueError(f"{name}={os.environ[name]} cannot be resolved: {e}") from e
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *rest])
 
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.verify:
         try:
             sys.exit(verify(args.profile))
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             sys.exit(f"error: {err}")
     if args.compare:
         sys.exit(compare(args.profile, args.compare))

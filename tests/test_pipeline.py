@@ -663,3 +663,14 @@ def test_the_runner_finds_the_repair_lines_a_kernel_printed(tmp_path):
     assert pipeline.warnings_in(tmp_path / "x.ipynb") == [
         "[qg] warning: a/b.safetensors has no recorded hash; rebuilding it"
     ]
+
+
+def test_a_symlink_loop_as_the_output_folder_is_one_line(tmp_path, monkeypatch):
+    """QG_OUTPUT pointing into a loop of symbolic links: one error line, not pathlib's traceback."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    monkeypatch.setenv("QG_OUTPUT", str(tmp_path / "a"))
+    with pytest.raises(SystemExit, match="cannot be resolved: Symlink loop"):
+        pipeline.main(["--profile", "smoke", "01_collect"])
+    with pytest.raises(SystemExit, match="cannot be resolved: Symlink loop"):
+        pipeline.main(["--profile", "smoke", "--verify"])

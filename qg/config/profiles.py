@@ -246,7 +246,14 @@ class Paths:
         """Paths of a profile under `root`: $QG_OUTPUT when set (a scratch disk, a test's folder),
         else the repo; artifacts under `cache` (another profile's, for an overridden one) when
         given."""
-        root = Path(root or os.environ.get("QG_OUTPUT") or ROOT).resolve()
+        given = root or os.environ.get("QG_OUTPUT") or ROOT
+        try:
+            root = Path(given).resolve()
+        except RuntimeError as e:  # pathlib's "Symlink loop from ..."
+            raise ValueError(
+                f"the output folder {given} (QG_OUTPUT, or the repository) cannot be resolved: "
+                f"{e}; point QG_OUTPUT at a folder"
+            ) from e
         profile = Path(profile).stem
         return cls(
             root / "artifacts" / (cache or profile),
