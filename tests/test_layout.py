@@ -126,3 +126,18 @@ def test_every_module_function_and_line_reads_at_once():
                 if length > 50:
                     too_long.append(f"qg.{dotted}.{node.name}: {length} lines")
     assert not too_long, "split these:\n" + "\n".join(too_long)
+
+
+def test_every_notebook_code_line_fits_100_columns():
+    """The notebooks' code is read in JupyterLab beside its output: no line over 100 columns."""
+    import json
+
+    long = [
+        f"{nb.name} cell {cell.get('id')}: {len(line)} columns"
+        for nb in sorted((QG.parent / "notebooks").glob("*.ipynb"))
+        for cell in json.loads(nb.read_text())["cells"]
+        if cell["cell_type"] == "code"
+        for line in "".join(cell["source"]).splitlines()
+        if len(line) > 100
+    ]
+    assert not long, "wrap these:\n" + "\n".join(long)

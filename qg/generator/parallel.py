@@ -124,9 +124,10 @@ def gather_into(model: Generator, net: torch.nn.Module) -> None:
         )
 
 
-def write_checkpoint(path: Path, run: dict, net, optimizer, step: int, losses, elapsed) -> None:
+def write_checkpoint(path: Path, run: dict, net, optimizer, step: int, losses, timing) -> None:
     """Write `train_state.pt`: the run's settings, full model and optimizer state (`full_state`),
-    schedule, step, losses and seconds, atomically. Every process must call it (under fsdp the
+    schedule, step, losses, and `timing` (seconds so far, activation MB of the first step),
+    atomically. Every process must call it (under fsdp the
     gathering is collective); process 0 writes."""
     opt, sched = optimizer
     model_state, opt_state = full_state(net, opt)
@@ -139,7 +140,8 @@ def write_checkpoint(path: Path, run: dict, net, optimizer, step: int, losses, e
         "sched": sched.state_dict(),
         "step": step,
         "losses": losses,
-        "elapsed": elapsed,
+        "elapsed": timing[0],
+        "activation_mb": timing[1],
     }
     with atomic_write(path) as f:
         torch.save(state, f)

@@ -125,8 +125,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg))
     state_path = out_dir / "train_state.pt"
     run = _run_settings(model.cfg.to_dict(), asdict(cfg))
-    step, losses, elapsed = (
-        _resume(state_path, run, net, opt, sched, device) if resume else (0, [], 0.0)
+    step, losses, elapsed, restored_mb = (
+        _resume(state_path, run, net, opt, sched, device) if resume else (0, [], 0.0, math.nan)
     )
     conditions, last = model.condition_matrix(), min(cfg.steps, stop_after or cfg.steps)
     exact = (
@@ -134,12 +134,15 @@ def train(
     )
     start = time.perf_counter()
 
-    def save(done: int) -> None:  # called on every rank: under fsdp gathering is collective
+    def save(done: int, activation_mb: float) -> None:  # on every rank: fsdp gathers collectively
         elapsed_now = elapsed + time.perf_counter() - start
-        write_checkpoint(state_path, run, net, (opt, sched), done, losses, elapsed_now)
+        timing = (elapsed_now, activation_mb)
+        write_checkpoint(state_path, run, net, (opt, sched), done, losses, timing)
 
     steps = range(step, 0 if exact else last)
     activation_mb = _run_steps(net, (opt, sched), data, cfg, steps, losses, save, device)
+    if math.isnan(activation_mb):  # no step in this process: the run's own measurement
+        activation_mb = restored_mb
     if world > 1:
         dist.barrier()
     elapsed += time.perf_counter() - start
@@ -202,7 +205,7 @@ def _run_steps(
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
         done = step + 1
         if done % cfg.ckpt_every == 0 or done == steps.stop:
-            save(done)
+            save(done, activation_mb)
     return activation_mb
 
 
@@ -264,13 +267,13 @@ def _check_run(data: TokenPairs, cfg: TrainConfig, world: int) -> None:
         )
 
 
-def _resume(state_path: Path, run: dict, net, opt, sched, device) -> tuple[int, list[float], float]:
+def _resume(state_path: Path, run: dict, net, opt, sched, device) -> tuple:
     """Load the last checkpoint of this same `run` (`_run_settings`) into model, optimiser and
-    schedule: (step, losses, seconds). Every process reads the file (each takes its own shards
-    under fsdp)."""
+    schedule: (step, losses, seconds, activation MB measured on its first step). Every process
+    reads the file (each takes its own shards under fsdp)."""
     state = read_checkpoint(state_path, device)
     if state is None:
-        return 0, [], 0.0
+        return 0, [], 0.0, math.nan
     if _completed(state.get("run")) != run:
         raise ValueError(
             f"{state_path} holds a run with other settings ({state.get('run')}); "
@@ -278,7 +281,7 @@ def _resume(state_path: Path, run: dict, net, opt, sched, device) -> tuple[int, 
         )
     load_full_state(net, opt, state["model"], state["opt"])
     sched.load_state_dict(state["sched"])
-    return state["step"], state["losses"], state["elapsed"]
+    return state["step"], state["losses"], state["elapsed"], state.get("activation_mb", math.nan)
 
 
 def _run_settings(generator: dict, train: dict) -> dict:

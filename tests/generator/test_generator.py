@@ -124,6 +124,20 @@ def test_resume_is_exact(tmp_path):
     ).read_text()
 
 
+def test_a_finished_run_restored_from_its_state_keeps_its_measurements(tmp_path):
+    """Training again a run that is complete takes no step; its record keeps the activation memory
+    measured on its first step (it used to be NaN)."""
+    tok, data, _ = tiny_data()
+    cfg = TrainConfig(steps=3, batch_size=2, lr=3e-3, ckpt_every=1000)
+    records = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Generator(tiny_config(tok), tok.layout.positions())
+        records.append(train(model, data, cfg, tmp_path))
+    assert records[1]["steps"] == 3 and records[1]["activation_mb"] == records[0]["activation_mb"]
+    assert records[0]["activation_mb"] > 0
+
+
 def test_conditional_generator_and_quantize_end_to_end(tmp_path):
     specs = (QuantSpec(4, "group", 16), QuantSpec(8, "channel"))
     tok, data, sds = tiny_data(specs, conditional=True)
