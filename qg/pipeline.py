@@ -29,7 +29,8 @@ import yaml
 
 from . import results
 from .config.profiles import ROOT, Paths, load_profile
-from .core.io import HASH_SUFFIX, damaged, exclusive, orphaned, unverified
+from .core.audit import damaged, orphaned, unverified
+from .core.io import HASH_SUFFIX, exclusive
 from .results import compare
 
 NOTEBOOKS = (

@@ -5,5 +5,6 @@ Modules, each importing only those above it here (and packages listed before thi
   kernels  the CPU kernels torch computes with, pinned before torch loads (floats independent of
            the machine)
   io       the cache rule, atomic writes, checked safetensors reads, content hashes; ROOT
+  audit    a cache checked without changing it: damaged, unverified and orphaned artifacts
   report   tidy tables, provenance (commit, inputs, kernels), deterministic figures
 """

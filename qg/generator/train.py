@@ -129,20 +129,16 @@ def train(
         _resume(state_path, run, net, opt, sched, device) if resume else (0, [], 0.0, math.nan)
     )
     conditions, last = model.condition_matrix(), min(cfg.steps, stop_after or cfg.steps)
-    exact = (
-        step == 0 and cfg.weight_decay == 0 and _zero_everywhere(net, data, cfg, conditions, device)
-    )
+    exact = step == 0 and _zero_everywhere(net, data, cfg, conditions, device)
     start = time.perf_counter()
 
     def save(done: int, activation_mb: float) -> None:  # on every rank: fsdp gathers collectively
-        elapsed_now = elapsed + time.perf_counter() - start
-        timing = (elapsed_now, activation_mb)
+        timing = (elapsed + time.perf_counter() - start, activation_mb)
         write_checkpoint(state_path, run, net, (opt, sched), done, losses, timing)
 
     steps = range(step, 0 if exact else last)
     activation_mb = _run_steps(net, (opt, sched), data, cfg, steps, losses, save, device)
-    if math.isnan(activation_mb):  # no step in this process: the run's own measurement
-        activation_mb = restored_mb
+    activation_mb = restored_mb if math.isnan(activation_mb) else activation_mb  # no step taken
     if world > 1:
         dist.barrier()
     elapsed += time.perf_counter() - start
@@ -231,7 +227,10 @@ def _examples(data: TokenPairs, idx: torch.Tensor, cfg: TrainConfig, conditions,
 @torch.no_grad()
 def _zero_everywhere(net, data: TokenPairs, cfg: TrainConfig, conditions, device) -> bool:
     """Whether the loss is exactly 0 on every training pair (checked a batch at a time, stopping at
-    the first that is not: one extra forward pass for a generator that has something to learn)."""
+    the first that is not: one extra forward pass for a generator that has something to learn), so
+    that no step would change the weights (AdamW's weight decay would: then it is never 0)."""
+    if cfg.weight_decay != 0:
+        return False
     for idx in torch.arange(len(data)).split(cfg.batch_size):
         batch = _examples(data, idx, cfg, conditions, device)
         if net(**batch, rng=_step_generator(cfg.seed, 0, 1)).item() != 0:
