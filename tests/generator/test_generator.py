@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -199,35 +200,34 @@ def test_bad_inputs_are_clear(tmp_path):
         TrainConfig(strategy="zero")
 
 
-def torchrun(root, nproc, out, strategy="ddp", *args):
+def torchrun(root, nproc, out, strategy="ddp", *args, nodes=1):
     """Train on root/data in `nproc` processes under torchrun (gloo) into root/out: its generator
-    directory."""
+    directory. With `nodes` > 1, that many torchrun agents on this machine, each starting `nproc`
+    processes, meet at a c10d rendezvous as separate machines would (train.py's multi-node
+    command)."""
     overrides = {
         "generator": {"d_state": 8, "headdim": 16, "chunk_size": 8},
         "train": {"steps": 6, "batch_size": 4, "lr": 3e-3, "ckpt_every": 3, "strategy": strategy},
     }
     (root / f"{out}.json").write_text(json.dumps(overrides))
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
-        "-m",
-        "qg.generator.train",
-        "--data",
-        str(root / "data"),
-        "--out",
-        str(root / out),
-        "--config",
-        str(root / f"{out}.json"),
-        "--device",
-        "cpu",
-        *args,
+    launch = [f"--nproc_per_node={nproc}", "--standalone"]
+    if nodes > 1:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launch = [f"--nproc_per_node={nproc}", f"--nnodes={nodes}", "--rdzv_backend=c10d"]
+        launch += [f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={out}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "qg.generator.train"]
+    cmd += ["--data", str(root / "data"), "--out", str(root / out)]
+    cmd += ["--config", str(root / f"{out}.json"), "--device", "cpu", *args]
+    agents = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(nodes)
     ]
-    run = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
     return QuantGen.load(root / out)
 
 
@@ -252,6 +252,18 @@ def test_torchrun_data_parallel_matches_one_process(torchrun_root):
     ddp, single = torchrun(torchrun_root, 2, "ddp"), QuantGen.load(torchrun_root / "single")
     assert ddp.record["world_size"] == 2 and single.record["world_size"] == 1
     for (k, a), b in zip(ddp.model.state_dict().items(), single.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_nodes_meeting_at_a_rendezvous_train_what_one_process_does(torchrun_root):
+    """train.py's multi-node launch (torchrun --nnodes 2 --rdzv_backend c10d), as two machines of
+    one process each, here two agents on this one: the 1-process run's weights."""
+    nodes, single = (
+        torchrun(torchrun_root, 1, "nodes", nodes=2),
+        QuantGen.load(torchrun_root / "single"),
+    )
+    assert nodes.record["world_size"] == 2
+    for (k, a), b in zip(nodes.model.state_dict().items(), single.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
