@@ -78,19 +78,21 @@ class ImageTensorDataset(Dataset):
         return image, int(self.labels[i])
 
 
-def _in_memory(name: str, pixels: np.ndarray, labels, max_value: float) -> ImageTensorDataset:
+def _in_memory(
+    name: str, pixels: np.ndarray, labels, max_value: float, source: str
+) -> ImageTensorDataset:
     """An in-memory dataset, refusing images of another size or labels outside the dataset's
-    classes."""
+    classes, naming `source` (the files they came from)."""
     info, labels = DATASET_INFO[name], np.asarray(labels)
     side = info["img_size"]
     if tuple(pixels.shape[-2:]) != (side, side):
         raise CorruptFileError(
-            f"{name} images are {pixels.shape[-2]}x{pixels.shape[-1]}, expected {side}x{side}: "
-            "the files are not this dataset; point QG_DATA at the real files"
+            f"{name} images in {source} are {pixels.shape[-2]}x{pixels.shape[-1]}, expected "
+            f"{side}x{side}: the files are not this dataset; point QG_DATA at the real files"
         )
     if len(labels) and (labels.min() < 0 or labels.max() >= info["num_classes"]):
         raise CorruptFileError(
-            f"{name} labels span {labels.min()}..{labels.max()}, outside its classes "
+            f"{name} labels in {source} span {labels.min()}..{labels.max()}, outside its classes "
             f"0..{info['num_classes'] - 1}: the label file is damaged or of another dataset"
         )
     return ImageTensorDataset(
@@ -129,7 +131,8 @@ def _fashion_mnist(split: str, root) -> ImageTensorDataset:
             f"{folder} holds {len(images)} {split} images but {len(labels)} labels; "
             f"replace the folder's files with a matching set"
         )
-    return _in_memory("fashion_mnist", images[:, None], labels, 255.0)
+    source = f"{folder / images_file} and {labels_file}"
+    return _in_memory("fashion_mnist", images[:, None], labels, 255.0, source)
 
 
 def find_fashion_mnist(root) -> Path:
@@ -200,7 +203,7 @@ def _digits(split: str, root) -> ImageTensorDataset:
     `root` is unused: the data ships inside scikit-learn.
     """
     pixels, labels = _digits_split()[split]
-    return _in_memory("digits", pixels[:, None], labels, 16.0)
+    return _in_memory("digits", pixels[:, None], labels, 16.0, "scikit-learn's load_digits()")
 
 
 @functools.lru_cache(maxsize=1)
@@ -242,7 +245,7 @@ def _cifar(name: str, split: str, root) -> ImageTensorDataset:
     ]
     pixels = np.concatenate([b[0] for b in batches]).reshape(-1, 3, 32, 32)
     labels = np.concatenate([b[1] for b in batches])
-    return _in_memory(name, pixels, labels, 255.0)
+    return _in_memory(name, pixels, labels, 255.0, str(folder))
 
 
 def find_folder(folder_name: str, root, name: str) -> Path:
