@@ -111,6 +111,17 @@ def _require_file(path: Path) -> None:
         raise FileNotFoundError(f"{path} does not exist")
 
 
+def update_json(path: str | os.PathLike, obj) -> None:
+    """`write_json`, unless the file already holds `obj`: a rerun that changes nothing writes
+    nothing (a read-only cache stays usable)."""
+    try:
+        if read_json(path) == json.loads(json.dumps(obj)):  # as JSON holds it: tuples are lists
+            return
+    except (OSError, ValueError):  # missing or unreadable: write it
+        pass
+    write_json(path, obj)
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """Read a JSON file, naming the file in the error if it is missing or malformed."""
     path = Path(path)

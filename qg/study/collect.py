@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..config.profiles import pairs, require, selected
 from ..config.schema import Profile
-from ..core.io import cached, file_sha256, params_key, write_json
+from ..core.io import cached, file_sha256, params_key, update_json
 from ..quant.fileformat import save_quantized
 from ..quant.quantizer import QuantSpec, quantize_state_dict
 from ..targets.data import batches
@@ -233,7 +233,7 @@ def collect(profile: Profile, root, device: str = "cpu") -> dict:
                 )
                 entry["tasks"][task_name] = _relative_entry(task_entry, root)
         manifest["archs"][arch_name] = entry
-    write_json(root / "manifest.json", manifest)
+    update_json(root / "manifest.json", manifest)
     return manifest
 
 

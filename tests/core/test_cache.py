@@ -373,3 +373,17 @@ def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
         with atomic_write(tmp_path / "c.bin") as f:
             f.write(b"x")
             raise RuntimeError("other failure")
+
+
+def test_a_json_file_that_already_holds_the_object_is_not_rewritten(tmp_path):
+    """`update_json` (01_collect's manifest): same content, same file, untouched, so a rerun on a
+    read-only cache does not fail; other content is written."""
+    from qg.core.io import read_json, update_json
+
+    path = tmp_path / "manifest.json"
+    update_json(path, {"archs": {"vit": ("a", 1)}, "seed": 0})
+    before = path.stat().st_mtime_ns, path.stat().st_ino  # a rewrite replaces the file
+    update_json(path, {"archs": {"vit": ["a", 1]}, "seed": 0})
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
+    update_json(path, {"seed": 1})
+    assert read_json(path) == {"seed": 1}
