@@ -37,6 +37,7 @@ SECTIONS = (
     ("Does Table 1's generator follow its input?", "following", findings.following_findings),
     ("QwT on top of PTQ, HQQ and Gen", "qwt", findings.qwt_findings),
     ("Amortized QAT", "amortized_qat", findings.amortized_findings),
+    ("Why amortized QAT loses on a new run", "amortized_gap", findings.gap_findings),
     (
         "Do the amortized-QAT generators follow their input?",
         "following_amortized",
