@@ -674,3 +674,35 @@ def test_a_symlink_loop_as_the_output_folder_is_one_line(tmp_path, monkeypatch):
         pipeline.main(["--profile", "smoke", "01_collect"])
     with pytest.raises(SystemExit, match="cannot be resolved: Symlink loop"):
         pipeline.main(["--profile", "smoke", "--verify"])
+
+
+def test_two_runs_into_one_fresh_folder_both_succeed_with_the_same_tables(tmp_path, monkeypatch):
+    """Two pipelines started together into one fresh output folder (one used to fail, the other
+    having judged its half-written file damaged and deleted it): the second waits for the first's
+    lock, saying so, then finds the first's artifacts cached; both exit 0, every artifact verifies,
+    and the tables the second writes are the first's (times and commit aside)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from qg import results
+
+    out = tmp_path / "out"
+    env = {**os.environ, "QG_OUTPUT": str(out), "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "qg.pipeline", "--profile", "smoke", "01_collect"]
+    run = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(cmd, **run)
+    for _ in range(600):  # the second starts once the first holds the folder
+        if (out / "artifacts" / ".smoke.lock").exists() or first.poll() is not None:
+            break
+        time.sleep(0.1)
+    second = subprocess.Popen(cmd, **run)
+    log = first.communicate(timeout=900)[0]
+    shutil.copytree(out / "results" / "smoke", tmp_path / "first" / "results" / "smoke")
+    log += second.communicate(timeout=900)[0]
+    assert first.returncode == 0 and second.returncode == 0, log[-3000:]
+    assert "another run is writing there" in log
+    monkeypatch.setenv("QG_OUTPUT", str(out))
+    assert pipeline.verify("smoke") == 0
+    assert results.compare("smoke", tmp_path / "first") == 0
