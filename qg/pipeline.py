@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import results
-from .config.profiles import ROOT, Paths, load_profile
+from .config.profiles import ROOT, Paths, load_profile, resolved
 from .core.audit import damaged, orphaned, unverified
 from .core.io import HASH_SUFFIX, exclusive
 from .results import compare
@@ -211,10 +211,7 @@ def _kernel_environment() -> None:
     set in this process's environment (`qg.core.kernels`), whatever a notebook imports first."""
     for name in ("QG_OUTPUT", "QG_DATA"):
         if os.environ.get(name):
-            try:
-                os.environ[name] = str(Path(os.environ[name]).expanduser().resolve())
-            except RuntimeError as e:  # pathlib's "Symlink loop from ..."
-                raise ValueError(f"{name}={os.environ[name]} cannot be resolved: {e}") from e
+            os.environ[name] = str(resolved(Path(os.environ[name]).expanduser(), name))
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *rest])
 

@@ -56,22 +56,6 @@ def _inputs(model_spec: ModelSpec, batches) -> dict[int, torch.Tensor]:
     return {b: torch.randn(b, channels, model_spec.img_size, model_spec.img_size) for b in batches}
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds: a tensor subclass's (torchao's) are those of the tensors inside it."""
-    if hasattr(t, "__tensor_flatten__"):
-        return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
-    return t.numel() * t.element_size()
-
-
-def resident_bytes(model) -> int:
-    """The bytes of every parameter and buffer (`weight_bytes`, tensor subclasses by their inner
-    tensors), plus the tensors hqq's `HQQLinear` keeps in its `meta` dict (scale, zero)."""
-    meta = [m.meta for m in model.modules() if isinstance(getattr(m, "meta", None), dict)]
-    held = [t for d in meta for t in d.values() if isinstance(t, torch.Tensor)]
-    held += [*model.parameters(), *model.buffers()]
-    return sum(_tensor_bytes(t) for t in held)
-
-
 def hqq_model(model_spec: ModelSpec, qsd: dict, spec: QuantSpec):
     """The quantized model in hqq's own `HQQLinear` layers (through `export_hqq`, so hqq's code
     runs the forward pass), and the share of quantized layers it holds (others are float32)."""
@@ -122,7 +106,7 @@ def _quantized_rows(fp, model_spec, spec, inputs, time_quantizers, repeats) -> l
                 "granularity": spec.granularity,
                 "layers_on_path": share,
                 "seconds": latency(packed, x, repeats),
-                "weight_bytes": resident_bytes(packed),
+                "weight_bytes": weight_bytes(packed),
                 **seconds,
             }
             for b, x in inputs.items()

@@ -232,6 +232,15 @@ def _convergence_problems(convergence) -> list[str]:
     return problems
 
 
+def resolved(path: str | os.PathLike, what: str) -> Path:
+    """`path` made absolute, links followed; a loop of symbolic links is an error naming `what`
+    (the variable or setting it came from), not pathlib's traceback."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError as e:  # pathlib's "Symlink loop from ..."
+        raise ValueError(f"{what}={path} cannot be resolved: {e}; point it at a folder") from e
+
+
 @dataclass(frozen=True)
 class Paths:
     """Where one profile's files live."""
@@ -246,14 +255,7 @@ class Paths:
         """Paths of a profile under `root`: $QG_OUTPUT when set (a scratch disk, a test's folder),
         else the repo; artifacts under `cache` (another profile's, for an overridden one) when
         given."""
-        given = root or os.environ.get("QG_OUTPUT") or ROOT
-        try:
-            root = Path(given).resolve()
-        except RuntimeError as e:  # pathlib's "Symlink loop from ..."
-            raise ValueError(
-                f"the output folder {given} (QG_OUTPUT, or the repository) cannot be resolved: "
-                f"{e}; point QG_OUTPUT at a folder"
-            ) from e
+        root = resolved(root or os.environ.get("QG_OUTPUT") or ROOT, "QG_OUTPUT")
         profile = Path(profile).stem
         return cls(
             root / "artifacts" / (cache or profile),

@@ -124,11 +124,12 @@ def gather_into(model: Generator, net: torch.nn.Module) -> None:
         )
 
 
-def write_checkpoint(path: Path, run: dict, net, optimizer, step: int, losses, timing) -> None:
+def write_checkpoint(
+    path: Path, run: dict, net, optimizer, step: int, losses, elapsed: float, activation_mb: float
+) -> None:
     """Write `train_state.pt`: the run's settings, full model and optimizer state (`full_state`),
-    schedule, step, losses, and `timing` (seconds so far, activation MB of the first step),
-    atomically. Every process must call it (under fsdp the
-    gathering is collective); process 0 writes."""
+    schedule, step, losses, seconds so far and the activation MB of the first step, atomically.
+    Every process must call it (under fsdp the gathering is collective); process 0 writes."""
     opt, sched = optimizer
     model_state, opt_state = full_state(net, opt)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -140,8 +141,8 @@ def write_checkpoint(path: Path, run: dict, net, optimizer, step: int, losses, t
         "sched": sched.state_dict(),
         "step": step,
         "losses": losses,
-        "elapsed": timing[0],
-        "activation_mb": timing[1],
+        "elapsed": elapsed,
+        "activation_mb": activation_mb,
     }
     with atomic_write(path) as f:
         torch.save(state, f)

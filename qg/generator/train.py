@@ -133,8 +133,8 @@ def train(
     start = time.perf_counter()
 
     def save(done: int, activation_mb: float) -> None:  # on every rank: fsdp gathers collectively
-        timing = (elapsed + time.perf_counter() - start, activation_mb)
-        write_checkpoint(state_path, run, net, (opt, sched), done, losses, timing)
+        seconds = elapsed + time.perf_counter() - start
+        write_checkpoint(state_path, run, net, (opt, sched), done, losses, seconds, activation_mb)
 
     steps = range(step, 0 if exact else last)
     activation_mb = _run_steps(net, (opt, sched), data, cfg, steps, losses, save, device)

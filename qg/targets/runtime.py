@@ -175,8 +175,19 @@ def load_runtime(path, kernels: bool = False) -> tuple[nn.Module, QuantSpec, dic
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer a model keeps resident (what loading it costs in
-    memory)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    memory); also the tensors another library's layers keep beside them (hqq's `HQQLinear` holds
+    its scale and zero in a `meta` dict), and a tensor subclass's (torchao's) by its inner
+    tensors."""
+    meta = [m.meta for m in model.modules() if isinstance(getattr(m, "meta", None), dict)]
+    held = [t for d in meta for t in d.values() if isinstance(t, torch.Tensor)]
+    return sum(_tensor_bytes(t) for t in [*model.parameters(), *model.buffers(), *held])
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a tensor subclass's are those of the tensors inside it."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 
 @torch.no_grad()
