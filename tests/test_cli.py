@@ -39,21 +39,7 @@ def _checkpoint(tmp_path, spec=TINY_VIT, name="ckpt.safetensors"):
 
 def test_quantize_then_evaluate(generator_dir, tmp_path, capsys):
     out = tmp_path / "q.safetensors"
-    main(
-        [
-            "quantize",
-            "--generator",
-            str(generator_dir),
-            "--checkpoint",
-            str(_checkpoint(tmp_path)),
-            "--bits",
-            "4",
-            "--granularity",
-            "group",
-            "-o",
-            str(out),
-        ]
-    )
+    main(_quantize_args(generator_dir, _checkpoint(tmp_path), out))
     qsd, spec, meta = read_quantized(out)
     assert spec == SPEC and meta["method"] == "gen" and meta["seconds"] > 0
     assert all(
@@ -84,19 +70,7 @@ def test_quantize_then_evaluate(generator_dir, tmp_path, capsys):
     ],
 )
 def test_unsupported_setting_is_a_clear_error(generator_dir, tmp_path, change, message, capsys):
-    args = [
-        "quantize",
-        "--generator",
-        str(generator_dir),
-        "--checkpoint",
-        str(_checkpoint(tmp_path)),
-        "--bits",
-        "4",
-        "--granularity",
-        "group",
-        "-o",
-        str(tmp_path / "q.safetensors"),
-    ]
+    args = _quantize_args(generator_dir, _checkpoint(tmp_path), tmp_path / "q.safetensors")
     args[args.index("--bits") : args.index("--bits") + 2] = change
     with pytest.raises(SystemExit, match=message):
         main(args)
@@ -106,39 +80,15 @@ def test_unsupported_setting_is_a_clear_error(generator_dir, tmp_path, change, m
 def test_checkpoint_of_another_architecture_is_refused(generator_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not match the tokenizer layout"):
         main(
-            [
-                "quantize",
-                "--generator",
-                str(generator_dir),
-                "--checkpoint",
-                str(_checkpoint(tmp_path, TINY_MIXER)),
-                "--bits",
-                "4",
-                "--granularity",
-                "group",
-                "-o",
-                str(tmp_path / "q.safetensors"),
-            ]
+            _quantize_args(
+                generator_dir, _checkpoint(tmp_path, TINY_MIXER), tmp_path / "q.safetensors"
+            )
         )
 
 
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(SystemExit, match="not a generator directory"):
-        main(
-            [
-                "quantize",
-                "--generator",
-                str(tmp_path / "nothing"),
-                "--checkpoint",
-                "x",
-                "--bits",
-                "4",
-                "--granularity",
-                "group",
-                "-o",
-                str(tmp_path / "q.safetensors"),
-            ]
-        )
+        main(_quantize_args(tmp_path / "nothing", "x", tmp_path / "q.safetensors"))
     with pytest.raises(SystemExit, match="does not exist"):
         main(["evaluate", str(tmp_path / "missing.safetensors")])
     with pytest.raises(SystemExit, match="is a folder, not a file: give the file inside it"):

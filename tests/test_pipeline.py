@@ -13,6 +13,7 @@ from fakes import TINY_VIT, fake_collect, write_manifest
 
 from qg import pipeline
 from qg.config import profiles
+from qg.config.blocks import Checkpoints
 from qg.core import report
 from qg.core.io import content_digest, read_json, record_hash
 from qg.quant.fileformat import read_quantized
@@ -25,6 +26,7 @@ from qg.tables.main import figure3, table1
 from qg.targets.models import (
     ModelSpec,
     build_model,
+    load_checkpoint,
     load_model_file,
     save_checkpoint,
     state_dict_of,
@@ -706,3 +708,23 @@ def test_two_runs_into_one_fresh_folder_both_succeed_with_the_same_tables(tmp_pa
     monkeypatch.setenv("QG_OUTPUT", str(out))
     assert pipeline.verify("smoke") == 0
     assert results.compare("smoke", tmp_path / "first") == 0
+
+
+def test_run_a_from_several_fine_tunings_gives_n_over_runs_checkpoints_each(tmp_path):
+    """checkpoints.runs: run A's n checkpoints come from `runs` seeds (never run B's seed + 1), so a
+    generator trains on more than one run's spread; runs = 1 is the one run it always was."""
+    spec = ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
+    task = collect.TrainSpec("digits", 1, 1e-3, batch_size=64)
+    torch.manual_seed(0)
+    start = state_dict_of(build_model(spec))
+    assert collect.run_a_seeds(0, 1) == [0] and collect.run_a_seeds(7, 3) == [7, 9, 10]
+    entry = collect.collect_task(spec, start, task, 4, 1, 0, tmp_path, runs=2)
+    assert entry["runs"] == 2 and len(entry["runA"]) == 4 and len(entry["runB"]) == 1
+    folders = [os.path.dirname(p) for p in entry["runA"]]
+    assert folders[0] == folders[1] != folders[2] == folders[3] != os.path.dirname(entry["runB"][0])
+    first, second = (load_checkpoint(entry["runA"][i])[0] for i in (1, 3))
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # another seed, other weights
+    one = collect.collect_task(spec, start, task, 2, 1, 0, tmp_path / "one")
+    assert one["runs"] == 1 and len(one["runA"]) == 2
+    with pytest.raises(ValueError, match="multiple of checkpoints.runs"):
+        Checkpoints(n=10, heldout_every=5, heldout_run=2, runs=3)

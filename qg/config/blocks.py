@@ -179,6 +179,13 @@ class Checkpoints(Block):
         description="every k-th checkpoint of run A is held out"
     )
     heldout_run: Positive = Field(description="checkpoints of run B (another seed), all held out")
+    runs: Positive = Field(1, description="fine-tunings (seeds) run A's n checkpoints come from")
+
+    @model_validator(mode="after")
+    def _whole_runs(self):
+        if self.n % self.runs:
+            raise ValueError(f"checkpoints.n ({self.n}) must be a multiple of checkpoints.runs")
+        return self
 
 
 class Quant(Block):
@@ -383,11 +390,8 @@ class Rpg(Block):
 
     @model_validator(mode="after")
     def _diffusion(self):
-        if (
-            self.generator is not None
-            and "head" in self.generator.model_fields_set
-            and self.generator.head != "diffusion"
-        ):
+        gen = self.generator
+        if gen is not None and "head" in gen.model_fields_set and gen.head != "diffusion":
             raise ValueError(
                 "RPG samples with the diffusion head: set generator.head: diffusion (or leave it "
                 "unset)"

@@ -27,6 +27,9 @@ import torch.nn as nn
 
 SAMPLERS = ("ddpm", "ddim")
 PREDICTIONS = ("eps", "x0")
+# The denoiser's shape (RPG's ConditionalUNet, narrowed): widths from the 1-channel token and back,
+# odd kernels that keep the token length, the width of the sinusoidal timestep embedding.
+CHANNELS, KERNEL_SIZE, TIME_DIM = (1, 32, 64, 128, 64, 32, 1), 7, 128
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -90,9 +93,9 @@ class ConvDenoiser(nn.Module):
         self,
         token_size: int,
         cond_dim: int,
-        channels: tuple[int, ...] = (1, 32, 64, 128, 64, 32, 1),
-        kernel_size: int = 7,
-        time_dim: int = 128,
+        channels: tuple[int, ...] = CHANNELS,
+        kernel_size: int = KERNEL_SIZE,
+        time_dim: int = TIME_DIM,
     ):
         super().__init__()
         channels = tuple(channels)
@@ -149,9 +152,9 @@ class DiffusionHead(nn.Module):
         self,
         token_size: int,
         cond_dim: int,
-        channels: tuple[int, ...] = (1, 32, 64, 128, 64, 32, 1),
-        kernel_size: int = 7,
-        time_dim: int = 128,
+        channels: tuple[int, ...] = CHANNELS,
+        kernel_size: int = KERNEL_SIZE,
+        time_dim: int = TIME_DIM,
         n_steps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,

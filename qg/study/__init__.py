@@ -3,7 +3,8 @@ scores.
 
 Modules, each importing only those above it here (and packages listed before this one in qg):
   training     one cached training run of a target model, and a task's starting points
-  collect      collecting checkpoints and QAT targets (01_collect), and reading them back
+  collect      collecting checkpoints and QAT targets (01_collect)
+  collected    reading them back: each pair's runs, splits and QAT targets
   scoring      top-1 of a model file on the profile's test subset, predictions cached beside the
                file
   fidelity     how faithful a generated quantized model is, and whether it follows its input

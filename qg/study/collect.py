@@ -6,9 +6,10 @@ Two tasks per architecture, as in the paper:
         full fine-tuning from which N checkpoints are saved at evenly spaced steps;
   head  the CIFAR setting: the pretrained model's features are frozen and a new classification head
         is trained on another dataset; checkpoints come from the final training epoch.
-Each task is collected twice from the same starting weights: run A (seed s; the generator trains on
-most of it, the rest are held-out checkpoints) and run B (seed s + 1; never trained on, the held-out
-run).
+Each task is collected twice from the same starting weights: run A (seed s, or `checkpoints.runs`
+fine-tunings of seeds s, s + 2, s + 3, ...; the generator trains on most of it, the rest are
+held-out checkpoints) and run B (seed s + 1; never trained on, the held-out run). `Collected`
+(collected.py) reads it back.
 
 QAT targets (the paper's QAT setting) are made per checkpoint: a short quantization-aware
 fine-tuning started from the checkpoint, then quantized; its wall time is recorded in the file,
@@ -27,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..config.profiles import pairs, require, selected
+from ..config.profiles import pairs, selected
 from ..config.schema import Profile
 from ..core.io import cached, file_sha256, params_key, update_json
 from ..quant.fileformat import save_quantized
@@ -58,13 +59,24 @@ def collect_task(
     seed: int,
     root,
     device: str = "cpu",
+    runs: int = 1,
 ) -> dict:
-    """Run A (n_checkpoints) and run B (n_heldout_run, seed + 1) of one task; returns their file
-    lists."""
+    """Run A (n_checkpoints, from `runs` fine-tunings of n_checkpoints / runs each) and run B
+    (n_heldout_run, seed + 1) of one task; returns their file lists."""
     start = task_start(pretrained, spec, task, seed)
-    run_a, rec_a = train_model(
-        spec, task, start, seed, root, n_checkpoints, label="runA", device=device
-    )
+    run_a, seconds = [], 0.0
+    for r, run_seed in enumerate(run_a_seeds(seed, runs)):
+        paths, record = train_model(
+            spec,
+            task,
+            start,
+            run_seed,
+            root,
+            n_checkpoints // runs,
+            label="runA" if r == 0 else f"runA-{r}",
+            device=device,
+        )
+        run_a, seconds = run_a + paths, seconds + record["seconds"]
     run_b, rec_b = train_model(
         spec, task, start, seed + 1, root, n_heldout_run, label="runB", device=device
     )
@@ -73,8 +85,15 @@ def collect_task(
         "task": asdict(task),
         "runA": [str(p) for p in run_a],
         "runB": [str(p) for p in run_b],
-        "seconds": rec_a["seconds"] + rec_b["seconds"],
+        "runs": runs,
+        "seconds": seconds + rec_b["seconds"],
     }
+
+
+def run_a_seeds(seed: int, runs: int) -> list[int]:
+    """The seeds of run A's fine-tunings: `seed`, then seed + 2, seed + 3, ... (seed + 1 is run
+    B's, which stays a run no generator sees)."""
+    return [seed] + [seed + 1 + r for r in range(1, runs)]
 
 
 @dataclass(frozen=True)
@@ -278,6 +297,7 @@ def _collect_pair(
         profile.seed,
         task_dir,
         device,
+        runs=profile.checkpoints.runs,
     )
     if selected(profile.qat, arch_dir.name, task_name):
         entry["qat"] = collect_qat(
@@ -311,84 +331,3 @@ def _relative_entry(entry: dict, root: Path) -> dict:
             for spec, runs in entry["qat"].items()
         }
     return out
-
-
-class Collected:
-    """What 01_collect made, read back from its manifest: each (architecture, task)'s checkpoints,
-    their splits and QAT targets, as paths under the collect folder wherever that folder now lives.
-
-    Splits (the honest part): run A's checkpoints are split into `trained` (the generator learns
-    from them) and `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never
-    trained on); run B, a second fine-tuning with another seed, is `heldout_run`. The paper
-    evaluates on `trained` only.
-    """
-
-    def __init__(self, root: Path, heldout_every: int):
-        self.root = Path(root)
-        self.manifest = require(
-            self.root / "manifest.json", "01_collect", "the checkpoints and QAT targets"
-        )
-        self.heldout_every = heldout_every
-
-    def pairs(self) -> list[tuple[str, str]]:
-        """The (architecture, task) pairs collected."""
-        return [(a, t) for a, e in self.manifest["archs"].items() for t in e["tasks"]]
-
-    def pretrained(self, arch: str) -> Path:
-        """The pretrained checkpoint every task of `arch` starts from."""
-        if arch not in self.manifest["archs"]:
-            raise ValueError(
-                f"01_collect made no {arch} for this profile; it has {list(self.manifest['archs'])}"
-            )
-        return self.path(self.manifest["archs"][arch]["pretrained"])
-
-    def entry(self, arch: str, task: str) -> dict:
-        """The manifest entry of one (architecture, task), as 01_collect wrote it (paths
-        relative)."""
-        try:
-            return self.manifest["archs"][arch]["tasks"][task]
-        except KeyError:
-            raise ValueError(
-                f"01_collect made no {arch}/{task} for this profile; it has "
-                f"{[f'{a}/{t}' for a, t in self.pairs()]} (rerun 01_collect after editing the "
-                "profile)"
-            ) from None
-
-    def path(self, name: str) -> Path:
-        """A file named in the manifest (older manifests hold absolute paths, which pass
-        through)."""
-        return self.root / name
-
-    def run(self, arch: str, task: str, run: str) -> list[Path]:
-        """The checkpoints of run A or run B of one (architecture, task)."""
-        return [self.path(p) for p in self.entry(arch, task)[run]]
-
-    def splits(self, arch: str, task: str) -> dict[str, list[Path]]:
-        """Checkpoint files of each split (see the class docstring)."""
-        run_a, every = self.run(arch, task, "runA"), self.heldout_every
-        return {
-            "trained": [p for i, p in enumerate(run_a) if i % every != every - 1],
-            "heldout_ckpt": [p for i, p in enumerate(run_a) if i % every == every - 1],
-            "heldout_run": self.run(arch, task, "runB"),
-        }
-
-    def qat(self, arch: str, task: str, spec: QuantSpec | None, checkpoint: Path) -> Path:
-        """The QAT target of one checkpoint; with `spec` None, its FP32 control (QAT's steps
-        without quantization)."""
-        entry, name = self.entry(arch, task), spec.name if spec else FP_STEPS
-        if name not in entry.get("qat", {}):
-            raise ValueError(
-                f"01_collect made no QAT targets for {name} of {arch}/{task}; the profile's qat "
-                "block decides which (rerun 01_collect after changing it)"
-            )
-        files = {
-            ckpt: self.path(q)
-            for run in ("runA", "runB")
-            for ckpt, q in zip(self.run(arch, task, run), entry["qat"][name][run])
-        }
-        return files[Path(checkpoint)]
-
-    def relative(self, path: Path) -> str:
-        """A collected file's name relative to the collect folder: what cache keys and seeds are
-        made of."""
-        return _relative(path, self.root)

@@ -43,7 +43,7 @@ from ..quant.quantizer import QuantSpec, is_quantized_weight
 from ..targets.calibrate import with_qwt
 from ..targets.data import fingerprint
 from ..targets.models import load_checkpoint, load_model_description
-from .collect import Collected
+from .collected import Collected
 from .scoring import Scorer
 from .settings import Setting
 

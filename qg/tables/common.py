@@ -11,25 +11,14 @@ from matplotlib.lines import Line2D
 
 from .. import methods
 from ..config.schema import Profile
-from ..core.report import SPLIT_LABELS, markdown
+from ..core.report import GROUP_KEYS, SPLIT_LABELS, markdown
 from ..study.settings import SPLITS
 
 
 def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.DataFrame:
     """Per-checkpoint accuracy of method `a` minus method `b` (same checkpoint, same spec) as method
     `a-b`."""
-    keys = [
-        "arch",
-        "task",
-        "dataset",
-        "source",
-        "condition",
-        "variant",
-        "bits",
-        "granularity",
-        "split",
-        "checkpoint",
-    ]
+    keys = [k for k in GROUP_KEYS if k != "method"] + ["checkpoint"]
     wide = runs.pivot_table(index=keys, columns="method", values="accuracy").reset_index()
     wide = wide.dropna(subset=[a, b])
     out = wide[keys].copy()
