@@ -111,3 +111,57 @@ def test_the_readme_paper_cost_table_is_the_dry_runs_output():
         "README.md's paper-shapes table is stale: paste the table of "
         "`python -m qg.bench --sections paper-shapes`"
     )
+
+
+def test_the_bench_runtime_rows_become_ratios_a_figure_and_findings():
+    """09's section on the committed runtime bench: FP32 is 1 against itself, every other ratio is
+    its row over FP32's of the same model and batch, four paths at 8-bit channels and three at
+    4-bit groups, a figure of two panels, and findings that name each path's ratio."""
+    import matplotlib.pyplot as plt
+
+    from qg.tables.files import (
+        BENCH_RUNTIME,
+        bench_runtime_figure,
+        bench_runtime_findings,
+        bench_runtime_table,
+    )
+
+    bench = pd.read_csv(BENCH_RUNTIME)
+    bench = bench[
+        bench.arch.isin(["vit", "vit_small_patch16_224"])
+        & bench.case.str.fullmatch(r"fp32|\w+ (w4-group64|w8-channel)-sym")
+    ]
+    ratios = bench_runtime_table(bench)
+    fp32 = ratios[ratios.path == "fp32"]
+    assert len(fp32) == 4 and (fp32.time_vs_fp32 == 1).all() and (fp32.memory_vs_fp32 == 1).all()
+    small = ratios[ratios.model == "ViT-Small"].set_index(["batch", "path", "spec"])
+    assert small.real_size.all() and not ratios[ratios.arch == "vit"].real_size.any()
+    paths = small.reset_index().groupby("spec").path.nunique()
+    assert paths.to_dict() == {"fp32": 1, "w4-group64-sym": 3, "w8-channel-sym": 4}
+    row = small.loc[(1, "kernel", "w4-group64-sym")]
+    assert row.time_vs_fp32 == pytest.approx(row.seconds / small.loc[(1, "fp32", "fp32")].seconds)
+    assert 0.1 < row.memory_vs_fp32 < 0.2  # 4-bit codes + a float32 S per 64: about 4.5 / 32
+
+    fig = bench_runtime_figure(bench)
+    try:
+        latency, memory = fig.axes
+        assert latency.get_yscale() == "log" and memory.get_yscale() == "linear"
+        levels = {float(line.get_ydata()[0]) for line in latency.lines if line.get_ls() == "--"}
+        assert levels == {1.0, 0.8} and latency.get_title().startswith("latency: 0 of 20 markers")
+        drawn = sum(len(line.get_xdata()) for line in memory.lines if line.get_marker() != "None")
+        assert drawn == 3 + 3 + 4  # batch 1: vit at 4 bits, ViT-Small at 4 and 8 bits
+    finally:
+        plt.close(fig)
+
+    found = bench_runtime_findings(ratios)
+    line = next(f for f in found if f.startswith("batch 1, 4-bit group-64, time / FP32"))
+    assert line.endswith(
+        "ViT-Small {:.2f} (dequantize) / {:.2f} (int4 kernel) / {:.2f} (hqq)".format(
+            *(
+                small.loc[(1, p, "w4-group64-sym")].time_vs_fp32
+                for p in ("dequantize", "kernel", "hqq")
+            )
+        )
+    )
+    assert any(f.startswith("target time ≤ 0.8x FP32 does not hold: met on 0 of 14") for f in found)
+    assert any("4-bit group-64: holds" in f and "8-bit channels: does not hold" in f for f in found)
