@@ -303,8 +303,8 @@ class Mamba2(nn.Module):
         b, length, _ = u.shape
         # (b, l, d_mlp) x 2, (b, l, d_ssm), (b, l, d_ssm + 2 g n), (b, l, h)
         z0, x0, z, xBC, dt = self._in_proj(u)
-        # causal depthwise conv in time
-        xBC = self.act(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2))
+        # causal depthwise conv in time, back in (b, l, c) order: silu's backward is slow transposed
+        xBC = self.act(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2).contiguous())
         x, B, C = self._heads(xBC)  # (b, l, h, p), (b, l, g, n), (b, l, g, n)
         A = -torch.exp(self.A_log.float())  # (h,) negative: every state decays
         gate = None if self.rmsnorm else z.reshape(b, length, self.nheads, self.headdim)
