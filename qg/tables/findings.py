@@ -223,8 +223,8 @@ def gap_findings(tidy: pd.DataFrame, shown: int = 3, fits: float = -0.2) -> list
     Gen − target from the trained-on checkpoints to the held-out run, each with its code error and
     worst layer on both splits and how far the new run's inputs lie; then what the numbers point
     to, decided by them: a generator that fits its training split (Gen − target above `fits`) and
-    loses on inputs farther than run A's held-out ones is short of training inputs, not of
-    capacity."""
+    loses on inputs farther than run A's held-out ones is short of training inputs like the new
+    run's."""
     splits = _qat_gap_splits(tidy)
     if splits is None:
         return []
@@ -281,8 +281,8 @@ def _gap_verdict(a, b, ckpt, key, fits: float) -> str:
             "What the numbers point to, for the largest fall: the generator fits its trained-on "
             "checkpoints, its codes move away from the target on the new run, and that run's "
             "inputs lie farther from the training checkpoints than run A's held-out ones: it is "
-            "short of training inputs (targets from more than one run, or inputs augmented to "
-            "cover a run's spread), not of capacity or steps"
+            "short of training inputs like the new run's (two remedies measured against it, more "
+            "runs in run A and more steps: CHANGELOG, issue 31)"
         )
     if not fitted:
         return (
