@@ -17,8 +17,9 @@ class Collected:
 
     Splits (the honest part): run A's checkpoints are split into `trained` (the generator learns
     from them) and `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never
-    trained on); run B, a second fine-tuning with another seed, is `heldout_run`. The paper
-    evaluates on `trained` only.
+    trained on; with `checkpoints.runs` > 1, run A is its fine-tunings' checkpoints one after the
+    other, so the held-out ones come from every fine-tuning); run B, a second fine-tuning with
+    another seed, is `heldout_run`. The paper evaluates on `trained` only.
     """
 
     def __init__(self, root: Path, heldout_every: int):

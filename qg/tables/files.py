@@ -29,6 +29,7 @@ PATH_LABELS = {
     "torchao": "torchao Int8Tensor",
 }
 LATENCY_TARGET, MEMORY_TARGET = 0.8, 0.2  # issue 33's targets: time and resident bytes / FP32
+TIMM_VIT = r"vit_([a-z]+)_patch\d+_\d+"  # the bench's real-size models, e.g. vit_small_patch16_224
 
 
 def size_table(costs: pd.DataFrame, profile: Profile, commit: str) -> tuple[pd.DataFrame, str]:
@@ -208,7 +209,7 @@ def runtime_figure(rows: pd.DataFrame):
 
 def bench_model(arch: str, profile: str) -> str:
     """`ViT-Small` for timm's `vit_small_patch16_224`; a profile's own model as `vit (cpu)`."""
-    timm = re.fullmatch(r"vit_([a-z]+)_patch\d+_\d+", arch)
+    timm = re.fullmatch(TIMM_VIT, arch)
     return f"ViT-{timm[1].title()}" if timm else f"{arch} ({profile})"
 
 
@@ -223,7 +224,7 @@ def bench_runtime_table(bench: pd.DataFrame) -> pd.DataFrame:
     key = pd.MultiIndex.from_frame(rt[["arch", "batch"]])
     tidy = rt.assign(
         model=[bench_model(a, p) for a, p in zip(rt.arch, rt.profile)],
-        real_size=rt.arch.str.fullmatch(r"vit_[a-z]+_patch\d+_\d+"),
+        real_size=rt.arch.str.fullmatch(TIMM_VIT),
         path=rt.path.fillna("fp32"),
         spec=rt.case.str.split().str[-1],
         time_vs_fp32=rt.seconds.to_numpy() / fp.seconds.reindex(key).to_numpy(),
