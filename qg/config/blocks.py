@@ -135,7 +135,7 @@ class TrainBlock(Block):
         _T.ckpt_every, description="steps between resumable training states"
     )
     loss_weighting: Literal[LOSS_WEIGHTINGS] = Field(
-        _T.loss_weighting, description="plain MSE or per segment"
+        _T.loss_weighting, description="plain MSE, per segment, or by a code error's cost"
     )
     strategy: Literal[STRATEGIES] = Field(
         _T.strategy,

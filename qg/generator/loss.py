@@ -12,32 +12,66 @@ from ..quant.quantizer import QuantSpec
 from .layout import KINDS
 from .tokenizer import Tokenizer
 
-LOSS_WEIGHTINGS = ("element", "segment")
+LOSS_WEIGHTINGS = ("element", "segment", "cost")
 # code units: how far past a rounding boundary a departing residual offset must be predicted
 ROUNDING_MARGIN = 0.1
 # code units: an offset from RTN this close to 0.5 is a rounding tie (float error), not a departure
 TIE = 1e-3
 
 
-def loss_weights(tokenizer: Tokenizer, spec: QuantSpec, weighting: str = "element") -> torch.Tensor:
+def loss_weights(
+    tokenizer: Tokenizer,
+    spec: QuantSpec,
+    weighting: str = "element",
+    layer_cost: dict[str, float] | None = None,
+) -> torch.Tensor:
     """(n_tokens, token_size) float weights of each target value in the MSE, 0 on padding,
     mean 1.
 
     `element` is the paper's plain MSE: every real value counts once, so a layer's few S and Z
     values and the small layers weigh almost nothing. `segment` (ours) gives every (layer, kind)
     segment the same total weight, so the S of a group, which scales all of its codes, is not
-    drowned by them.
+    drowned by them. `cost` (ours) weighs every value of a layer by what a one-step code error
+    there costs the task's loss (`layer_cost`, from `qg.study.layer_cost`) times the squared code
+    steps one unit of its normalised token stands for (the code segment's std), so the MSE counts
+    loss, not codes; S and Z keep their per-value share within their layer.
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
     mask = tokenizer.loss_mask(spec)
     if weighting == "element":
         return mask.float()
+    if weighting == "cost":
+        return _cost_weights(tokenizer, spec, mask, layer_cost)
     weights = torch.zeros(mask.numel())
     ts = tokenizer.layout.token_size
     for seg in tokenizer.layout.segments:
         n = tokenizer.layout.numel(seg, spec)
         weights[seg.start * ts : seg.start * ts + n] = 1.0 / n
+    weights = weights.view_as(mask) * mask
+    return weights * mask.sum() / weights.sum()
+
+
+def _cost_weights(
+    tokenizer: Tokenizer, spec: QuantSpec, mask: torch.Tensor, layer_cost: dict[str, float] | None
+) -> torch.Tensor:
+    """`loss_weights`' `cost` weighting: layer l's values weigh cost_l x (code token std)^2."""
+    names = [name for name, _ in tokenizer.layout.shapes]
+    missing = sorted(set(names) - set(layer_cost or {}))
+    if missing:
+        raise ValueError(
+            f"loss weighting 'cost' needs a cost for every quantized layer; missing {missing[:3]}: "
+            "pass layer_cost=qg.study.layer_cost.layer_cost(checkpoints, spec, seed)"
+        )
+    stats = tokenizer.stats(spec)
+    std = stats[:, KINDS.index("weight"), 1]
+    per_layer = torch.tensor([layer_cost[n] for n in names]) * std.pow(2)
+    if not (torch.isfinite(per_layer).all() and (per_layer > 0).all()):
+        raise ValueError(f"layer costs must be finite and positive, got {per_layer.tolist()}")
+    weights = torch.zeros(mask.numel())
+    ts = tokenizer.layout.token_size
+    for seg in tokenizer.layout.segments:
+        weights[seg.start * ts : (seg.start + seg.n_tokens) * ts] = per_layer[seg.layer_index]
     weights = weights.view_as(mask) * mask
     return weights * mask.sum() / weights.sum()
 

@@ -40,9 +40,11 @@ class TokenPairs:
         quantized: dict[QuantSpec, list[dict]],
         conditional: bool = False,
         loss_weighting: str = "element",
+        layer_costs: dict[QuantSpec, dict[str, float]] | None = None,
     ) -> "TokenPairs":
         """Encode aligned (fp checkpoint, quantized checkpoint) pairs for every spec in
-        `quantized`."""
+        `quantized`; `layer_costs` (per spec, per layer) are the `cost` weighting's
+        (`loss.loss_weights`)."""
         specs = list(quantized)
         if len(specs) > 1 and not conditional:
             raise ValueError(
@@ -63,7 +65,10 @@ class TokenPairs:
                 tols.append(loss_tolerance(tokenizer, ys[-1], spec, bases[-1]))
                 src.append(i)
                 cond.append(c)
-        masks = torch.stack([loss_weights(tokenizer, s, loss_weighting) for s in specs])
+        costs = layer_costs or {}
+        masks = torch.stack(
+            [loss_weights(tokenizer, s, loss_weighting, costs.get(s)) for s in specs]
+        )
         names = [s.name for s in specs] if conditional else []
         return cls(
             x,

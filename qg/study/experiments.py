@@ -44,6 +44,7 @@ from ..targets.calibrate import with_qwt
 from ..targets.data import fingerprint
 from ..targets.models import load_checkpoint, load_model_description
 from .collected import Collected
+from .layer_cost import layer_cost
 from .scoring import Scorer
 from .settings import Setting
 
@@ -233,12 +234,18 @@ class Experiment:
             tok.base,
         )
         train_cfg = TrainConfig(seed=self.profile.seed, **setting.config(self.profile, "train"))
+        costs = (
+            {s: layer_cost(train_ckpts, s, self.profile.seed) for s in setting.specs}
+            if train_cfg.loss_weighting == "cost"
+            else None
+        )
         data = TokenPairs.build(
             tokenizer,
             fp,
             targets,
             conditional=setting.condition is not None,
             loss_weighting=train_cfg.loss_weighting,
+            layer_costs=costs,
         )
         n_tokens, token_size = tokenizer.shape
         gen_cfg = GeneratorConfig(
