@@ -24,6 +24,24 @@ def test_the_mixer_sections_time_every_backbone_and_both_scans(capsys):
     assert "sequential / chunked" in printed and "lstm / mamba2" in printed
 
 
+def test_the_parts_section_splits_the_mamba2_block_into_stages_and_operators(capsys):
+    df = main(["--sections", "parts", "--lengths", "64", "--d-model", "64", "--repeats", "1"])
+    parts = df[df.bench == "parts"].set_index("case")
+    stages = ["in_proj", "causal conv + silu", "SSD scan", "gated RMSNorm", "out_proj"]
+    assert list(parts.index) == stages + ["whole block"]
+    assert (parts.seconds > 0).all() and (parts.peak_mb > 0).all()
+    # the block saves what its stages save, the pre-norm's input and output aside
+    assert parts.peak_mb[stages].sum() <= parts.peak_mb["whole block"] * 1.5
+    ops = df[df.bench == "ops"]
+    assert len(ops) == 8 and ops.case.str.startswith("aten::").all() and (ops.seconds > 0).all()
+    printed = capsys.readouterr().out
+    assert (
+        "Mamba-2 block by stage" in printed
+        and "share of block" in printed
+        and "SSD scan" in printed
+    )
+
+
 def test_the_runtime_section_packs_every_bit_width_of_the_profile(tmp_path, capsys):
     out = tmp_path / "runtime.csv"
     args = ["--sections", "runtime", "--profile", "smoke", "--real-sizes", "--runtime-batch", "1"]

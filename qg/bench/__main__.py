@@ -1,6 +1,6 @@
 """Speed and memory of the generator and of the quantized models, printed as figures from one run.
 
-    python -m qg.bench [--sections scan backbone kernels runtime paper-shapes]
+    python -m qg.bench [--sections scan backbone parts kernels runtime paper-shapes]
                        [--lengths 256 1024 4096]
                        [--d-model 128] [--profile cpu] [--device cpu|cuda] [--out FILE.csv]
 
@@ -9,6 +9,9 @@
   backbone  one generator block (pre-norm residual mixer) with Mamba-2, LSTM or causal
             self-attention at the same width: forward + backward time, peak memory and parameter
             count;
+  parts     (CPU) where the Mamba-2 block's time and memory go: forward + backward seconds and
+            saved MB of each stage of its mixer (in_proj, causal conv, SSD scan, gated RMSNorm,
+            out_proj) on the shapes it sees in the block, and torch.profiler's top operators;
   kernels   (CUDA with mamba-ssm only) qg's PyTorch Mamba-2 path against mamba-ssm's kernels on the
             same weights: time and the largest output / gradient differences, float32 and bf16;
   runtime   each target model of `--profile` (seeded random weights: size and speed do not depend on
@@ -38,7 +41,7 @@ import torch
 from ..generator.mamba2 import kernels_available
 from . import mixers, runtime, shapes
 
-SECTIONS = ("scan", "backbone", "kernels", "runtime", "paper-shapes")
+SECTIONS = ("scan", "backbone", "parts", "kernels", "runtime", "paper-shapes")
 
 
 def _commit() -> str:
@@ -96,6 +99,8 @@ def _rows(args) -> pd.DataFrame:
         rows += mixers.bench_scan(*common)
     if "backbone" in args.sections:
         rows += mixers.bench_backbones(*common, recompute=True)
+    if "parts" in args.sections:
+        rows += mixers.bench_parts(*common)
     if "kernels" in args.sections and args.device.startswith("cuda") and kernels_available():
         rows += mixers.bench_kernels(*common)
     if "paper-shapes" in args.sections:
@@ -106,7 +111,7 @@ def _rows(args) -> pd.DataFrame:
         )
     df = pd.DataFrame(rows).assign(commit=_commit())
     # the runtime section has its own device (CPU) and batch; paper-shapes none
-    generator_rows = df.bench.isin(["scan", "backbone", "kernels"])
+    generator_rows = df.bench.isin(["scan", "backbone", "parts", "ops", "kernels"])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else runtime.cpu_name()
     df.loc[generator_rows, ["device", "d_model", "batch"]] = [device, args.d_model, args.batch]
     return df

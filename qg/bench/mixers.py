@@ -77,6 +77,63 @@ def bench_backbones(lengths, batch, d_model, repeats, device, recompute=False) -
     ]
 
 
+def _mixer_parts(mixer: Mamba2, u: torch.Tensor) -> dict:
+    """Each stage of the Mamba-2 mixer's PyTorch path as a function of fresh leaf inputs of the
+    shapes it sees inside the block (so each stage's backward stops at its own inputs)."""
+    b, length, _ = u.shape
+    z0, x0, z, xBC, dt = (t.detach().requires_grad_() for t in mixer._in_proj(u))
+    x, B, C = (t.detach().requires_grad_() for t in mixer._heads(mixer._conv(xBC)))
+    y = torch.randn(b, length, mixer.d_ssm, requires_grad=True)
+    return {
+        "in_proj": lambda: mixer._in_proj(u),
+        "causal conv + silu": lambda: mixer._conv(xBC),
+        "SSD scan": lambda: mixer._torch_scan(
+            x, dt, -torch.exp(mixer.A_log.float()), B, C, mixer._D(), None
+        ),
+        "gated RMSNorm": lambda: mixer.norm(y, z),
+        "out_proj": lambda: mixer._out(z0, x0, y),
+        "whole block": None,
+    }
+
+
+def _backward(out) -> None:
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    torch.autograd.backward([o.sum() for o in outs])
+
+
+def bench_parts(lengths, batch, d_model, repeats, device, top_ops: int = 8) -> list[dict]:
+    """Where the Mamba-2 block's time and saved memory go (CPU): forward + backward seconds and
+    saved MB of each stage of its mixer, and torch.profiler's top operators (self time per step)
+    over the whole block."""
+    if not device.startswith("cpu"):
+        return []
+    rows = []
+    for length in lengths:
+        torch.manual_seed(0)
+        block = _block("mamba2", d_model)
+        u = torch.randn(batch, length, d_model, requires_grad=True)
+        parts = _mixer_parts(block.mixer, u)
+        parts["whole block"] = lambda: block(u)  # noqa: B023
+        for name, fn in parts.items():
+            mb, out = saved_activation_mb(fn)
+            _backward(out)
+            seconds = median_seconds(lambda: _backward(fn()), repeats)  # noqa: B023
+            rows.append(_part_row("parts", name, length, seconds, mb))
+        with torch.profiler.profile() as prof:
+            for _ in range(repeats):
+                _backward(block(u))
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top_ops]
+        rows += [
+            _part_row("ops", e.key, length, e.self_cpu_time_total / 1e6 / repeats, float("nan"))
+            for e in ops
+        ]
+    return rows
+
+
+def _part_row(bench: str, case: str, length: int, seconds: float, mb: float) -> dict:
+    return {"bench": bench, "case": case, "length": length, "seconds": seconds, "peak_mb": mb}
+
+
 def bench_kernels(lengths, batch, d_model, repeats, device) -> list[dict]:
     """qg's PyTorch path against mamba-ssm's kernels on the same weights (CUDA + mamba-ssm only)."""
     rows = []
@@ -112,6 +169,26 @@ def bench_kernels(lengths, batch, d_model, repeats, device) -> list[dict]:
     return rows
 
 
+PARTS_TITLES = {
+    "parts": "Mamba-2 block by stage, forward + backward",
+    "ops": "Mamba-2 block's top operators, self time per forward + backward",
+}
+
+
+def _parts_table(df: pd.DataFrame, bench: str) -> pd.DataFrame:
+    """Seconds of each stage (or operator) per length, each as a share of the whole block's, and
+    (stages) the MB each saves for its backward."""
+    part = df[df.bench == bench]
+    whole = df[(df.bench == "parts") & (df.case == "whole block")].set_index("length").seconds
+    seconds = part.pivot_table(index="case", columns="length", values="seconds", sort=False)
+    tables = {"seconds": seconds, "share of block": seconds / whole}
+    if bench == "parts":
+        tables["saved MB"] = part.pivot_table(
+            index="case", columns="length", values="peak_mb", sort=False
+        )
+    return pd.concat(tables, axis=1)
+
+
 def report(df: pd.DataFrame) -> None:
     """Print the scan's and the blocks' tables, each backbone as a ratio to Mamba-2."""
     if (df.bench == "scan").any():
@@ -129,6 +206,9 @@ def report(df: pd.DataFrame) -> None:
         print(f"Generator block ({value}), forward + backward\n", t.round(3), "\n")
     if len(bb):
         print("parameters per block:", bb.groupby("case")["params"].first().to_dict())
+    for bench, title in PARTS_TITLES.items():
+        if (df.bench == bench).any():
+            print(f"{title}\n", _parts_table(df, bench).round(3).to_string(), "\n")
     if (df.bench == "kernels").any():
         print(
             "\nPyTorch path vs mamba-ssm kernels\n",
