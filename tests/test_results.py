@@ -113,6 +113,20 @@ def test_the_readme_paper_cost_table_is_the_dry_runs_output():
     )
 
 
+def test_the_readme_backbone_block_is_the_committed_bench_summarised():
+    """The README's backbone costs are `python -m qg.bench --readme results/bench/backbone.csv`,
+    never typed."""
+    from qg.bench.mixers import backbone_summary
+
+    readme = (ROOT / "README.md").read_text()
+    marker = "<!-- backbone: python -m qg.bench --readme results/bench/backbone.csv -->"
+    block = readme.split(marker)[1].split("<!-- end of backbone -->")[0].strip()
+    assert block == backbone_summary(pd.read_csv(ROOT / "results/bench/backbone.csv")), (
+        "README.md's backbone block is stale: paste the output of "
+        "`python -m qg.bench --readme results/bench/backbone.csv`"
+    )
+
+
 def test_the_bench_runtime_rows_become_ratios_a_figure_and_findings():
     """09's section on the committed runtime bench: FP32 is 1 against itself, every other ratio is
     its row over FP32's of the same model and batch, four paths at 8-bit channels and three at

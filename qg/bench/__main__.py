@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         help="timm models timed beside the profile's in the runtime section (none: only ours)",
     )
     p.add_argument("--out", help="CSV file to write the rows to")
+    p.add_argument(
+        "--readme",
+        metavar="CSV",
+        help="run nothing: print the README's backbone block from a bench CSV's rows",
+    )
     return p
 
 
@@ -119,6 +124,10 @@ def _rows(args) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = _parser().parse_args(argv)
+    if args.readme:
+        df = pd.read_csv(args.readme)
+        print(mixers.backbone_summary(df))
+        return df
     df = _rows(args)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", None)

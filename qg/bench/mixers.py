@@ -189,6 +189,43 @@ def _parts_table(df: pd.DataFrame, bench: str) -> pd.DataFrame:
     return pd.concat(tables, axis=1)
 
 
+def backbone_summary(df: pd.DataFrame) -> str:
+    """The README's backbone block, from a bench CSV's `backbone` (and `parts`) rows: each block's
+    forward + backward seconds and saved MB per length, as a ratio to Mamba-2's, and where
+    Mamba-2's time goes."""
+    bb = df[df.bench == "backbone"]
+    t = bb.pivot_table(index="case", columns="length", values=["seconds", "peak_mb"], sort=False)
+    rows = []
+    for case in t.index:
+        row = {"block": case, "params": int(bb[bb.case == case].params.iloc[0])}
+        for n in t.columns.levels[1]:
+            s, mb = t.loc[case, ("seconds", n)], t.loc[case, ("peak_mb", n)]
+            row[f"s @{n}"] = f"{s:.3f} ({s / t.loc['mamba2', ('seconds', n)]:.2f}x)"
+            row[f"saved MB @{n}"] = f"{mb:.1f} ({mb / t.loc['mamba2', ('peak_mb', n)]:.2f}x)"
+        rows.append(row)
+    first = bb.iloc[0]
+    mamba, attention = t.loc["mamba2", "seconds"], t.loc["transformer", "seconds"]
+    versus = "; ".join(
+        f"at {n} tokens Mamba-2 takes {mamba[n] / attention[n]:.2f}x attention's time"
+        for n in mamba.index
+    )
+    text = (
+        f"One generator block, forward + backward (d_model {int(first.d_model)}, batch "
+        f"{int(first.batch)}, {first.device}, commit {first.commit}): {versus}. In brackets, the "
+        "ratio to Mamba-2's.\n\n" + pd.DataFrame(rows).to_markdown(index=False)
+    )
+    parts = df[df.bench == "parts"]
+    if len(parts):
+        n = parts.length.max()
+        share = _parts_table(df, "parts")[("share of block", n)].drop("whole block")
+        text += (
+            f"\n\nOf Mamba-2's time at length {n}: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in share.sort_values(ascending=False).items())
+            + " (each stage timed alone on its own inputs)."
+        )
+    return text
+
+
 def report(df: pd.DataFrame) -> None:
     """Print the scan's and the blocks' tables, each backbone as a ratio to Mamba-2."""
     if (df.bench == "scan").any():
