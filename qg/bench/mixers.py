@@ -216,12 +216,19 @@ def backbone_summary(df: pd.DataFrame) -> str:
     )
     parts = df[df.bench == "parts"]
     if len(parts):
-        n = parts.length.max()
-        share = _parts_table(df, "parts")[("share of block", n)].drop("whole block")
+        shares = _parts_table(df, "parts")["share of block"].drop("whole block")
         text += (
-            f"\n\nOf Mamba-2's time at length {n}: "
-            + ", ".join(f"{k} {v:.0%}" for k, v in share.sort_values(ascending=False).items())
-            + " (each stage timed alone on its own inputs)."
+            "\n\nShare of Mamba-2's time by stage, each stage timed alone on its own inputs: "
+            + (
+                "; ".join(
+                    f"at {n} tokens "
+                    + ", ".join(
+                        f"{k} {v:.0%}" for k, v in shares[n].sort_values(ascending=False).items()
+                    )
+                    for n in shares.columns
+                )
+                + "."
+            )
         )
     return text
 
