@@ -348,26 +348,16 @@ class Mamba2(nn.Module):
 
     def _in_proj(self, u: torch.Tensor) -> list[torch.Tensor]:
         """in_proj(u) split into [z0, x0 | z | xBC | dt] (z0, x0 empty unless d_ssm < d_inner)."""
-        d_mlp = (
-            self.in_proj.out_features
-            - 2 * self.d_ssm
-            - 2 * self.ngroups * self.d_state
-            - self.nheads
-        ) // 2
-        sizes = [
-            d_mlp,
-            d_mlp,
-            self.d_ssm,
-            self.d_ssm + 2 * self.ngroups * self.d_state,
-            self.nheads,
-        ]
+        conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state  # xBC
+        d_mlp = (self.in_proj.out_features - self.d_ssm - conv_dim - self.nheads) // 2
+        sizes = [d_mlp, d_mlp, self.d_ssm, conv_dim, self.nheads]
         return torch.split(self.in_proj(u), sizes, -1)
 
     def _conv(self, xBC: torch.Tensor) -> torch.Tensor:
-        """silu of the causal depthwise conv in time of xBC (b, l, c), back in (b, l, c) order and
-        contiguous (silu's backward on the transposed view took 12 % of a block's time)."""
-        length = xBC.shape[1]
-        return self.act(self.conv1d(xBC.transpose(1, 2))[..., :length].transpose(1, 2).contiguous())
+        """silu(causal depthwise conv in time of xBC), (b, l, c) in and out; contiguous before silu,
+        whose backward on the transposed view took 12 % of a block's time."""
+        conv = self.conv1d(xBC.transpose(1, 2))[..., : xBC.shape[1]]
+        return self.act(conv.transpose(1, 2).contiguous())
 
     def _heads(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """xBC (b, l, d_ssm + 2 g n) -> x per head (b, l, h, p) and B, C per group (b, l, g, n)."""
