@@ -5,6 +5,7 @@ the README's reference are `qg.config.schema`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -212,10 +213,25 @@ class Qat(Selection):
 
     bits: list[Bits] = Field(description="bit-widths with QAT targets")
     granularity: Granularity = Field(description="their granularity")
+    scheme: Literal[SCHEMES] | None = Field(
+        None, description="the grid QAT trains and quantizes on (null: the quant block's scheme)"
+    )
     steps: Positive = Field(description="QAT fine-tuning steps per checkpoint")
     lr: Rate = Field(description="QAT learning rate")
     batch_size: Positive = Field(128, description="QAT batch size")
     weight_decay: float = Field(0.0, ge=0, description="QAT weight decay")
+
+    def spec(self, quant: Quant, bits: int) -> QuantSpec:
+        """The spec of QAT's targets at `bits`: the quant block's, on QAT's own grid if it has one
+        (HQQ, the data-free method QAT is compared with, is asymmetric whatever the quant block
+        says)."""
+        spec = quant.spec(bits, self.granularity)
+        return spec if self.scheme is None else dataclasses.replace(spec, scheme=self.scheme)
+
+    def grid(self) -> str:
+        """What a table's caption says of QAT's grid: its granularity, and its scheme when QAT has
+        its own."""
+        return self.granularity + "-wise" + (f", {self.scheme} grid" if self.scheme else "")
 
 
 class Amortized(Block):

@@ -307,12 +307,12 @@ def _collect_pair(
 
 
 def _qat_specs(profile: Profile) -> list[QuantSpec]:
-    return [profile.quant.spec(b, profile.qat.granularity) for b in profile.qat.bits]
+    return [profile.qat.spec(profile.quant, b) for b in profile.qat.bits]
 
 
 def _qat_training(profile: Profile) -> QATSpec:
     """The QAT run's own settings (the `qat` block less what selects and names its specs)."""
-    skip = ("bits", "granularity", "archs", "tasks")
+    skip = ("bits", "granularity", "scheme", "archs", "tasks")
     return QATSpec(**{k: v for k, v in profile.set_in("qat").items() if k not in skip})
 
 

@@ -102,7 +102,7 @@ def main_settings(profile: Profile) -> dict[str, list[Setting]]:
             Setting(f3.arch, f3.task, [quant.spec(b, "channel")]) for b in bits if b != gbits
         ],
         "table2": [
-            Setting(a, t, [quant.spec(b, qat.granularity)], source="qat")
+            Setting(a, t, [qat.spec(quant, b)], source="qat")
             for a, t in pairs(profile)
             if selected(qat, a, t)
             for b in qat.bits
@@ -192,7 +192,11 @@ def amortized_settings(profile: Profile) -> list[Setting]:
         Setting(
             a,
             t,
-            [profile.quant.spec(b, qat.granularity)],
+            [
+                qat.spec(profile.quant, b)
+                if source == "qat"
+                else profile.quant.spec(b, qat.granularity)
+            ],
             source,
             overrides=ABLATIONS["target"](target),
             label=target,
@@ -203,6 +207,18 @@ def amortized_settings(profile: Profile) -> list[Setting]:
         for source in SOURCES
         for target in TARGETS
     ]
+
+
+def amortized_methods(profile: Profile, setting: Setting) -> tuple[str, ...]:
+    """What 08_residual_qat scores for one of its settings: FP32, PTQ, HQQ, QAT and QAT's FP32
+    control beside Gen. When QAT has a grid of its own (`qat.scheme`), the PTQ-target settings
+    score no QAT (there is none on their grid) and the QAT-target ones no HQQ; their PTQ is RTN
+    on QAT's grid, what their Gen − PTQ pairs with (the amortized table's PTQ column stays the
+    quant block's: `qg.tables.amortized.amortized_wide`)."""
+    if profile.qat.scheme in (None, profile.quant.scheme):
+        return ("fp", "ptq", "hqq", "qat", "fp-steps", "gen")
+    own = ("hqq",) if setting.source == "ptq" else ("qat", "fp-steps")
+    return ("fp", "ptq", *own, "gen")
 
 
 def ablation_settings(profile: Profile, factor: str, variants: dict | None = None) -> list[Setting]:

@@ -56,6 +56,8 @@ def amortized_wide(runs: pd.DataFrame) -> pd.DataFrame:
     by target and source, and `CHOSEN`, the target `chosen_targets` picks, with its name in
     `chosen`) and the paired differences of `AMORTIZED_DIFFS` as `A − B`."""
     keys = [*SETTING, "split", "checkpoint"]
+    # the data-free baselines of the PTQ-target settings: on the quant block's grid whatever QAT's
+    runs = runs[~(runs.method.isin(["ptq", "hqq"]) & (runs.source == "qat"))]
     runs = runs.assign(
         column=[
             _amortized_column(m, s, v) for m, s, v in zip(runs.method, runs.source, runs.variant)
@@ -154,7 +156,7 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
     return tidy, profile_markdown(
         md,
         f"Amortized QAT: one data-free forward pass against QAT and HQQ "
-        f"({profile.qat.granularity}-wise; top-1 %, mean over checkpoints)",
+        f"({profile.qat.grid()}; top-1 %, mean over checkpoints)",
         profile,
         [
             "Gen direct: the paper's target (codes, S, Z); Gen residual: offsets from "

@@ -200,7 +200,7 @@ def table2(
         )
     # the paper has no 3-bit QAT
     md = pd.DataFrame(rows).sort_values(["task", "arch"], kind="stable").fillna("NA")
-    title = f"Table 2: QAT vs Gen trained on QAT targets ({profile.qat.granularity}-wise)"
+    title = f"Table 2: QAT vs Gen trained on QAT targets ({profile.qat.grid()})"
     return tidy, profile_markdown(
         md,
         title,

@@ -52,6 +52,7 @@ def test_blocks_mirror_the_code_they_configure():
     assert set(schema.Qat.model_fields) == _fields(QATSpec) | {
         "bits",
         "granularity",
+        "scheme",
         "archs",
         "tasks",
     }
@@ -162,3 +163,35 @@ def test_the_profile_reference_is_the_schema():
     assert (ROOT / "params" / "README.md").read_text() == schema.reference_page(), (
         "params/README.md is stale: python -m qg.config.schema > params/README.md"
     )
+
+
+def test_qat_targets_can_have_their_own_grid_and_every_qat_spec_follows_it(tmp_path):
+    """`qat.scheme` moves QAT's targets, Table 2's generators and the amortized QAT ones onto
+    QAT's grid; the PTQ-target generators keep the quant block's; unset, nothing moves."""
+    from qg.study.collect import _qat_specs
+    from qg.study.settings import amortized_methods, amortized_settings, main_settings
+
+    plain = load_profile("smoke")
+    assert all(s == plain.quant.spec(s.bits, s.granularity) for s in _qat_specs(plain))
+    every = ("fp", "ptq", "hqq", "qat", "fp-steps", "gen")
+    assert {amortized_methods(plain, s) for s in amortized_settings(plain)} == {every}
+
+    def asymmetric(raw):
+        raw["qat"]["scheme"] = "asymmetric"
+
+    p = load_profile(_smoke_with(tmp_path, asymmetric))
+    assert p.quant.scheme == "symmetric"
+    assert {s.scheme for s in _qat_specs(p)} == {"asymmetric"}
+    assert {s.specs[0].scheme for s in main_settings(p)["table2"]} == {"asymmetric"}
+    by_source = {
+        source: {s.specs[0].scheme for s in amortized_settings(p) if s.source == source}
+        for source in ("ptq", "qat")
+    }
+    assert by_source == {"ptq": {"symmetric"}, "qat": {"asymmetric"}}
+    # each baseline scored on its own grid: no QAT on PTQ's, and HQQ once, from the PTQ settings
+    scored = {s.source: amortized_methods(p, s) for s in amortized_settings(p)}
+    assert scored == {
+        "ptq": ("fp", "ptq", "hqq", "gen"),
+        "qat": ("fp", "ptq", "qat", "fp-steps", "gen"),
+    }
+    assert p.qat.grid() == "group-wise, asymmetric grid" and plain.qat.grid() == "group-wise"
