@@ -42,20 +42,25 @@ def loss_weights(
     if weighting == "element":
         return mask.float()
     if weighting == "cost":
-        return _cost_weights(tokenizer, spec, mask, layer_cost)
+        per_layer = _layer_weights(tokenizer, spec, layer_cost)
+        return _by_segment(tokenizer, mask, lambda seg: per_layer[seg.layer_index])
+    return _by_segment(tokenizer, mask, lambda seg: 1.0 / tokenizer.layout.numel(seg, spec))
+
+
+def _by_segment(tokenizer: Tokenizer, mask: torch.Tensor, weight_of) -> torch.Tensor:
+    """Every real value of a segment weighs `weight_of(segment)`, padding 0, scaled to mean 1."""
     weights = torch.zeros(mask.numel())
     ts = tokenizer.layout.token_size
     for seg in tokenizer.layout.segments:
-        n = tokenizer.layout.numel(seg, spec)
-        weights[seg.start * ts : seg.start * ts + n] = 1.0 / n
+        weights[seg.start * ts : (seg.start + seg.n_tokens) * ts] = weight_of(seg)
     weights = weights.view_as(mask) * mask
     return weights * mask.sum() / weights.sum()
 
 
-def _cost_weights(
-    tokenizer: Tokenizer, spec: QuantSpec, mask: torch.Tensor, layer_cost: dict[str, float] | None
+def _layer_weights(
+    tokenizer: Tokenizer, spec: QuantSpec, layer_cost: dict[str, float] | None
 ) -> torch.Tensor:
-    """`loss_weights`' `cost` weighting: layer l's values weigh cost_l x (code token std)^2."""
+    """The `cost` weighting's weight of each layer's values: cost_l x (its code tokens' std)^2."""
     names = [name for name, _ in tokenizer.layout.shapes]
     missing = sorted(set(names) - set(layer_cost or {}))
     if missing:
@@ -63,17 +68,11 @@ def _cost_weights(
             f"loss weighting 'cost' needs a cost for every quantized layer; missing {missing[:3]}: "
             "pass layer_cost=qg.study.layer_cost.layer_cost(checkpoints, spec, seed)"
         )
-    stats = tokenizer.stats(spec)
-    std = stats[:, KINDS.index("weight"), 1]
+    std = tokenizer.stats(spec)[:, KINDS.index("weight"), 1]
     per_layer = torch.tensor([layer_cost[n] for n in names]) * std.pow(2)
     if not (torch.isfinite(per_layer).all() and (per_layer > 0).all()):
         raise ValueError(f"layer costs must be finite and positive, got {per_layer.tolist()}")
-    weights = torch.zeros(mask.numel())
-    ts = tokenizer.layout.token_size
-    for seg in tokenizer.layout.segments:
-        weights[seg.start * ts : (seg.start + seg.n_tokens) * ts] = per_layer[seg.layer_index]
-    weights = weights.view_as(mask) * mask
-    return weights * mask.sum() / weights.sum()
+    return per_layer
 
 
 def loss_tolerance(
