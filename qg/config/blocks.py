@@ -213,9 +213,7 @@ class Qat(Selection):
 
     bits: list[Bits] = Field(description="bit-widths with QAT targets")
     granularity: Granularity = Field(description="their granularity")
-    scheme: Literal[SCHEMES] | None = Field(
-        None, description="the grid QAT trains and quantizes on (null: the quant block's scheme)"
-    )
+    scheme: Literal[SCHEMES] | None = Field(None, description="QAT's grid (null: quant.scheme)")
     steps: Positive = Field(description="QAT fine-tuning steps per checkpoint")
     lr: Rate = Field(description="QAT learning rate")
     batch_size: Positive = Field(128, description="QAT batch size")
@@ -352,9 +350,7 @@ class BinaryRun(Block):
     lr: Rate = Field(0.01, description="AdamW learning rate")
     batch_size: Positive = Field(128, description="batch size")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
-    train_subset: Positive | None = Field(
-        2000, description="seeded subset of the training set (all when null)"
-    )
+    train_subset: Positive | None = Field(2000, description="seeded training subset (null: all)")
 
 
 class RpgBinary(Block):
@@ -362,14 +358,10 @@ class RpgBinary(Block):
     frozen model."""
 
     arch: str | None = Field(None, description="architecture (default: the first of rpg.archs)")
-    dataset: Literal[IN_MEMORY] = Field(
-        "fashion_mnist", description="dataset whose classes are relabelled 0/1"
-    )
+    dataset: Literal[IN_MEMORY] = Field("fashion_mnist", description="dataset relabelled 0/1")
     seen: Positive = Field(50, description="binary tasks RPG is trained on")
     unseen: Positive = Field(10, description="binary tasks RPG is asked for, never trained on")
-    checkpoints: Positive = Field(
-        3, description="classifiers per task (the last epoch of one run; RPG: 3)"
-    )
+    checkpoints: Positive = Field(3, description="classifiers per task (one run's last epoch)")
     samples: Positive = Field(3, description="RPG samples per unseen task")
     token_size: Positive = Field(16, description="values per token")
     train: BinaryRun | None = Field(None, description="each classifier's head-only training")
@@ -382,26 +374,18 @@ class Rpg(Block):
     after RPG's Table 1."""
 
     archs: list[str] = Field(min_length=1, description="architectures RPG generates")
-    task: str = Field(
-        "full", description="the task whose run-A training checkpoints RPG learns from"
-    )
+    task: str = Field("full", description="the task whose run-A training checkpoints RPG learns")
     samples: Positive = Field(10, description="models sampled per architecture (and per baseline)")
     token_size: Positive = Field(128, description="values per token")
-    generator: GeneratorBlock | None = Field(
-        None, description="the generator's settings (RPG mode: a diffusion head)"
-    )
-    train: TrainBlock | None = Field(
-        None, description="RPG's training (default: the profile's train block)"
-    )
+    generator: GeneratorBlock | None = Field(None, description="RPG's generator (diffusion head)")
+    train: TrainBlock | None = Field(None, description="RPG's training (default: train block)")
     noise: float = Field(
         0.05,
         ge=0,
         description="noise baseline: a training checkpoint plus Gaussian noise of this "
         "fraction of each tensor's std",
     )
-    average_of: Positive = Field(
-        16, description="average baseline: the mean of this many training checkpoints (Zeng et al.)"
-    )
+    average_of: Positive = Field(16, description="average baseline: mean of this many checkpoints")
     binary: RpgBinary | None = Field(None, description="the unseen-task study (unset: not run)")
 
     @model_validator(mode="after")
