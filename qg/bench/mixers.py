@@ -92,7 +92,6 @@ def _mixer_parts(mixer: Mamba2, u: torch.Tensor) -> dict:
         ),
         "gated RMSNorm": lambda: mixer.norm(y, z),
         "out_proj": lambda: mixer._out(z0, x0, y),
-        "whole block": None,
     }
 
 
