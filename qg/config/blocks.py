@@ -15,7 +15,7 @@ from ..generator.diffusion import PREDICTIONS, SAMPLERS
 from ..generator.loss import LOSS_WEIGHTINGS
 from ..generator.model import HEADS, MIXERS, SKIPS, GeneratorConfig
 from ..generator.parallel import STRATEGIES
-from ..generator.tokenizer import BASES, PADDING_MODES, TARGETS
+from ..generator.tokenizer import BASES, CODES, PADDING_MODES, TARGETS
 from ..generator.train import TrainConfig
 from ..quant import qwt
 from ..quant.quantizer import SCHEMES, QuantSpec
@@ -63,6 +63,7 @@ class TokenizerBlock(Block):
         "weights",
         description="what a skip adds to: the weights, or RTN of them (ours, direct only)",
     )
+    codes: Literal[CODES] = Field("raw", description="code tokens: q (the paper's) or q - Z (ours)")
 
 
 _G = GeneratorConfig

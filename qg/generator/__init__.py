@@ -5,6 +5,7 @@ Modules, each importing only those above it here (and packages listed before thi
   mamba2     pure-PyTorch Mamba-2 mixer, state_dict-compatible with mamba_ssm.Mamba2
   diffusion  RPG-style diffusion head (1D conv denoiser + DDPM/DDIM), for the ablation
   layout     which token holds what: a checkpoint's layers as fixed-width tokens, 2D positions
+  target_values  what a quantized layer's target tokens hold (codes or q - Z, log S, RTN offsets)
   tokenizer  checkpoints <-> fixed-width token sequences, with a layout and position embedding
   loss       what the MSE counts at each target position: weights, and dead zones from RTN
   model      the generator: mixer blocks (Mamba-2, LSTM, Transformer) + embeddings + head

@@ -46,7 +46,8 @@ from torch.utils.checkpoint import checkpoint
 from .diffusion import DiffusionHead
 from .layout import sinusoidal_2d
 from .mamba2 import Mamba2
-from .tokenizer import TARGETS, Tokenizer
+from .target_values import TARGETS
+from .tokenizer import Tokenizer
 
 HEADS = ("mse", "diffusion")
 SKIPS = ("none", "add", "gain")

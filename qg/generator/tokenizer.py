@@ -11,30 +11,18 @@ and zero points; on the input side they are placeholders ("fictitious S and Z").
 holds no real value - the tail of a layer's last token, the input side's placeholders - is filled by
 the padding mode: `gaussian` (seeded N(0, 1), the paper's default), `zero` or `one`.
 
-With `log_scale` (ours) the S tokens hold log S, normalised the same way: an error in a token is
-then a relative error of S, the same for a layer's small and large scales, and the decoded S is
-always positive.
-
-The `target` says what the quantized side holds:
-
-    direct    (the paper's) codes, S (or log S) and Z themselves, normalised by their mean and std
-    residual  (ours) their departure from round-to-nearest (RTN) of the same checkpoint's fp
-              weights: code offsets q - q_rtn, log(S / S_rtn) and Z - Z_rtn, each divided by its
-              root mean square (no mean shift), so all-zero tokens decode to RTN itself: an
-              untrained generator *is* PTQ, and what it learns is where a better quantizer (QAT)
-              departs from rounding.
+What the target side holds (codes or q - Z, S or log S, Z, or their departures from RTN) is
+`qg.generator.target_values`.
 
 `base_tokens` is what a generator's head is relative to (`skip`): the fp weight tokens (direct) or,
 for residual, the RTN rounding remainders w / S + Z - q_rtn in the code offsets' units, the input a
 rounding decision needs and the one thing the body cannot compute for itself (a group's max|w|).
-With `base: rtn` (ours, direct target only) the base is round-to-nearest of the input written as
-target tokens, before rounding: codes w / S_rtn + Z_rtn, S_rtn (or log S_rtn) and Z_rtn in the
-target's own normalisation. The target tokens stay the paper's; the skip changes, from the weights
-(which a code equals up to a factor 1 / S of its group, a max over the group that the body has to
-infer) to a value a PTQ target is within half a step of, and the MSE gets the residual target's dead
-zone (`loss.loss_tolerance`), without which it fits the rounding of the training checkpoints and
-moves codes of new ones (measured: -2.7 points at 3 bits, ViT head-only). 02_train's convergence
-study measures what the change buys.
+With `base: rtn` (ours, direct target only) the skip adds to RTN of the input written as target
+tokens before rounding (w / S_rtn + Z_rtn, S_rtn, Z_rtn in the target's normalisation), which a PTQ
+target is within half a step of, instead of the weights (a code up to its group's 1 / S, a max the
+body must infer); the MSE gets the residual target's dead zone (`loss.loss_tolerance`), without
+which it fits the training checkpoints' rounding and moves new ones' codes (-2.7 points at 3 bits,
+ViT head-only). 02_train's convergence study measures what the change buys.
 
 A layout serves one or several quantization specs (a conditional generator covers several): S/Z
 segments are sized for the spec with the most groups, and each spec has its own statistics. The
@@ -50,17 +38,15 @@ import torch
 
 from ..core.io import read_json, read_safetensors, save_safetensors, write_json
 from ..quant.quantizer import (
-    MIN_SCALE,
     QTensor,
     QuantSpec,
     quantize,
     remainder,
 )
 from .layout import KINDS, Layout, Segment
+from .target_values import CODES, TARGETS, layer_values, quantized_layer
 
 PADDING_MODES = ("gaussian", "zero", "one")
-MAX_LOG_SCALE = 80.0  # a diverged generated log S decodes to a huge but finite S, never inf
-TARGETS = ("direct", "residual")
 BASES = ("weights", "rtn")
 
 
@@ -78,28 +64,15 @@ def _rms(values: list[torch.Tensor]) -> tuple[float, float]:
     return 0.0, rms if rms > 1e-8 else 1.0
 
 
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _rtn(fp_sd: dict, names: list[str], spec: QuantSpec) -> dict[str, QTensor]:
     """Round-to-nearest of the named layers of a full-precision checkpoint: the residual target's
     origin."""
     return {n: quantize(fp_sd[n].float(), spec) for n in names}
-
-
-def _log(scale: torch.Tensor) -> torch.Tensor:
-    return scale.float().clamp_min(MIN_SCALE).log()
-
-
-def _parts(
-    qt: QTensor, log_scale: bool, rtn: QTensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The values a quantized layer's tokens hold, as floats: codes, S (or log S) and Z, or, given
-    `rtn` (the residual target), their departures from it: q - q_rtn, log(S / S_rtn), Z - Z_rtn."""
-    if rtn is not None:
-        return (
-            qt.codes.float() - rtn.codes.float(),
-            _log(qt.scale) - _log(rtn.scale),
-            qt.zero.float() - rtn.zero.float(),
-        )
-    return qt.codes.float(), _log(qt.scale) if log_scale else qt.scale.float(), qt.zero.float()
 
 
 class Tokenizer:
@@ -116,13 +89,15 @@ class Tokenizer:
         log_scale: bool = False,
         target: str = "direct",
         base: str = "weights",
+        codes: str = "raw",
     ):
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        if base not in BASES:
-            raise ValueError(f"base must be one of {BASES}, got {base!r}")
+        for name, value, choices in (
+            ("padding", padding, PADDING_MODES),
+            ("target", target, TARGETS),
+            ("base", base, BASES),
+            ("codes", codes, CODES),
+        ):
+            _choice(name, value, choices)
         if base == "rtn" and target != "direct":
             raise ValueError(
                 "base: rtn is for the direct target; the residual target's base is already "
@@ -130,7 +105,7 @@ class Tokenizer:
             )
         self.layout, self.fp_stats, self.q_stats = layout, fp_stats, q_stats
         self.padding, self.seed, self.log_scale = padding, seed, log_scale
-        self.target, self.base = target, base
+        self.target, self.base, self.codes = target, base, codes
         self._canvas = {
             side: self._fill(self.seed + i) for i, side in enumerate(("fp", "quantized"))
         }
@@ -146,6 +121,7 @@ class Tokenizer:
         log_scale: bool = False,
         target: str = "direct",
         base: str = "weights",
+        codes: str = "raw",
     ) -> "Tokenizer":
         """Build the layout and fit normalisation statistics on training checkpoints only.
 
@@ -153,8 +129,7 @@ class Tokenizer:
         (`quantize_state_dict`), aligned with `fp_checkpoints` (the residual target is taken
         relative to RTN of each one).
         """
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        _choice("target", target, TARGETS)
         if not fp_checkpoints:
             raise ValueError("Tokenizer.fit needs at least one full-precision checkpoint")
         layout = Layout.from_state_dict(fp_checkpoints[0], list(quantized), token_size)
@@ -178,10 +153,13 @@ class Tokenizer:
             stat = _rms if target == "residual" else _mean_std
             rows = []
             for n in names:
-                parts = [_parts(q[n], log_scale, r[n]) for q, r in zip(qsds, rtns)]
+                parts = [
+                    layer_values(q[n], log_scale, r[n], codes == "centered")
+                    for q, r in zip(qsds, rtns)
+                ]
                 rows.append([stat([p[k] for p in parts]) for k in range(len(KINDS))])
             q_stats[spec.name] = torch.tensor(rows)  # (layers, 3 kinds, [mean, std])
-        return cls(layout, fp_stats, q_stats, padding, seed, log_scale, target, base)
+        return cls(layout, fp_stats, q_stats, padding, seed, log_scale, target, base, codes)
 
     @property
     def specs(self) -> list[QuantSpec]:
@@ -260,7 +238,8 @@ class Tokenizer:
             qt = qsd[name]
             if qt.spec != spec:
                 raise ValueError(f"{name} is quantized as {qt.spec.name}, expected {spec.name}")
-            for k, (kind, t) in enumerate(zip(KINDS, _parts(qt, self.log_scale, rtn[name]))):
+            parts = layer_values(qt, self.log_scale, rtn[name], self.codes == "centered")
+            for k, (kind, t) in enumerate(zip(KINDS, parts)):
                 mean, std = stats[li, k].tolist()
                 values[(li, kind)] = (t.float().reshape(-1) - mean) / std
         return self._write("quantized", values)
@@ -268,9 +247,8 @@ class Tokenizer:
     def decode_quantized(
         self, tokens: torch.Tensor, spec: QuantSpec, fp_sd: dict | None = None
     ) -> dict[str, QTensor]:
-        """Generated tokens -> QTensors: codes rounded and clamped to the bit range, S kept
-        positive, Z rounded (0 for a symmetric spec; with the residual target, as offsets from RTN
-        of `fp_sd`, the checkpoint being quantized)."""
+        """Generated tokens -> QTensors (`target_values.quantized_layer`; with the residual target,
+        relative to RTN of `fp_sd`, the checkpoint being quantized)."""
         stats = self.q_stats[self._spec(spec).name]
         if tuple(tokens.shape) != self.shape:
             raise ValueError(f"expected tokens of shape {self.shape}, got {tuple(tokens.shape)}")
@@ -284,25 +262,13 @@ class Tokenizer:
             )
         out = {}
         for li, (name, shape) in enumerate(self.layout.shapes):
-            pshape, base = spec.param_shape(shape), rtn[name]
+            pshape = spec.param_shape(shape)
             codes, scale, zero = (
                 parts[(li, kind)].reshape(shape if kind == "weight" else pshape) for kind in KINDS
             )
-            codes, zero = torch.round(codes), torch.round(zero)
-            # Eq. 1 has no zero point: Z = 0 by definition, never generated
-            if spec.scheme == "symmetric":
-                zero = torch.zeros_like(zero)
-            # residual: offsets from RTN, S a log ratio to RTN's (a zero ratio keeps S exact)
-            if base is not None:
-                codes, zero = codes + base.codes, zero + base.zero
-                scale = base.scale * scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE).exp()
-            elif self.log_scale:
-                scale = scale.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE).exp()
-            out[name] = QTensor(
-                codes.clamp(spec.qmin, spec.qmax).to(torch.int8),
-                scale.clamp_min(MIN_SCALE),
-                zero.clamp(spec.qmin, spec.qmax),
-                spec,
+            centered = self.codes == "centered"
+            out[name] = quantized_layer(
+                codes, scale, zero, spec, rtn[name], self.log_scale, centered
             )
         return out
 
@@ -367,6 +333,7 @@ class Tokenizer:
                 "log_scale": self.log_scale,
                 "target": self.target,
                 "base": self.base,
+                "codes": self.codes,
             },
         )
 
@@ -385,4 +352,5 @@ class Tokenizer:
             config.get("log_scale", False),
             config.get("target", "direct"),
             config.get("base", "weights"),
+            config.get("codes", "raw"),
         )

@@ -138,6 +138,14 @@ def ungrouped(g: torch.Tensor, length: int, shape) -> torch.Tensor:
     return g.reshape(g.shape[0], -1)[:, :length].reshape(shape)
 
 
+def spread(param: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
+    """A (rows, groups) parameter (S or Z) repeated over the values of each group, in the weight's
+    `shape`."""
+    length = math.prod(shape[1:])
+    glen = length if spec.granularity == "channel" else min(spec.group_size, length)
+    return ungrouped(param.unsqueeze(-1).expand(*param.shape, glen), length, shape)
+
+
 def quant_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scale and zero point of `w` for `spec`, each of shape (rows, groups)."""
     g, _ = grouped(w, spec)

@@ -181,7 +181,7 @@ class Experiment:
         params = {
             "setting": setting.name,
             "specs": [s.to_dict() for s in setting.specs],
-            "tokenizer": setting.config(self.profile, "tokenizer"),
+            "tokenizer": tokenizer_key(self.profile, setting),
             "generator": setting.config(self.profile, "generator"),
             "train": setting.config(self.profile, "train"),
             "seed": self.profile.seed,
@@ -232,6 +232,7 @@ class Experiment:
             tok.log_scale,
             tok.target,
             tok.base,
+            tok.codes,
         )
         train_cfg = TrainConfig(seed=self.profile.seed, **setting.config(self.profile, "train"))
         costs = (
@@ -380,6 +381,15 @@ class Experiment:
                 "base": base.name,
             },
         )
+
+
+def tokenizer_key(profile: Profile, setting: Setting) -> dict:
+    """The tokenizer settings in a generator's cache key: as written, less `codes` when every spec
+    is symmetric (q - Z is q when Z = 0: the same tokens, so the same generator)."""
+    conf = setting.config(profile, "tokenizer")
+    if all(s.scheme == "symmetric" for s in setting.specs):
+        conf.pop("codes", None)
+    return conf
 
 
 def _average(sds: list[dict]) -> dict:

@@ -13,7 +13,7 @@ from .. import methods
 from ..config.blocks import Block, GeneratorBlock, TokenizerBlock, TrainBlock
 from ..config.profiles import ablation_setup, pairs, selected
 from ..config.schema import Profile
-from ..generator.tokenizer import TARGETS
+from ..generator.target_values import TARGETS
 from ..quant.quantizer import QuantSpec
 
 SPLITS = ("trained", "heldout_ckpt", "heldout_run")

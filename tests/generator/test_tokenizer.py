@@ -141,3 +141,53 @@ def test_symmetric_decode_has_no_zero_point():
     noise = torch.randn(tok.shape, generator=torch.Generator().manual_seed(0)) * 5
     assert all(int(qt.zero.abs().sum()) == 0 for qt in tok.decode_quantized(noise, sym).values())
     assert any(int(qt.zero.abs().sum()) > 0 for qt in tok.decode_quantized(noise, asym).values())
+
+
+@pytest.mark.parametrize("target", ["direct", "residual"])
+def test_centered_codes_round_trip_and_a_zero_point_flip_moves_only_z(target):
+    """`codes: centered` tokens hold q - Z: decoding them is exact, on a symmetric grid they are the
+    raw tokens, and a target whose group has Z + 1 and every code + 1 (the same weights) differs
+    from the other in the Z token alone, where raw tokens differ at every code of the group."""
+    asym, sym = QuantSpec(4, "group", 16, "asymmetric"), QuantSpec(4, "group", 16)
+    sds = checkpoints(TINY_VIT, 3)
+    qs = {s: [quantize_state_dict(sd, s) for sd in sds] for s in (asym, sym)}
+    tok = {c: Tokenizer.fit(sds, qs, 32, target=target, codes=c) for c in ("raw", "centered")}
+    for spec in (asym, sym):
+        tokens = tok["centered"].encode_quantized(qs[spec][0], spec, sds[0])
+        for name, qt in tok["centered"].decode_quantized(tokens, spec, sds[0]).items():
+            assert torch.equal(qt.codes, qs[spec][0][name].codes), name
+            assert torch.equal(qt.zero, qs[spec][0][name].zero), name
+    raw_sym = tok["raw"].encode_quantized(qs[sym][0], sym, sds[0])
+    assert torch.equal(raw_sym, tok["centered"].encode_quantized(qs[sym][0], sym, sds[0]))
+
+    name = next(n for n, q in qs[asym][0].items() if hasattr(q, "codes") and q.zero[0, 0] < 7)
+    q = qs[asym][0][name]
+    inside = q.codes.clamp(max=asym.qmax - 1)  # a group the flip keeps in range
+    flip = torch.zeros_like(q.codes).reshape(q.shape[0], -1)
+    flip[0, :16] = 1
+    zero = q.zero.clone()
+    zero[0, 0] += 1
+    qsd = {**qs[asym][0], name: type(q)(inside, q.scale, q.zero, asym)}
+    flipped = {**qsd, name: type(q)(inside + flip.reshape(q.shape), q.scale, zero, asym)}
+    li = [n for n, _ in tok["raw"].layout.shapes].index(name)
+    for c, moved in (("raw", 16 + 1), ("centered", 1)):
+        a = tok[c].encode_quantized(qsd, asym, sds[0])
+        b = tok[c].encode_quantized(flipped, asym, sds[0])
+        assert int((a != b).sum()) == moved, c
+        seg = next(s for s in tok[c].layout.segments if (s.layer_index, s.kind) == (li, "zero"))
+        assert not torch.equal(tok[c]._read(a, seg, 1), tok[c]._read(b, seg, 1))
+    with pytest.raises(ValueError, match="codes must be one of"):
+        Tokenizer.fit(sds, qs, 32, codes="offset")
+
+
+def test_a_symmetric_generator_s_cache_key_ignores_the_code_tokens():
+    """q - Z is q on a symmetric grid: setting `codes` retrains only the asymmetric generators."""
+    from qg.config.profiles import load_profile
+    from qg.study.experiments import tokenizer_key
+    from qg.study.settings import Setting
+
+    raw = load_profile("smoke")
+    centered = load_profile("smoke", {"tokenizer": {"codes": "centered"}})
+    for scheme, same in (("symmetric", True), ("asymmetric", False)):
+        s = Setting("vit", "full", [QuantSpec(4, "group", scheme=scheme)])
+        assert (tokenizer_key(raw, s) == tokenizer_key(centered, s)) is same
