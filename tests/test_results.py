@@ -98,6 +98,19 @@ def test_following_table_correlates_gen_with_its_targets_accuracy():
     assert findings.following_findings(tidy) == findings.following_findings(
         pd.read_csv(io.StringIO(tidy.to_csv(index=False)))
     )
+    # image by image (qg.study.agreement): the constant generator finds its input once of 3
+    agree = pd.DataFrame(
+        {"split": "heldout_run", "arch": "vit", "task": task, "bits": 8, "granularity": "group",
+         "source": "ptq", "variant": "", "n": 3, "agree_own": 99.0, "agree_others": 97.0,
+         "targets_agree": 97.5, "closest_target": found, "closest_input": found,
+         "target_closest_input": 3}
+        for task, found in (("full", 3), ("head", 1))
+    )  # fmt: skip
+    tidy, md = following_table(pd.DataFrame(rows), load_profile("smoke"), "abc", agreement=agree)
+    assert "Gen: own input" in md and "target: own input" in md
+    full, head = findings.following_findings(tidy)
+    assert "closest to its own FP32 input on 1 of 3 checkpoints, the target's on 3" in head
+    assert "closest to its own FP32 input on 3 of 3 checkpoints" in full
 
 
 def test_the_readme_paper_cost_table_is_the_dry_runs_output():

@@ -105,7 +105,7 @@ def following_findings(tidy: pd.DataFrame, floor: float = 0.9) -> list[str]:
     target's own with FP32 beside it), the cells below `floor`, and the cells where Gen's accuracy
     is the same on every checkpoint while the target's is not."""
     wide = tidy.pivot_table(
-        index=["split", "task", "source", "variant", "arch", "bits", "granularity"],
+        index=["split", "task", "source", "variant", "arch", "bits", "granularity", "n"],
         columns="metric",
         values="value",
         aggfunc="first",
@@ -125,8 +125,24 @@ def following_findings(tidy: pd.DataFrame, floor: float = 0.9) -> list[str]:
                 f"{ref.median():.2f}); below {floor} in {int((gen < floor).sum())} of "
                 f"{int(gen.notna().sum())} cells; Gen's accuracy the same on every checkpoint "
                 f"while the target's varies in {int(c.constant.sum())}"
+                + (_image_by_image(c) if "closest_input" in c else "")
             )
     return lines
+
+
+def _image_by_image(cells: pd.DataFrame) -> str:
+    """`following_findings`' clause from `qg.study.agreement`: on how many checkpoints Gen's model
+    is closest to its own input, and its target's (chance: about one per cell), and how often Gen
+    predicts what its own target does."""
+    c = cells[["n", "closest_input", "target_closest_input", "agree_own", "targets_agree"]]
+    c = c.astype(float)
+    return (
+        f"; image by image, Gen's model is closest to its own FP32 input on "
+        f"{int(c.closest_input.sum())} of {int(c.n.sum())} checkpoints, the target's on "
+        f"{int(c.target_closest_input.sum())} (by chance about {len(c)}), and Gen agrees with its "
+        f"own target on {c.agree_own.median():.2f} % of test images (median; the targets with "
+        f"each other: {c.targets_agree.median():.2f} %)"
+    )
 
 
 def fidelity_findings(tidy: pd.DataFrame) -> list[str]:

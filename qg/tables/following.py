@@ -18,8 +18,9 @@ _TARGET_METHOD = {"ptq": "ptq", "qat": "qat"}
 _CELL = ["split", "arch", "task", "bits", "granularity"]
 
 
-def _following_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (split, cell, generator): n, corr(Gen, target), corr(target, FP32), constant."""
+def _following_frame(runs: pd.DataFrame, agreement: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per (split, cell, generator): n, corr(Gen, target), corr(target, FP32), constant,
+    and the image-by-image agreement of `qg.study.agreement` when given."""
     runs = runs.assign(variant=runs.variant.fillna(""), condition=runs.condition.fillna(""))
     base = runs[runs.method.isin(["fp", *_TARGET_METHOD.values()])].pivot_table(
         index=[*_CELL, "checkpoint"], columns="method", values="accuracy", aggfunc="first"
@@ -42,19 +43,27 @@ def _following_frame(runs: pd.DataFrame) -> pd.DataFrame:
                 "constant": int(acc.nunique() == 1 and target.nunique() > 1),
             }
         )
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if agreement is None:
+        return out
+    keys = [*_CELL, "source", "variant", "n"]
+    return out.merge(agreement, on=keys, how="left", validate="one_to_one")
 
 
 def following_table(
-    runs: pd.DataFrame, profile: Profile, commit: str, generators: str = "the Table 1 generators"
+    runs: pd.DataFrame,
+    profile: Profile,
+    commit: str,
+    generators: str = "the Table 1 generators",
+    agreement: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """Does each generator follow its input, on every split? One row per (split, cell, generator):
     across the split's checkpoints, the correlation of Gen's accuracy with its target's (PTQ or QAT
     of the same checkpoint, by `source`), the target's own correlation with the input's FP32
     accuracy (what following the input looks like), and whether Gen's accuracy is the same on every
     checkpoint while the target's is not (a generator that returns one model whatever it is
-    given)."""
-    out = _following_frame(runs)
+    given); with `agreement` (`qg.study.agreement`), the same question image by image."""
+    out = _following_frame(runs, agreement)
     tidy = out.melt(id_vars=[*_CELL, "source", "variant", "n"], var_name="metric").assign(
         table="following", method="gen", profile=profile.name, commit=commit
     )
@@ -66,6 +75,12 @@ def following_table(
                 "corr_target": "corr(Gen, target)",
                 "target_corr_fp": "corr(target, FP32)",
                 "constant": "Gen constant",
+                "agree_own": "agree own (%)",
+                "agree_others": "agree others (%)",
+                "targets_agree": "targets agree (%)",
+                "closest_target": "Gen: own target",
+                "closest_input": "Gen: own input",
+                "target_closest_input": "target: own input",
             }
         )
         .round(2)
@@ -80,6 +95,21 @@ def following_table(
             "`corr(target, FP32)` the target's own with the input's FP32 top-1 (a quantizer that "
             "follows its input). `Gen constant`: Gen's top-1 is the same on every checkpoint "
             "while the target's is not. Empty: the target's top-1 does not vary.",
+            *(
+                []
+                if agreement is None
+                else [
+                    "Image by image (`qg.study.agreement`): `agree own` the share of test images "
+                    "on which Gen's model of a checkpoint predicts what that checkpoint's target "
+                    "does, `agree others` what the other checkpoints' targets do, `targets "
+                    "agree` the targets with each other (means over pairs). `Gen: own target`, "
+                    "`Gen: own input`, `target: own input`: on how many of the n checkpoints "
+                    "Gen's (or the target's) model agrees with that checkpoint's target (or FP32 "
+                    "input) at least as much as with any other checkpoint's (chance: about 1). "
+                    "Where the target does not find its own input, the test images cannot tell "
+                    "whether Gen follows it.",
+                ]
+            ),
         ],
     )
 
