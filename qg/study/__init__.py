@@ -12,6 +12,7 @@ Modules, each importing only those above it here (and packages listed before thi
   layer_cost   what a one-step code error costs each layer (the `cost` loss weighting's input)
   experiments  every method's quantized file (PTQ, controls, Gen) and the generators, cached
   agreement    does Gen follow its input image by image: its predictions against every target's
+  attribution  where a generated model loses its accuracy: one layer at a time from its target
   evaluation   scoring the experiments into tidy rows: evaluate, diagnose, convergence, ablations
   rpg_study    RPG's own experiment (10_rpg): its samples, the baselines and the memorisation tests,
                scored
