@@ -50,6 +50,36 @@ def _following_frame(runs: pd.DataFrame, agreement: pd.DataFrame | None) -> pd.D
     return out.merge(agreement, on=keys, how="left", validate="one_to_one")
 
 
+_COLUMNS = {
+    "granularity": "gran.",
+    "corr_target": "corr(Gen, target)",
+    "target_corr_fp": "corr(target, FP32)",
+    "constant": "Gen constant",
+    "agree_own": "agree own (%)",
+    "agree_others": "agree others (%)",
+    "targets_agree": "targets agree (%)",
+    "closest_target": "Gen: own target",
+    "closest_input": "Gen: own input",
+    "target_closest_input": "target: own input",
+}
+_NOTE = (
+    "Across the n checkpoints of a split: `corr(Gen, target)` the correlation of Gen's top-1 with "
+    "its target's (PTQ, or QAT for `source` qat) on the same checkpoints; `corr(target, FP32)` the "
+    "target's own with the input's FP32 top-1 (a quantizer that follows its input). `Gen "
+    "constant`: Gen's top-1 is the same on every checkpoint while the target's is not. Empty: the "
+    "target's top-1 does not vary."
+)
+_AGREEMENT_NOTE = (
+    "Image by image (`qg.study.agreement`): `agree own` the share of test images on which Gen's "
+    "model of a checkpoint predicts what that checkpoint's target does, `agree others` what the "
+    "other checkpoints' targets do, `targets agree` the targets with each other (means over "
+    "pairs). `Gen: own target`, `Gen: own input`, `target: own input`: on how many of the n "
+    "checkpoints Gen's (or the target's) model agrees with that checkpoint's target (or FP32 "
+    "input) at least as much as with any other checkpoint's (chance: about 1). Where the target "
+    "does not find its own input, the test images cannot tell whether Gen follows it."
+)
+
+
 def following_table(
     runs: pd.DataFrame,
     profile: Profile,
@@ -67,51 +97,13 @@ def following_table(
     tidy = out.melt(id_vars=[*_CELL, "source", "variant", "n"], var_name="metric").assign(
         table="following", method="gen", profile=profile.name, commit=commit
     )
-    md = generator_columns(
-        out.assign(split=out.split.map(SPLIT_LABELS), constant=out.constant.map({0: "", 1: "yes"}))
-        .rename(
-            columns={
-                "granularity": "gran.",
-                "corr_target": "corr(Gen, target)",
-                "target_corr_fp": "corr(target, FP32)",
-                "constant": "Gen constant",
-                "agree_own": "agree own (%)",
-                "agree_others": "agree others (%)",
-                "targets_agree": "targets agree (%)",
-                "closest_target": "Gen: own target",
-                "closest_input": "Gen: own input",
-                "target_closest_input": "target: own input",
-            }
-        )
-        .round(2)
+    shown = out.assign(
+        split=out.split.map(SPLIT_LABELS), constant=out.constant.map({0: "", 1: "yes"})
     )
-    return tidy, profile_markdown(
-        md,
-        f"Does Gen follow its input? {generators}, every split",
-        profile,
-        [
-            "Across the n checkpoints of a split: `corr(Gen, target)` the correlation of Gen's "
-            "top-1 with its target's (PTQ, or QAT for `source` qat) on the same checkpoints; "
-            "`corr(target, FP32)` the target's own with the input's FP32 top-1 (a quantizer that "
-            "follows its input). `Gen constant`: Gen's top-1 is the same on every checkpoint "
-            "while the target's is not. Empty: the target's top-1 does not vary.",
-            *(
-                []
-                if agreement is None
-                else [
-                    "Image by image (`qg.study.agreement`): `agree own` the share of test images "
-                    "on which Gen's model of a checkpoint predicts what that checkpoint's target "
-                    "does, `agree others` what the other checkpoints' targets do, `targets "
-                    "agree` the targets with each other (means over pairs). `Gen: own target`, "
-                    "`Gen: own input`, `target: own input`: on how many of the n checkpoints "
-                    "Gen's (or the target's) model agrees with that checkpoint's target (or FP32 "
-                    "input) at least as much as with any other checkpoint's (chance: about 1). "
-                    "Where the target does not find its own input, the test images cannot tell "
-                    "whether Gen follows it.",
-                ]
-            ),
-        ],
-    )
+    md = generator_columns(shown.rename(columns=_COLUMNS).round(2))
+    notes = [_NOTE] if agreement is None else [_NOTE, _AGREEMENT_NOTE]
+    title = f"Does Gen follow its input? {generators}, every split"
+    return tidy, profile_markdown(md, title, profile, notes)
 
 
 def following_figure(runs: pd.DataFrame, split: str = "heldout_run"):
