@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..quant.fileformat import read_quantized
-from ..quant.quantizer import QTensor, QuantSpec, dequantize_state_dict
+from ..quant.quantizer import QTensor, QuantSpec, dequantize_state_dict, spread
 from ..targets.models import ModelSpec, build_from, load_model_description, predict, top1
 from .agreement import TARGET_METHOD
 from .experiments import Experiment, evenly_spaced
@@ -35,11 +35,13 @@ def _swaps(gen: dict, target: dict) -> dict[str, dict]:
 
 
 def _differs(gen, target) -> dict:
-    """The share (%) of a layer's codes and of its zero points that differ from the target's."""
+    """The share (%) of a layer's codes (as q - Z: the weights in steps) and of its zero points that
+    differ from the target's."""
     if not isinstance(gen, QTensor):
         return {}
+    steps = [q.codes - spread(q.zero, q.spec, q.shape) for q in (gen, target)]
     return {
-        "codes_off": 100 * (gen.codes != target.codes).float().mean().item(),
+        "codes_off": 100 * (steps[0] != steps[1]).float().mean().item(),
         "zero_off": 100 * (gen.zero != target.zero).float().mean().item(),
     }
 

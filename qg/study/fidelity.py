@@ -31,7 +31,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from ..quant.quantizer import QTensor, dequantize, grouped
+from ..quant.quantizer import QTensor, dequantize, grouped, spread
 
 
 def _quantized(qsd: dict) -> dict[str, QTensor]:
@@ -46,6 +46,13 @@ def _common(generated: dict, target: dict) -> list[str]:
             "compare models of one architecture"
         )
     return list(tgt)
+
+
+def _steps(q: QTensor) -> torch.Tensor:
+    """A layer's codes taken from their zero points, q - Z: the weight in steps of S (q itself on a
+    symmetric grid). On an asymmetric grid a zero point and every code of its group can move
+    together and leave the weights as they were; compared as q - Z, they do not count as errors."""
+    return q.codes.float() - spread(q.zero.float(), q.spec, q.shape)
 
 
 def _group_fit(generated: QTensor, target: QTensor) -> tuple[float, float]:
@@ -65,7 +72,8 @@ def _group_fit(generated: QTensor, target: QTensor) -> tuple[float, float]:
 def layer_fidelity(generated: dict, target: dict) -> pd.DataFrame:
     """One row per quantized layer: how the generated layer differs from the target's.
 
-    `codes_equal` fraction of equal codes; `code_mae` mean |code difference| in steps;
+    `codes_equal` fraction of equal codes; `code_mae` mean |code difference| in steps (codes as
+    q - Z, `_steps`);
     `scale_rel_err` mean |S_gen - S_tgt| / S_tgt; `zero_mae` mean |Z difference|; `weight_rel_err`
     ||W_gen - W_tgt|| / ||W_tgt|| of the dequantized weights (what the network computes with).
     `group_gain_err` and `code_mae_local` split the code error: fitting each group's codes as gain x
@@ -77,14 +85,15 @@ def layer_fidelity(generated: dict, target: dict) -> pd.DataFrame:
     for i, name in enumerate(_common(generated, target)):
         g, t = generated[name], target[name]
         wg, wt = dequantize(g), dequantize(t)
+        cg, ct = _steps(g), _steps(t)
         gain_err, local = _group_fit(g, t)
         rows.append(
             {
                 "layer": name,
                 "layer_index": i,
                 "numel": t.codes.numel(),
-                "codes_equal": float((g.codes == t.codes).float().mean()),
-                "code_mae": float((g.codes.float() - t.codes.float()).abs().mean()),
+                "codes_equal": float((cg == ct).float().mean()),
+                "code_mae": float((cg - ct).abs().mean()),
                 "scale_rel_err": float(((g.scale - t.scale).abs() / t.scale).mean()),
                 "zero_mae": float((g.zero - t.zero).abs().mean()),
                 "weight_rel_err": float((wg - wt).norm() / wt.norm().clamp_min(1e-12)),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qg.quant.quantizer import QTensor, QuantSpec, dequantize, quantize_state_dict
+from qg.quant.quantizer import QTensor, QuantSpec, dequantize, quantize, quantize_state_dict
 from qg.study.fidelity import error_iou, layer_fidelity, nearest_distances, sensitivity
 
 SPEC = QuantSpec(8, "group", group_size=16)
@@ -156,3 +156,19 @@ def test_different_architectures_are_refused():
     (a,) = models(1)
     with pytest.raises(ValueError, match="different layers"):
         layer_fidelity({"x.weight": a["a.weight"]}, a)
+
+
+def test_a_zero_point_that_moves_with_its_codes_is_no_code_error():
+    """On an asymmetric grid (q + 1, Z + 1) is the same weight as (q, Z): the code error is taken on
+    q - Z, so such a group counts as equal; a code moved alone counts one step."""
+    spec = QuantSpec(4, "group", 8, "asymmetric")
+    t = quantize(torch.randn(2, 8), spec)
+    inside = t.codes.clamp(max=spec.qmax - 1)
+    flip = torch.zeros_like(inside)
+    flip[0] = 1
+    target = QTensor(inside, t.scale, t.zero, spec)
+    moved = QTensor(inside + flip, t.scale, t.zero + flip[:, :1].float(), spec)
+    row = layer_fidelity({"w.weight": moved}, {"w.weight": target}).iloc[0]
+    assert row.code_mae == 0.0 and row.codes_equal == 1.0 and row.zero_mae == 0.5
+    one = QTensor(inside + flip, t.scale, t.zero, spec)  # the codes moved, Z kept
+    assert layer_fidelity({"w.weight": one}, {"w.weight": target}).iloc[0].code_mae == 0.5
