@@ -58,17 +58,14 @@ def summary(gen: list, target: list, fp: list) -> dict:
 def agreement_rows(exp: Experiment, setting: Setting, method: str = "gen") -> list[dict]:
     """One row per (spec, split) of a generator's setting: `summary` of its predictions against
     its targets' on the split's checkpoints (the ones `evaluate` scores)."""
-    target = TARGET_METHOD[setting.source]
     rows = []
     for split, ckpts in exp.collected.splits(setting.arch, setting.task).items():
         ckpts = evenly_spaced(ckpts, exp.profile.eval.per_split)
         for spec in setting.specs:
-
-            def preds(m: str) -> list[torch.Tensor]:
-                files = [exp.model_file(setting, spec, c, m) for c in ckpts]
-                return [exp.scorer.predictions(f)[0] for f in files]
-
-            gen, tgt, fp = preds(method), preds(target), preds("fp")
+            gen, tgt, fp = (
+                [exp.scorer.predictions(exp.model_file(setting, spec, c, m))[0] for c in ckpts]
+                for m in (method, TARGET_METHOD[setting.source], "fp")
+            )
             rows.append(
                 {
                     "split": split,

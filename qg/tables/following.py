@@ -10,11 +10,10 @@ import seaborn as sns
 from .. import methods
 from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS
+from ..study.agreement import TARGET_METHOD
 from .common import profile_markdown
 from .fidelity import generator_columns
 
-# a generator's per-checkpoint accuracy is compared with this method's on the same checkpoints
-_TARGET_METHOD = {"ptq": "ptq", "qat": "qat"}
 _CELL = ["split", "arch", "task", "bits", "granularity"]
 
 
@@ -22,7 +21,7 @@ def _following_frame(runs: pd.DataFrame, agreement: pd.DataFrame | None) -> pd.D
     """One row per (split, cell, generator): n, corr(Gen, target), corr(target, FP32), constant,
     and the image-by-image agreement of `qg.study.agreement` when given."""
     runs = runs.assign(variant=runs.variant.fillna(""), condition=runs.condition.fillna(""))
-    base = runs[runs.method.isin(["fp", *_TARGET_METHOD.values()])].pivot_table(
+    base = runs[runs.method.isin(["fp", *TARGET_METHOD.values()])].pivot_table(
         index=[*_CELL, "checkpoint"], columns="method", values="accuracy", aggfunc="first"
     )
     gens = runs[runs.method.isin(methods.names("generator")) & (runs.condition == "")]
@@ -31,7 +30,7 @@ def _following_frame(runs: pd.DataFrame, agreement: pd.DataFrame | None) -> pd.D
         cell, (source, method, variant) = key[:5], key[5:]
         acc = g.groupby("checkpoint").accuracy.first()
         here = base.loc[cell].reindex(acc.index)
-        target = here[_TARGET_METHOD[source]]
+        target = here[TARGET_METHOD[source]]
         rows.append(
             dict(zip(_CELL, cell))
             | {
@@ -112,13 +111,13 @@ def following_figure(runs: pd.DataFrame, split: str = "heldout_run"):
     follows its input lies on the diagonal; one that ignores it, on the horizontal line."""
     runs = runs[(runs.split == split) & (runs.condition.fillna("") == "")]
     keys = ["arch", "task", "bits", "granularity", "checkpoint"]
-    base = runs[runs.method.isin(_TARGET_METHOD.values())].pivot_table(
+    base = runs[runs.method.isin(TARGET_METHOD.values())].pivot_table(
         index=keys, columns="method", values="accuracy", aggfunc="first"
     )
     gen = runs[runs.method.isin(methods.names("generator"))]
     gen = gen.groupby([*keys, "source"]).accuracy.first().reset_index()
     gen["target"] = [
-        base.loc[tuple(r[k] for k in keys), _TARGET_METHOD[r.source]] for _, r in gen.iterrows()
+        base.loc[tuple(r[k] for k in keys), TARGET_METHOD[r.source]] for _, r in gen.iterrows()
     ]
     cell = gen.groupby(["arch", "task", "bits", "granularity", "source"])
     gen = gen.assign(
