@@ -343,6 +343,8 @@ def gap_figure(layers: pd.DataFrame, tidy: pd.DataFrame):
         ax.set(xlabel="mean |code error| (quantization steps)", ylabel="")
         ax.grid(alpha=0.3, axis="x")
         handles, labels = ax.get_legend_handles_labels()
-        ax.legend(handles, [SPLIT_LABELS[s] for s in labels], fontsize=8)
-    fig.tight_layout()
+        ax.get_legend().remove()
+    # one legend, under both panels, where it hides no bar
+    fig.legend(handles, [SPLIT_LABELS[s] for s in labels], loc="lower center", ncol=3, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
