@@ -132,16 +132,20 @@ def following_findings(tidy: pd.DataFrame, floor: float = 0.9) -> list[str]:
 
 def _image_by_image(cells: pd.DataFrame) -> str:
     """`following_findings`' clause from `qg.study.agreement`: on how many checkpoints Gen's model
-    is closest to its own input, and its target's (chance: about one per cell), and how often Gen
-    predicts what its own target does."""
+    is closest to its own input, and its target's (chance: about one per cell), how often Gen
+    predicts what its own target does, and, in the cells where the test images can tell (the target
+    finds its own input on more than half the checkpoints), in how many Gen finds it as often."""
     c = cells[["n", "closest_input", "target_closest_input", "agree_own", "targets_agree"]]
     c = c.astype(float)
+    told = c[c.target_closest_input > c.n / 2]
     return (
         f"; image by image, Gen's model is closest to its own FP32 input on "
         f"{int(c.closest_input.sum())} of {int(c.n.sum())} checkpoints, the target's on "
         f"{int(c.target_closest_input.sum())} (by chance about {len(c)}), and Gen agrees with its "
         f"own target on {c.agree_own.median():.2f} % of test images (median; the targets with "
-        f"each other: {c.targets_agree.median():.2f} %)"
+        f"each other: {c.targets_agree.median():.2f} %); in the {len(told)} cells where the "
+        f"target finds its own input on more than half the checkpoints, Gen finds its own as "
+        f"often in {int((told.closest_input >= told.target_closest_input).sum())}"
     )
 
 
