@@ -114,6 +114,8 @@ def test_following_table_correlates_gen_with_its_targets_accuracy():
     assert head.endswith("in the 1 cells where the target finds its own input on more than half "
                          "the checkpoints, Gen finds its own as often in 0")  # fmt: skip
     assert full.endswith("Gen finds its own as often in 1")
+    untold = agree.assign(target_closest_input=1)  # no target finds its input: nothing to judge
+    assert findings._image_by_image(untold).endswith("cannot tell whether Gen follows it)")
 
 
 def test_the_readme_paper_cost_table_is_the_dry_runs_output():

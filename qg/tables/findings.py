@@ -138,14 +138,20 @@ def _image_by_image(cells: pd.DataFrame) -> str:
     c = cells[["n", "closest_input", "target_closest_input", "agree_own", "targets_agree"]]
     c = c.astype(float)
     told = c[c.target_closest_input > c.n / 2]
+    verdict = (
+        f"in the {len(told)} cells where the target finds its own input on more than half the "
+        f"checkpoints, Gen finds its own as often in "
+        f"{int((told.closest_input >= told.target_closest_input).sum())}"
+        if len(told)
+        else "in no cell does the target find its own input on more than half the checkpoints "
+        "(these test images cannot tell whether Gen follows it)"
+    )
     return (
         f"; image by image, Gen's model is closest to its own FP32 input on "
         f"{int(c.closest_input.sum())} of {int(c.n.sum())} checkpoints, the target's on "
         f"{int(c.target_closest_input.sum())} (by chance about {len(c)}), and Gen agrees with its "
         f"own target on {c.agree_own.median():.2f} % of test images (median; the targets with "
-        f"each other: {c.targets_agree.median():.2f} %); in the {len(told)} cells where the "
-        f"target finds its own input on more than half the checkpoints, Gen finds its own as "
-        f"often in {int((told.closest_input >= told.target_closest_input).sum())}"
+        f"each other: {c.targets_agree.median():.2f} %); {verdict}"
     )
 
 
