@@ -139,8 +139,8 @@ def _image_by_image(cells: pd.DataFrame) -> str:
     c = c.astype(float)
     told = c[c.target_closest_input > c.n / 2]
     verdict = (
-        f"in the {len(told)} cells where the target finds its own input on more than half the "
-        f"checkpoints, Gen finds its own as often in "
+        f"in the {len(told)} cell{'s' * (len(told) > 1)} where the target finds its own input on "
+        f"more than half the checkpoints, Gen finds its own as often in "
         f"{int((told.closest_input >= told.target_closest_input).sum())}"
         if len(told)
         else "in no cell does the target find its own input on more than half the checkpoints "
