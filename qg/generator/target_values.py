@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.quantizer import MIN_SCALE, QTensor, QuantSpec, spread
+from ..quant.quantizer import MIN_SCALE, QTensor, QuantSpec, centered_codes, spread
 
 TARGETS = ("direct", "residual")
 CODES = ("raw", "centered")
@@ -37,7 +37,7 @@ def _log(scale: torch.Tensor) -> torch.Tensor:
 
 def _codes(qt: QTensor, centered: bool) -> torch.Tensor:
     """A layer's codes as the target holds them: q, or q - Z (`centered`)."""
-    return qt.codes.float() - (spread(qt.zero.float(), qt.spec, qt.shape) if centered else 0)
+    return centered_codes(qt) if centered else qt.codes.float()
 
 
 def layer_values(

@@ -146,6 +146,13 @@ def spread(param: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
     return ungrouped(param.unsqueeze(-1).expand(*param.shape, glen), length, shape)
 
 
+def centered_codes(q: QTensor) -> torch.Tensor:
+    """A layer's codes taken from their zero points, q - Z: the weight in steps of S (q itself on a
+    symmetric grid). On an asymmetric grid a zero point and every code of its group can move
+    together and leave the weights as they were; as q - Z they do not move."""
+    return q.codes.float() - spread(q.zero.float(), q.spec, q.shape)
+
+
 def quant_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scale and zero point of `w` for `spec`, each of shape (rows, groups)."""
     g, _ = grouped(w, spec)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..quant.fileformat import read_quantized
-from ..quant.quantizer import QTensor, QuantSpec, dequantize_state_dict, spread
+from ..quant.quantizer import QTensor, QuantSpec, centered_codes, dequantize_state_dict
 from ..targets.models import ModelSpec, build_from, load_model_description, predict, top1
 from .agreement import TARGET_METHOD
 from .experiments import Experiment, evenly_spaced
@@ -39,9 +39,8 @@ def _differs(gen, target) -> dict:
     differ from the target's."""
     if not isinstance(gen, QTensor):
         return {}
-    steps = [q.codes - spread(q.zero, q.spec, q.shape) for q in (gen, target)]
     return {
-        "codes_off": 100 * (steps[0] != steps[1]).float().mean().item(),
+        "codes_off": 100 * (centered_codes(gen) != centered_codes(target)).float().mean().item(),
         "zero_off": 100 * (gen.zero != target.zero).float().mean().item(),
     }
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from ..quant.quantizer import QTensor, dequantize, grouped, spread
+from ..quant.quantizer import QTensor, centered_codes, dequantize, grouped
 
 
 def _quantized(qsd: dict) -> dict[str, QTensor]:
@@ -48,18 +48,11 @@ def _common(generated: dict, target: dict) -> list[str]:
     return list(tgt)
 
 
-def _steps(q: QTensor) -> torch.Tensor:
-    """A layer's codes taken from their zero points, q - Z: the weight in steps of S (q itself on a
-    symmetric grid). On an asymmetric grid a zero point and every code of its group can move
-    together and leave the weights as they were; compared as q - Z, they do not count as errors."""
-    return q.codes.float() - spread(q.zero.float(), q.spec, q.shape)
-
-
 def _group_fit(generated: QTensor, target: QTensor) -> tuple[float, float]:
     """Fit each group's generated codes as a * target + b (codes taken from their zero points, least
     squares); return the mean |a - 1| and the mean |code error| left after the fit."""
-    u = grouped(target.codes.float(), target.spec)[0] - target.zero.unsqueeze(-1)
-    v = grouped(generated.codes.float(), target.spec)[0] - generated.zero.unsqueeze(-1)
+    u = grouped(centered_codes(target), target.spec)[0]
+    v = grouped(centered_codes(generated), target.spec)[0]
     du, dv = u - u.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
     var = du.pow(2).sum(-1, keepdim=True)
     a = torch.where(
@@ -73,7 +66,7 @@ def layer_fidelity(generated: dict, target: dict) -> pd.DataFrame:
     """One row per quantized layer: how the generated layer differs from the target's.
 
     `codes_equal` fraction of equal codes; `code_mae` mean |code difference| in steps (codes as
-    q - Z, `_steps`);
+    q - Z, `qg.quant.quantizer.centered_codes`);
     `scale_rel_err` mean |S_gen - S_tgt| / S_tgt; `zero_mae` mean |Z difference|; `weight_rel_err`
     ||W_gen - W_tgt|| / ||W_tgt|| of the dequantized weights (what the network computes with).
     `group_gain_err` and `code_mae_local` split the code error: fitting each group's codes as gain x
@@ -85,7 +78,7 @@ def layer_fidelity(generated: dict, target: dict) -> pd.DataFrame:
     for i, name in enumerate(_common(generated, target)):
         g, t = generated[name], target[name]
         wg, wt = dequantize(g), dequantize(t)
-        cg, ct = _steps(g), _steps(t)
+        cg, ct = centered_codes(g), centered_codes(t)
         gain_err, local = _group_fit(g, t)
         rows.append(
             {
