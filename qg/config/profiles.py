@@ -192,6 +192,7 @@ def profile_problems(profile: Profile) -> list[str]:
         for where, block in wanted.items()
         if (block.arch, block.task) not in collected
     ]
+    problems += _qat_steps_problems(profile.qat.steps, profile.qat.tasks or tasks)
     amortized = profile.amortized_qat.bits if profile.amortized_qat else []
     missing = sorted(set(amortized) - set(profile.qat.bits))
     if missing:
@@ -209,6 +210,18 @@ def ablation_factors(profile: Profile) -> list[str]:
     """The factors the profile ablates (the `ablation` block's variant tables that are set)."""
     a = profile.ablation
     return [f for f in ABLATION_FACTORS if getattr(a, f) is not None]
+
+
+def _qat_steps_problems(steps, tasks: list[str]) -> list[str]:
+    """A per-task step count must name every task QAT covers, and only tasks."""
+    if not isinstance(steps, dict):
+        return []
+    problems = [f"qat.steps names task {t!r}, not among {tasks}" for t in steps if t not in tasks]
+    return problems + [
+        f"qat.steps has no step count for task {t!r}: add `{t}: <steps>` (or give one number)"
+        for t in tasks
+        if t not in steps
+    ]
 
 
 def _rpg_problems(rpg, archs: list[str], collected: list[tuple[str, str]]) -> list[str]:

@@ -1,4 +1,5 @@
-"""The profile schema: the whole profile (`Profile`, its sections from `qg.config.blocks`), checked.
+"""The profile schema: the whole profile (`Profile`, its sections from `qg.config.blocks` and
+`qg.config.rpg`), checked.
 
 `load_profile` checks a profile (with its overrides merged in) against `Profile` before any notebook
 starts, so a typo, a string where a number belongs or a negative step count is refused at once with
@@ -33,7 +34,6 @@ from .blocks import (
     AblationSetup,
     Amortized,
     Arch,
-    BinaryRun,
     Block,
     Checkpoints,
     Controls,
@@ -46,14 +46,13 @@ from .blocks import (
     Qat,
     Quant,
     Qwt,
-    Rpg,
-    RpgBinary,
     Selection,
     Table1,
     TokenizerBlock,
     TrainBlock,
     TrainRun,
 )
+from .rpg import BinaryRun, Rpg, RpgBinary
 
 
 class Profile(Block):

@@ -301,7 +301,12 @@ def _collect_pair(
     )
     if selected(profile.qat, arch_dir.name, task_name):
         entry["qat"] = collect_qat(
-            entry, _qat_specs(profile), _qat_training(profile), profile.seed, task_dir, device
+            entry,
+            _qat_specs(profile),
+            _qat_training(profile, task_name),
+            profile.seed,
+            task_dir,
+            device,
         )
     return entry
 
@@ -310,10 +315,12 @@ def _qat_specs(profile: Profile) -> list[QuantSpec]:
     return [profile.qat.spec(profile.quant, b) for b in profile.qat.bits]
 
 
-def _qat_training(profile: Profile) -> QATSpec:
-    """The QAT run's own settings (the `qat` block less what selects and names its specs)."""
+def _qat_training(profile: Profile, task: str) -> QATSpec:
+    """The QAT run's own settings on `task` (the `qat` block less what selects and names its
+    specs, with the task's step count)."""
     skip = ("bits", "granularity", "scheme", "archs", "tasks")
-    return QATSpec(**{k: v for k, v in profile.set_in("qat").items() if k not in skip})
+    run = {k: v for k, v in profile.set_in("qat").items() if k not in skip}
+    return QATSpec(**{**run, "steps": profile.qat.steps_for(task)})
 
 
 def _relative(path, root: Path) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config.blocks import BinaryRun, RpgBinary
+from ..config.rpg import BinaryRun, RpgBinary
 from ..config.schema import Profile
 from ..core.io import cached, content_digest, params_key
 from ..generator.rpg import RPG

@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config.blocks import Rpg
+from ..config.rpg import Rpg
 from ..config.schema import Profile
 from ..core.io import cached, content_digest, params_key, read_json, write_json
 from ..generator.rpg import RPG

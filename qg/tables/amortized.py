@@ -171,7 +171,7 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
             f"quantization: {STEPS} − FP32 is what the extra steps gain, QAT − {STEPS} what "
             "quantizing costs under QAT.",
             "Differences are paired over the same checkpoints (mean ± std). HQQ needs no data; "
-            f"QAT fine-tunes each model on data ({profile.qat.steps} steps); Gen needs neither "
+            f"QAT fine-tunes each model on data ({profile.qat.steps_text()}); Gen needs neither "
             "at inference.",
         ],
     )

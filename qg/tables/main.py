@@ -210,7 +210,7 @@ def table2(
             "QAT run per model. 'Gen (as the paper counts)' = generator training + one forward "
             "pass per model; 'Gen + its QAT targets' adds the QAT runs that made the generator's "
             "training targets.",
-            f"Our QAT is {profile.qat.steps} fine-tuning steps per model on a 2-core CPU; "
+            f"Our QAT fine-tunes each model for {profile.qat.steps_text()} on a 2-core CPU; "
             "the paper's is GPU hours.",
         ],
     )

@@ -195,3 +195,32 @@ def test_qat_targets_can_have_their_own_grid_and_every_qat_spec_follows_it(tmp_p
         "qat": ("fp", "ptq", "qat", "fp-steps", "gen"),
     }
     assert p.qat.grid() == "group-wise, asymmetric grid" and plain.qat.grid() == "group-wise"
+
+
+def test_qat_steps_can_differ_by_task_and_must_name_every_task_qat_covers(tmp_path):
+    """`qat.steps: {full: 40, head: 20}`: each task's QAT (and its FP32 control) runs its own
+    count; a task with one count is keyed as if the profile gave that one number, so the other
+    task's files stay cached. A count for no task, or a task with none, is refused by name."""
+    from qg.study.collect import _qat_training
+
+    plain = load_profile("smoke")
+    tasks = list(plain.tasks)
+
+    def per_task(steps):
+        def edit(raw):
+            raw["qat"]["steps"] = steps
+
+        return edit
+
+    p = load_profile(_smoke_with(tmp_path, per_task({tasks[0]: 7, **{t: 3 for t in tasks[1:]}})))
+    assert p.qat.steps_for(tasks[0]) == 7 and _qat_training(p, tasks[0]).steps == 7
+    for task in tasks[1:]:
+        assert _qat_training(p, task) == _qat_training(plain, task)
+    assert p.qat.steps_text().startswith(f"7 steps on {tasks[0]}")
+    assert plain.qat.steps_text() == f"{plain.qat.steps} steps"
+    with pytest.raises(ValueError, match=rf"qat\.steps has no step count for task '{tasks[-1]}'"):
+        load_profile(_smoke_with(tmp_path, per_task({t: 3 for t in tasks[:-1]})))
+    with pytest.raises(ValueError, match=r"qat\.steps names task 'fulll'"):
+        load_profile(_smoke_with(tmp_path, per_task({"fulll": 3, **{t: 3 for t in tasks}})))
+    with pytest.raises(ValueError, match=r"qat\.steps"):
+        load_profile(_smoke_with(tmp_path, per_task({t: 0 for t in tasks})))
