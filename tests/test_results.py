@@ -112,8 +112,9 @@ def test_following_table_correlates_gen_with_its_targets_accuracy():
     assert "closest to its own FP32 input on 1 of 3 checkpoints, the target's on 3" in head
     assert "closest to its own FP32 input on 3 of 3 checkpoints" in full
     assert head.endswith("in the 1 cell where the target finds its own input on more than half "
-                         "the checkpoints, Gen finds its own as often in 0")  # fmt: skip
-    assert full.endswith("Gen finds its own as often in 1")
+                         "the checkpoints (3 of 3), Gen finds its own on 1, and as often as the "
+                         "target in 0")  # fmt: skip
+    assert full.endswith("Gen finds its own on 3, and as often as the target in 1")
     untold = agree.assign(target_closest_input=1)  # no target finds its input: nothing to judge
     assert findings._image_by_image(untold).endswith("cannot tell whether Gen follows it)")
 

@@ -55,11 +55,16 @@ def summary(gen: list, target: list, fp: list) -> dict:
     }
 
 
-def agreement_rows(exp: Experiment, setting: Setting, method: str = "gen") -> list[dict]:
+def agreement_rows(
+    exp: Experiment, setting: Setting, method: str = "gen", splits: tuple[str, ...] | None = None
+) -> list[dict]:
     """One row per (spec, split) of a generator's setting: `summary` of its predictions against
-    its targets' on the split's checkpoints (the ones `evaluate` scores)."""
+    its targets' on the split's checkpoints (the ones `evaluate` scores); every split, or
+    `splits`."""
     rows = []
     for split, ckpts in exp.collected.splits(setting.arch, setting.task).items():
+        if splits is not None and split not in splits:
+            continue
         ckpts = evenly_spaced(ckpts, exp.profile.eval.per_split)
         for spec in setting.specs:
             gen, tgt, fp = (

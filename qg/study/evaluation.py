@@ -22,6 +22,7 @@ from ..quant.fileformat import load_quantized, read_quantized, read_quantized_me
 from ..quant.quantizer import QuantSpec
 from ..targets.models import build_from, load_checkpoint, predict, progress, top1
 from ..targets.runtime import latency, load_runtime, max_logit_difference, weight_bytes
+from .agreement import agreement_rows
 from .experiments import Experiment, evenly_spaced
 from .fidelity import distances, error_iou, layer_fidelity, nearest_distances, sensitivity
 from .settings import SPLITS, Setting, ablation_settings
@@ -109,7 +110,8 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
     """One variant of the convergence study: its cost, final loss, fidelity and Gen − PTQ on
     `split`, and for the layer with the largest code error, how much of it is a wrong range per
     group (`worst_gain_err`, `worst_scale_err`) and how much is per element (`worst_local_err`, see
-    `qg.study.fidelity.layer_fidelity`)."""
+    `qg.study.fidelity.layer_fidelity`); and whether it follows its input: on how many of the n
+    checkpoints Gen's model, and PTQ's, is closest to its own FP32 input (`qg.study.agreement`)."""
     spec, record = setting.specs[0], exp.generator(setting).record
     layers = (
         diagnose(exp, setting, spec, split, memorisation=False)["layers"]
@@ -119,6 +121,7 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
     worst = layers.code_mae.idxmax()
     ev = evaluate(exp, setting, ("ptq", "gen"), splits=(split,))
     acc = ev.groupby("method").accuracy.mean()
+    (follows,) = agreement_rows(exp, setting, splits=(split,))
     gen_cfg = setting.block(exp.profile, "generator")
     tok_cfg = setting.block(exp.profile, "tokenizer")
     return {
@@ -146,6 +149,9 @@ def convergence_row(exp: Experiment, setting: Setting, split: str = "heldout_run
         "gen": acc["gen"],
         "ptq": acc["ptq"],
         "gen_minus_ptq": acc["gen"] - acc["ptq"],
+        "n": follows["n"],
+        "closest_input": follows["closest_input"],
+        "ptq_closest_input": follows["target_closest_input"],
     }
 
 

@@ -28,6 +28,8 @@ def _convergence_markdown(rows: pd.DataFrame) -> pd.DataFrame:
             "train_seconds": "train (s)",
             "final_loss": "final loss",
             "n_params": "params",
+            "closest_input": "own input",
+            "ptq_closest_input": "PTQ: own input",
         }
     )
     return md.round(
@@ -85,7 +87,10 @@ def convergence_table(
             "leaves (per element); `its S err` its relative S error. `skip`: the head (`none` is "
             "the paper's, see qg.generator); `base`: what the skip adds to, the weights or RTN of "
             "them (the group ranges given, with the rounding dead zone: qg.generator.tokenizer). "
-            "Train time on the machine in the provenance file."
+            "Train time on the machine in the provenance file. `own input`: on how many of the "
+            "n checkpoints Gen's model predicts, image by image, what its own FP32 input does at "
+            "least as often as what any other checkpoint does (qg.study.agreement; chance about "
+            "1); `PTQ: own input` the same for PTQ."
         ],
     )
 

@@ -134,14 +134,16 @@ def _image_by_image(cells: pd.DataFrame) -> str:
     """`following_findings`' clause from `qg.study.agreement`: on how many checkpoints Gen's model
     is closest to its own input, and its target's (chance: about one per cell), how often Gen
     predicts what its own target does, and, in the cells where the test images can tell (the target
-    finds its own input on more than half the checkpoints), in how many Gen finds it as often."""
+    finds its own input on more than half the checkpoints), on how many checkpoints Gen finds its
+    own there and in how many of those cells as often as the target."""
     c = cells[["n", "closest_input", "target_closest_input", "agree_own", "targets_agree"]]
     c = c.astype(float)
     told = c[c.target_closest_input > c.n / 2]
     verdict = (
         f"in the {len(told)} cell{'s' * (len(told) > 1)} where the target finds its own input on "
-        f"more than half the checkpoints, Gen finds its own as often in "
-        f"{int((told.closest_input >= told.target_closest_input).sum())}"
+        f"more than half the checkpoints ({int(told.target_closest_input.sum())} of "
+        f"{int(told.n.sum())}), Gen finds its own on {int(told.closest_input.sum())}, and as "
+        f"often as the target in {int((told.closest_input >= told.target_closest_input).sum())}"
         if len(told)
         else "in no cell does the target find its own input on more than half the checkpoints "
         "(these test images cannot tell whether Gen follows it)"
@@ -173,8 +175,8 @@ def fidelity_findings(tidy: pd.DataFrame) -> list[str]:
 
 
 def convergence_findings(tidy: pd.DataFrame) -> list[str]:
-    """02_train's variants on the held-out run: each one's Gen − PTQ and worst-layer code error,
-    per (arch, task)."""
+    """02_train's variants on the held-out run: each one's Gen − PTQ, worst-layer code error and
+    on how many checkpoints it finds its own input (PTQ's count beside it), per (arch, task)."""
     wide = tidy.pivot_table(
         index=["arch", "task", "variant"], columns="metric", values="value", sort=False
     )
@@ -182,6 +184,12 @@ def convergence_findings(tidy: pd.DataFrame) -> list[str]:
         f"{arch}/{task}, held-out run means: "
         + "; ".join(
             f"{v} Gen − PTQ {r['gen_minus_ptq']:+.2f}, worst layer {r['code_mae_worst']:.2f} steps"
+            + (
+                f", closest to its own input on {r['closest_input']:.0f} of {r['n']:.0f} "
+                f"checkpoints (PTQ {r['ptq_closest_input']:.0f})"
+                if "closest_input" in r
+                else ""
+            )
             for v, r in g.droplevel(["arch", "task"]).iterrows()
         )
         for (arch, task), g in wide.groupby(level=["arch", "task"], sort=False)
