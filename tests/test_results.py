@@ -10,7 +10,7 @@ import pytest
 
 from qg import results
 from qg.config.profiles import load_profile
-from qg.tables import findings
+from qg.tables import common, findings
 from qg.tables.following import following_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +36,13 @@ def test_the_cpu_results_have_their_readme():
 
 def test_a_paired_interval_and_its_verdict():
     # t(0.975, 9) = 2.262: half-width 2.262 * 1 / sqrt(10) = 0.715
-    lo, hi = findings.interval(1.0, 1.0, 10)
+    lo, hi = common.interval(1.0, 1.0, 10)
     assert (round(lo, 3), round(hi, 3)) == (0.285, 1.715)
-    assert findings.verdict(1.0, 1.0, 10) == "win"
-    assert findings.verdict(-1.0, 1.0, 10) == "loss"
-    assert findings.verdict(0.5, 1.0, 10) == "tie"  # the interval covers 0
-    assert findings.verdict(3.0, 0.0, 1) == "tie"  # one checkpoint: no interval
-    assert findings.claim(1.0, 1.0, 10) == "+1.00 (95 % CI +0.28 to +1.72, n = 10; win)"
+    assert common.verdict(1.0, 1.0, 10) == "win"
+    assert common.verdict(-1.0, 1.0, 10) == "loss"
+    assert common.verdict(0.5, 1.0, 10) == "tie"  # the interval covers 0
+    assert common.verdict(3.0, 0.0, 1) == "tie"  # one checkpoint: no interval
+    assert common.claim(1.0, 1.0, 10) == "+1.00 (95 % CI +0.28 to +1.72, n = 10; win)"
 
 
 def test_table1_findings_count_every_cell_once_by_its_interval():
@@ -198,3 +198,30 @@ def test_the_bench_runtime_rows_become_ratios_a_figure_and_findings():
     )
     assert any(f.startswith("target time ≤ 0.8x FP32 does not hold: met on 0 of 14") for f in found)
     assert any("4-bit group-64: holds" in f and "8-bit channels: does not hold" in f for f in found)
+
+
+def test_the_chosen_target_says_how_firmly_the_choice_split_picks_it():
+    """Amortized QAT's chosen generator (08): the target with the higher mean on run A's held-out
+    checkpoints, and the findings give direct − residual there with its interval, so a choice those
+    checkpoints do not resolve reads as a tie."""
+    from qg.tables.amortized import amortized_table
+
+    rows = [
+        {"arch": "vit", "task": task, "bits": 4, "granularity": "group", "split": split,
+         "checkpoint": f"c{i}", "method": "gen", "source": "qat", "variant": variant,
+         "accuracy": 80.0 + i % 2 + (margin if variant == "direct" else 0.0) + (split == "trained")}
+        for task, margin in (("full", 1.0), ("head", -0.01))
+        for split in ("heldout_ckpt", "heldout_run")
+        for i in range(4)
+        for variant in ("direct", "residual")
+    ]  # fmt: skip
+    noisy = [r for r in rows if r["task"] == "head" and r["split"] == "heldout_ckpt"]
+    for i, r in enumerate(noisy):  # the head's margin: -0.01 with a spread across checkpoints
+        r["accuracy"] += 0.3 * (-1) ** (i // 2) if r["variant"] == "direct" else 0.0
+    tidy, md = amortized_table(pd.DataFrame(rows), load_profile("smoke"), "abc")
+    assert "Gen direct (QAT) − Gen residual (QAT)" in md
+    line = findings.amortized_findings(tidy)[-1]
+    assert line.startswith("Chosen on run A's held-out checkpoints (never on the held-out run): ")
+    assert "vit/full 4-bit Gen direct (QAT) (direct − residual +1.00 (" in line
+    assert "vit/head 4-bit Gen residual (QAT) (direct − residual -0.01 (" in line
+    assert line.endswith("; 1 of 2 choices are ties there, not resolved")

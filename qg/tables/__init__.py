@@ -8,8 +8,8 @@ three splits as rows and the paper's own numbers (for the counterpart setting) i
 
 Modules, each importing only those above it here (and the packages before this one in qg):
   paper        the papers' own numbers (QuantGen Tables 1-6 and 10; RPG Tables 1, 9 and 14)
-  common       method labels and order, paired differences, the notes under every table, loss
-               curves
+  common       method labels and order, paired differences and their intervals, the notes under
+               every table, loss curves
   findings     what each results table says, with paired 95 % intervals (qg.results writes them)
   convergence  02_train's convergence study
   main         03_generate: Tables 1-3, Figures 1 and 3, Gen − PTQ per checkpoint

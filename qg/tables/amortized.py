@@ -38,6 +38,7 @@ AMORTIZED_DIFFS = (
     ("Gen direct (QAT)", "QAT"),
     ("Gen residual (QAT)", "QAT"),
     (CHOSEN, "QAT"),
+    CANDIDATES,  # how firmly the choice split picks one of them
 )
 
 

@@ -1,13 +1,16 @@
-"""What every table shares: method labels and order, paired differences, the Markdown notes that
-name the profile and its generator, training-loss curves.
+"""What every table shares: method labels and order, paired differences and their 95 % intervals,
+the Markdown notes that name the profile and its generator, training-loss curves.
 """
 
 from __future__ import annotations
+
+import math
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
+from scipy import stats
 
 from .. import methods
 from ..config.schema import Profile
@@ -24,6 +27,35 @@ def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.
     out = wide[keys].copy()
     out["method"], out["accuracy"] = f"{a}-{b}", wide[a] - wide[b]
     return out
+
+
+def interval(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The `level` confidence interval of a mean of `n` paired differences with this std."""
+    if n < 2 or not math.isfinite(std):
+        return (math.nan, math.nan)
+    half = stats.t.ppf((1 + level) / 2, n - 1) * std / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def verdict(mean: float, std: float, n: int) -> str:
+    """`win` (the interval above 0), `loss` (below) or `tie` (it covers 0, or n < 2)."""
+    lo, hi = interval(mean, std, n)
+    return "win" if lo > 0 else "loss" if hi < 0 else "tie"
+
+
+def claim(mean: float, std: float, n: int) -> str:
+    """A paired difference as the README states it: `+0.06 (95 % CI −0.10 to +0.22, n = 10;
+    tie)`."""
+    lo, hi = interval(mean, std, n)
+    ci = f"95 % CI {lo:+.2f} to {hi:+.2f}, " if math.isfinite(lo) else ""
+    return f"{mean:+.2f} ({ci}n = {int(n)}; {verdict(mean, std, n)})"
+
+
+def verdicts(diffs: pd.DataFrame) -> pd.Series:
+    """`verdict` of each row with value, std and n."""
+    return pd.Series(
+        [verdict(*r) for r in zip(diffs.value, diffs["std"], diffs.n)], index=diffs.index
+    )
 
 
 def generator_differences(runs: pd.DataFrame) -> pd.DataFrame:

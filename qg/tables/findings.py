@@ -11,44 +11,14 @@ checkpoints' mean, not a promise about a new run.
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
-from scipy import stats
 
 from .. import methods
 from ..core.report import SPLIT_LABELS
+from .common import claim, verdicts
 
 HELD = "heldout_run"  # the split every claim is made on; the paper's protocol is `trained`
-
-
-def interval(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The `level` confidence interval of a mean of `n` paired differences with this std."""
-    if n < 2 or not math.isfinite(std):
-        return (math.nan, math.nan)
-    half = stats.t.ppf((1 + level) / 2, n - 1) * std / math.sqrt(n)
-    return (mean - half, mean + half)
-
-
-def verdict(mean: float, std: float, n: int) -> str:
-    """`win` (the interval above 0), `loss` (below) or `tie` (it covers 0, or n < 2)."""
-    lo, hi = interval(mean, std, n)
-    return "win" if lo > 0 else "loss" if hi < 0 else "tie"
-
-
-def claim(mean: float, std: float, n: int) -> str:
-    """A paired difference as the README states it: `+0.06 (95 % CI −0.10 to +0.22, n = 10;
-    tie)`."""
-    lo, hi = interval(mean, std, n)
-    ci = f"95 % CI {lo:+.2f} to {hi:+.2f}, " if math.isfinite(lo) else ""
-    return f"{mean:+.2f} ({ci}n = {int(n)}; {verdict(mean, std, n)})"
-
-
-def verdicts(diffs: pd.DataFrame) -> pd.Series:
-    """`verdict` of each row with value, std and n."""
-    return pd.Series(
-        [verdict(*r) for r in zip(diffs.value, diffs["std"], diffs.n)], index=diffs.index
-    )
+MARGIN = "Gen direct (QAT) − Gen residual (QAT)"  # amortized QAT: how firm the chosen target is
 
 
 def tally(diffs: pd.DataFrame) -> str:
@@ -244,12 +214,26 @@ def amortized_findings(tidy: pd.DataFrame) -> list[str]:
                     + "; ".join(f"{r.arch}/{r.task} {_said(r)}" for _, r in rows.iterrows())
                 )
     if "chosen" in tidy:
-        chosen = tidy.dropna(subset=["chosen"]).groupby(["arch", "task", "bits"]).chosen.first()
-        lines.append(
-            "Chosen on run A's held-out checkpoints (never on the held-out run): "
-            + ", ".join(f"{a}/{t} {b}-bit {c}" for (a, t, b), c in chosen.items())
-        )
+        lines.append(_choices(tidy))
     return lines
+
+
+def _choices(tidy: pd.DataFrame) -> str:
+    """The target chosen per (pair, bits) on run A's held-out checkpoints, with direct − residual
+    there when the table has it: a tie is a choice those checkpoints do not resolve."""
+    keys = ["arch", "task", "bits"]
+    chosen = tidy.dropna(subset=["chosen"]).groupby(keys).chosen.first()
+    split = tidy[(tidy.split == "heldout_ckpt") & (tidy.method == MARGIN)]
+    margin = split.set_index(keys)
+    said = {k: f" (direct − residual {_said(r)})" for k, r in margin.iterrows()}
+    ties = (verdicts(split) == "tie").sum()
+    return (
+        "Chosen on run A's held-out checkpoints (never on the held-out run): "
+        + ", ".join(
+            f"{a}/{t} {b}-bit {c}{said.get((a, t, b), '')}" for (a, t, b), c in chosen.items()
+        )
+        + (f"; {ties} of {len(split)} choices are ties there, not resolved" if len(split) else "")
+    )
 
 
 def gap_findings(tidy: pd.DataFrame, shown: int = 3, fits: float = -0.2) -> list[str]:
