@@ -223,16 +223,19 @@ def _choices(tidy: pd.DataFrame) -> str:
     there when the table has it: a tie is a choice those checkpoints do not resolve."""
     keys = ["arch", "task", "bits"]
     chosen = tidy.dropna(subset=["chosen"]).groupby(keys).chosen.first()
-    split = tidy[(tidy.split == "heldout_ckpt") & (tidy.method == MARGIN)]
-    margin = split.set_index(keys)
-    said = {k: f" (direct − residual {_said(r)})" for k, r in margin.iterrows()}
-    ties = (verdicts(split) == "tie").sum()
+    margins = tidy[(tidy.split == "heldout_ckpt") & (tidy.method == MARGIN)]
+    said = {k: f" (direct − residual {_said(r)})" for k, r in margins.set_index(keys).iterrows()}
+    ties = (verdicts(margins) == "tie").sum()
     return (
         "Chosen on run A's held-out checkpoints (never on the held-out run): "
         + ", ".join(
             f"{a}/{t} {b}-bit {c}{said.get((a, t, b), '')}" for (a, t, b), c in chosen.items()
         )
-        + (f"; {ties} of {len(split)} choices are ties there, not resolved" if len(split) else "")
+        + (
+            f"; {ties} of {len(margins)} choices are ties there, not resolved"
+            if len(margins)
+            else ""
+        )
     )
 
 
