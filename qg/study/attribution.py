@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..quant.fileformat import read_quantized
 from ..quant.quantizer import QTensor, QuantSpec, centered_codes, dequantize_state_dict
-from ..targets.models import ModelSpec, build_from, load_model_description, predict, top1
+from ..targets.models import ModelSpec, build_from, evaluate, load_model_description
 from .agreement import TARGET_METHOD
 from .experiments import Experiment, evenly_spaced
 from .settings import Setting
@@ -24,7 +24,7 @@ FLOATS = "(float parameters)"
 def _accuracy(exp: Experiment, spec: ModelSpec, qsd: dict) -> float:
     """Top-1 (%) of a quantized state_dict on the profile's test subset."""
     model = build_from(spec, dequantize_state_dict(qsd), "a layer swap")
-    return top1(*predict(model, exp.scorer.test_set(spec), exp.device))
+    return evaluate(model, exp.scorer.test_set(spec), exp.device)
 
 
 def _swaps(gen: dict, target: dict) -> dict[str, dict]:

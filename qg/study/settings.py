@@ -17,6 +17,7 @@ from ..generator.target_values import TARGETS
 from ..quant.quantizer import QuantSpec
 
 SPLITS = ("trained", "heldout_ckpt", "heldout_run")
+CHOICE_SPLIT = "heldout_ckpt"  # where a choice among variants is made; never the held-out run
 
 
 SOURCES = ("ptq", "qat")

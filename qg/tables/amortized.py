@@ -9,6 +9,7 @@ import seaborn as sns
 from .. import methods
 from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS, cell
+from ..study.settings import CHOICE_SPLIT
 from .common import ordered, profile_markdown
 
 
@@ -19,9 +20,8 @@ def _amortized_column(method: str, source: str, variant: str) -> str:
 
 
 # The generator a reader should use, one per (pair, bits): of the targets trained on QAT, the one
-# with the higher mean accuracy on run A's held-out checkpoints (a tie: direct). Chosen there, never
-# on the held-out run that the table reports.
-CHOICE_SPLIT = "heldout_ckpt"
+# with the higher mean accuracy on run A's held-out checkpoints (`CHOICE_SPLIT`; a tie: direct).
+# Chosen there, never on the held-out run that the table reports.
 CANDIDATES = ("Gen direct (QAT)", "Gen residual (QAT)")
 CHOSEN = "Gen chosen (QAT)"
 SETTING = ["arch", "task", "bits", "granularity"]

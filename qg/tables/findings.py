@@ -15,6 +15,7 @@ import pandas as pd
 
 from .. import methods
 from ..core.report import SPLIT_LABELS
+from ..study.settings import CHOICE_SPLIT
 from .common import claim, verdicts
 
 HELD = "heldout_run"  # the split every claim is made on; the paper's protocol is `trained`
@@ -223,7 +224,7 @@ def _choices(tidy: pd.DataFrame) -> str:
     there when the table has it: a tie is a choice those checkpoints do not resolve."""
     keys = ["arch", "task", "bits"]
     chosen = tidy.dropna(subset=["chosen"]).groupby(keys).chosen.first()
-    margins = tidy[(tidy.split == "heldout_ckpt") & (tidy.method == MARGIN)]
+    margins = tidy[(tidy.split == CHOICE_SPLIT) & (tidy.method == MARGIN)]
     said = {k: f" (direct − residual {_said(r)})" for k, r in margins.set_index(keys).iterrows()}
     ties = (verdicts(margins) == "tie").sum()
     return (
