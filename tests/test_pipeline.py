@@ -118,33 +118,45 @@ def test_qat_target_is_a_quantized_file_with_its_time(tmp_path, bits):
     assert out.stat().st_mtime_ns == mtime
 
 
-def test_splits_hold_out_every_kth_checkpoint_and_run_b(tmp_path):
+def test_splits_hold_out_every_kth_checkpoint_and_runs_b_and_c(tmp_path):
+    """The tables report three splits; the validation run (run C) is a split only when asked for,
+    and an unknown split or a manifest without run C says what to do."""
     P = profiles.load_profile("smoke")
-    P.checkpoints = {"n": 10, "heldout_every": 5, "heldout_run": 2}
+    P.checkpoints = {"n": 10, "heldout_every": 5, "heldout_run": 2, "validation_run": 2}
     paths = profiles.Paths.of("smoke", tmp_path)
     run_a = [str(tmp_path / "runA" / f"ckpt_{i:03d}.safetensors") for i in range(10)]
     run_b = [str(tmp_path / "runB" / f"ckpt_{i:03d}.safetensors") for i in range(2)]
+    run_c = [str(tmp_path / "runC" / f"ckpt_{i:03d}.safetensors") for i in range(2)]
+    old = {"runA": run_a, "runB": run_b, "task": {"dataset": "fashion_mnist"}}
     write_manifest(
         paths.artifacts / "collect",
         {
             "archs": {
-                "vit": {
-                    "tasks": {
-                        "full": {"runA": run_a, "runB": run_b, "task": {"dataset": "fashion_mnist"}}
-                    }
-                }
+                "vit": {"tasks": {"full": {**old, "runC": run_c}}},
+                "mixer": {"tasks": {"head": old}},  # collected before run C existed
             }
         },
     )
-    splits = Experiment(P, paths).collected.splits("vit", "full")
+    collected = Experiment(P, paths).collected
+    splits = collected.splits("vit", "full")
+    assert list(splits) == ["trained", "heldout_ckpt", "heldout_run"]
     assert [p.name for p in splits["heldout_ckpt"]] == [
         "ckpt_004.safetensors",
         "ckpt_009.safetensors",
     ]
     assert len(splits["trained"]) == 8 and not set(splits["trained"]) & set(splits["heldout_ckpt"])
     assert [str(p) for p in splits["heldout_run"]] == run_b
+    every = collected.splits("vit", "full", ("heldout_run", "validation_run", "trained"))
+    assert list(every) == ["trained", "heldout_run", "validation_run"]  # in reading order
+    assert [str(p) for p in every["validation_run"]] == run_c
+    assert not set(every["validation_run"]) & {*every["trained"], *every["heldout_run"]}
     with pytest.raises(ValueError, match="made no mixer/full"):
-        Experiment(P, paths).collected.splits("mixer", "full")
+        collected.splits("mixer", "full")
+    with pytest.raises(ValueError, match=r"no split \['heldout'\]"):
+        collected.splits("vit", "full", ("heldout",))
+    assert list(collected.splits("mixer", "head")) == ["trained", "heldout_ckpt", "heldout_run"]
+    with pytest.raises(ValueError, match="made no runC of mixer/head.*rerun 01_collect"):
+        collected.splits("mixer", "head", ("validation_run",))
 
 
 def test_pick_is_even_and_total():
@@ -718,13 +730,18 @@ def test_run_a_from_several_fine_tunings_gives_n_over_runs_checkpoints_each(tmp_
     torch.manual_seed(0)
     start = state_dict_of(build_model(spec))
     assert collect.run_a_seeds(0, 1) == [0] and collect.run_a_seeds(7, 3) == [7, 9, 10]
-    entry = collect.collect_task(spec, start, task, 4, 1, 0, tmp_path, runs=2)
+    # run C's seed is none of run A's (seed, seed + 2, ...) nor run B's (seed + 1)
+    assert collect.validation_seed(0, 1) == 2 and collect.validation_seed(7, 3) == 11
+    entry = collect.collect_task(spec, start, task, 4, 1, 1, 0, tmp_path, runs=2)
     assert entry["runs"] == 2 and len(entry["runA"]) == 4 and len(entry["runB"]) == 1
+    assert len(entry["runC"]) == 1
     folders = [os.path.dirname(p) for p in entry["runA"]]
-    assert folders[0] == folders[1] != folders[2] == folders[3] != os.path.dirname(entry["runB"][0])
+    run_b, run_c = (os.path.dirname(entry[r][0]) for r in ("runB", "runC"))
+    assert folders[0] == folders[1] != folders[2] == folders[3] != run_b != run_c
+    assert run_c not in folders
     first, second = (load_checkpoint(entry["runA"][i])[0] for i in (1, 3))
     assert any(not torch.equal(first[k], second[k]) for k in first)  # another seed, other weights
-    one = collect.collect_task(spec, start, task, 2, 1, 0, tmp_path / "one")
+    one = collect.collect_task(spec, start, task, 2, 1, 1, 0, tmp_path / "one")
     assert one["runs"] == 1 and len(one["runA"]) == 2
     with pytest.raises(ValueError, match="multiple of checkpoints.runs"):
-        Checkpoints(n=10, heldout_every=5, heldout_run=2, runs=3)
+        Checkpoints(n=10, heldout_every=5, heldout_run=2, validation_run=2, runs=3)

@@ -180,6 +180,10 @@ class Checkpoints(Block):
         description="every k-th checkpoint of run A is held out"
     )
     heldout_run: Positive = Field(description="checkpoints of run B (another seed), all held out")
+    validation_run: Positive = Field(
+        description="checkpoints of run C (a third seed), all held out: where 08 chooses among "
+        "variants, so that the held-out run only reports"
+    )
     runs: Positive = Field(1, description="fine-tunings (seeds) run A's n checkpoints come from")
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ GROUP_KEYS = [
 SPLIT_LABELS = {
     "trained": "trained-on ckpts (paper's protocol)",
     "heldout_ckpt": "held-out ckpts",
+    "validation_run": "validation run",
     "heldout_run": "held-out run",
 }
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import methods
 from .experiments import Experiment, evenly_spaced
-from .settings import Setting
+from .settings import SPLITS, Setting
 
 # the method whose files a generator's are compared with, by the generator's targets
 TARGET_METHOD = {"ptq": "ptq", "qat": "qat"}
@@ -59,12 +59,10 @@ def agreement_rows(
     exp: Experiment, setting: Setting, method: str = "gen", splits: tuple[str, ...] | None = None
 ) -> list[dict]:
     """One row per (spec, split) of a generator's setting: `summary` of its predictions against
-    its targets' on the split's checkpoints (the ones `evaluate` scores); every split, or
+    its targets' on the split's checkpoints (the ones `evaluate` scores); every reported split, or
     `splits`."""
     rows = []
-    for split, ckpts in exp.collected.splits(setting.arch, setting.task).items():
-        if splits is not None and split not in splits:
-            continue
+    for split, ckpts in exp.collected.splits(setting.arch, setting.task, splits or SPLITS).items():
         ckpts = evenly_spaced(ckpts, exp.profile.eval.per_split)
         for spec in setting.specs:
             gen, tgt, fp = (

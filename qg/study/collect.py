@@ -6,10 +6,12 @@ Two tasks per architecture, as in the paper:
         full fine-tuning from which N checkpoints are saved at evenly spaced steps;
   head  the CIFAR setting: the pretrained model's features are frozen and a new classification head
         is trained on another dataset; checkpoints come from the final training epoch.
-Each task is collected twice from the same starting weights: run A (seed s, or `checkpoints.runs`
-fine-tunings of seeds s, s + 2, s + 3, ...; the generator trains on most of it, the rest are
-held-out checkpoints) and run B (seed s + 1; never trained on, the held-out run). `Collected`
-(collected.py) reads it back.
+Each task is collected three times from the same starting weights: run A (seed s, or
+`checkpoints.runs` fine-tunings of seeds s, s + 2, s + 3, ...; the generator trains on most of it,
+the rest are held-out checkpoints), run B (seed s + 1; never trained on, the held-out run every
+claim is made on) and run C (the first seed after run A's; never trained on, the validation run on
+which a variant is chosen, so that the held-out run only reports). `Collected` (collected.py)
+reads it back.
 
 QAT targets (the paper's QAT setting) are made per checkpoint: a short quantization-aware
 fine-tuning started from the checkpoint, then quantized; its wall time is recorded in the file,
@@ -56,13 +58,15 @@ def collect_task(
     task: TrainSpec,
     n_checkpoints: int,
     n_heldout_run: int,
+    n_validation_run: int,
     seed: int,
     root,
     device: str = "cpu",
     runs: int = 1,
 ) -> dict:
-    """Run A (n_checkpoints, from `runs` fine-tunings of n_checkpoints / runs each) and run B
-    (n_heldout_run, seed + 1) of one task; returns their file lists."""
+    """Run A (n_checkpoints, from `runs` fine-tunings of n_checkpoints / runs each), run B
+    (n_heldout_run, seed + 1) and run C (n_validation_run, `validation_seed`) of one task; returns
+    their file lists."""
     start = task_start(pretrained, spec, task, seed)
     run_a, seconds = [], 0.0
     for r, run_seed in enumerate(run_a_seeds(seed, runs)):
@@ -80,13 +84,24 @@ def collect_task(
     run_b, rec_b = train_model(
         spec, task, start, seed + 1, root, n_heldout_run, label="runB", device=device
     )
+    run_c, rec_c = train_model(
+        spec,
+        task,
+        start,
+        validation_seed(seed, runs),
+        root,
+        n_validation_run,
+        label="runC",
+        device=device,
+    )
     return {
         "model": spec.to_dict(),
         "task": asdict(task),
         "runA": [str(p) for p in run_a],
         "runB": [str(p) for p in run_b],
+        "runC": [str(p) for p in run_c],
         "runs": runs,
-        "seconds": seconds + rec_b["seconds"],
+        "seconds": seconds + rec_b["seconds"] + rec_c["seconds"],
     }
 
 
@@ -94,6 +109,11 @@ def run_a_seeds(seed: int, runs: int) -> list[int]:
     """The seeds of run A's fine-tunings: `seed`, then seed + 2, seed + 3, ... (seed + 1 is run
     B's, which stays a run no generator sees)."""
     return [seed] + [seed + 1 + r for r in range(1, runs)]
+
+
+def validation_seed(seed: int, runs: int) -> int:
+    """Run C's seed: the first after run A's (`run_a_seeds`), so that no two runs share one."""
+    return seed + runs + 1
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,7 @@ class QATSpec:
     weight_decay: float = 0.0
 
 
+RUNS = ("runA", "runB", "runC")  # the manifest's names of a task's runs
 FP_STEPS = "fp32"  # the manifest's key, beside the QAT specs' names, of QAT's FP32 control
 
 
@@ -194,7 +215,7 @@ def _fine_tune_qat(
 def collect_qat(
     task_entry: dict, specs: list[QuantSpec], qat: QATSpec, seed: int, root, device: str = "cpu"
 ) -> dict:
-    """QAT targets for every checkpoint of both runs of a collected task, and their FP32 control
+    """QAT targets for every checkpoint of every run of a collected task, and their FP32 control
     (`FP_STEPS`): {spec name or FP_STEPS: {run: [files]}}."""
     task = TrainSpec(**task_entry["task"])
     return {
@@ -203,7 +224,7 @@ def collect_qat(
                 str(qat_target(Path(p), spec, qat, task, seed + i, Path(root) / "qat", device))
                 for i, p in enumerate(task_entry[run])
             ]
-            for run in ("runA", "runB")
+            for run in RUNS
         }
         for spec in [*specs, None]
     }
@@ -235,7 +256,7 @@ def collect(profile: Profile, root, device: str = "cpu") -> dict:
 
     Each architecture is pretrained on its dataset (or, with `pretrain: null`, starts from timm's
     weights: the paper profile); each of its tasks fine-tunes it (the task's dataset and number of
-    classes) into run A's and run B's checkpoints; `qat` selects the pairs that also get QAT
+    classes) into the checkpoints of runs A, B and C; `qat` selects the pairs that also get QAT
     targets. Every run is keyed by the values as the profile file wrote them (`Profile.written`).
     Training runs on `device`.
     """
@@ -280,7 +301,7 @@ def _pretrained(profile: Profile, arch_name: str, root: Path, device: str):
 def _collect_pair(
     profile: Profile, spec: ModelSpec, pretrained: dict, task_name: str, arch_dir: Path, device
 ) -> dict:
-    """One (architecture, task)'s checkpoints of runs A and B and, where the profile asks, their
+    """One (architecture, task)'s checkpoints of runs A, B and C and, where the profile asks, their
     QAT targets: its manifest entry (absolute paths)."""
     task = profile.tasks[task_name]
     classes = dataset_info(task.dataset)["num_classes"]
@@ -294,6 +315,7 @@ def _collect_pair(
         TrainSpec(**profile.written["tasks"][task_name]),
         profile.checkpoints.n,
         profile.checkpoints.heldout_run,
+        profile.checkpoints.validation_run,
         profile.seed,
         task_dir,
         device,
@@ -331,7 +353,7 @@ def _relative_entry(entry: dict, root: Path) -> dict:
     """A task's manifest entry with its checkpoint and QAT files relative to the collect folder, so
     the artifact tree can move (to another checkout, another $QG_OUTPUT) without changing what it
     names."""
-    out = {**entry, **{run: [_relative(p, root) for p in entry[run]] for run in ("runA", "runB")}}
+    out = {**entry, **{run: [_relative(p, root) for p in entry[run]] for run in RUNS}}
     if "qat" in entry:
         out["qat"] = {
             spec: {run: [_relative(p, root) for p in files] for run, files in runs.items()}

@@ -8,7 +8,10 @@ from pathlib import Path
 
 from ..config.profiles import require
 from ..quant.quantizer import QuantSpec
-from .collect import FP_STEPS
+from .collect import FP_STEPS, RUNS
+from .settings import CHOICE_SPLIT, SPLITS
+
+RUN_OF = {"heldout_run": "runB", CHOICE_SPLIT: "runC"}  # the splits that are whole runs
 
 
 class Collected:
@@ -19,7 +22,9 @@ class Collected:
     from them) and `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never
     trained on; with `checkpoints.runs` > 1, run A is its fine-tunings' checkpoints one after the
     other, so the held-out ones come from every fine-tuning); run B, a second fine-tuning with
-    another seed, is `heldout_run`. The paper evaluates on `trained` only.
+    another seed, is `heldout_run`, where every claim is made; run C, a third seed, is the
+    validation run (`CHOICE_SPLIT`), where a variant is chosen. The paper evaluates on `trained`
+    only.
     """
 
     def __init__(self, root: Path, heldout_every: int):
@@ -59,16 +64,33 @@ class Collected:
         return self.root / name
 
     def run(self, arch: str, task: str, run: str) -> list[Path]:
-        """The checkpoints of run A or run B of one (architecture, task)."""
-        return [self.path(p) for p in self.entry(arch, task)[run]]
+        """The checkpoints of run A, B or C of one (architecture, task)."""
+        entry = self.entry(arch, task)
+        if run not in entry:
+            raise ValueError(
+                f"01_collect made no {run} of {arch}/{task}: this collect folder predates it "
+                "(rerun 01_collect; the runs it has are kept)"
+            )
+        return [self.path(p) for p in entry[run]]
 
-    def splits(self, arch: str, task: str) -> dict[str, list[Path]]:
-        """Checkpoint files of each split (see the class docstring)."""
+    def splits(
+        self, arch: str, task: str, names: tuple[str, ...] = SPLITS
+    ) -> dict[str, list[Path]]:
+        """Checkpoint files of each split in `names` (see the class docstring), in reading order:
+        the reported ones, unless the validation run is asked for."""
+        unknown = set(names) - set(RUN_OF) - {"trained", "heldout_ckpt"}
+        if unknown:
+            raise ValueError(f"no split {sorted(unknown)}; the splits: {[*SPLITS, CHOICE_SPLIT]}")
         run_a, every = self.run(arch, task, "runA"), self.heldout_every
+        held = [i % every == every - 1 for i in range(len(run_a))]
+        within_a = {
+            "trained": [p for p, h in zip(run_a, held) if not h],
+            "heldout_ckpt": [p for p, h in zip(run_a, held) if h],
+        }
         return {
-            "trained": [p for i, p in enumerate(run_a) if i % every != every - 1],
-            "heldout_ckpt": [p for i, p in enumerate(run_a) if i % every == every - 1],
-            "heldout_run": self.run(arch, task, "runB"),
+            name: within_a[name] if name in within_a else self.run(arch, task, RUN_OF[name])
+            for name in (*SPLITS, CHOICE_SPLIT)
+            if name in names
         }
 
     def qat(self, arch: str, task: str, spec: QuantSpec | None, checkpoint: Path) -> Path:
@@ -82,7 +104,8 @@ class Collected:
             )
         files = {
             ckpt: self.path(q)
-            for run in ("runA", "runB")
+            for run in RUNS
+            if run in entry
             for ckpt, q in zip(self.run(arch, task, run), entry["qat"][name][run])
         }
         return files[Path(checkpoint)]

@@ -43,9 +43,7 @@ def evaluate(
     }
     dataset = exp.collected.entry(setting.arch, setting.task)["task"]["dataset"]
     rows = []
-    for split, ckpts in exp.collected.splits(setting.arch, setting.task).items():
-        if split not in splits:
-            continue
+    for split, ckpts in exp.collected.splits(setting.arch, setting.task, splits).items():
         for ckpt in evenly_spaced(ckpts, exp.profile.eval.per_split):
             for spec in setting.specs:
                 for method in methods:

@@ -8,8 +8,8 @@ profile.
 
 Splits (the honest part): run A's checkpoints are split into `trained` (the generator learns from
 them) and `heldout_ckpt` (every `heldout_every`-th checkpoint, interleaved in time, never trained
-on); run B, a second fine-tuning with another seed, is `heldout_run`. The paper evaluates on
-`trained` only.
+on); run B, a second fine-tuning with another seed, is `heldout_run`; run C, a third, is the
+validation run where a variant is chosen (`CHOICE_SPLIT`). The paper evaluates on `trained` only.
 
 Every quantized model (PTQ, QAT, generated, a control) is written as a quantized file, cached under
 the profile's artifacts and named by its parameters; `qg.study.evaluation` scores the files into the

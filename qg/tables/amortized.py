@@ -20,7 +20,7 @@ def _amortized_column(method: str, source: str, variant: str) -> str:
 
 
 # The generator a reader should use, one per (pair, bits): of the targets trained on QAT, the one
-# with the higher mean accuracy on run A's held-out checkpoints (`CHOICE_SPLIT`; a tie: direct).
+# with the higher mean accuracy on the validation run (`CHOICE_SPLIT`, run C; a tie: direct).
 # Chosen there, never on the held-out run that the table reports.
 CANDIDATES = ("Gen direct (QAT)", "Gen residual (QAT)")
 CHOSEN = "Gen chosen (QAT)"
@@ -166,8 +166,9 @@ def amortized_table(runs: pd.DataFrame, profile: Profile, commit: str) -> tuple[
             "check: an untrained residual generator is PTQ, and trained on PTQ targets it should "
             "stay there.",
             f"{CHOSEN}: per pair and bit-width, the QAT-trained target with the higher mean "
-            "accuracy on run A's held-out checkpoints (chosen there, shown on every split: the "
-            "held-out run is the one that measures it).",
+            "accuracy on the validation run (run C: a third fine-tuning, which no generator "
+            "trained on and no claim is made on); chosen there, shown on every split: the "
+            "held-out run is the one that measures it.",
             f"{STEPS}: each checkpoint fine-tuned exactly as QAT is (steps, data, order) with no "
             f"quantization: {STEPS} − FP32 is what the extra steps gain, QAT − {STEPS} what "
             "quantizing costs under QAT.",

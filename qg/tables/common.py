@@ -72,8 +72,8 @@ def generator_differences(runs: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-# splits, then methods, as rows run
-ORDER = {k: i for i, k in enumerate([*SPLITS, *methods.order()])}
+# splits (reading order: the validation run before the held-out run), then methods, as rows run
+ORDER = {k: i for i, k in enumerate([*SPLIT_LABELS, *methods.order()])}
 
 
 def ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -123,7 +123,7 @@ def profile_markdown(df: pd.DataFrame, title: str, profile: Profile, notes: list
             *notes,
             generator_note(profile),
             f"Profile `{profile.name}`; splits: "
-            + "; ".join(f"{v}" for v in SPLIT_LABELS.values())
+            + "; ".join(SPLIT_LABELS[s] for s in SPLITS)
             + ".",
         ],
     )

@@ -220,15 +220,15 @@ def amortized_findings(tidy: pd.DataFrame) -> list[str]:
 
 
 def _choices(tidy: pd.DataFrame) -> str:
-    """The target chosen per (pair, bits) on run A's held-out checkpoints, with direct − residual
-    there when the table has it: a tie is a choice those checkpoints do not resolve."""
+    """The target chosen per (pair, bits) on the validation run (`CHOICE_SPLIT`), with direct −
+    residual there when the table has it: a tie is a choice that run does not resolve."""
     keys = ["arch", "task", "bits"]
     chosen = tidy.dropna(subset=["chosen"]).groupby(keys).chosen.first()
     margins = tidy[(tidy.split == CHOICE_SPLIT) & (tidy.method == MARGIN)]
     said = {k: f" (direct − residual {_said(r)})" for k, r in margins.set_index(keys).iterrows()}
     ties = (verdicts(margins) == "tie").sum()
     return (
-        "Chosen on run A's held-out checkpoints (never on the held-out run): "
+        "Chosen on the validation run, run C (never on the held-out run): "
         + ", ".join(
             f"{a}/{t} {b}-bit {c}{said.get((a, t, b), '')}" for (a, t, b), c in chosen.items()
         )

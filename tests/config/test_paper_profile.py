@@ -201,7 +201,7 @@ def tiny_paper_profile(tmp_path) -> dict:
         )
     for task in P["tasks"].values():
         task.update(epochs=1, batch_size=2)
-    P["checkpoints"] = {"n": 5, "heldout_every": 5, "heldout_run": 2}
+    P["checkpoints"] = {"n": 5, "heldout_every": 5, "heldout_run": 2, "validation_run": 1}
     P["qat"].update(steps=2, batch_size=2)
     P["tokenizer"]["token_size"] = 32
     P["generator"].update(d_state=16, headdim=16, chunk_size=32)
