@@ -52,7 +52,8 @@ def layer_swaps(
     accuracy, the target's, Gen's with the swap (`gain`: what the swap gives back), and how much of
     the layer differs."""
     rows = []
-    for ckpt in evenly_spaced(exp.collected.splits(setting.arch, setting.task)[split], n):
+    (ckpts,) = exp.collected.splits(setting.arch, setting.task, (split,)).values()
+    for ckpt in evenly_spaced(ckpts, n):
         model = load_model_description(ckpt)
         gen = read_quantized(exp.model_file(setting, spec, ckpt, "gen"))[0]
         target = read_quantized(exp.target(setting, spec, ckpt))[0]

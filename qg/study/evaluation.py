@@ -197,7 +197,7 @@ def diagnose(
     part, which needs every training target and two evaluations per model).
     """
     quantgen = exp.generator(setting)
-    splits = exp.collected.splits(setting.arch, setting.task)
+    splits = exp.collected.splits(setting.arch, setting.task, ("trained", split))
     ckpts = evenly_spaced(splits[split], exp.profile.eval.per_split)
     gen_files = [exp.generated(setting, spec, c, quantgen) for c in ckpts]
     own_files = [exp.target(setting, spec, c) for c in ckpts]
