@@ -26,9 +26,11 @@ checkpoints of one split, with its 95 % confidence interval over those checkpoin
 win, a loss, or a tie when the interval covers 0 (the convergence and fidelity lines are means and
 extremes: their tables keep no per-checkpoint spread). The held-out run (a second fine-tuning the
 generators never saw) is the split to read; the paper's protocol (the checkpoints the generator was
-trained on) is beside it where the paper reports it. Any choice among variants is made on run A's
-held-out checkpoints, never on the held-out run. The checkpoints of a split come from one run: the
-interval is of their mean, not of a new run's."""
+trained on) is beside it where the paper reports it. No choice among variants is made on the
+held-out run: 08 chooses the amortized generator's target on the validation run (run C, a third
+fine-tuning), and the profile's own choices were made on run A's held-out checkpoints. The
+checkpoints of a split come from one run: the interval is of their mean, not of a new run's (the
+amortized-QAT section sets the held-out run's verdicts beside the validation run's)."""
 
 SECTIONS = (
     ("Convergence: budget and head", "convergence", findings.convergence_findings),

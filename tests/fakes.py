@@ -98,20 +98,25 @@ def write_imagenet(root, classes=("n01440764", "n01443537"), per_class=2, size=(
 
 
 def fake_collect(
-    collect_dir, n_a: int = 5, n_b: int = 1, spec: ModelSpec | None = None, seed: int = 0
+    collect_dir,
+    n_a: int = 5,
+    n_b: int = 1,
+    spec: ModelSpec | None = None,
+    seed: int = 0,
+    n_c: int = 1,
 ) -> dict:
-    """A collect folder as 01_collect leaves it, for one (vit, full) pair on digits: run A's and run
-    B's checkpoints (seeded random weights) and the manifest naming them (`write_manifest`).
-    Returns the manifest's runs."""
+    """A collect folder as 01_collect leaves it, for one (vit, full) pair on digits: the
+    checkpoints of runs A, B and C (seeded random weights) and the manifest naming them
+    (`write_manifest`). Returns the manifest's runs."""
     from qg.targets.models import save_checkpoint
 
     spec = spec or ModelSpec(TINY_VIT.arch, TINY_VIT.kwargs, "digits")
     runs = {
         run: [f"vit/full/{run}-k/ckpt_{i:03d}.safetensors" for i in range(n)]
-        for run, n in (("runA", n_a), ("runB", n_b))
+        for run, n in (("runA", n_a), ("runB", n_b), ("runC", n_c))
     }
     torch.manual_seed(seed)
-    for name in runs["runA"] + runs["runB"]:
+    for name in runs["runA"] + runs["runB"] + runs["runC"]:
         save_checkpoint(collect_dir / name, state_dict_of(build_model(spec)), spec)
     write_manifest(
         collect_dir,

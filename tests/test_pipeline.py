@@ -147,7 +147,7 @@ def test_splits_hold_out_every_kth_checkpoint_and_runs_b_and_c(tmp_path):
     assert len(splits["trained"]) == 8 and not set(splits["trained"]) & set(splits["heldout_ckpt"])
     assert [str(p) for p in splits["heldout_run"]] == run_b
     every = collected.splits("vit", "full", ("heldout_run", "validation_run", "trained"))
-    assert list(every) == ["trained", "heldout_run", "validation_run"]  # in reading order
+    assert list(every) == ["trained", "heldout_run", "validation_run"]  # SPLITS' order, then C
     assert [str(p) for p in every["validation_run"]] == run_c
     assert not set(every["validation_run"]) & {*every["trained"], *every["heldout_run"]}
     with pytest.raises(ValueError, match="made no mixer/full"):

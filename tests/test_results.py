@@ -230,3 +230,23 @@ def test_the_chosen_target_says_how_firmly_the_choice_split_picks_it():
     assert "vit/full 4-bit Gen direct (QAT) (direct − residual +1.00 (" in line
     assert "vit/head 4-bit Gen residual (QAT) (direct − residual -0.01 (" in line
     assert line.endswith("; 1 of 2 choices are ties there, not resolved")
+
+
+def test_the_held_out_runs_verdicts_are_set_beside_the_validation_runs():
+    """The chosen generator's differences on the two new runs (B, where claims are made, and C,
+    where the target is chosen): a verdict that changes between them is named with both claims."""
+
+    def row(split, bits, value):
+        return {"arch": "vit", "task": "full", "bits": bits, "granularity": "group",
+                "split": split, "method": "Gen chosen (QAT) − HQQ", "chosen": "Gen direct (QAT)",
+                "metric": "paired_difference", "value": value, "std": 0.1, "n": 10}  # fmt: skip
+
+    tidy = pd.DataFrame(
+        [row("heldout_run", 3, 0.5), row("validation_run", 3, 0.4)]
+        + [row("heldout_run", 4, -0.5), row("validation_run", 4, 0.0)]
+    )
+    lines = findings.amortized_findings(tidy)
+    (line,) = [x for x in lines if "held-out run against the validation run" in x]
+    assert line.startswith("Gen chosen (QAT) − HQQ, the held-out run against the validation run")
+    assert "the same verdict in 1 of 2 cells; vit/full 4-bit -0.50 (95 % CI" in line
+    assert "loss) on the held-out run, +0.00 (95 % CI" in line and line.endswith("tie) on run C")

@@ -62,7 +62,9 @@ def agreement_rows(
     its targets' on the split's checkpoints (the ones `evaluate` scores); every reported split, or
     `splits`."""
     rows = []
-    for split, ckpts in exp.collected.splits(setting.arch, setting.task, splits or SPLITS).items():
+    for split, ckpts in exp.collected.splits(
+        setting.arch, setting.task, SPLITS if splits is None else splits
+    ).items():
         ckpts = evenly_spaced(ckpts, exp.profile.eval.per_split)
         for spec in setting.specs:
             gen, tgt, fp = (

@@ -9,9 +9,9 @@ Two tasks per architecture, as in the paper:
 Each task is collected three times from the same starting weights: run A (seed s, or
 `checkpoints.runs` fine-tunings of seeds s, s + 2, s + 3, ...; the generator trains on most of it,
 the rest are held-out checkpoints), run B (seed s + 1; never trained on, the held-out run every
-claim is made on) and run C (the first seed after run A's; never trained on, the validation run on
-which a variant is chosen, so that the held-out run only reports). `Collected` (collected.py)
-reads it back.
+claim is made on) and run C (seed s + runs + 1, the first after runs A's and B's; never trained on,
+the validation run on which a variant is chosen, so that the held-out run only reports).
+`Collected` (collected.py) reads it back.
 
 QAT targets (the paper's QAT setting) are made per checkpoint: a short quantization-aware
 fine-tuning started from the checkpoint, then quantized; its wall time is recorded in the file,
@@ -81,27 +81,20 @@ def collect_task(
             device=device,
         )
         run_a, seconds = run_a + paths, seconds + record["seconds"]
-    run_b, rec_b = train_model(
-        spec, task, start, seed + 1, root, n_heldout_run, label="runB", device=device
-    )
-    run_c, rec_c = train_model(
-        spec,
-        task,
-        start,
-        validation_seed(seed, runs),
-        root,
-        n_validation_run,
-        label="runC",
-        device=device,
-    )
+    held_out = {}  # runs B and C: one fine-tuning each, never trained on
+    for label, run_seed, n in (
+        ("runB", seed + 1, n_heldout_run),
+        ("runC", validation_seed(seed, runs), n_validation_run),
+    ):
+        paths, record = train_model(spec, task, start, run_seed, root, n, label, device=device)
+        held_out[label], seconds = [str(p) for p in paths], seconds + record["seconds"]
     return {
         "model": spec.to_dict(),
         "task": asdict(task),
         "runA": [str(p) for p in run_a],
-        "runB": [str(p) for p in run_b],
-        "runC": [str(p) for p in run_c],
+        **held_out,
         "runs": runs,
-        "seconds": seconds + rec_b["seconds"] + rec_c["seconds"],
+        "seconds": seconds,
     }
 
 
@@ -112,7 +105,8 @@ def run_a_seeds(seed: int, runs: int) -> list[int]:
 
 
 def validation_seed(seed: int, runs: int) -> int:
-    """Run C's seed: the first after run A's (`run_a_seeds`), so that no two runs share one."""
+    """Run C's seed: the first after those of runs A (`run_a_seeds`) and B (seed + 1), so that no
+    two runs share one."""
     return seed + runs + 1
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from ..config.profiles import require
 from ..quant.quantizer import QuantSpec
 from .collect import FP_STEPS, RUNS
-from .settings import CHOICE_SPLIT, SPLITS
+from .settings import SPLITS, VALIDATION
 
-RUN_OF = {"heldout_run": "runB", CHOICE_SPLIT: "runC"}  # the splits that are whole runs
+RUN_OF = {"heldout_run": "runB", VALIDATION: "runC"}  # the splits that are whole runs
 
 
 class Collected:
@@ -23,7 +23,7 @@ class Collected:
     trained on; with `checkpoints.runs` > 1, run A is its fine-tunings' checkpoints one after the
     other, so the held-out ones come from every fine-tuning); run B, a second fine-tuning with
     another seed, is `heldout_run`, where every claim is made; run C, a third seed, is the
-    validation run (`CHOICE_SPLIT`), where a variant is chosen. The paper evaluates on `trained`
+    validation run (`VALIDATION`), where a variant is chosen. The paper evaluates on `trained`
     only.
     """
 
@@ -76,11 +76,12 @@ class Collected:
     def splits(
         self, arch: str, task: str, names: tuple[str, ...] = SPLITS
     ) -> dict[str, list[Path]]:
-        """Checkpoint files of each split in `names` (see the class docstring), in reading order:
-        the reported ones, unless the validation run is asked for."""
+        """Checkpoint files of each split in `names` (see the class docstring), in the order of
+        `SPLITS`, then the validation run: the reported ones, unless the validation run is asked
+        for."""
         unknown = set(names) - set(RUN_OF) - {"trained", "heldout_ckpt"}
         if unknown:
-            raise ValueError(f"no split {sorted(unknown)}; the splits: {[*SPLITS, CHOICE_SPLIT]}")
+            raise ValueError(f"no split {sorted(unknown)}; the splits: {[*SPLITS, VALIDATION]}")
         run_a, every = self.run(arch, task, "runA"), self.heldout_every
         held = [i % every == every - 1 for i in range(len(run_a))]
         within_a = {
@@ -89,7 +90,7 @@ class Collected:
         }
         return {
             name: within_a[name] if name in within_a else self.run(arch, task, RUN_OF[name])
-            for name in (*SPLITS, CHOICE_SPLIT)
+            for name in (*SPLITS, VALIDATION)
             if name in names
         }
 

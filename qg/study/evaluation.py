@@ -311,7 +311,7 @@ def file_costs(
     """What each method's file of the first checkpoint of `split` costs: bytes on disk and bits per
     quantized weight (`qg.quant.fileformat.storage`), against the FP32 checkpoint file, and the
     seconds the method took."""
-    ckpt = exp.collected.splits(setting.arch, setting.task)[split][0]
+    ckpt = exp.collected.splits(setting.arch, setting.task, (split,))[split][0]
     rows = []
     for spec in setting.specs:
         for method in methods:
@@ -347,7 +347,7 @@ def runtime_rows(
     largest logit difference, resident weight bytes and seconds per batch of `batch` test images,
     with the FP32 checkpoint's (on CPU: the runtime is a CPU runtime; FP32 is timed again beside
     each file, so each ratio is of two timings taken together)."""
-    ckpt = exp.collected.splits(setting.arch, setting.task)[split][0]
+    ckpt = exp.collected.splits(setting.arch, setting.task, (split,))[split][0]
     fp_sd, model_spec, _ = load_checkpoint(ckpt)
     fp = build_from(model_spec, fp_sd, str(ckpt)).eval()
     test = exp.scorer.test_set(model_spec)

@@ -19,7 +19,8 @@ from ..quant.quantizer import QuantSpec
 SPLITS = ("trained", "heldout_ckpt", "heldout_run")  # what the tables report
 # where a choice among variants is made (run C): a run no generator trained on, like the held-out
 # run, but never the one the tables report
-CHOICE_SPLIT = "validation_run"
+VALIDATION = "validation_run"  # run C's split
+CHOICE_SPLIT = VALIDATION
 
 
 SOURCES = ("ptq", "qat")

@@ -149,7 +149,7 @@ def ablation_figure(runs: pd.DataFrame, factor: str):
             y="accuracy",
             hue="split",
             order=order,
-            hue_order=list(SPLIT_LABELS.values()),
+            hue_order=[SPLIT_LABELS[s] for s in SPLITS],
             errorbar="sd",
             dodge=0.4,
             linestyle="none",

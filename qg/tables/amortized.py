@@ -9,7 +9,7 @@ import seaborn as sns
 from .. import methods
 from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS, cell
-from ..study.settings import CHOICE_SPLIT
+from ..study.settings import CHOICE_SPLIT, SPLITS
 from .common import ordered, profile_markdown
 
 
@@ -332,9 +332,7 @@ def gap_figure(layers: pd.DataFrame, tidy: pd.DataFrame):
     for ax, (what, key) in zip(axes, picked.items()):
         mine = layers.set_index(_GAP_KEYS).loc[key].reset_index()
         per = mine.groupby(["layer", "split"], sort=False).code_mae.mean().reset_index()
-        sns.barplot(
-            data=per, y="layer", x="code_mae", hue="split", hue_order=list(SPLIT_LABELS), ax=ax
-        )
+        sns.barplot(data=per, y="layer", x="code_mae", hue="split", hue_order=list(SPLITS), ax=ax)
         arch, task, source, variant, bits = key
         ax.set_title(
             f"{what}: {arch}/{task} {bits}-bit {variant} ({source.upper()} targets)\n"

@@ -15,7 +15,7 @@ from scipy import stats
 from .. import methods
 from ..config.schema import Profile
 from ..core.report import GROUP_KEYS, SPLIT_LABELS, markdown
-from ..study.settings import SPLITS
+from ..study.settings import SPLITS, VALIDATION
 
 
 def paired_difference(runs: pd.DataFrame, a: str = "gen", b: str = "ptq") -> pd.DataFrame:
@@ -56,6 +56,31 @@ def verdicts(diffs: pd.DataFrame) -> pd.Series:
     return pd.Series(
         [verdict(*r) for r in zip(diffs.value, diffs["std"], diffs.n)], index=diffs.index
     )
+
+
+def tally(diffs: pd.DataFrame) -> str:
+    """`3 wins, 10 ties, 3 losses` over rows with value, std and n."""
+    counts = verdicts(diffs)
+    plural = {"win": "wins", "tie": "ties", "loss": "losses"}
+    return ", ".join(
+        f"{k} {v if k == 1 else plural[v]}" for v in plural for k in [int((counts == v).sum())]
+    )
+
+
+def said(r: pd.Series) -> str:
+    """The claim of one tidy row."""
+    return claim(r.value, r["std"], r.n)
+
+
+def where(r) -> str:
+    """A table cell's name: `vit/head 3-bit group`."""
+    return f"{r.arch}/{r.task} {int(r.bits)}-bit {r.granularity}"
+
+
+def extremes(diffs: pd.DataFrame) -> str:
+    """The lowest and the highest cell, each with its claim."""
+    lo, hi = diffs.loc[diffs.value.idxmin()], diffs.loc[diffs.value.idxmax()]
+    return f"lowest {where(lo)} {said(lo)}, highest {where(hi)} {said(hi)}"
 
 
 def generator_differences(runs: pd.DataFrame) -> pd.DataFrame:
@@ -116,6 +141,10 @@ def generator_note(profile: Profile) -> str:
 
 
 def profile_markdown(df: pd.DataFrame, title: str, profile: Profile, notes: list[str]) -> str:
+    """A results table as Markdown, its notes, which generator it shows, the profile and the
+    splits (the reported ones, and the validation run where the table has it)."""
+    with_validation = SPLIT_LABELS[VALIDATION] in set(df.get("split", []))
+    splits = [*SPLITS, VALIDATION] if with_validation else SPLITS
     return markdown(
         df,
         title,
@@ -123,7 +152,7 @@ def profile_markdown(df: pd.DataFrame, title: str, profile: Profile, notes: list
             *notes,
             generator_note(profile),
             f"Profile `{profile.name}`; splits: "
-            + "; ".join(SPLIT_LABELS[s] for s in SPLITS)
+            + "; ".join(SPLIT_LABELS[s] for s in splits)
             + ".",
         ],
     )

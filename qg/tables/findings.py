@@ -6,7 +6,8 @@ Every comparison is a paired difference over the checkpoints of one split (the t
 std and n), stated with its 95 % confidence interval (Student's t over those checkpoints) and
 called a win, a loss, or a tie when the interval covers 0. The checkpoints of a split come from one
 or two fine-tuning runs and are not independent draws of a run: the interval is of these
-checkpoints' mean, not a promise about a new run.
+checkpoints' mean, not a promise about a new run. Where a table has a second new run (amortized
+QAT's validation run), its verdicts are set beside the held-out run's, to show which survive one.
 """
 
 from __future__ import annotations
@@ -16,35 +17,11 @@ import pandas as pd
 from .. import methods
 from ..core.report import SPLIT_LABELS
 from ..study.settings import CHOICE_SPLIT
-from .common import claim, verdicts
+from .common import claim, extremes, said, tally, verdict, verdicts, where
 
 HELD = "heldout_run"  # the split every claim is made on; the paper's protocol is `trained`
 MARGIN = "Gen direct (QAT) − Gen residual (QAT)"  # amortized QAT: how firm the chosen target is
-
-
-def tally(diffs: pd.DataFrame) -> str:
-    """`3 wins, 10 ties, 3 losses` over rows with value, std and n."""
-    counts = verdicts(diffs)
-    plural = {"win": "wins", "tie": "ties", "loss": "losses"}
-    return ", ".join(
-        f"{k} {v if k == 1 else plural[v]}" for v in plural for k in [int((counts == v).sum())]
-    )
-
-
-def _said(r: pd.Series) -> str:
-    """The claim of one tidy row."""
-    return claim(r.value, r["std"], r.n)
-
-
-def _where(r) -> str:
-    """A table cell's name: `vit/head 3-bit group`."""
-    return f"{r.arch}/{r.task} {int(r.bits)}-bit {r.granularity}"
-
-
-def _extremes(diffs: pd.DataFrame) -> str:
-    """The lowest and the highest cell, each with its claim."""
-    lo, hi = diffs.loc[diffs.value.idxmin()], diffs.loc[diffs.value.idxmax()]
-    return f"lowest {_where(lo)} {_said(lo)}, highest {_where(hi)} {_said(hi)}"
+CHOSEN = "Gen chosen (QAT)"
 
 
 def table1_findings(tidy: pd.DataFrame) -> list[str]:
@@ -58,14 +35,14 @@ def table1_findings(tidy: pd.DataFrame) -> list[str]:
             if len(part):
                 lines.append(
                     f"Gen − PTQ, {SPLIT_LABELS[split]}, {name}: {tally(part)} of {len(part)} "
-                    f"cells; {_extremes(part)}"
+                    f"cells; {extremes(part)}"
                 )
     held = diffs[diffs.split == HELD]
     losses = held[verdicts(held) == "loss"]
     if len(losses):
         lines.append(
             f"Losses on the {SPLIT_LABELS[HELD]}: "
-            + "; ".join(f"{_where(r)} {_said(r)}" for _, r in losses.iterrows())
+            + "; ".join(f"{where(r)} {said(r)}" for _, r in losses.iterrows())
         )
     return lines
 
@@ -172,7 +149,7 @@ def qwt_findings(tidy: pd.DataFrame) -> list[str]:
     (both calibrated), over the cells where it was fitted."""
     held = tidy[tidy.split == HELD]
     return [
-        f"{methods.label(m)}: {tally(d)} of {len(d)} cells; {_extremes(d)}"
+        f"{methods.label(m)}: {tally(d)} of {len(d)} cells; {extremes(d)}"
         for m in ("ptq+qwt-ptq", "hqq+qwt-hqq", "gen+qwt-gen", "gen+qwt-ptq+qwt")
         for d in [held[held.method == m]]
         if len(d)
@@ -212,10 +189,37 @@ def amortized_findings(tidy: pd.DataFrame) -> list[str]:
             if len(rows):
                 lines.append(
                     f"{bits}-bit, {m}: {tally(rows)} of {len(rows)} pairs; "
-                    + "; ".join(f"{r.arch}/{r.task} {_said(r)}" for _, r in rows.iterrows())
+                    + "; ".join(f"{r.arch}/{r.task} {said(r)}" for _, r in rows.iterrows())
                 )
     if "chosen" in tidy:
-        lines.append(_choices(tidy))
+        lines += [_choices(tidy), *_replicated(tidy)]
+    return lines
+
+
+def _replicated(tidy: pd.DataFrame) -> list[str]:
+    """The chosen generator's held-out-run verdicts beside the same differences on the validation
+    run, a second new run (where the target was chosen, so Gen's side is optimistic there): a
+    verdict that changes from one new run to the other is not a finding about new runs."""
+    diffs = tidy[tidy.metric == "paired_difference"]
+    on = ["arch", "task", "bits", "method"]
+    both = diffs[diffs.split == HELD].merge(
+        diffs[diffs.split == CHOICE_SPLIT], on=on, suffixes=("", "_c")
+    )
+    lines = []
+    for m, g in both[both.method.isin([f"{CHOSEN} − HQQ", f"{CHOSEN} − QAT"])].groupby("method"):
+        stats = [list(zip(g[f"value{x}"], g[f"std{x}"], g[f"n{x}"])) for x in ("", "_c")]
+        differ = [
+            (r, b, c) for r, b, c in zip(g.itertuples(), *stats) if verdict(*b) != verdict(*c)
+        ]
+        lines.append(
+            f"{m}, the held-out run against the validation run (run C): the same verdict in "
+            f"{len(g) - len(differ)} of {len(g)} cells"
+            + "".join(
+                f"; {r.arch}/{r.task} {r.bits}-bit {claim(*b)} on the held-out run, "
+                f"{claim(*c)} on run C"
+                for r, b, c in differ
+            )
+        )
     return lines
 
 
@@ -225,12 +229,12 @@ def _choices(tidy: pd.DataFrame) -> str:
     keys = ["arch", "task", "bits"]
     chosen = tidy.dropna(subset=["chosen"]).groupby(keys).chosen.first()
     margins = tidy[(tidy.split == CHOICE_SPLIT) & (tidy.method == MARGIN)]
-    said = {k: f" (direct − residual {_said(r)})" for k, r in margins.set_index(keys).iterrows()}
+    margin = {k: f" (direct − residual {said(r)})" for k, r in margins.set_index(keys).iterrows()}
     ties = (verdicts(margins) == "tie").sum()
     return (
         "Chosen on the validation run, run C (never on the held-out run): "
         + ", ".join(
-            f"{a}/{t} {b}-bit {c}{said.get((a, t, b), '')}" for (a, t, b), c in chosen.items()
+            f"{a}/{t} {b}-bit {c}{margin.get((a, t, b), '')}" for (a, t, b), c in chosen.items()
         )
         + (
             f"; {ties} of {len(margins)} choices are ties there, not resolved"
@@ -323,7 +327,7 @@ def ablation_findings(tidy: pd.DataFrame, factor: str) -> list[str]:
     diffs = tidy[(tidy.method == "gen-ptq") & (tidy.split == HELD)]
     return [
         f"{factor.replace('_', ' ')}, {int(bits)}-bit, Gen − PTQ: "
-        + "; ".join(f"{r.variant} {_said(r)}" for _, r in g.iterrows())
+        + "; ".join(f"{r.variant} {said(r)}" for _, r in g.iterrows())
         for bits, g in diffs.groupby("bits", sort=False)
     ]
 

@@ -12,6 +12,7 @@ import seaborn as sns
 from .. import methods
 from ..config.schema import Profile
 from ..core.report import SPLIT_LABELS, cell, summarize
+from ..study.settings import SPLITS
 from . import paper
 from .common import (
     labelled,
@@ -365,7 +366,7 @@ def gen_minus_ptq_figure(diff: pd.DataFrame):
             x="bits",
             y="accuracy",
             hue="split",
-            hue_order=list(SPLIT_LABELS.values()),
+            hue_order=[SPLIT_LABELS[s] for s in SPLITS],
             order=sorted(sel.bits.unique()),
             fliersize=2,
             ax=ax,
