@@ -82,10 +82,11 @@ def layer_swaps(
 
 def largest_loss(runs: pd.DataFrame, settings: list[Setting], split: str) -> Setting:
     """The setting whose generator is furthest below its target on `split` (mean over the
-    checkpoints of `evaluate`'s rows)."""
+    checkpoints of `evaluate`'s rows; settings that differ only by target, direct or residual,
+    share a name, so rows are told apart by `variant` too)."""
 
     def gap(s: Setting) -> float:
-        rows = runs[(runs.setting == s.name) & (runs.split == split)]
+        rows = runs[(runs.setting == s.name) & (runs.variant == s.label) & (runs.split == split)]
         acc = rows.groupby("method").accuracy.mean()
         return acc["gen"] - acc[TARGET_METHOD[s.source]]
 

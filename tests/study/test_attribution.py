@@ -40,10 +40,16 @@ def test_the_summary_ranks_the_layers_by_what_their_swap_gives_back():
 
 
 def test_the_largest_loss_is_the_setting_furthest_below_its_target():
-    a = Setting("vit", "head", [QuantSpec(4, "group")], source="qat")
-    b = Setting("vit", "full", [QuantSpec(4, "group")], source="qat")
+    """Among settings of several pairs, and between the two targets of one pair (which share a
+    setting name): the generator furthest below its own target."""
+    a = Setting("vit", "head", [QuantSpec(4, "group")], source="qat", label="direct")
+    b = Setting("vit", "full", [QuantSpec(4, "group")], source="qat", label="direct")
+    c = Setting("vit", "head", [QuantSpec(4, "group")], source="qat", label="residual")
     runs = pd.DataFrame(
-        [{"setting": s.name, "split": "heldout_run", "method": m, "accuracy": acc}
-         for s, gen in ((a, 70.0), (b, 71.5)) for m, acc in (("gen", gen), ("qat", 72.0))]
+        [{"setting": s.name, "variant": s.label, "split": "heldout_run", "method": m,
+          "accuracy": acc}
+         for s, gen in ((a, 71.0), (b, 71.5), (c, 60.0))
+         for m, acc in (("gen", gen), ("qat", 72.0))]
     )  # fmt: skip
-    assert largest_loss(runs, [b, a], "heldout_run") is a
+    assert largest_loss(runs, [a, b, c], "heldout_run") is c
+    assert largest_loss(runs[runs.variant == "direct"], [b, a], "heldout_run") is a
