@@ -79,7 +79,7 @@ class Collected:
         """Checkpoint files of each split in `names` (see the class docstring), in the order of
         `SPLITS`, then the validation run: the reported ones, unless the validation run is asked
         for."""
-        unknown = set(names) - set(RUN_OF) - {"trained", "heldout_ckpt"}
+        unknown = set(names) - {*SPLITS, VALIDATION}
         if unknown:
             raise ValueError(f"no split {sorted(unknown)}; the splits: {[*SPLITS, VALIDATION]}")
         run_a, every = self.run(arch, task, "runA"), self.heldout_every
